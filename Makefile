@@ -1,0 +1,32 @@
+# make demo | make test | make bench -- each sets up what it needs on a fresh machine.
+# A torch that is already importable (system or venv) is respected; otherwise the CPU build
+# torch==2.13.0 is installed (an unpinned torch would pull a multi-GB CUDA build).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev,demo]'
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: $(STAMP)
+	$(PY) -m vae_scale demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --quick
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) *.egg-info

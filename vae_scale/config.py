@@ -1,0 +1,468 @@
+"""Configuration: one dataclass tree, YAML presets over its defaults, dotted overrides over those.
+
+    cfg = load_config("sd-f8", ["model.latent_channels=16", "optim.lr=1e-4"])
+
+Precedence is CLI > YAML > defaults. Unknown keys, wrong types and impossible values raise ConfigError with
+a message that names the key (and the nearest valid key), before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass
+class RunConfig:
+    name: str = "vae"
+    """Run name: names the run folder and the W&B run."""
+    dir: str = ""
+    """Run folder; empty means runs/<run.name>."""
+
+    def __post_init__(self):
+        if not self.dir:
+            self.dir = f"runs/{self.name}"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""
+    """Preset this architecture comes from; overriding it swaps in that preset's whole model section."""
+    in_channels: int = 3
+    """Image channels in."""
+    out_channels: int = 3
+    """Image channels out."""
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    """Channels per resolution level; each level after the first halves the resolution."""
+    layers_per_block: int = 2
+    """ResNet blocks per encoder level (the decoder has one more per level, as in diffusers)."""
+    latent_channels: int = 4
+    """Channels of the latent z."""
+    norm_num_groups: int = 32
+    """GroupNorm groups everywhere."""
+    norm_eps: float = 1e-6
+    """GroupNorm epsilon."""
+    mid_block_attention: bool = True
+    """Self-attention in the encoder's and decoder's mid blocks."""
+    quant_convs: bool = True
+    """1x1 quant_conv / post_quant_conv around the latent (SD: true, FLUX: false)."""
+    kernels: str = "auto"
+    """Fused-op backend: auto | triton | torch."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    channels_last: bool = False
+    """Run convolutions in channels_last memory format."""
+    scaling_factor: float = 0.18215
+    """Latent scale a diffusion model applies (written to diffusers' config.json)."""
+    shift_factor: float | None = None
+    """Latent shift a diffusion model applies (FLUX style), or null."""
+    latents_mean: list[float] | None = None
+    """Per-channel latent mean for diffusers' config.json, or null."""
+    latents_std: list[float] | None = None
+    """Per-channel latent std for diffusers' config.json, or null."""
+    sample_size: int = 256
+    """Training resolution recorded in diffusers' config.json."""
+
+    def __post_init__(self):
+        _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        if not self.block_out_channels:
+            raise ConfigError("model.block_out_channels must list at least one level")
+        for c in self.block_out_channels:
+            _check_positive("model.block_out_channels", c)
+            if c % self.norm_num_groups:
+                raise ConfigError(
+                    f"model.norm_num_groups={self.norm_num_groups} does not divide "
+                    f"model.block_out_channels entry {c}"
+                )
+        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        for key in ("latents_mean", "latents_std"):
+            v = getattr(self, key)
+            if v is not None and len(v) != self.latent_channels:
+                raise ConfigError(
+                    f"model.{key} has {len(v)} entries, model.latent_channels is {self.latent_channels}"
+                )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction from image to latent."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shards: a brace pattern, a folder, a comma-separated list or any URL webdataset opens."""
+    val: str = ""
+    """Validation shards (same forms as data.train); empty means no validation."""
+    resolution: int = 256
+    """Crop size in pixels (square)."""
+    batch_size: int = 8
+    """Images per process per step (the global batch is this x processes x accumulation)."""
+    workers: int = 2
+    """DataLoader worker processes per rank."""
+    flip: bool = True
+    """Random horizontal flip of training crops."""
+    shuffle_buffer: int = 1000
+    """Samples in each worker's shuffle buffer."""
+    batches_per_epoch: int = 0
+    """Batches every rank yields per epoch; 0 derives it from the shard index."""
+    max_error_fraction: float = 0.1
+    """Stop the run when more than this fraction of samples is bad."""
+
+    def __post_init__(self):
+        for key in ("resolution", "batch_size"):
+            _check_positive(f"data.{key}", getattr(self, key))
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ConfigError(f"data.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+
+
+@dataclass
+class LossConfig:
+    recon: str = "l1"
+    """Reconstruction term: l1 | l2 | gaussian (learned log-variance) | logistic (discretised, bits/dim)."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term."""
+    kl_warmup_steps: int = 0
+    """Steps over which the KL weight ramps linearly from 0."""
+    free_bits: float = 0.0
+    """Free nats per latent channel (per sample) below which KL is not penalised; 0 is off."""
+    perceptual_weight: float = 0.0
+    """Weight of LPIPS-VGG; > 0 needs loss.lpips_path."""
+    lpips_path: str = ""
+    """Local path to LPIPS-VGG weights (never downloaded)."""
+    disc_weight: float = 0.0
+    """Weight of the adversarial term; 0 turns the discriminator off."""
+    disc_start: int = 0
+    """Step at which the discriminator starts."""
+    disc_loss: str = "hinge"
+    """Discriminator loss: hinge | non_saturating."""
+    disc_layers: int = 3
+    """PatchGAN discriminator depth."""
+    disc_lr: float = 0.0
+    """Discriminator learning rate; 0 means optim.lr."""
+
+    def __post_init__(self):
+        _check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
+        _check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
+        for key in ("kl_weight", "perceptual_weight", "disc_weight", "free_bits", "disc_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (not rescaled with batch size or world size)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    schedule: str = "constant"
+    """After warm-up: constant | cosine."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of optim.lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 is off."""
+    ema_decay: float = 0.0
+    """EMA decay of the weights; 0 is off."""
+
+    def __post_init__(self):
+        _check_positive("optim.lr", self.lr)
+        _check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in total."""
+    seed: int = 0
+    """Seeds weights, data order and sampling."""
+    mixed_precision: str = "no"
+    """no | fp16 | bf16 (weights stay fp32)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    compile: bool = False
+    """torch.compile the model."""
+    time_budget_s: float = 0.0
+    """Stop (and checkpoint) after this many seconds of training; 0 is no limit."""
+    max_consecutive_skips: int = 5
+    """Non-finite steps in a row before rolling back to the newest checkpoint."""
+    rollback_lr_scale: float = 0.5
+    """LR scale after a rollback; 0 stops the run instead."""
+    debug_nonfinite_step: int = -1
+    """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
+    debug_nonfinite_rank: int = 0
+    """Rank that debug_nonfinite_step poisons."""
+
+    def __post_init__(self):
+        _check_positive("train.steps", self.steps)
+        _check_positive("train.grad_accum", self.grad_accum)
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save every N steps (and at the end, and on SIGTERM/SIGUSR1); 0 saves only then."""
+    keep: int = 3
+    """Newest complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto (newest in the run folder) | never | a checkpoint path."""
+
+    def __post_init__(self):
+        _check_positive("checkpoint.keep", self.keep)
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "disabled"
+    """online | offline | disabled."""
+    project: str = "vae-scale"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (team or user); empty is your default."""
+    every: int = 50
+    """Log scalars every N steps."""
+    images_every: int = 500
+    """Log image grids every N steps; 0 is off."""
+
+    def __post_init__(self):
+        _check_choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
+        _check_positive("log.every", self.every)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on data.val every N steps; 0 is off."""
+    max_batches: int = 0
+    """Validation batches per rank per evaluation; 0 is all."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, as written to config.yaml."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {' | '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in vae_scale/configs."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("vae_scale.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        text = path.read_text()
+    else:
+        res = resources.files("vae_scale.configs") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; presets: {', '.join(preset_names())}"
+            raise ConfigError(f"no preset or config file named {name_or_path!r}{hint}")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {name_or_path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name_or_path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for section, cls in _field_types(Config).items():
+        keys += [f"{section}.{k}" for k in _field_types(cls)]
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return ConfigError(f"unknown config key {key}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML (or override-string-parsed) value to a field's type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # "1e-4" is a string to YAML 1.1; numbers written that way are what users type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _set(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = _field_types(Config)
+    if len(parts) != 2 or parts[0] not in sections or parts[1] not in _field_types(sections[parts[0]]):
+        raise _unknown(key)
+    tree.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _build(tree: dict[str, Any]) -> Config:
+    sections = _field_types(Config)
+    built = {}
+    for section, cls in sections.items():
+        raw = tree.get(section) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config section {section} must be a mapping, got {raw!r}")
+        types_ = _field_types(cls)
+        kwargs = {k: _coerce(f"{section}.{k}", v, types_[k]) for k, v in raw.items()}
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    sections = _field_types(Config)
+    tree: dict[str, dict[str, Any]] = {}
+    for section, values in data.items():
+        if section not in sections:
+            near = difflib.get_close_matches(str(section), list(sections), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown config section {section} in {source}{hint}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section} in {source} must be a mapping")
+        for k, v in values.items():
+            _set(tree, f"{section}.{k}", v)
+    return tree
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the resolved config from a preset name or YAML path and `section.key=value` overrides.
+
+    Overriding `model.preset` swaps in that preset's whole model section before the other model overrides.
+    """
+    tree = _flatten(_read_yaml(name_or_path), name_or_path) if name_or_path else {}
+    parsed = [_parse_override(o) for o in overrides or []]
+    for key, value in parsed:
+        if key == "model.preset":
+            arch = _flatten(_read_yaml(str(value)), str(value)).get("model", {})
+            tree["model"] = {**arch, "preset": str(value)}
+    for key, value in parsed:
+        if key != "model.preset":
+            _set(tree, key, value)
+    if "model" in tree and not tree["model"].get("preset") and name_or_path and not Path(name_or_path).exists():
+        tree["model"]["preset"] = name_or_path
+    try:
+        return _build(tree)
+    except TypeError as e:  # a dataclass rejecting a keyword: should not happen after _set's checks
+        raise ConfigError(str(e)) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (as saved in a run folder or checkpoint)."""
+    return _build(_flatten(data, "saved config"))

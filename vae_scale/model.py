@@ -1,0 +1,353 @@
+"""The convolutional VAE: blocks, Encoder, Decoder, the diagonal-Gaussian posterior, VAE.
+
+The architecture is the KL autoencoder of latent diffusion (Stable Diffusion, SDXL, FLUX), with module
+names equal to diffusers' AutoencoderKL so weights move between the two by name. The model is written for
+one device: activation checkpointing, channels_last, compile and sharding are applied from outside
+(vae_scale/parallel.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from vae_scale.config import ModelConfig, load_config
+
+# --------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with an optional fused SiLU; state-dict names and init of nn.GroupNorm (weight, bias)."""
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-6, silu: bool = True):
+        super().__init__()
+        self.num_groups, self.eps, self.silu = num_groups, eps, silu
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.kernels = "auto"  # set for the whole model by VAE.set_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.group_norm_silu(
+            x, self.num_groups, self.weight, self.bias, self.eps, self.silu, impl=self.kernels
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}, silu={self.silu}"
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> conv -> norm -> SiLU -> conv, plus a (1x1-projected) skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(in_ch, groups, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = GroupNorm(out_ch, groups, eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions, with a GroupNorm in front and a residual."""
+
+    def __init__(self, ch: int, groups: int, eps: float):
+        super().__init__()
+        self.group_norm = GroupNorm(ch, groups, eps, silu=False)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name: to_out.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+        return h + x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with asymmetric (right/bottom) padding, as in latent diffusion."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """One encoder level: ResNet blocks, then (except at the last level) a downsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, eps: float, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One decoder level: ResNet blocks, then (except at the last level) an upsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, eps: float, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, eps) for i in range(layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResNet -> (self-attention) -> ResNet at the lowest resolution."""
+
+    def __init__(self, ch: int, groups: int, eps: float, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, groups, eps), ResnetBlock(ch, ch, groups, eps)])
+        self.attentions = nn.ModuleList([Attention(ch, groups, eps)]) if attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoder and Decoder
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, H, W) image -> (B, 2 * latent_channels, H/f, W/f) posterior moments."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chs, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(chs[max(i - 1, 0)], ch, cfg.layers_per_block, g, eps, downsample=i < len(chs) - 1)
+            for i, ch in enumerate(chs)
+        )
+        self.mid_block = MidBlock(chs[-1], g, eps, cfg.mid_block_attention)
+        self.conv_norm_out = GroupNorm(chs[-1], g, eps)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, h, w) latent -> (B, out_channels, h*f, w*f) image."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chs, g, eps = cfg.block_out_channels[::-1], cfg.norm_num_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
+        self.mid_block = MidBlock(chs[0], g, eps, cfg.mid_block_attention)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(chs[max(i - 1, 0)], ch, cfg.layers_per_block + 1, g, eps, upsample=i < len(chs) - 1)
+            for i, ch in enumerate(chs)
+        )
+        self.conv_norm_out = GroupNorm(chs[-1], g, eps)
+        self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The posterior
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, exp(logvar)), diffusers' DiagonalGaussianDistribution math.
+
+    logvar is clamped to [-30, 20] (zero gradient outside); KL is summed over every non-batch dim.
+    """
+
+    def __init__(self, moments: torch.Tensor, kernels_impl: str = "auto"):
+        self.moments = moments  # (B, 2C, h, w)
+        self.mean, self._logvar = torch.chunk(moments, 2, dim=1)
+        self.kernels = kernels_impl
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._logvar.clamp(kernels.gaussian.LOGVAR_MIN, kernels.gaussian.LOGVAR_MAX)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        """The posterior mean, the deterministic latent."""
+        return self.mean
+
+    def sample_kl(
+        self,
+        eps: torch.Tensor | None = None,
+        prior_mean: torch.Tensor | None = None,
+        prior_logvar: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised z (like mean) and KL per sample (B,) to N(0, I) or the given prior, in one op."""
+        return kernels.gaussian_sample_kl(
+            self.mean, self._logvar, eps, prior_mean, prior_logvar, impl=self.kernels
+        )
+
+    def sample(self, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised sample z = mean + std * eps."""
+        return self.sample_kl(eps)[0]
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, shape (B,)."""
+        return self.sample_kl(torch.zeros_like(self.mean))[1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The autoencoder
+
+
+class VAE(nn.Module):
+    """The KL autoencoder: encode to a DiagonalGaussian, decode a latent back to an image in [-1, 1]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(c, c, 1) if config.quant_convs else None
+        self.post_quant_conv = nn.Conv2d(c // 2, c // 2, 1) if config.quant_convs else None
+        self.set_kernels(config.kernels)
+
+    # -- construction --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: list[str] | None = None) -> VAE:
+        """Random-init VAE of a preset in vae_scale/configs (or a YAML path), with `model.key=value` overrides."""
+        return cls(load_config(name, overrides).model)
+
+    @classmethod
+    def from_diffusers(cls, path: str | Path, **config_overrides) -> VAE:
+        """Load a folder written by diffusers' AutoencoderKL.save_pretrained (config.json + safetensors)."""
+        from vae_scale.diffusers_io import load_diffusers
+
+        return load_diffusers(path, **config_overrides)
+
+    def save_diffusers(self, path: str | Path) -> None:
+        """Write a folder that diffusers' AutoencoderKL.from_pretrained loads unchanged."""
+        from vae_scale.diffusers_io import save_diffusers
+
+        save_diffusers(self, path)
+
+    def set_kernels(self, impl: str) -> None:
+        """Choose the fused-op backend for every GroupNorm and the posterior: auto | triton | torch."""
+        if impl not in kernels.IMPLS:
+            raise ValueError(f"kernels must be one of {kernels.IMPLS}, got {impl!r}")
+        self.kernels = impl
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.kernels = impl
+
+    # -- shapes --------------------------------------------------------------------------------------------
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of an image of the given size."""
+        width = height if width is None else width
+        f = self.downsample_factor
+        return (self.config.latent_channels, height // f, width // f)
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        c, f = self.config.in_channels, self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"expected an image batch of shape (B, {c}, H, W) with H and W multiples of {f}, "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        c = self.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"expected a latent batch of shape (B, {c}, h, w), got {tuple(z.shape)}")
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """x: (B, 3, H, W) in [-1, 1] -> posterior over (B, latent_channels, H/f, W/f)."""
+        self._check_image(x)
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments, self.kernels)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, latent_channels, h, w) -> image (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+        self._check_latent(z)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct x through a sampled latent (or the posterior mean); returns (x_hat, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample() if sample else posterior.mode()
+        return self.decode(z), posterior
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of a VAE with this config, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VAE(config).parameters())
+
