@@ -1,0 +1,27 @@
+"""Test setup shared by every test module.
+
+Triton kernels run on CPU tensors through the interpreter, which must be switched on before triton is
+first imported. On a machine with a CUDA device the real kernels run instead (the `gpu` tests).
+"""
+
+import os
+import pathlib
+
+if not pathlib.Path("/dev/nvidia0").exists() and not pathlib.Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
