@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: $(STAMP)
-	$(PY) -m vae_scale demo
+	$(PY) -m vae_scale info
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick

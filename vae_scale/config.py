@@ -125,6 +125,8 @@ class DataConfig:
     """Batches every rank yields per epoch; 0 derives it from the shard index."""
     max_error_fraction: float = 0.1
     """Stop the run when more than this fraction of samples is bad."""
+    log_bad_every: int = 1000
+    """Log a summary of skipped bad samples every this many (the first one is logged in full)."""
 
     def __post_init__(self):
         for key in ("resolution", "batch_size"):
@@ -133,6 +135,10 @@ class DataConfig:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"data.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        for key in ("shuffle_buffer", "batches_per_epoch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        _check_positive("data.log_bad_every", self.log_bad_every)
 
 
 @dataclass
@@ -307,8 +313,11 @@ def _check_positive(key: str, value: float) -> None:
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in vae_scale/configs."""
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("vae_scale.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("vae_scale.configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
@@ -455,7 +464,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     for key, value in parsed:
         if key != "model.preset":
             _set(tree, key, value)
-    if "model" in tree and not tree["model"].get("preset") and name_or_path and not Path(name_or_path).exists():
+    if (
+        "model" in tree
+        and not tree["model"].get("preset")
+        and name_or_path
+        and not Path(name_or_path).exists()
+    ):
         tree["model"]["preset"] = name_or_path
     try:
         return _build(tree)

@@ -272,7 +272,7 @@ class VAE(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, overrides: list[str] | None = None) -> VAE:
-        """Random-init VAE of a preset in vae_scale/configs (or a YAML path), with `model.key=value` overrides."""
+        """Random-init VAE of a preset in vae_scale/configs (or a YAML path), plus `model.key=value` overrides."""
         return cls(load_config(name, overrides).model)
 
     @classmethod
@@ -350,4 +350,3 @@ def count_parameters(config: ModelConfig) -> int:
     """Parameters of a VAE with this config, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
         return sum(p.numel() for p in VAE(config).parameters())
-

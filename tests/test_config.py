@@ -1,0 +1,95 @@
+import pytest
+import yaml
+
+from vae_scale.cli import main
+from vae_scale.config import ConfigError, config_from_dict, load_config, preset_names
+
+
+def test_presets_load_and_round_trip():
+    assert {"demo", "sd-f8", "f8c16", "f16c32", "xl"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.model.preset == name
+        assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_precedence_cli_over_yaml_over_defaults():
+    default = load_config()
+    assert default.optim.lr == 1e-4 and default.model.latent_channels == 4
+    yaml_only = load_config("f8c16")
+    assert yaml_only.model.latent_channels == 16 and yaml_only.optim.lr == 1e-5
+    cli = load_config("f8c16", ["model.latent_channels=32", "optim.lr=3e-4", "optim.betas=[0.9,0.95]"])
+    assert cli.model.latent_channels == 32 and cli.optim.lr == 3e-4 and cli.optim.betas == [0.9, 0.95]
+    assert cli.model.quant_convs is False  # untouched YAML value survives
+
+
+def test_run_dir_follows_run_name():
+    assert load_config(None, ["run.name=exp1"]).run.dir == "runs/exp1"
+    assert load_config(None, ["run.name=exp1", "run.dir=/tmp/x"]).run.dir == "/tmp/x"
+
+
+def test_model_preset_override_swaps_the_architecture():
+    cfg = load_config("demo", ["model.preset=sd-f8", "model.latent_channels=8"])
+    assert cfg.model.block_out_channels == [128, 256, 512, 512]
+    assert cfg.model.latent_channels == 8
+    assert cfg.data.resolution == 64  # the demo's training settings stay
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  latent_channels: 8\ntrain:\n  steps: 7\n")
+    cfg = load_config(str(path), ["train.seed=3"])
+    assert (cfg.model.latent_channels, cfg.train.steps, cfg.train.seed) == (8, 7, 3)
+    path.write_text("model:\n  latent_chanels: 8\n")
+    with pytest.raises(ConfigError, match="model.latent_chanels.*model.latent_channels"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.latent_chanels=16",
+            "unknown config key model.latent_chanels (did you mean model.latent_channels?)",
+        ),
+        ("optim.lr=fast", "optim.lr expects a number, got 'fast'"),
+        ("train.steps=1.5", "train.steps expects an integer"),
+        ("model.kernels=cuda", "model.kernels='cuda' is not one of auto | triton | torch"),
+        ("model.norm_num_groups=7", "model.norm_num_groups=7 does not divide"),
+        ("log.wandb=maybe", "log.wandb='maybe'"),
+        ("data.batch_size=0", "data.batch_size must be > 0"),
+        ("noequals", "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("sd-f8", [override])
+    assert message in str(e.value)
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--config", "sd-f8", "model.latent_channels=16"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"]["latent_channels"] == 16 and out["model"]["block_out_channels"] == [
+        128,
+        256,
+        512,
+        512,
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["config", "--config", "sd-f8", "model.latent_chanels=16"], "model.latent_chanels"),
+        (["config", "--config", "sd-f8", "train.steps=many"], "train.steps"),
+        (["config", "--config", "no-such-preset"], "no-such-preset"),
+        (["config", "--no-such-flag"], "--no-such-flag"),
+        (["trian"], "trian"),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_line(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "Traceback" not in err
+    assert len(err.splitlines()) <= 2  # argparse prints its usage line before the error
