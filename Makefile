@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: $(STAMP)
-	$(PY) -m vae_scale info
+	$(PY) -m vae_scale demo
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick

@@ -21,7 +21,9 @@ USAGE_ERROR = 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("vae_scale.cli:config_main", "print the resolved config of a preset or YAML plus overrides"),
     "info": ("vae_scale.cli:info_main", "versions, devices, kernel backend, presets"),
-    "shards": ("vae_scale.data:shards_main", "write WebDataset tar shards from a folder of images"),
+    "shards": ("vae_scale.shards:shards_main", "write WebDataset tar shards from a folder of images"),
+    "train": ("vae_scale.train:main", "train a VAE (same command on CPU, one GPU, or accelerate launch)"),
+    "demo": ("vae_scale.demo:main", "shards from sample photos, a short training run, held-out PSNR"),
 }
 
 
@@ -32,7 +34,7 @@ class UsageError(ValueError):
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user's input is wrong" rather than "vae-scale is broken"."""
     errors: list[type[BaseException]] = [UsageError, ConfigError]
-    for mod, name in (("vae_scale.diffusers_io", "DiffusersFormatError"), ("vae_scale.data", "DataError")):
+    for mod, name in (("vae_scale.diffusers_io", "DiffusersFormatError"), ("vae_scale.shards", "DataError")):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):
             errors.append(getattr(module, name))

@@ -78,6 +78,8 @@ class ModelConfig:
     """Per-channel latent std for diffusers' config.json, or null."""
     sample_size: int = 256
     """Training resolution recorded in diffusers' config.json."""
+    init_from: str = ""
+    """Initial weights when there is no checkpoint to resume: a diffusers folder or a .safetensors file."""
 
     def __post_init__(self):
         _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
@@ -146,15 +148,23 @@ class LossConfig:
     recon: str = "l1"
     """Reconstruction term: l1 | l2 | gaussian (learned log-variance) | logistic (discretised, bits/dim)."""
     kl_weight: float = 1e-6
-    """Weight of the KL term."""
+    """Weight of the KL term, relative to the reconstruction NLL summed per image (LDM's convention)."""
     kl_warmup_steps: int = 0
     """Steps over which the KL weight ramps linearly from 0."""
     free_bits: float = 0.0
-    """Free nats per latent channel (per sample) below which KL is not penalised; 0 is off."""
+    """Free nats per latent channel (its KL summed over h*w, batch-averaged) not penalised below; 0 is off."""
+    logvar_init: float = 0.0
+    """recon=gaussian: initial value of the learned scalar log-variance (LDM: 0)."""
+    log_scale_init: float = -2.0
+    """recon=logistic: initial value of the learned log-scale (data units, images in [-1, 1])."""
+    logistic_per_channel: bool = True
+    """recon=logistic: one learned log-scale per image channel (true) or a single scalar (false)."""
     perceptual_weight: float = 0.0
-    """Weight of LPIPS-VGG; > 0 needs loss.lpips_path."""
+    """Weight of LPIPS-VGG; > 0 needs its weights on disk (loss.lpips_path, loss.vgg_path or the caches)."""
     lpips_path: str = ""
-    """Local path to LPIPS-VGG weights (never downloaded)."""
+    """LPIPS weights (never downloaded): a folder with vgg.pth + vgg16-397923af.pth, or the vgg.pth file."""
+    vgg_path: str = ""
+    """torchvision's vgg16-397923af.pth; empty looks beside loss.lpips_path, then in the torch hub cache."""
     disc_weight: float = 0.0
     """Weight of the adversarial term; 0 turns the discriminator off."""
     disc_start: int = 0
@@ -163,15 +173,20 @@ class LossConfig:
     """Discriminator loss: hinge | non_saturating."""
     disc_layers: int = 3
     """PatchGAN discriminator depth."""
+    disc_channels: int = 64
+    """PatchGAN discriminator width of its first layer (taming's ndf)."""
     disc_lr: float = 0.0
     """Discriminator learning rate; 0 means optim.lr."""
 
     def __post_init__(self):
         _check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
         _check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
-        for key in ("kl_weight", "perceptual_weight", "disc_weight", "free_bits", "disc_lr"):
+        nonnegative = ("kl_weight", "kl_warmup_steps", "free_bits", "perceptual_weight", "disc_weight")
+        for key in (*nonnegative, "disc_start", "disc_lr"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("disc_layers", "disc_channels"):
+            _check_positive(f"loss.{key}", getattr(self, key))
 
 
 @dataclass
@@ -220,6 +235,8 @@ class TrainConfig:
     """Non-finite steps in a row before rolling back to the newest checkpoint."""
     rollback_lr_scale: float = 0.5
     """LR scale after a rollback; 0 stops the run instead."""
+    sample_posterior: bool = True
+    """Decode a reparameterised sample (a VAE); false decodes the posterior mean (KL still applies)."""
     debug_nonfinite_step: int = -1
     """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
     debug_nonfinite_rank: int = 0
@@ -266,10 +283,25 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
+    METRICS: typing.ClassVar[tuple[str, ...]] = ("psnr", "ssim", "bpd", "kl", "active_units", "lpips", "rfid")
+
     every: int = 0
     """Evaluate on data.val every N steps; 0 is off."""
     max_batches: int = 0
     """Validation batches per rank per evaluation; 0 is all."""
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
+    """Metrics to compute: psnr ssim bpd kl active_units lpips (LPIPS weights on disk) rfid (Inception)."""
+    inception_path: str = ""
+    """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
+    iw: int = 0
+    """Importance samples per image for the bpd_iw bound (tighter than the ELBO, K decodes); 0 is off."""
+
+    def __post_init__(self):
+        for m in self.metrics:
+            _check_choice("eval.metrics", m, self.METRICS)
+        for key in ("every", "max_batches", "iw"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -272,7 +272,7 @@ class VAE(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, overrides: list[str] | None = None) -> VAE:
-        """Random-init VAE of a preset in vae_scale/configs (or a YAML path), plus `model.key=value` overrides."""
+        """Random-init VAE of a preset (or a YAML path) with `model.key=value` overrides."""
         return cls(load_config(name, overrides).model)
 
     @classmethod
@@ -281,6 +281,32 @@ class VAE(nn.Module):
         from vae_scale.diffusers_io import load_diffusers
 
         return load_diffusers(path, **config_overrides)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, ema: bool = False, **config_overrides) -> VAE:
+        """Load the weights of a checkpoint, or of a run folder's newest complete checkpoint.
+
+        ema=True takes the EMA weights (an error if the run kept none). config_overrides set ModelConfig
+        fields that do not change the weights (kernels, channels_last, ...).
+        """
+        import dataclasses
+
+        import yaml
+        from safetensors.torch import load_file
+
+        from vae_scale.checkpoint import resolve_checkpoint
+        from vae_scale.config import config_from_dict
+
+        ckpt = resolve_checkpoint(path)
+        cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).model
+        weights = ckpt / ("ema.safetensors" if ema else "vae.safetensors")
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{ckpt}: no {weights.name}" + (" (optim.ema_decay was 0)" if ema else "")
+            )
+        vae = cls(dataclasses.replace(cfg, **config_overrides))
+        vae.load_state_dict(load_file(weights))
+        return vae
 
     def save_diffusers(self, path: str | Path) -> None:
         """Write a folder that diffusers' AutoencoderKL.from_pretrained loads unchanged."""

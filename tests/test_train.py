@@ -1,0 +1,323 @@
+"""The trainer end to end on CPU: real shards, real checkpoints, real processes where processes matter."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vae_scale.checkpoint import complete_checkpoints, latest_checkpoint
+from vae_scale.cli import main as cli_main
+from vae_scale.config import load_config
+from vae_scale.model import VAE
+from vae_scale.monitor import read_metrics
+from vae_scale.shards import write_shards
+from vae_scale.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=1e-3",
+    "log.wandb=disabled",
+    "log.every=1",
+    "log.images_every=4",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Real shards from 24 generated photographs-like images (smooth gradients plus noise)."""
+    root = tmp_path_factory.mktemp("shards")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        h, w = 48 + 8 * (i % 3), 56
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (c + 1) + yy * (3 - c) + 20 * i) % 256 for c in range(3)], -1)
+        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(src / f"img{i:02d}.png")
+    write_shards(
+        str(src), root / "out", max_per_shard=7, image_format="png", val_fraction=0.2, seed=0, progress=False
+    )
+    return root / "out"
+
+
+def tiny_cfg(run_dir: Path, data, *extra: str):
+    return load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={data}", *extra])
+
+
+def weights(run_dir: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir) / name)
+
+
+def test_a_run_writes_checkpoints_metrics_images_and_report(tmp_path, shards):
+    cfg = tiny_cfg(
+        tmp_path / "run",
+        shards,
+        "train.steps=8",
+        "checkpoint.every=3",
+        "checkpoint.keep=2",
+        "optim.ema_decay=0.9",
+        "optim.warmup_steps=2",
+        "optim.schedule=cosine",
+    )
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert summary["step"] == 8
+    names = [p.name for p in complete_checkpoints(run / "checkpoints")]
+    assert names == ["step-000000006", "step-000000008"]  # keep=2 rotated step 3 away
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000000008"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in (
+        "loss",
+        "rec",
+        "kl",
+        "grad_norm",
+        "lr",
+        "images_per_s",
+        "active_units",
+        "kl_channel/0",
+        "data/samples",
+        "skipped_steps",
+        "data_wait_fraction",
+    ):
+        assert key in rows[-1], key
+    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[-1]["lr"] < 1e-3  # warm-up, then cosine
+    assert rows[-1]["data/samples"] == 8 * 4
+    assert (run / "images" / "reconstruction-000000008.png").is_file()
+    report = (run / "report.html").read_text()
+    assert "reconstruction-000000008.png" in report and "<svg" in report and "latent_channels: 4" in report
+    assert (run / "config.yaml").is_file()
+    # The library API reads the run back, EMA included, and they differ.
+    vae, ema = VAE.from_checkpoint(run), VAE.from_checkpoint(run, ema=True)
+    assert vae.config.latent_channels == 4
+    diff = sum((a - b).abs().sum() for a, b in zip(vae.state_dict().values(), ema.state_dict().values()))
+    assert diff > 0
+
+
+def test_discriminator_and_learned_likelihood_train_together(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path / "gan",
+        "synthetic",
+        "train.steps=5",
+        "checkpoint.every=0",
+        "loss.recon=gaussian",
+        "loss.disc_weight=0.5",
+        "loss.disc_start=2",
+        "loss.disc_layers=2",
+        "log.images_every=0",
+    )
+    train(cfg)
+    rows = read_metrics(tmp_path / "gan")
+    assert all("d_loss" not in r for r in rows[:2])  # the discriminator starts at step 2
+    late = rows[2:]
+    assert all(r["d_loss"] > 0 and r["disc_factor"] == 1 for r in late)
+    assert any(r["d_weight"] != 0.5 for r in late)  # adaptive, not the fallback
+    assert len({r["logvar"] for r in rows}) > 1  # the Gaussian log-variance is learned
+    assert all(np.isfinite(r["bits_per_dim"]) for r in rows)
+
+
+def test_bad_config_values_stop_before_training_naming_the_key(tmp_path, capsys):
+    argv = ["train", "--config", "demo", f"run.dir={tmp_path / 'r'}", "data.train=synthetic"]
+    assert cli_main(argv + ["optim.lr=-1"]) == 2
+    assert "optim.lr must be > 0" in capsys.readouterr().err
+    assert cli_main(argv + ["data.resolution=66"]) == 2
+    assert "data.resolution=66" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "demo", f"run.dir={tmp_path / 'r'}"]) == 2
+    assert "data.train is empty" in capsys.readouterr().err
+    assert cli_main(argv[:-1] + [f"data.train={tmp_path}/missing-{{000..003}}.tar"]) == 2
+    assert "missing-000.tar" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def launch(args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "vae_scale", "train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "vae_scale",
+        "train",
+        *args,
+    ]
+
+
+def run(args: list[str], nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch(args, nproc), env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = [
+        *TINY,
+        "data.train=synthetic",
+        "train.sample_posterior=false",
+        "train.steps=4",
+        "checkpoint.every=0",
+        "log.images_every=0",
+    ]
+    run([*common, f"run.dir={tmp_path / 'two'}", "data.batch_size=2", "checkpoint.every=2"], nproc=2)
+    run([*common, f"run.dir={tmp_path / 'one'}", "data.batch_size=4"], nproc=1)
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    # Both ranks finished with the same weights (each rank records a fingerprint of its own copy).
+    ranks = [json.loads((latest_checkpoint(tmp_path / "two") / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["data"]["position"] for r in ranks] == [4, 4]
+    assert ranks[0]["weights_fingerprint"] == ranks[1]["weights_fingerprint"]
+    initial = VAE(load_config(None, TINY).model).state_dict()
+    for name in one:
+        # A key bias shifts every logit of a query equally: softmax makes its true gradient zero, so Adam
+        # turns rounding noise into full-size steps there. Everything else must agree.
+        if not name.endswith("to_k.bias"):
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=name)
+    assert any(not torch.equal(one[n], initial[n]) for n in one)  # it trained
+
+
+def test_sigterm_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, shards):
+    args = [
+        *TINY,
+        f"data.train={shards}",
+        "data.workers=1",
+        "train.steps=12",
+        "checkpoint.every=0",
+        "optim.ema_decay=0.5",
+    ]
+    run([*args, f"run.dir={tmp_path / 'straight'}"])
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        launch([*args, f"run.dir={interrupted}"], 1),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r["step"] >= 5 for r in read_metrics(interrupted)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = int(latest_checkpoint(interrupted).name.split("-")[1])
+    assert 5 <= stopped_at < 12
+    run([*args, f"run.dir={interrupted}"])
+    assert latest_checkpoint(interrupted).name == "step-000000012"
+    for file in ("vae.safetensors", "ema.safetensors"):
+        a, b = weights(tmp_path / "straight", file), weights(interrupted, file)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (file, name)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "data.train=synthetic",
+        "train.steps=200",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+        f"run.dir={run_dir}",
+        "log.images_every=0",
+    ]
+    proc = subprocess.Popen(launch(args, 1), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt_dir = run_dir / "checkpoints"
+    killed_mid_save = False
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            latest_checkpoint(run_dir) is not None
+            and ckpt_dir.is_dir()
+            and any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+        ):
+            proc.kill()
+            proc.wait()
+            killed_mid_save = any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+            break
+        time.sleep(0.0005)
+    assert killed_mid_save, "the checkpoint writes were never caught in flight"
+    previous = latest_checkpoint(run_dir)
+    assert previous is not None
+    VAE.from_checkpoint(run_dir)  # loadable
+    step = int(previous.name.split("-")[1])
+    run(
+        [
+            *TINY,
+            "data.train=synthetic",
+            f"train.steps={step + 2}",
+            "checkpoint.every=1",
+            f"run.dir={run_dir}",
+            "log.images_every=0",
+        ]
+    )
+    assert latest_checkpoint(run_dir).name == f"step-{step + 2:09d}"
+    assert not any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+    assert read_metrics(run_dir)[-1]["step"] == step + 2
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        [
+            *TINY,
+            "data.train=synthetic",
+            "train.steps=5",
+            "checkpoint.every=0",
+            f"run.dir={run_dir}",
+            "train.debug_nonfinite_step=2",
+            "train.debug_nonfinite_rank=1",
+            "log.images_every=0",
+            "log.wandb=offline",
+        ],
+        nproc=2,
+    )
+    rows = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+    for t in weights(run_dir).values():
+        assert torch.isfinite(t).all()
+    # The W&B offline run folder holds the logged keys.
+    wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1
+    blob = wandb_files[0].read_bytes()
+    for key in (b"skipped_steps", b"grad_norm", b"images_per_s", b"kl_channel/0"):
+        assert key in blob, key
+    assert (run_dir / "wandb_id").read_text().strip() in wandb_files[0].name

@@ -1,0 +1,752 @@
+"""Reconstruction metrics and the evaluation pass: `vae-scale eval` and the trainer's periodic evaluation.
+
+    vae-scale eval --run runs/sd-ft --data '/data/val-{000..003}.tar' --out eval.json
+    accelerate launch -m vae_scale eval --run runs/sd-ft --metrics psnr ssim bpd lpips --iw 64
+
+Images are in [-1, 1] everywhere in vae-scale; PSNR, SSIM, LPIPS and rFID compare the input with the
+reconstruction from the posterior mean (clamped to [-1, 1]); bits/dim and KL are those of the VAE itself.
+
+- psnr: dB per image on the [0, 1] scale (peak 1), averaged over images.
+- ssim: scikit-image's `structural_similarity(a, b, data_range=1, channel_axis=-1)` with its defaults (7x7
+  uniform window, K1 0.01, K2 0.03, sample covariance, border of 3 px left out), averaged over channels and
+  images. torchmetrics' SSIM with a 7x7 uniform window differs from it by ~1e-3 (population covariance,
+  reflect-padded border), so it is written here, in float64, and tested against scikit-image.
+- bpd: the negative ELBO in bits per dimension of the 8-bit images, -(E_q log p(x|z) - KL) / (3HW ln 2),
+  with one reparameterised sample per image, under the run's likelihood: loss.recon=logistic (discretised
+  logistic, learned log-scale) or gaussian (learned variance; a density on [-1, 1] becomes a bin
+  probability by the bin width 2/255). Runs trained with l1/l2 have no likelihood: theirs is a Gaussian
+  whose single variance is the maximum-likelihood one on the evaluated images (sigma^2 = MSE of the
+  sampled reconstructions), an optimistic bound. `iw=K` adds `bpd_iw`, the importance-weighted bound of
+  Burda et al.: log p(x) >= E log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), which tightens with K.
+- kl: KL(q(z|x) || N(0, I)) in nats per image, and per latent channel (`kl_channel/<c>`).
+- active_units: latent channels whose posterior mean varies across images, Var(E_q[z_c]) > 0.01 (Burda et
+  al.'s A_u; for convolutional latents pooled over positions, which are close to stationary).
+- lpips: LPIPS-VGG v0.1 (vae_scale.losses.LPIPS) from weights on local disk, never downloaded.
+- rfid: the Frechet distance between Inception features of the inputs and of their reconstructions, with a
+  TorchScript Inception read from disk (NVIDIA's inception-2015-12-05.pt, as used by StyleGAN2-ADA,
+  StyleGAN3, EDM and clean-fid, called on uint8 images with return_features=True). Reference numbers
+  need thousands of images: with fewer than the feature dimension (2048) the covariances are singular
+  and rFID is biased upwards.
+
+Exactness across processes: every metric is a sum over samples; each rank sums its own slice in float64
+and `reduce` adds the ranks' sums once, at the end. The noise of the sampled latents is seeded by each
+sample's key, so the stochastic metrics do not depend on how samples are dealt to ranks or batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vae_scale.config import Config, EvalConfig, LossConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+METRICS = EvalConfig.METRICS
+"""Metric names: psnr ssim bpd kl active_units lpips rfid."""
+ACTIVE_THRESHOLD = 0.01
+"""A latent channel is active when the variance of its posterior mean across images exceeds this."""
+SSIM_WINDOW = 7
+INCEPTION_FILE = "inception-2015-12-05.pt"
+"""NVIDIA's TorchScript Inception-v3 (the TF FID network), looked for in the torch hub cache."""
+
+
+class InputError(ValueError):
+    """A command's input that cannot be used (wrong kind of folder, missing weights); the message names it."""
+
+
+class MetricError(InputError):
+    """A metric that cannot be computed as asked (unknown name, weights not on disk); the message says why."""
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """The single-process `reduce`: the sums are already complete."""
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics on image batches
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of (B, C, H, W) batches in [-1, 1] (peak 1 on the [0, 1] scale); shape (B,)."""
+    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def bicubic_round_trip(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Downsample by `factor` (antialiased bicubic) and back up (bicubic): the baseline a VAE must beat."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True,
+                          align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM per image of (B, C, H, W) batches in [-1, 1], shape (B,), float64; H, W >= 7.
+
+    Equals scikit-image's structural_similarity(a, b, data_range=1, channel_axis=-1) on the [0, 1] images:
+    7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance (N / (N - 1)), the mean over the positions
+    whose window lies inside the image, averaged over channels.
+    """
+    if x.shape != y.shape or x.ndim != 4 or min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape with H, W >= 7, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    a, b = (x.double() + 1) / 2, (y.double() + 1) / 2
+    C = a.shape[1]
+    moments = F.avg_pool2d(torch.cat([a, b, a * a, b * b, a * b], 1), SSIM_WINDOW, stride=1)  # valid windows
+    ux, uy, uxx, uyy, uxy = moments.split(C, 1)
+    n = SSIM_WINDOW**2
+    vx, vy, vxy = (n / (n - 1) * t for t in (uxx - ux * ux, uyy - uy * uy, uxy - ux * uy))
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3))
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) of two Gaussians, in float64.
+
+    tr((S1 S2)^1/2) is computed as the sum of square roots of the eigenvalues of S1^1/2 S2 S1^1/2, which
+    is symmetric positive semi-definite, so singular covariances (fewer samples than features) are fine.
+    """
+    mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
+    vals, vecs = torch.linalg.eigh(cov1)
+    root1 = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    middle = root1 @ cov2 @ root1
+    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Likelihoods
+
+
+def log_likelihood(x: torch.Tensor, x_hat: torch.Tensor, criterion) -> torch.Tensor:
+    """log p(x | x_hat) in nats per image (B,), float64, of 8-bit images under the criterion's likelihood.
+
+    criterion: a VAELoss with loss.recon logistic (discretised logistic, learned log-scale per channel)
+    or gaussian (learned scalar logvar; density times the bin width 2/255).
+    """
+    from vae_scale.losses import LOG_SCALE_MIN, discretized_logistic_log_prob, gaussian_nll, quantize_8bit
+
+    x, x_hat = x.float(), x_hat.float()
+    if criterion.cfg.recon == "logistic":
+        log_scale = criterion.log_scale.detach().float().clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
+        lp = discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
+    elif criterion.cfg.recon == "gaussian":
+        lp = -gaussian_nll(x, x_hat, criterion.logvar.detach().float()) - math.log(127.5)
+    else:
+        raise MetricError(f"loss.recon={criterion.cfg.recon} has no likelihood")
+    return lp.double().flatten(1).sum(1)
+
+
+def has_likelihood(criterion) -> bool:
+    """Whether the criterion is a normalised likelihood (recon logistic or gaussian)."""
+    return criterion is not None and criterion.cfg.recon in ("logistic", "gaussian")
+
+
+def key_noise(keys: list[str] | None, shape: tuple[int, ...], seed: int, k: int, first: int) -> torch.Tensor:
+    """Standard normal noise (B, *shape), each sample's seeded by its key (or its index without keys)."""
+    out = []
+    for i in range(shape[0]):
+        name = keys[i] if keys else f"#{first + i}"
+        digest = hashlib.blake2b(repr((seed, name, k)).encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        out.append(torch.randn(shape[1:], generator=g))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weights of the network metrics (never downloaded)
+
+
+def load_lpips(loss: LossConfig, lpips_path: str = "", vgg_path: str = ""):
+    """LPIPS-VGG from local files (flags first, then loss.lpips_path / loss.vgg_path, then the caches)."""
+    import dataclasses
+
+    from vae_scale.losses import LPIPS, LossConfigError, find_lpips_weights
+
+    cfg = dataclasses.replace(loss, lpips_path=lpips_path or loss.lpips_path,
+                              vgg_path=vgg_path or loss.vgg_path)
+    try:
+        return LPIPS.from_files(*find_lpips_weights(cfg))
+    except LossConfigError as e:
+        raise MetricError(f"metric lpips needs its weights on disk (pass --lpips-path DIR with vgg.pth and "
+                          f"vgg16-397923af.pth, or --vgg-path): {e}") from None
+
+
+class InceptionFeatures(nn.Module):
+    """A TorchScript feature extractor read from disk: (B, 3, H, W) in [-1, 1] -> (B, D) float64 features.
+
+    The module receives uint8 images (B, 3, H, W) in [0, 255], as NVIDIA's inception-2015-12-05.pt expects
+    (it resizes to 299 itself), with return_features=True when its forward takes that argument.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule):
+        super().__init__()
+        self.net = module.eval()
+        try:
+            names = [a.name for a in module.forward.schema.arguments]
+        except (AttributeError, RuntimeError):
+            names = []
+        self.kwargs = {"return_features": True} if "return_features" in names else {}
+        with torch.no_grad():
+            self.dim = int(self(torch.zeros(1, 3, 64, 64)).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = next(iter(self.net.parameters()), torch.empty(0)).device
+        images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(device)
+        return self.net(images, **self.kwargs).double().flatten(1)
+
+
+def load_inception(path: str = "") -> InceptionFeatures:
+    """The rFID feature extractor from `path` (or the torch hub cache), or MetricError; never downloads."""
+    candidates = [Path(path).expanduser()] if path else []
+    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    files = [c / INCEPTION_FILE if c.is_dir() else c for c in candidates]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None or (path and found != files[0]):
+        where = f"--inception-path / eval.inception_path={path!r} is not a file" if path else "not found"
+        raise MetricError(
+            f"metric rfid needs a TorchScript Inception feature extractor on local disk (never downloaded): "
+            f"{where}; looked in {', '.join(map(str, files))}. Use NVIDIA's {INCEPTION_FILE} (the one "
+            f"StyleGAN2-ADA, StyleGAN3 and clean-fid use) and pass --inception-path FILE"
+        )
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but the FID network ships in it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(found), map_location="cpu")
+    except Exception as e:
+        raise MetricError(f"{found} is not a TorchScript module ({type(e).__name__}: {e})") from None
+    return InceptionFeatures(module)
+
+
+def load_eval_nets(cfg: Config, metrics: Iterable[str] | None = None, *, lpips_path: str = "",
+                   vgg_path: str = "", inception_path: str = "") -> dict[str, nn.Module]:
+    """The networks `evaluate` needs for `metrics` (default cfg.eval.metrics): {"lpips", "inception"}.
+
+    Call once at start, so missing weights stop a run before training (MetricError), then pass the dict
+    to every `evaluate(..., **nets)` call. The path arguments override loss.lpips_path, loss.vgg_path and
+    eval.inception_path.
+    """
+    metrics = check_metrics(cfg.eval.metrics if metrics is None else metrics)
+    nets: dict[str, nn.Module] = {}
+    if "lpips" in metrics:
+        nets["lpips"] = load_lpips(cfg.loss, lpips_path, vgg_path)
+    if "rfid" in metrics:
+        nets["inception"] = load_inception(inception_path or cfg.eval.inception_path)
+    return nets
+
+
+def check_metrics(metrics: Iterable[str]) -> list[str]:
+    """Metric names, deduplicated in order; MetricError naming an unknown one."""
+    out: list[str] = []
+    for m in metrics:
+        for name in str(m).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name not in METRICS:
+                raise MetricError(f"unknown metric {name!r}; metrics: {' '.join(METRICS)}")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The evaluation pass
+
+
+@dataclass
+class _Sums:
+    """Named float64 sums in a fixed layout, so every rank builds the same vector for the one reduce."""
+
+    device: torch.device
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, shape: tuple[int, ...] = ()) -> None:
+        self.parts[name] = torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.parts[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:  # `sums[k] += v` (in place) lands here
+        self.parts[name] = value
+
+    def reduced(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        flat = torch.cat([t.reshape(-1) for t in self.parts.values()])
+        total = reduce(flat).to(torch.float64).cpu()
+        if total.shape != flat.shape:
+            raise RuntimeError(f"reduce returned shape {tuple(total.shape)} for {tuple(flat.shape)}")
+        out, i = {}, 0
+        for name, t in self.parts.items():
+            out[name] = total[i:i + t.numel()].reshape(t.shape)
+            i += t.numel()
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    vae,
+    batches: Iterable[dict[str, Any]],
+    *,
+    metrics: list[str],
+    device,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = identity,
+    criterion=None,
+    max_batches: int = 0,
+    iw: int = 0,
+    lpips: nn.Module | None = None,
+    inception: nn.Module | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Metrics of `vae` over every sample of `batches`, the same on every rank (see the module docstring).
+
+    batches: dicts with "images" (n, 3, H, W) in [-1, 1] and "count" n (optional "keys", which seed the
+    latent noise); at most max_batches of them (0: all). reduce: sums a 1-D float64 tensor across ranks
+    (an all-reduce; identity in one process), called exactly once with all sums stacked. criterion: the
+    run's VAELoss, whose learned likelihood scale bpd uses (None or l1/l2: the fitted Gaussian). iw: K
+    importance samples for bpd_iw (needs a learned likelihood). lpips / inception: the networks of those
+    metrics (load_eval_nets); lpips falls back to criterion.perceptual. seed: of the latent noise.
+    Returns floats: samples, mse (always), and those asked for of psnr, ssim, bpd, bpd_iw, kl and
+    kl_channel/<c>, active_units, lpips, rfid.
+    """
+    metrics = check_metrics(metrics)
+    device = torch.device(device)
+    if "lpips" in metrics and lpips is None:
+        lpips = getattr(criterion, "perceptual", None)
+        if lpips is None:
+            raise MetricError("metric lpips needs the LPIPS network (load_eval_nets or load_lpips)")
+    if "rfid" in metrics and inception is None:
+        raise MetricError("metric rfid needs the Inception network (load_eval_nets or load_inception)")
+    learned = has_likelihood(criterion)
+    if iw and "bpd" not in metrics:
+        metrics.append("bpd")
+    if iw and not learned:
+        recon = criterion.cfg.recon if criterion is not None else "none"
+        raise MetricError(f"the importance-weighted bound (iw={iw}) needs a learned likelihood "
+                          f"(loss.recon=logistic or gaussian), this run has loss.recon={recon}")
+    C = vae.config.latent_channels
+    sums = _Sums(device)
+    for name in ("samples", "psnr", "ssim", "mse", "nll", "sq_err_sample", "kl", "iw", "lpips", "positions"):
+        sums.add(name)
+    for name in ("kl_channel", "mu", "mu2"):
+        sums.add(name, (C,))
+    if "rfid" in metrics:
+        inception = inception.to(device)
+        D = inception.dim
+        for side in ("real", "fake"):
+            sums.add(f"feat_{side}", (D,))
+            sums.add(f"outer_{side}", (D, D))
+    if lpips is not None:
+        lpips = lpips.to(device)
+
+    was_training = vae.training
+    vae.eval()
+    need_sample = "bpd" in metrics
+    seen = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            n = int(batch.get("count", len(batch["images"])))
+            if n == 0:
+                continue
+            x = batch["images"][:n].to(device, non_blocking=True).float()
+            keys = list(batch["keys"][:n]) if batch.get("keys") is not None else None
+            post = vae.encode(x)
+            mean, logvar = post.mean.float(), post.logvar.float()
+            x_rec = vae.decode(post.mode()).float().clamp(-1, 1)
+            sums["samples"] += n
+            sums["psnr"] += psnr(x_rec, x).double().sum()
+            sums["mse"] += ((x_rec - x) / 2).double().square().flatten(1).mean(1).sum()
+            if "ssim" in metrics:
+                sums["ssim"] += ssim(x_rec, x).sum()
+            kl_c = 0.5 * (mean.double().square() + logvar.double().exp() - 1 - logvar.double()).sum((2, 3))
+            sums["kl"] += kl_c.sum()
+            sums["kl_channel"] += kl_c.sum(0)
+            sums["mu"] += mean.double().sum((0, 2, 3))
+            sums["mu2"] += mean.double().square().sum((0, 2, 3))
+            sums["positions"] += n * mean.shape[2] * mean.shape[3]
+            if need_sample:
+                std = torch.exp(0.5 * logvar)
+                log_w = []
+                for k in range(max(iw, 1)):
+                    eps = key_noise(keys, tuple(mean.shape), seed, k, seen).to(device)
+                    z = mean + std * eps
+                    x_s = vae.decode(z).float()
+                    if k == 0:
+                        sums["sq_err_sample"] += (x - x_s).double().square().sum()
+                        if learned:
+                            sums["nll"] -= log_likelihood(x, x_s, criterion).sum()
+                    if iw:
+                        # log p(z) - log q(z|x) for z = mean + std * eps: the 2 pi terms cancel
+                        log_prior_ratio = (0.5 * (eps.square() - z.square()) + 0.5 * logvar).double()
+                        log_w.append(log_likelihood(x, x_s, criterion) + log_prior_ratio.flatten(1).sum(1))
+                if iw:
+                    log_px = torch.logsumexp(torch.stack(log_w), 0) - math.log(iw)
+                    sums["iw"] -= log_px.sum()
+            if lpips is not None:
+                sums["lpips"] += lpips(x_rec, x).double().sum()
+            if "rfid" in metrics:
+                for side, images in (("real", x), ("fake", x_rec)):
+                    f = inception(images).to(device)
+                    sums[f"feat_{side}"] += f.sum(0)
+                    sums[f"outer_{side}"] += f.T @ f
+            seen += n
+    finally:
+        vae.train(was_training)
+
+    total = sums.reduced(reduce)  # the one collective: every rank's sums, stacked, added up
+    n = float(total["samples"])
+    if n == 0:
+        raise MetricError("no samples to evaluate (empty data on every rank)")
+    out: dict[str, float] = {"samples": n, "mse": float(total["mse"]) / n}
+    if "psnr" in metrics:
+        out["psnr"] = float(total["psnr"]) / n
+    if "ssim" in metrics:
+        out["ssim"] = float(total["ssim"]) / n
+    if "bpd" in metrics:
+        dims_total = _dims(total, vae, n)
+        if learned:
+            nats = (float(total["nll"]) + float(total["kl"])) / dims_total
+        else:  # fitted Gaussian: at sigma^2 = MSE the squared-error term is exactly 1/2 per dimension
+            var = max(float(total["sq_err_sample"]) / dims_total, 1e-12)
+            nats = 0.5 * (1 + math.log(2 * math.pi * var)) + float(total["kl"]) / dims_total + math.log(127.5)
+        out["bpd"] = nats / math.log(2)
+        if iw:
+            out["bpd_iw"] = float(total["iw"]) / dims_total / math.log(2)
+    if "kl" in metrics:
+        out["kl"] = float(total["kl"]) / n
+        out.update({f"kl_channel/{c}": float(v) / n for c, v in enumerate(total["kl_channel"])})
+    if "active_units" in metrics:
+        positions = float(total["positions"])
+        activity = total["mu2"] / positions - (total["mu"] / positions).square()
+        out["active_units"] = float((activity > ACTIVE_THRESHOLD).sum())
+    if "lpips" in metrics:
+        out["lpips"] = float(total["lpips"]) / n
+    if "rfid" in metrics:
+        stats = []
+        for side in ("real", "fake"):
+            mu = total[f"feat_{side}"] / n
+            cov = (total[f"outer_{side}"] - n * torch.outer(mu, mu)) / max(n - 1, 1)
+            stats += [mu, cov]
+        out["rfid"] = frechet_distance(*stats)
+    return out
+
+
+def _dims(total: dict[str, torch.Tensor], vae, n: float) -> float:
+    """Image dimensions in all (n * 3 * H * W), from the latent positions counted (h * w per image)."""
+    f = vae.config.downsample_factor
+    return float(total["positions"]) * f * f * vae.config.in_channels
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the commands share: the model, the data, the processes
+
+
+@dataclass
+class LoadedModel:
+    """A VAE read for a command, with the config of its run and where it came from."""
+
+    vae: Any
+    config: Config
+    source: str
+    step: int | None = None
+    checkpoint: Path | None = None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--run RUN | --ckpt PATH (required, exclusive) and --ema."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="run folder: its newest complete checkpoint")
+    g.add_argument("--ckpt", help="a checkpoint folder (runs/x/checkpoints/step-...) or a diffusers folder")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "vae" / "config.json").is_file()
+
+
+def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = False) -> LoadedModel:
+    """The VAE of a run folder (newest checkpoint), a checkpoint folder, or a diffusers AutoencoderKL folder.
+
+    FileNotFoundError names the path when there is nothing to load; InputError for --ema without EMA.
+    """
+    import yaml
+
+    from vae_scale.checkpoint import is_complete, resolve_checkpoint
+    from vae_scale.model import VAE
+
+    flag = "--run" if run else "--ckpt"
+    path = Path(run or ckpt or "")
+    if not (run or ckpt):
+        raise InputError("give --run RUN or --ckpt PATH")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if ckpt and not is_complete(path) and _is_diffusers_folder(path):
+        if ema:
+            raise InputError(f"--ema: {path} is a diffusers folder, which holds one set of weights")
+        vae = VAE.from_diffusers(path)
+        return LoadedModel(vae, Config(model=vae.config), str(path))
+    try:
+        checkpoint = resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {e}") from None
+    cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    try:
+        vae = VAE.from_checkpoint(checkpoint, ema=ema)
+    except FileNotFoundError as e:
+        raise InputError(f"--ema: {e}") from None
+    state = checkpoint / "trainer_state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint)
+
+
+def load_criterion(loaded: LoadedModel):
+    """The run's likelihood for bits/dim: a VAELoss with the learned scale read from the checkpoint.
+
+    None when loss.recon is l1/l2 (evaluate then fits a Gaussian). The scale is read from the checkpoint's
+    loss.safetensors (VAELoss.state_dict names) or accelerate's model.safetensors (`loss_params.0`).
+    """
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from vae_scale.losses import VAELoss
+
+    cfg = loaded.config.loss
+    if cfg.recon not in ("logistic", "gaussian"):
+        return None
+    criterion = VAELoss(dataclasses.replace(cfg, perceptual_weight=0.0, disc_weight=0.0),
+                        image_channels=loaded.config.model.in_channels)
+    param = criterion.logvar if cfg.recon == "gaussian" else criterion.log_scale
+    name = "logvar" if cfg.recon == "gaussian" else "log_scale"
+    ckpt = loaded.checkpoint
+    value = None
+    if ckpt is not None and (ckpt / "loss.safetensors").is_file():
+        value = load_file(ckpt / "loss.safetensors").get(name)
+    if value is None and ckpt is not None and (ckpt / "model.safetensors").is_file():
+        value = load_file(ckpt / "model.safetensors").get("loss_params.0")
+    if value is None or value.shape != param.shape:
+        raise InputError(f"{loaded.source}: no learned likelihood scale ({name}, loss.recon={cfg.recon}) in "
+                         "the checkpoint, so bits/dim cannot be computed; leave bpd out of --metrics")
+    with torch.no_grad():
+        param.copy_(value)
+    return criterion
+
+
+def likelihood_name(criterion) -> str:
+    """How bits/dim was measured, for the table and the JSON."""
+    if criterion is None or not has_likelihood(criterion):
+        return "gaussian, variance fit to the data"
+    return {"logistic": "discretised logistic, learned scale", "gaussian": "gaussian, learned variance"}[
+        criterion.cfg.recon]
+
+
+def iter_batches(spec: str, *, split: str, resolution: int, batch_size: int, workers: int = 0, rank: int = 0,
+                 world: int = 1, limit: int = 0, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Finite center-crop batches ("images", "count", "keys") of this rank's share of shards or `synthetic`.
+
+    Shards: every good sample exactly once across ranks (data.build_val_loader's reader; a folder gives
+    its `split` shards). `synthetic`: images `limit` (default 256) of vae_scale.synthetic seeded by `seed`.
+    limit > 0 stops this rank after that many samples.
+    """
+    from vae_scale.config import DataConfig
+    from vae_scale.data import ValLoader
+    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.synthetic import SYNTHETIC, synthetic_image
+
+    if spec == SYNTHETIC:
+        indices = list(range(rank, limit or 256, world))
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i:i + batch_size]
+            images = torch.stack([synthetic_image(seed, j, resolution) for j in chunk])
+            yield {"images": images, "count": len(chunk), "keys": [f"synthetic#{j}" for j in chunk]}
+        return
+    urls = expand_shards(spec, split)
+    cfg = DataConfig(val=spec, resolution=resolution, batch_size=batch_size, workers=workers)
+    taken = 0
+    for batch in ValLoader(urls, shard_counts(urls, scan=False), cfg, rank, world):
+        if limit and taken + batch["count"] > limit:
+            keep = limit - taken
+            batch = {"images": batch["images"][:keep], "count": keep, "keys": batch["keys"][:keep]}
+        taken += batch["count"]
+        if batch["count"]:
+            yield batch
+        if limit and taken >= limit:
+            return
+
+
+@dataclass
+class Processes:
+    """This process's place in an `accelerate launch` / torchrun job (one process: rank 0 of 1)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    acc: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes (float64 all-reduce)."""
+        return t if self.acc is None else self.acc.reduce(t.to(self.device), reduction="sum")
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process."""
+        if self.acc is None:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+
+def processes() -> Processes:
+    """Join the process group when launched with several processes (gloo on CPU, NCCL on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        # cpu=True without a GPU makes accelerate-launched CPU processes join over gloo, as in the trainer
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        return Processes(acc.device, acc.process_index, acc.num_processes, acc)
+    return Processes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None = None, unit: str = "batch"):
+    """A tqdm bar on the main process (to stderr), the bare iterable elsewhere."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# `vae-scale eval`
+
+
+def format_table(results: dict[str, float], likelihood: str = "", latent_channels: int | None = None,
+                 iw: int = 0) -> str:
+    """The results as a markdown table (what `vae-scale eval` prints), the likelihood of bits/dim below."""
+    rows = [("samples", f"{int(results['samples'])}")]
+    fmt = {"psnr": ("PSNR (dB)", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
+           "mse": ("MSE ([0, 1] scale)", "{:.5f}"), "lpips": ("LPIPS-VGG", "{:.4f}"),
+           "rfid": ("rFID", "{:.2f}")}
+    for key in ("psnr", "ssim", "mse", "lpips", "rfid"):
+        if key in results:
+            rows.append((fmt[key][0], fmt[key][1].format(results[key])))
+    if "bpd" in results:
+        rows.append(("bits/dim (ELBO)", f"{results['bpd']:.4f}"))
+    if "bpd_iw" in results:
+        label = f"bits/dim (IW bound, K={iw})" if iw else "bits/dim (IW bound)"
+        rows.append((label, f"{results['bpd_iw']:.4f}"))
+    if "kl" in results:
+        rows.append(("KL (nats per image)", f"{results['kl']:.2f}"))
+        per = [results[k] for k in sorted((k for k in results if k.startswith("kl_channel/")),
+                                          key=lambda k: int(k.split("/")[1]))]
+        rows.append(("KL per latent channel", " ".join(f"{v:.1f}" for v in per)))
+    if "active_units" in results:
+        of = f" / {latent_channels}" if latent_channels else ""
+        rows.append(("active latent channels", f"{int(results['active_units'])}{of}"))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = [f"| {'metric':<{width}} | {'value':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
+    lines += [f"| {name:<{width}} | {value:>{vwidth}} |" for name, value in rows]
+    if likelihood and "bpd" in results:
+        lines.append(f"\nbits/dim likelihood: {likelihood}")
+    return "\n".join(lines)
+
+
+def eval_main(argv: list[str]) -> int:
+    """`vae-scale eval --run RUN | --ckpt PATH [--data P] [--metrics ...] [--iw K] [--ema] [--out F]`."""
+    p = argparse.ArgumentParser(prog="vae-scale eval", description="Evaluate a VAE on held-out shards.")
+    add_model_args(p)
+    p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.val)")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="which shards of a folder (val)")
+    p.add_argument("--metrics", nargs="+", help=f"any of {' '.join(METRICS)} (default: the run's "
+                   "eval.metrics, plus lpips / rfid when their weights are given)")
+    p.add_argument("--iw", type=int, default=None, help="importance samples for bpd_iw (default eval.iw)")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
+    p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers per process (default 0)")
+    p.add_argument("--max-batches", type=int, default=0, help="batches per process; 0 is all")
+    p.add_argument("--n", type=int, default=0, help="with --data synthetic: how many images (default 256)")
+    p.add_argument("--lpips-path", default="", help="folder with LPIPS' vgg.pth and vgg16-397923af.pth")
+    p.add_argument("--vgg-path", default="", help="torchvision's vgg16-397923af.pth, if not beside vgg.pth")
+    p.add_argument("--inception-path", default="", help=f"TorchScript Inception for rfid ({INCEPTION_FILE})")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled latents (per sample key)")
+    args = p.parse_args(argv)
+    for flag in ("iw", "max_batches", "n", "workers"):
+        if (getattr(args, flag) or 0) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    cfg = loaded.config
+    data = args.data or cfg.data.val
+    if not data:
+        raise InputError(f"--data is needed: {loaded.source} has no data.val")
+    if args.metrics:
+        metrics = check_metrics(args.metrics)
+    else:
+        metrics = check_metrics(cfg.eval.metrics)
+        if (args.lpips_path or cfg.loss.lpips_path) and "lpips" not in metrics:
+            metrics.append("lpips")
+        if (args.inception_path or cfg.eval.inception_path) and "rfid" not in metrics:
+            metrics.append("rfid")
+    iw = cfg.eval.iw if args.iw is None else args.iw
+    nets = load_eval_nets(cfg, metrics, lpips_path=args.lpips_path, vgg_path=args.vgg_path,
+                          inception_path=args.inception_path)
+    criterion = load_criterion(loaded) if "bpd" in metrics or iw else None
+
+    procs = processes()
+    vae = loaded.vae.to(procs.device)
+    resolution = args.resolution or cfg.data.resolution
+    batches = iter_batches(data, split=args.split, resolution=resolution,
+                           batch_size=args.batch_size or cfg.data.batch_size, workers=args.workers,
+                           rank=procs.rank, world=procs.world, limit=args.n if data == "synthetic" else 0,
+                           seed=cfg.train.seed + 1)
+    results = evaluate(vae, progress(batches, enabled=procs.is_main and sys.stderr.isatty(), desc="eval"),
+                       metrics=metrics, device=procs.device, reduce=procs.reduce_sum, criterion=criterion,
+                       max_batches=args.max_batches, iw=iw, seed=args.seed, **nets)
+    if procs.is_main:
+        how = likelihood_name(criterion) if "bpd" in metrics else ""
+        print(f"{loaded.source}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+              + (" EMA" if args.ema else "") + f" on {data}, {procs.world} process(es)")
+        print(format_table(results, how, cfg.model.latent_channels, iw))
+        if args.out:
+            report = {"metrics": results, "source": loaded.source, "step": loaded.step, "ema": args.ema,
+                      "data": data, "resolution": resolution, "likelihood": how or None, "iw": iw,
+                      "seed": args.seed, "world_size": procs.world}
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {out}")
+    procs.barrier()
+    return 0
+
+
+if __name__ == "__main__":  # `python -m vae_scale.evaluate ...` is `vae-scale eval ...`
+    sys.exit(eval_main(sys.argv[1:]))

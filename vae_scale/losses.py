@@ -1,0 +1,554 @@
+"""The VAE training objective: reconstruction likelihood, KL schedule, LPIPS-VGG, PatchGAN adversarial terms.
+
+The objective is latent diffusion's (taming/ldm `LPIPSWithDiscriminator`) with its relative weights kept, so
+`loss.kl_weight=1e-6` means what it means there, but divided by P = C*H*W pixels per image so the loss has the
+scale of a per-pixel mean (what gradient clipping and learning rates are tuned against):
+
+    loss = mean_b( nll_sum_b + w_kl(step) * kl_b ) / P  +  perceptual_weight * mean_b(lpips_b)
+           + d_weight * disc_factor(step) * g_loss
+
+nll_sum_b is the reconstruction NLL summed over the P pixels of image b (so mean_b(nll_sum_b) / P is simply
+the mean over every element), kl_b the KL of its posterior summed over the latent (or the free-bits form),
+w_kl(step) = kl_weight * min(1, step / kl_warmup_steps). LDM adds LPIPS to every pixel's reconstruction term,
+which summed and divided by P is perceptual_weight * lpips_b: the same thing, except that LDM also divides it
+by exp(logvar), and here the likelihood stays a pure likelihood (identical for l1/l2, whose logvar is 0 as in
+LDM's trained models). d_weight is LDM's adaptive weight, from the gradients of the first two terms (LDM's
+`nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last layer.
+
+With recon=logistic, kl_weight=1 and no warm-up/free bits, loss / ln 2 is exactly the negative ELBO in bits
+per dimension of the 8-bit images; `bits_per_dim` is logged with the unweighted KL whatever the schedule.
+recon=gaussian is a density on [-1, 1], so its bits_per_dim adds log(127.5) nats per dimension: the mass of
+a 2/255-wide bin is density * 2/255 (an upper bound on -log-likelihood only for uniformly dequantised data).
+
+    crit = VAELoss(cfg.loss, image_channels=3)
+    loss, logs = crit.autoencoder_loss(x, x_hat, posterior, kl, step, last_layer=vae.decoder.conv_out.weight)
+    d_loss, d_logs = crit.discriminator_loss(x, x_hat.detach(), step)   # when crit.discriminator is not None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vae_scale.config import ConfigError, LossConfig
+
+if TYPE_CHECKING:
+    from vae_scale.model import DiagonalGaussian
+
+
+class LossConfigError(ConfigError):
+    """A loss setting that cannot be honoured (e.g. LPIPS weights not on disk); the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reconstruction likelihoods
+
+BIN_HALF_WIDTH = 1.0 / 255.0
+"""8-bit value k sits at k / 127.5 - 1 in [-1, 1]; bins are 2/255 wide."""
+LOG_SCALE_MIN = -7.0
+"""Floor of the logistic's log-scale, as in PixelCNN++ (keeps the finest bin probability representable)."""
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Snap values in [-1, 1] to the nearest of the 256 levels k / 127.5 - 1 (same shape and dtype)."""
+    return torch.round((x.clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+
+
+def discretized_logistic_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """log P(x) in nats of 8-bit pixels under a logistic(mean, exp(log_scale)) discretised to 256 bins.
+
+    x lies on the grid k / 127.5 - 1 (see quantize_8bit); mean and log_scale broadcast against it. Bin k
+    covers [x - 1/255, x + 1/255], except the edges, which take the CDF tails as in PixelCNN++ / IAF: bin 0
+    is (-inf, -1 + 1/255] and bin 255 is [1 - 1/255, inf), so the 256 probabilities sum to 1. Output has
+    the broadcast shape and is finite for any finite inputs (gradients too).
+    """
+    inv_scale = torch.exp(-log_scale)
+    centered = x - mean
+    plus = inv_scale * (centered + BIN_HALF_WIDTH)  # upper bin edge, standardised
+    minus = inv_scale * (centered - BIN_HALF_WIDTH)  # lower bin edge
+    # sigmoid(p) - sigmoid(m) = sigmoid(p) * sigmoid(-m) * (1 - exp(m - p)): a product of three terms whose
+    # logs are each stable, so no tail is lost to cancellation and no pdf * width approximation is needed.
+    lower_edge = x < -1.0 + BIN_HALF_WIDTH  # bin 0: P = sigmoid(plus)
+    upper_edge = x > 1.0 - BIN_HALF_WIDTH  # bin 255: P = 1 - sigmoid(minus) = sigmoid(-minus)
+    zero = torch.zeros((), dtype=plus.dtype, device=plus.device)
+    log_cdf_plus = torch.where(upper_edge, zero, F.logsigmoid(plus))
+    log_sf_minus = torch.where(lower_edge, zero, F.logsigmoid(-minus))
+    log_width = torch.where(lower_edge | upper_edge, zero, torch.log(-torch.expm1(minus - plus)))
+    return log_cdf_plus + log_sf_minus + log_width
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """-log N(x; mean, exp(logvar)) in nats per element: 0.5 * ((x - mean)^2 / var + logvar + log 2pi).
+
+    LDM's `rec / exp(logvar) + logvar` with rec the squared error, halved and with its constant, so that it is
+    a normalised density (bits/dim need one). Shapes broadcast.
+    """
+    return 0.5 * ((x - mean).square() * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
+
+
+# --------------------------------------------------------------------------------------------------------
+# KL terms
+
+
+def kl_per_channel(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over h, w: (B, C, h, w) -> (B, C), float32.
+
+    diffusers' math: logvar clamped to [-30, 20] (zero gradient outside), 0.5 * (m^2 + var - 1 - logvar).
+    """
+    mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
+    return 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar).sum((2, 3))
+
+
+def free_bits_kl(kl_channels: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Free-bits KL of Kingma et al. 2016 (IAF): sum_c max(mean_b KL[b, c], free_bits), a 0-dim tensor.
+
+    kl_channels: (B, C) per-channel KL in nats (kl_per_channel). The max is taken on the minibatch mean of
+    each channel, so a channel whose mean KL is below free_bits costs a constant and gets no gradient at all.
+    """
+    return torch.clamp(kl_channels.mean(0), min=free_bits).sum()
+
+
+# --------------------------------------------------------------------------------------------------------
+# LPIPS-VGG (Zhang et al. 2018, v0.1), frozen
+
+LPIPS_FILE = "vgg.pth"
+"""The lpips package's weights/v0.1/vgg.pth: linear heads named lin0..lin4.model.1.weight."""
+VGG16_FILE = "vgg16-397923af.pth"
+"""torchvision's ImageNet VGG16 state dict: convolutions named features.N.weight / features.N.bias."""
+
+# torchvision vgg16.features up to relu5_3: index -> (in, out) for the 13 convs; max-pools; ReLU elsewhere.
+_VGG16_CONVS = {
+    0: (3, 64), 2: (64, 64),
+    5: (64, 128), 7: (128, 128),
+    10: (128, 256), 12: (256, 256), 14: (256, 256),
+    17: (256, 512), 19: (512, 512), 21: (512, 512),
+    24: (512, 512), 26: (512, 512), 28: (512, 512),
+}  # fmt: skip
+_VGG16_POOLS = (4, 9, 16, 23)
+_LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+_LPIPS_TAP_CHANNELS = (64, 128, 256, 512, 512)
+
+
+class _FrozenConv2d(nn.Module):
+    """A conv whose weights are non-persistent buffers: moved by .to(), never trained, not in state_dict."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, padding: int, bias: bool = True):
+        super().__init__()
+        self.padding = padding
+        self.register_buffer("weight", torch.zeros(out_ch, in_ch, kernel_size, kernel_size), persistent=False)
+        self.register_buffer("bias", torch.zeros(out_ch) if bias else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+
+
+class _LinHead(nn.Module):
+    """LPIPS' NetLinLayer: (dropout) then a 1x1 conv to one channel; index 0 kept so names read model.1.*."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), _FrozenConv2d(channels, 1, 1, padding=0, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG v0.1 distance, frozen and always in eval mode; weights only from local files.
+
+    forward(x_hat, x): images (B, 3, H, W) in [-1, 1] -> (B,) distances (float32). Per tap of VGG16
+    (relu1_2 ... relu5_3): unit-normalise features over channels, squared difference, learned non-negative
+    channel weights (1x1 conv), spatial mean; summed over the five taps. Inputs first go through LPIPS'
+    scaling layer (x - shift) / scale. An input that does not require grad is run under no_grad.
+    """
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(_LPIPS_TAPS[-1] + 1):
+            if i in _VGG16_CONVS:
+                layers.append(_FrozenConv2d(*_VGG16_CONVS[i], kernel_size=3, padding=1))
+            elif i in _VGG16_POOLS:
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(nn.ReLU())
+        self.features = nn.Sequential(*layers)
+        for k, ch in enumerate(_LPIPS_TAP_CHANNELS):
+            self.add_module(f"lin{k}", _LinHead(ch))
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.eval()
+
+    @classmethod
+    def from_files(cls, lpips_file: str | Path, vgg_file: str | Path) -> LPIPS:
+        """Load the LPIPS heads (lpips' vgg.pth) and the VGG16 convolutions (torchvision's file) by name."""
+        net = cls()
+        files = {
+            "features.": (vgg_file, torch.load(vgg_file, map_location="cpu", weights_only=True)),
+            "lin": (lpips_file, torch.load(lpips_file, map_location="cpu", weights_only=True)),
+        }
+        for name, buf in net.named_buffers():
+            if name in ("shift", "scale"):  # LPIPS constants, not in either file
+                continue
+            path, source = files["features." if name.startswith("features.") else "lin"]
+            if name not in source:
+                raise LossConfigError(f"{path} has no tensor {name}: is it the right file?")
+            if source[name].shape != buf.shape:
+                got, need = tuple(source[name].shape), tuple(buf.shape)
+                raise LossConfigError(f"{path}: {name} has shape {got}, LPIPS-VGG needs {need}")
+            buf.copy_(source[name])
+        return net
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """Stays in eval mode whatever is asked: LPIPS is a fixed metric."""
+        return super().train(False)
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            h = (x.to(self.shift.dtype) - self.shift) / self.scale
+            taps = []
+            for i, layer in enumerate(self.features):
+                h = layer(h)
+                if i in _LPIPS_TAPS:
+                    taps.append(h)
+            return taps
+
+    def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        distance = 0.0
+        for k, (a, b) in enumerate(zip(self._taps(x_hat), self._taps(x), strict=True)):
+            # unit-normalise in float32: an all-zero ReLU column gives 0 / eps, and 1e-10 underflows in fp16
+            a, b = a.float(), b.float()
+            a = a / (a.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            head = getattr(self, f"lin{k}")
+            distance = distance + head((a - b).square()).float().mean((2, 3))  # (B, 1)
+        return distance[:, 0]
+
+
+def _lpips_package_weights() -> Path | None:
+    """weights/v0.1/vgg.pth of an installed lpips package, found without importing it (needs torchvision)."""
+    try:
+        spec = importlib.util.find_spec("lpips")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / LPIPS_FILE
+
+
+def find_lpips_weights(cfg: LossConfig) -> tuple[Path, Path]:
+    """(lpips heads file, VGG16 file) on local disk, or LossConfigError naming the keys; never downloads.
+
+    Heads: loss.lpips_path (a folder holding vgg.pth, or the file itself), else the installed lpips package's
+    weights/v0.1/vgg.pth. VGG16: loss.vgg_path (file or folder), else vgg16-397923af.pth beside the heads file
+    when loss.lpips_path is set, else the torch hub cache ($TORCH_HOME/hub/checkpoints, default
+    ~/.cache/torch/hub/checkpoints), where torchvision and the lpips package leave it.
+    """
+    looked: list[Path] = []
+
+    def given(key: str, value: str, filename: str) -> Path:
+        p = Path(value).expanduser()
+        f = p / filename if p.is_dir() else p
+        if not f.is_file():
+            raise LossConfigError(
+                f"loss.{key}={value!r} is neither {filename} nor a folder holding it "
+                f"(LPIPS-VGG weights are never downloaded)"
+            )
+        return f
+
+    if cfg.lpips_path:
+        heads = given("lpips_path", cfg.lpips_path, LPIPS_FILE)
+    else:
+        pkg = _lpips_package_weights()
+        heads = pkg if pkg is not None and pkg.is_file() else None
+        looked += [pkg] if pkg is not None else []
+    if cfg.vgg_path:
+        vgg = given("vgg_path", cfg.vgg_path, VGG16_FILE)
+    else:
+        candidates = [heads.parent / VGG16_FILE] if cfg.lpips_path else []
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE)
+        looked += candidates
+        vgg = next((c for c in candidates if c.is_file()), None)
+    if heads is None or vgg is None:
+        missing = " and ".join(n for n, f in ((LPIPS_FILE, heads), (VGG16_FILE, vgg)) if f is None)
+        raise LossConfigError(
+            f"loss.perceptual_weight > 0 needs LPIPS-VGG weights on local disk (never downloaded); missing "
+            f"{missing}. Set loss.lpips_path to a folder holding {LPIPS_FILE} (the lpips package's "
+            f"weights/v0.1/vgg.pth) and {VGG16_FILE} (torchvision's VGG16), or loss.vgg_path for the latter"
+            f"; looked in: {', '.join(str(p) for p in looked) or 'nothing'}"
+        )
+    return heads, vgg
+
+
+# --------------------------------------------------------------------------------------------------------
+# PatchGAN discriminator (taming's NLayerDiscriminator)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN of pix2pix / taming: (B, C, H, W) image -> (B, 1, h, w) patch logits.
+
+    Conv 4x4 stride 2 + LeakyReLU(0.2); n_layers - 1 more of those with BatchNorm (widths x2 up to x8);
+    a stride-1 conv + BatchNorm + LeakyReLU; a stride-1 conv to one channel. 64 px in, n_layers=3: 6x6 out;
+    256 px: 30x30; inputs need H, W >= 3 * 2**n_layers. Conv weights ~ N(0, 0.02), BatchNorm weights
+    ~ N(1, 0.02) and biases 0, as in taming. Module names (main.N) match taming's, so its weights load.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(channels * prev, channels * mult, 4, 1, 1, bias=False),
+            nn.BatchNorm2d(channels * mult),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels * mult, 1, 4, 1, 1),
+        ]
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Run forwards whose graph reaches the inputs but none of module's parameters (restored on exit).
+
+    The generator term needs D's gradient w.r.t. x_hat only; without this the VAE's backward would also
+    accumulate into D's .grad, which the discriminator's own backward then adds to (what Lightning's
+    toggle_optimizer prevents in taming/LDM). Use it on the plain module, never on a DDP wrapper: DDP expects
+    every parameter it prepared in forward to receive a gradient.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The objective
+
+
+class VAELoss(nn.Module):
+    """The whole VAE objective (see the module docstring): learned likelihood scale, LPIPS, discriminator.
+
+    Holds the learned scalar logvar (recon=gaussian) or log-scale per channel (recon=logistic), optimised with
+    the VAE (vae_parameters()); the frozen LPIPS net (perceptual_weight > 0); and `discriminator`, an
+    NLayerDiscriminator or None when disc_weight == 0, which the trainer optimises on its own. LPIPS weights
+    are non-persistent buffers, so state_dict() holds only the learned scale and the discriminator.
+    """
+
+    def __init__(self, cfg: LossConfig, image_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.logvar: nn.Parameter | None = None
+        self.log_scale: nn.Parameter | None = None
+        if cfg.recon == "gaussian":
+            self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))
+        elif cfg.recon == "logistic":
+            n = image_channels if cfg.logistic_per_channel else 1
+            self.log_scale = nn.Parameter(torch.full((n,), float(cfg.log_scale_init)))
+        self.perceptual: LPIPS | None = None
+        if cfg.perceptual_weight > 0:
+            if image_channels != 3:
+                raise LossConfigError(
+                    f"loss.perceptual_weight > 0 needs RGB input, not {image_channels} channels"
+                )
+            self.perceptual = LPIPS.from_files(*find_lpips_weights(cfg))
+        self.discriminator: nn.Module | None = None
+        if cfg.disc_weight > 0:
+            self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)
+
+    def vae_parameters(self) -> list[nn.Parameter]:
+        """Parameters to optimise with the VAE: the learned logvar / log-scale, or nothing."""
+        return [p for p in (self.logvar, self.log_scale) if p is not None]
+
+    # -- schedules -----------------------------------------------------------------------------------------
+
+    def kl_weight(self, step: int) -> float:
+        """w_kl(step) = kl_weight * min(1, step / kl_warmup_steps); kl_weight when there is no warm-up."""
+        if self.cfg.kl_warmup_steps <= 0:
+            return self.cfg.kl_weight
+        return self.cfg.kl_weight * min(1.0, step / self.cfg.kl_warmup_steps)
+
+    def disc_active(self, step: int) -> bool:
+        """Whether the adversarial terms are on: a discriminator exists and step >= loss.disc_start."""
+        return self.discriminator is not None and step >= self.cfg.disc_start
+
+    def disc_factor(self, step: int) -> float:
+        """1.0 from loss.disc_start on, 0.0 before (taming's adopt_weight)."""
+        return 1.0 if self.disc_active(step) else 0.0
+
+    # -- pieces --------------------------------------------------------------------------------------------
+
+    def _reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance, nll) per element, float32 (B, C, H, W); nll in nats for gaussian / logistic."""
+        recon = self.cfg.recon
+        if recon in ("l1", "logistic"):
+            rec = (x - x_hat).abs()
+        else:
+            rec = (x - x_hat).square()
+        if recon == "gaussian":
+            nll = gaussian_nll(x, x_hat, self.logvar)
+        elif recon == "logistic":
+            log_scale = self.log_scale.clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
+            nll = -discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
+        else:  # l1 / l2: LDM's rec / exp(logvar) + logvar with logvar = 0
+            nll = rec
+        return rec, nll
+
+    def generator_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
+        """Generator term from reconstructions' patch logits: -mean (hinge) | mean softplus(-l) (non-sat.)."""
+        logits_fake = logits_fake.float()
+        if self.cfg.disc_loss == "hinge":
+            return -logits_fake.mean()
+        return F.softplus(-logits_fake).mean()
+
+    def adaptive_weight(
+        self, rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None
+    ) -> torch.Tensor:
+        """LDM's d_weight: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to [0, 1e4], detached,
+        times loss.disc_weight; W = the decoder's last layer weight.
+
+        Falls back to loss.disc_weight when there is nothing to differentiate: last_layer is None, grad mode
+        is off (validation under no_grad), or either loss has no graph. Under fp16 the two unscaled backward
+        passes can underflow (bf16 is fine); the ratio itself does not depend on a common loss scale.
+        """
+        graph = torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad
+        if last_layer is None or not graph:
+            return torch.tensor(self.cfg.disc_weight, device=g_loss.device)
+        (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+        (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+        weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+        return weight.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
+
+    # -- the two steps -------------------------------------------------------------------------------------
+
+    def autoencoder_loss(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        posterior: DiagonalGaussian | None,
+        kl: torch.Tensor,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The VAE's loss (0-dim, float32) and logs (0-dim detached tensors, no host sync).
+
+        x, x_hat: (B, C, H, W) in [-1, 1]; posterior: has .mean / .logvar (B, c, h, w), read only when
+        free_bits > 0; kl: (B,) KL per image summed over the latent (posterior.sample_kl's); last_layer: the
+        decoder's last weight, for the adaptive adversarial weight. Logs: loss, rec, nll (nats per pixel for
+        gaussian/logistic), kl (per image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight,
+        disc_factor], [bits_per_dim], [logvar | log_scale].
+        """
+        P = x[0].numel()
+        rec, nll = self._reconstruction(x.float(), x_hat.float())
+        nll_loss = nll.mean()  # = mean_b(nll summed over the image) / P
+        rec_loss = nll_loss
+        logs: dict[str, torch.Tensor] = {}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(x_hat, x).mean()
+            rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
+            logs["perceptual"] = perceptual.detach()
+
+        kl_mean = kl.float().mean()
+        if self.cfg.free_bits > 0:
+            if posterior is None:
+                raise ValueError("loss.free_bits > 0 needs the posterior (its mean and logvar), got None")
+            kl_term = free_bits_kl(kl_per_channel(posterior.mean, posterior.logvar), self.cfg.free_bits)
+            logs["kl_free_bits"] = kl_term.detach()
+        else:
+            kl_term = kl_mean
+        w_kl = self.kl_weight(step)
+        loss = rec_loss + w_kl * kl_term / P
+
+        if self.discriminator is not None:
+            factor = self.disc_factor(step)
+            if factor > 0:
+                with frozen_parameters(self.discriminator):
+                    logits_fake = self.discriminator(x_hat.contiguous())
+                g_loss = self.generator_loss(logits_fake)
+                d_weight = self.adaptive_weight(rec_loss, g_loss, last_layer)
+                loss = loss + d_weight * factor * g_loss
+            else:  # before disc_start: no discriminator forward at all
+                g_loss = d_weight = torch.zeros((), device=x.device)
+            logs |= {
+                "g_loss": g_loss.detach(),
+                "d_weight": d_weight.detach(),
+                "disc_factor": torch.tensor(factor, device=x.device),
+            }
+
+        logs |= {
+            "loss": loss.detach(),
+            "rec": rec.mean().detach(),
+            "nll": nll_loss.detach(),
+            "kl": kl_mean.detach(),
+            "kl_weight": torch.tensor(w_kl, device=x.device),
+        }
+        if self.cfg.recon in ("gaussian", "logistic"):
+            nats = nll_loss + kl_mean / P
+            if self.cfg.recon == "gaussian":  # a density on [-1, 1]: probability of a bin ~ density * 2/255
+                nats = nats + math.log(127.5)
+            logs["bits_per_dim"] = (nats / math.log(2)).detach()
+        if self.logvar is not None:
+            logs["logvar"] = self.logvar.detach().clone()
+        if self.log_scale is not None:
+            logs["log_scale"] = self.log_scale.detach().mean()
+        return loss, logs
+
+    def discriminator_loss(
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, discriminator: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The discriminator's loss on real x and detached reconstructions x_hat, times disc_factor(step).
+
+        hinge: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))); non_saturating: 0.5 * (mean
+        softplus(-D(x)) + mean softplus(D(x_hat))). Real and fake go through D separately (BatchNorm sees
+        each on its own, as in taming). `discriminator` replaces self.discriminator for this call, e.g. its
+        DDP wrapper (the generator term in autoencoder_loss always uses the plain self.discriminator).
+        Logs: d_loss, logits_real, logits_fake (means), 0-dim detached.
+        """
+        if self.discriminator is None:
+            raise RuntimeError("loss.disc_weight is 0: there is no discriminator to train")
+        disc = self.discriminator if discriminator is None else discriminator
+        logits_real = disc(x.detach().contiguous()).float()
+        logits_fake = disc(x_hat.detach().contiguous()).float()
+        if self.cfg.disc_loss == "hinge":
+            d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+        else:
+            d_loss = 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+        d_loss = self.disc_factor(step) * d_loss
+        logs = {
+            "d_loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return d_loss, logs

@@ -1,0 +1,193 @@
+"""What a launch will do, said before the first step: scale, batch, precision, kernels, memory.
+
+The memory estimate counts, per process:
+- parameter state: fp32 weights + fp32 gradients + AdamW's two fp32 moments (+ the fp32 EMA copy), for
+  the VAE and the discriminator; divided by the world size under FSDP (full shard), plus one block's
+  unsharded parameters in flight;
+- activations: the bytes autograd saves for backward in one forward + loss, measured by running the model
+  on the meta device at the configured resolution with saved-tensor hooks (nothing is allocated), plus
+  the two gradients in flight at the largest activation, times the per-process batch; with activation
+  checkpointing, the block-boundary tensors plus the largest block's recomputed activations; scaled by
+  0.6 under bf16/fp16 autocast (conv outputs in 16 bits, norms and the loss in fp32);
+- a 10% allowance for allocator fragmentation and workspaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from vae_scale.config import Config
+from vae_scale.model import VAE
+
+OVERHEAD = 1.10
+ADAMW_BYTES = 4 + 4 + 8  # weight, gradient, two moments (all fp32)
+
+
+class WillNotFit(RuntimeError):
+    """The estimated memory per device exceeds the device's; the message says what to change."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per process by kind."""
+
+    parameters: int
+    activations: int
+    total: int
+    activations_per_image: int
+
+
+def _storage_counter(module: torch.nn.Module):
+    """A saved-tensor pack hook that counts each storage once (views share one), parameters excluded."""
+    params = {p.untyped_storage()._cdata for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    return pack, saved
+
+
+def saved_activation_bytes(vae: VAE, resolution: int, batch: int = 1) -> tuple[int, int]:
+    """(total, largest) bytes of the tensors autograd saves for backward in encode -> sample -> decode ->
+    L1 of one batch, measured on the meta device."""
+    pack, saved = _storage_counter(vae)
+    x = torch.zeros(batch, vae.config.in_channels, resolution, resolution, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        post = vae.encode(x)
+        z, kl = post.sample_kl(torch.zeros_like(post.mean))
+        loss = (vae.decode(z) - x).abs().mean() + kl.mean()
+    del loss
+    return sum(saved.values()), max(saved.values(), default=0)
+
+
+def _meta_vae(cfg: Config, checkpointing: bool) -> VAE:
+    from vae_scale.parallel import apply_activation_checkpointing
+
+    with torch.device("meta"):
+        vae = VAE(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
+    return apply_activation_checkpointing(vae) if checkpointing else vae
+
+
+def _largest_block_bytes(cfg: Config) -> int:
+    """Saved bytes of the most expensive checkpointed block (recomputed one at a time in backward)."""
+    vae = _meta_vae(cfg, checkpointing=False)
+    from vae_scale.parallel import checkpointed_blocks
+
+    shapes: dict[int, torch.Size] = {}
+    blocks = [parent[int(n)] if n.isdigit() else getattr(parent, n) for parent, n in checkpointed_blocks(vae)]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, i=i: shapes.__setitem__(i, a[0].shape))
+        for i, b in enumerate(blocks)
+    ]
+    with torch.no_grad():
+        x = torch.zeros(1, cfg.model.in_channels, cfg.data.resolution, cfg.data.resolution, device="meta")
+        vae.decode(vae.encode(x).mode())
+    for h in hooks:
+        h.remove()
+    best = 0
+    for i, block in enumerate(blocks):
+        pack, saved = _storage_counter(block)
+        inp = torch.zeros(shapes[i], device="meta", requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(inp)
+        best = max(best, sum(saved.values()))
+    return best
+
+
+def estimate_memory(
+    cfg: Config, world_size: int = 1, fsdp: bool = False, disc_params: int = 0
+) -> MemoryEstimate:
+    """Estimated peak bytes per process for training `cfg` (see the module docstring)."""
+    checkpointing = cfg.model.gradient_checkpointing
+    vae = _meta_vae(cfg, checkpointing)
+    n_params = sum(p.numel() for p in vae.parameters())
+    per_param = ADAMW_BYTES + (4 if cfg.optim.ema_decay > 0 else 0)
+    params = n_params * per_param + disc_params * ADAMW_BYTES
+    if fsdp and world_size > 1:
+        from vae_scale.parallel import checkpointed_blocks
+
+        # Sharding units are about one level each: one is gathered, the next prefetched.
+        blocks = [
+            parent[int(n)] if n.isdigit() else getattr(parent, n) for parent, n in checkpointed_blocks(vae)
+        ]
+        largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) * 4
+        params = params // world_size + 2 * largest
+    per_image, largest = saved_activation_bytes(vae, cfg.data.resolution)
+    if checkpointing:
+        per_image += _largest_block_bytes(cfg)
+        largest = max(largest, saved_activation_bytes(_meta_vae(cfg, False), cfg.data.resolution)[1])
+    # In backward, the gradient of the largest activation and of its input are alive at once.
+    per_image += 2 * largest
+    if cfg.train.mixed_precision != "no":
+        per_image = int(per_image * 0.6)  # conv outputs in 16 bits; norms and the loss stay fp32
+    activations = per_image * cfg.data.batch_size
+    return MemoryEstimate(params, activations, int((params + activations) * OVERHEAD), per_image)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None for a CPU (host memory is not checked)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def preflight(
+    cfg: Config,
+    *,
+    world_size: int,
+    device: torch.device,
+    kernels_backend: str,
+    n_params: int,
+    batches_per_epoch: int,
+    fsdp: bool,
+    disc_params: int = 0,
+) -> list[str]:
+    """Lines describing the launch; raises WillNotFit when the estimate exceeds the device memory."""
+    gib = 2**30
+    global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
+    est = estimate_memory(cfg, world_size, fsdp, disc_params)
+    mode = "FSDP full shard" if fsdp else "DDP" if world_size > 1 else "single process"
+    ckpt = ", checkpointed" if cfg.model.gradient_checkpointing else ""
+    accum = (
+        "" if cfg.train.grad_accum == 1 else f" ({batches_per_epoch // cfg.train.grad_accum} optimizer steps)"
+    )
+    lines = [
+        f"processes      {world_size} ({mode}) on {device.type}",
+        f"batch          {cfg.data.batch_size} per process x {world_size} processes x {cfg.train.grad_accum} "
+        f"accumulation = {global_batch} images per step at {cfg.data.resolution} px",
+        f"precision      {cfg.train.mixed_precision} (weights fp32)",
+        f"kernels        {cfg.model.kernels} -> {kernels_backend}",
+        f"parameters     {n_params:,} (VAE){f' + {disc_params:,} (discriminator)' if disc_params else ''}",
+        f"memory/process ~{est.total / gib:.2f} GiB estimated: {est.parameters / gib:.2f} GiB parameters "
+        f"+ {est.activations / gib:.2f} GiB activations "
+        f"({est.activations_per_image / 2**20:.1f} MiB/image{ckpt})",
+        f"data           {batches_per_epoch} steps per epoch per process{accum}",
+    ]
+    total = device_memory(device)
+    if total is not None:
+        lines[5] += f" of {total / gib:.1f} GiB on the device"
+        if est.total > total:
+            hints = []
+            if not cfg.model.gradient_checkpointing:
+                hints.append("model.gradient_checkpointing=true")
+            if cfg.train.mixed_precision == "no":
+                hints.append("train.mixed_precision=bf16")
+            if cfg.data.batch_size > 1:
+                hints.append(
+                    f"data.batch_size={max(1, cfg.data.batch_size // 2)} with "
+                    f"train.grad_accum={cfg.train.grad_accum * 2}"
+                )
+            if not fsdp:
+                hints.append("FSDP (launch/accelerate/fsdp.yaml)")
+            raise WillNotFit(
+                f"estimated {est.total / gib:.1f} GiB per process does not fit the device's "
+                f"{total / gib:.1f} GiB; try {', or '.join(hints)}"
+            )
+    return lines
