@@ -49,32 +49,42 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def measure(
-    fn: Callable[[], Any],
+    fn: Callable[..., Any],
     *,
     device: torch.device | str = "cpu",
     warmup: int = 2,
     repeats: int = 5,
     min_time_s: float = 0.0,
+    setup: Callable[[], Any] | None = None,
 ) -> Timing:
-    """Time `fn()`; on CUDA each call is bracketed by events (no host sync inside the timed region)."""
+    """Time `fn()`; on CUDA each call is bracketed by events (no host sync inside the timed region).
+
+    With `setup`, each call is `fn(setup())` and only fn is timed (setup runs a forward, fn its backward).
+    """
     device = torch.device(device)
+
+    def call() -> tuple[Any, ...]:
+        return () if setup is None else (setup(),)
+
     for _ in range(warmup):
-        fn()
+        fn(*call())
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+        args = call()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
-            fn()
+            fn(*args)
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            fn()
+            fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
+        del args
     times.sort()
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 

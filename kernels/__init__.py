@@ -1,30 +1,45 @@
 """Fused ops for convolutional VAEs, with an eager reference behind each.
 
-impl="auto" picks the Triton kernel for CUDA tensors when triton imports, else the eager reference;
-impl="triton" forces the kernel (CPU tensors work under TRITON_INTERPRET=1); impl="torch" is the reference.
+impl="auto" picks the Triton kernel for CUDA tensors when triton imports (and the tensor is big enough for a
+fused kernel to pay, see AUTO_MIN_NUMEL), else the eager reference; impl="triton" forces the kernel (CPU
+tensors work under TRITON_INTERPRET=1, set before triton is imported); impl="torch" is the reference.
+
+The ops are torch.library custom ops (namespace vae_kernels) with fake-tensor rules and registered autograd,
+so they trace into torch.compile graphs without breaks, and run under DDP, FSDP and autocast like any aten op.
+This package imports nothing from vae_scale, and imports without triton (then everything runs eagerly).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import gaussian, group_norm
 from kernels.gaussian import gaussian_sample_kl_reference
 from kernels.group_norm import group_norm_silu_reference
 
 IMPLS = ("auto", "triton", "torch")
+HAS_TRITON = gaussian.HAS_TRITON and group_norm.HAS_TRITON
 
-__all__ = ["IMPLS", "gaussian_sample_kl", "group_norm_silu", "auto_backend"]
+# Below these sizes (elements of mean / x), impl="auto" keeps the eager reference even on a GPU: a fused
+# GroupNorm is 3 + 3 launches against aten's ~2 + ~3 and launch overhead decides at small sizes. The fused
+# posterior replaces ~22 eager kernels with 2, so it wins at any size. Re-check with benchmarks/kernels.py.
+AUTO_MIN_NUMEL = {"gaussian_sample_kl": 0, "group_norm_silu": 1 << 16}
+
+__all__ = ["IMPLS", "HAS_TRITON", "AUTO_MIN_NUMEL", "gaussian_sample_kl", "group_norm_silu", "auto_backend"]
 
 
 def auto_backend(device: torch.device | str = "cuda") -> str:
-    """What impl="auto" resolves to for tensors on `device`: "triton" or "torch"."""
-    return "torch"
+    """What impl="auto" resolves to for (large enough) tensors on `device`: "triton" or "torch"."""
+    return "triton" if HAS_TRITON and torch.device(device).type == "cuda" else "torch"
 
 
-def _resolve(impl: str, t: torch.Tensor) -> str:
+def _resolve(impl: str, t: torch.Tensor, op: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return auto_backend(t.device) if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    backend = auto_backend(t.device)
+    return "torch" if backend == "triton" and t.numel() < AUTO_MIN_NUMEL[op] else backend
 
 
 def gaussian_sample_kl(
@@ -38,10 +53,24 @@ def gaussian_sample_kl(
     """Reparameterised sample and KL per sample of a diagonal Gaussian posterior.
 
     mean, logvar: (B, ...) of one shape. Returns z (like mean) and kl of shape (B,), summed over every
-    non-batch dim, against N(0, I) or N(prior_mean, exp(prior_logvar)). logvar is clamped to [-30, 20].
+    non-batch dim, against N(0, I) or N(prior_mean, exp(prior_logvar)). logvar and prior_logvar are clamped
+    to [-30, 20] (zero gradient outside), as in diffusers. Gradients reach mean, logvar and the prior from
+    both z and kl; eps is a constant. Statistics are fp32, outputs in the inputs' dtype (float32, bfloat16,
+    float16; the torch reference also takes float64).
+
+    eps=None draws the noise: inside the kernel (Philox, seeded from torch's generator, so torch.manual_seed
+    repeats a run; the backward regenerates it), or with torch.randn_like for impl="torch". The two paths
+    draw different noise for the same seed.
+
+    The prior may broadcast to mean's shape (e.g. (1, C, 1, 1)); its gradients come back in its own shape.
+    Mixed dtypes are a ValueError, except under autocast, where they are promoted to the widest (fp32 when
+    any input is fp32), as autocast does for multi-input elementwise ops.
     """
-    if _resolve(impl, mean) == "triton":
-        raise NotImplementedError("the Triton gaussian kernel is not built yet")
+    mean, logvar, eps, prior_mean, prior_logvar = gaussian.check_inputs(
+        mean, logvar, eps, prior_mean, prior_logvar
+    )
+    if _resolve(impl, mean, "gaussian_sample_kl") == "triton":
+        return gaussian.gaussian_sample_kl_triton(mean, logvar, eps, prior_mean, prior_logvar)
     return gaussian_sample_kl_reference(mean, logvar, eps, prior_mean, prior_logvar)
 
 
@@ -54,7 +83,18 @@ def group_norm_silu(
     silu: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """GroupNorm over (B, C, H, W) with an optional fused SiLU; NCHW or channels_last."""
-    if _resolve(impl, x) == "triton":
-        raise NotImplementedError("the Triton group-norm kernel is not built yet")
+    """GroupNorm over (B, C, *spatial) with an optional fused SiLU; NCHW or channels_last.
+
+    Statistics are fp32; y comes back in x's dtype (float32, bfloat16, float16; the torch reference also
+    takes float64) and, for the Triton path, in x's layout (channels-last if x is, else contiguous; a layout
+    whose spatial dims don't flatten is copied to contiguous first). weight and bias, shape (C,), may be
+    x's dtype or float32 (mixed precision).
+
+    Under autocast the op keeps x's dtype rather than running in fp32 as aten's group_norm does: its
+    statistics are fp32 anyway, and the conv that follows would cast an fp32 result straight back to
+    bf16/fp16, so fp32 output would only cost twice the bytes. Both impls follow this rule.
+    """
+    group_norm.check_inputs(x, num_groups, weight, bias)
+    if _resolve(impl, x, "group_norm_silu") == "triton":
+        return group_norm.group_norm_silu_triton(x, num_groups, weight, bias, eps, silu)
     return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu)

@@ -1,0 +1,269 @@
+"""The fused kernels inside the model and the frameworks around it.
+
+A tiny VAE trained a few steps with impl="triton" (the interpreter on a CPU) and impl="torch" gives the same
+losses and gradients; the ops trace into torch.compile graphs without breaks; they run under DDP and FSDP;
+every kernel compiles for an H100 (without one); and the package still imports, falling back to the
+reference, where triton is missing. Channels-last inside the model runs in the gpu test (on a CPU, the
+op-level tests cover that layout at a fraction of the interpreter's time).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kernels
+from vae_scale.config import ModelConfig
+from vae_scale.model import VAE, DiagonalGaussian, GroupNorm
+from vae_scale.parallel import apply_channels_last, to_channels_last
+
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+ROOT = Path(__file__).resolve().parents[1]
+KL_WEIGHT = 1e-3
+
+
+def tiny_vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(
+        ModelConfig(block_out_channels=[8, 16], layers_per_block=1, latent_channels=3, norm_num_groups=4)
+    )
+
+
+def train(vae: VAE, impl: str, x: torch.Tensor, eps: torch.Tensor, steps: int = 3):
+    """A few SGD steps of L1 + KL with a fixed eps; returns the losses and the last step's gradients."""
+    vae.set_kernels(impl)
+    opt = torch.optim.SGD(vae.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        post = vae.encode(x)
+        z, kl = post.sample_kl(eps)
+        loss = (vae.decode(z) - x).abs().mean() + KL_WEIGHT * kl.mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in vae.named_parameters()}
+        opt.step()
+    return losses, grads
+
+
+def assert_same_training(a, b):
+    (losses_a, grads_a), (losses_b, grads_b) = a, b
+    torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses_b), rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_triton
+def test_tiny_vae_trains_the_same_with_triton_and_torch_kernels():
+    vae = tiny_vae()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    eps = torch.randn(2, *vae.latent_shape(8))
+    assert_same_training(
+        train(copy.deepcopy(vae), "triton", x, eps, steps=2), train(vae, "torch", x, eps, steps=2)
+    )
+
+
+def both_ops(x, weight, bias, mean, logvar, eps, impl):
+    y = kernels.group_norm_silu(x, 2, weight, bias, impl=impl)
+    z, kl = kernels.gaussian_sample_kl(mean, logvar, eps, impl=impl)
+    _, kl_drawn = kernels.gaussian_sample_kl(mean, logvar, impl=impl)  # noise drawn inside; kl doesn't use it
+    return y.square().mean() + z.square().mean() + kl.mean() + kl_drawn.mean()
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_ops_compile_into_one_graph(impl):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(s, generator=gen) for s in [(2, 4, 5, 3), (4,), (4,), (2, 3, 4), (2, 3, 4), (2, 3, 4)]
+    ]
+    leaves = [a.clone().requires_grad_(i < 5) for i, a in enumerate(args)]
+    # fullgraph: a graph break is an error. Inductor for the custom ops (they become extern kernel calls in
+    # its generated code); aot_eager for the reference, whose aten ops need no test of inductor's codegen
+    # and would cost CI ten seconds of C++ compiling.
+    backend = "inductor" if impl == "triton" else "aot_eager"
+    compiled = torch.compile(both_ops, fullgraph=True, backend=backend)
+    loss = compiled(*leaves, impl=impl)
+    loss.backward()
+    ref = [a.clone().requires_grad_(i < 5) for i, a in enumerate(args)]
+    ref_loss = both_ops(*ref, impl=impl)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for a, r in zip(leaves[:5], ref[:5], strict=True):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+class TinyNet(nn.Module):
+    """conv -> GroupNorm + SiLU -> conv -> posterior sample and KL: both fused ops inside one module."""
+
+    def __init__(self, impl: str):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = GroupNorm(8, 4)
+        self.norm.kernels = self.impl = impl
+        self.conv_out = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x, eps):
+        z, kl = DiagonalGaussian(self.conv_out(self.norm(self.conv_in(x))), self.impl).sample_kl(eps)
+        return z.square().mean() + kl.mean()
+
+
+@needs_triton
+def test_ddp_and_fsdp_wrap_a_module_using_the_kernels(tmp_path):
+    """World size 1 on gloo: the ops under the wrappers' hooks, unsharded parameters, gradient reduction."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    net = TinyNet("triton")
+    x, eps = torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7)
+    plain = copy.deepcopy(net)
+    plain.norm.kernels = plain.impl = "torch"
+    want_loss = plain(x, eps)
+    want_loss.backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(copy.deepcopy(net))
+        sharded = fully_shard(copy.deepcopy(net))
+        for model in (ddp, sharded):
+            loss = model(x, eps)
+            loss.backward()
+            torch.testing.assert_close(loss, want_loss)
+            for (name, p), p_want in zip(model.named_parameters(), plain.parameters(), strict=True):
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                torch.testing.assert_close(grad, p_want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+AOT_COMPILE = """
+import torch, triton
+import triton.runtime.jit as jit
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+compiled = set()
+
+
+def compile_for_sm90(self, *args, grid, warmup, **kwargs):  # replaces JITFunction.run: compile, no launch
+    bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
+    signature, constexprs = {}, {}
+    for p in self.params:
+        value = bound.get(p.name, p.default)
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        else:
+            signature[p.name] = jit.mangle_type(value)
+    options = {k: v for k, v in kwargs.items() if k not in self.arg_names}
+    triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    compiled.add(self.fn.__name__)
+
+
+jit.JITFunction.run = compile_for_sm90
+import kernels
+
+x = torch.randn(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+x.requires_grad_()
+w, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+kernels.group_norm_silu(x, 32, w, b, impl="triton").sum().backward()
+m, lv = (torch.randn(2, 4, 40, 40, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+z, kl = kernels.gaussian_sample_kl(m, lv, None, m.detach(), lv.detach(), impl="triton")
+(z.sum() + kl.sum()).backward()
+print(" ".join(sorted(compiled)))
+"""
+
+
+@needs_triton
+def test_every_kernel_compiles_for_an_h100_without_one():
+    """The interpreter skips the compiler; this runs it (to PTX and cubin for sm_90) on the launchers' own
+    arguments, so a kernel the GPU could not build fails here, on a CPU, before it reaches a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == sorted(
+        [
+            "_gaussian_fwd_kernel",
+            "_gaussian_bwd_kernel",
+            "_gn_stats_kernel",
+            "_gn_stats_finalize_kernel",
+            "_gn_fwd_apply_kernel",
+            "_gn_bwd_reduce_kernel",
+            "_gn_bwd_finalize_kernel",
+            "_gn_bwd_apply_kernel",
+        ]
+    )
+
+
+def test_package_imports_and_falls_back_without_triton():
+    code = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch, kernels
+assert not kernels.HAS_TRITON and kernels.auto_backend("cuda") == "torch"
+x = torch.randn(2, 4, 3, 3)
+y = kernels.group_norm_silu(x, 2, None, None)
+z, kl = kernels.gaussian_sample_kl(x, x, torch.zeros_like(x))
+try:
+    kernels.gaussian_sample_kl(x, x, impl="triton")
+except RuntimeError as e:
+    assert "needs the triton package" in str(e), e
+else:
+    raise AssertionError("impl='triton' without triton did not raise")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_auto_picks_the_reference_on_cpu():
+    assert kernels.auto_backend("cpu") == "torch"
+    assert kernels.auto_backend(torch.device("cpu")) == "torch"
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 convolutions would round away the fp32 agreement these comparisons look for."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_vae_trains_the_same_with_every_kernel_choice(no_tf32):
+    vae = tiny_vae().cuda()
+    x = torch.rand(2, 3, 32, 32, device="cuda") * 2 - 1
+    eps = torch.randn(2, *vae.latent_shape(32), device="cuda")
+    want = train(copy.deepcopy(vae), "torch", x, eps)
+    assert_same_training(train(copy.deepcopy(vae), "triton", x, eps), want)
+    assert_same_training(train(copy.deepcopy(vae), "auto", x, eps), want)
+    fused = apply_channels_last(copy.deepcopy(vae))
+    assert_same_training(train(fused, "triton", to_channels_last(x), eps), want)
+
+
+@pytest.mark.gpu
+def test_gpu_ops_compile_into_one_graph_with_triton():
+    torch._dynamo.reset()
+    args = [
+        torch.randn(s, device="cuda")
+        for s in [(4, 64, 32, 32), (64,), (64,), (4, 4, 32, 32)] + [(4, 4, 32, 32)] * 2
+    ]
+    leaves = [a.clone().requires_grad_(i < 5) for i, a in enumerate(args)]
+    loss = torch.compile(both_ops, fullgraph=True)(*leaves, impl="triton")
+    loss.backward()
+    ref = [a.clone().requires_grad_(i < 5) for i, a in enumerate(args)]
+    ref_loss = both_ops(*ref, impl="torch")
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    for a, r in zip(leaves[:5], ref[:5], strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
