@@ -76,6 +76,9 @@ def test_a_run_writes_checkpoints_metrics_images_and_report(tmp_path, shards):
         "optim.ema_decay=0.9",
         "optim.warmup_steps=2",
         "optim.schedule=cosine",
+        f"data.val={shards}",
+        "eval.every=4",
+        "eval.metrics=[psnr,kl]",
     )
     summary = train(cfg)
     run = tmp_path / "run"
@@ -84,7 +87,14 @@ def test_a_run_writes_checkpoints_metrics_images_and_report(tmp_path, shards):
     assert names == ["step-000000006", "step-000000008"]  # keep=2 rotated step 3 away
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000000008"
     rows = read_metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val/psnr" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert [r["step"] for r in val_rows] == [4, 8]
+    index = json.loads((shards / "index.json").read_text())
+    assert val_rows[-1]["val/samples"] == index["splits"]["val"]["samples"]  # every val image, once
+    assert 5 < val_rows[-1]["val/psnr"] < 60 and val_rows[-1]["val/kl"] > 0
+    rows = train_rows
     for key in (
         "loss",
         "rec",
@@ -131,6 +141,8 @@ def test_discriminator_and_learned_likelihood_train_together(tmp_path):
     assert all(r["d_loss"] > 0 and r["disc_factor"] == 1 for r in late)
     assert any(r["d_weight"] != 0.5 for r in late)  # adaptive, not the fallback
     assert len({r["logvar"] for r in rows}) > 1  # the Gaussian log-variance is learned
+    saved = load_file(latest_checkpoint(tmp_path / "gan") / "loss.safetensors")["logvar"]
+    assert saved.item() == pytest.approx(rows[-1]["logvar"], abs=1e-3)  # kept for bits/dim after training
     assert all(np.isfinite(r["bits_per_dim"]) for r in rows)
 
 
@@ -321,3 +333,50 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tmp_path):
     for key in (b"skipped_steps", b"grad_norm", b"images_per_s", b"kl_channel/0"):
         assert key in blob, key
     assert (run_dir / "wandb_id").read_text().strip() in wandb_files[0].name
+
+
+@pytest.mark.gpu
+def test_fsdp_trains_resumes_from_sharded_checkpoints_and_exports_full_weights(tmp_path):
+    # Accelerate runs FSDP on CUDA only (on a CPU it falls back to DDP over gloo), so this is a GPU test:
+    # all GPUs of the machine, one process each (one process still shards nothing but runs every FSDP path).
+    nproc = max(1, torch.cuda.device_count())
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "data.train=synthetic",
+        "checkpoint.every=2",
+        f"run.dir={run_dir}",
+        "log.images_every=0",
+        "optim.ema_decay=0.9",
+        "model.gradient_checkpointing=true",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/fsdp.yaml"),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "vae_scale",
+        "train",
+    ]
+    for steps in (2, 4):  # the second launch resumes from the first one's sharded checkpoint
+        proc = subprocess.run(
+            [*cmd, *args, f"train.steps={steps}"], env=env(), capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP" in proc.stdout and "resumed from" in proc.stderr + proc.stdout
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt.name == "step-000000004"
+    vae, ema = VAE.from_checkpoint(run_dir), VAE.from_checkpoint(run_dir, ema=True)
+    full = VAE(load_config(None, TINY).model).state_dict()
+    assert vae.state_dict().keys() == full.keys()
+    for name, t in vae.state_dict().items():
+        assert t.shape == full[name].shape and torch.isfinite(t).all(), name
+    vae.save_diffusers(tmp_path / "export")
+    assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
+    assert ema is not None

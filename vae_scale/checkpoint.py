@@ -12,6 +12,7 @@ previous checkpoint loadable. Inside one:
     (accelerate's save_state files: model, optimizers, GradScaler, RNG state of every rank)
     vae.safetensors      the VAE's weights, diffusers names (full, even when training was sharded)
     ema.safetensors      the EMA weights, when EMA is on
+    loss.safetensors     the loss's learned parameters (Gaussian logvar / logistic log-scale), if any
     trainer_state.json   step, samples seen, LR scale, skip counters
     rank-<r>.json        each rank's data-loader position and bad-data counters
     config.yaml          the resolved config
@@ -139,6 +140,7 @@ class CheckpointManager:
         model_state: dict[str, torch.Tensor],
         ema_state: dict[str, torch.Tensor] | None,
         config_yaml: str,
+        loss_state: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write checkpoint `step` on every rank; returns its final path once it is complete."""
         acc = self.acc
@@ -155,6 +157,8 @@ class CheckpointManager:
             save_file(model_state, tmp / "vae.safetensors", metadata={"format": "pt", "step": str(step)})
             if ema_state is not None:
                 save_file(ema_state, tmp / "ema.safetensors", metadata={"format": "pt", "step": str(step)})
+            if loss_state:
+                save_file(loss_state, tmp / "loss.safetensors", metadata={"format": "pt", "step": str(step)})
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
         acc.wait_for_everyone()

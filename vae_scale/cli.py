@@ -24,6 +24,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("vae_scale.shards:shards_main", "write WebDataset tar shards from a folder of images"),
     "train": ("vae_scale.train:main", "train a VAE (same command on CPU, one GPU, or accelerate launch)"),
     "demo": ("vae_scale.demo:main", "shards from sample photos, a short training run, held-out PSNR"),
+    "eval": (
+        "vae_scale.evaluate:eval_main",
+        "PSNR, SSIM, bits/dim, KL, active units (LPIPS, rFID with weights)",
+    ),
+    "sample": ("vae_scale.generate:sample_main", "decode prior samples into a grid"),
+    "reconstruct": ("vae_scale.generate:reconstruct_main", "side-by-side reconstructions of images"),
+    "encode": ("vae_scale.generate:encode_main", "latent shards for training a diffusion model"),
+    "export": ("vae_scale.export:export_main", "a diffusers AutoencoderKL folder with latent statistics"),
+    "import": ("vae_scale.export:import_main", "start a run folder from a diffusers VAE to fine-tune it"),
 }
 
 
@@ -33,8 +42,13 @@ class UsageError(ValueError):
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user's input is wrong" rather than "vae-scale is broken"."""
-    errors: list[type[BaseException]] = [UsageError, ConfigError]
-    for mod, name in (("vae_scale.diffusers_io", "DiffusersFormatError"), ("vae_scale.shards", "DataError")):
+    # FileNotFoundError: every command names the flag and the path in its message.
+    errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError]
+    for mod, name in (
+        ("vae_scale.diffusers_io", "DiffusersFormatError"),
+        ("vae_scale.shards", "DataError"),
+        ("vae_scale.evaluate", "InputError"),
+    ):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):
             errors.append(getattr(module, name))

@@ -421,7 +421,7 @@ def evaluate(
     if "ssim" in metrics:
         out["ssim"] = float(total["ssim"]) / n
     if "bpd" in metrics:
-        dims_total = _dims(total, vae, n)
+        dims_total = _dims(total, vae)
         if learned:
             nats = (float(total["nll"]) + float(total["kl"])) / dims_total
         else:  # fitted Gaussian: at sigma^2 = MSE the squared-error term is exactly 1/2 per dimension
@@ -449,7 +449,7 @@ def evaluate(
     return out
 
 
-def _dims(total: dict[str, torch.Tensor], vae, n: float) -> float:
+def _dims(total: dict[str, torch.Tensor], vae) -> float:
     """Image dimensions in all (n * 3 * H * W), from the latent positions counted (h * w per image)."""
     f = vae.config.downsample_factor
     return float(total["positions"]) * f * f * vae.config.in_channels
@@ -511,7 +511,7 @@ def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = Fals
     try:
         vae = VAE.from_checkpoint(checkpoint, ema=ema)
     except FileNotFoundError as e:
-        raise InputError(f"--ema: {e}") from None
+        raise InputError(f"--ema: {e}" if ema else str(e)) from None
     state = checkpoint / "trainer_state.json"
     step = json.loads(state.read_text()).get("step") if state.is_file() else None
     return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint)
@@ -665,7 +665,7 @@ def format_table(results: dict[str, float], likelihood: str = "", latent_channel
         rows.append(("KL (nats per image)", f"{results['kl']:.2f}"))
         per = [results[k] for k in sorted((k for k in results if k.startswith("kl_channel/")),
                                           key=lambda k: int(k.split("/")[1]))]
-        rows.append(("KL per latent channel", " ".join(f"{v:.1f}" for v in per)))
+        rows.append(("KL per latent channel", " ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in per)))
     if "active_units" in results:
         of = f" / {latent_channels}" if latent_channels else ""
         rows.append(("active latent channels", f"{int(results['active_units'])}{of}"))

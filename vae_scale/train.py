@@ -128,6 +128,10 @@ def check_trainable(cfg: Config) -> None:
             f"data.resolution={cfg.data.resolution} is not a multiple of the model's "
             f"downsampling factor {cfg.model.downsample_factor}"
         )
+    if cfg.eval.every and not cfg.data.val:
+        raise ConfigError("eval.every > 0 needs validation shards in data.val")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no such file or folder")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
 
@@ -204,7 +208,12 @@ class Trainer:
         acc.wait_for_everyone()
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        vae = prepare_model(VAE(cfg.model))
+        vae = VAE(cfg.model)
+        if cfg.model.init_from:  # fine-tuning; a checkpoint to resume from overrides it in fit()
+            from vae_scale.export import load_init_weights
+
+            load_init_weights(vae, cfg.model.init_from)
+        vae = prepare_model(vae)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         ae = Autoencoder(vae, list(self.criterion.vae_parameters()), cfg.train.sample_posterior)
@@ -261,6 +270,12 @@ class Trainer:
         self.consecutive_skips = 0
         self.rollbacks = 0
         self.preview: torch.Tensor | None = None
+        self._val = None
+        self._eval_nets = {}
+        if cfg.eval.every:  # missing LPIPS / Inception weights stop the run here, before any step
+            from vae_scale.evaluate import load_eval_nets
+
+            self._eval_nets = load_eval_nets(cfg, cfg.eval.metrics)
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -292,6 +307,11 @@ class Trainer:
             model_state=model_state,
             ema_state=ema,
             config_yaml=self.cfg.to_yaml(),
+            loss_state={
+                n: _full(p).detach().cpu().clone()
+                for n, p in self.criterion.named_parameters()
+                if n in ("logvar", "log_scale")
+            },
         )
         self.last_saved = self.step
         return path
@@ -475,6 +495,35 @@ class Trainer:
             self.step, {"reconstruction": image_grid(rows), "prior_samples": image_grid([prior])}
         )
 
+    def evaluate(self) -> dict[str, float]:
+        """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
+        from vae_scale.data import build_val_loader
+        from vae_scale.evaluate import evaluate
+
+        cfg, acc = self.cfg, self.acc
+        if self.fsdp:  # ranks may hold different numbers of val batches: sharded forwards would deadlock
+            self.monitor.write("eval.every is skipped under FSDP: run `vae-scale eval` on the checkpoint")
+            return {}
+        if self._val is None:
+            self._val = build_val_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
+        was_training = self.vae.training
+        self.vae.eval()
+        results = evaluate(
+            self.vae,
+            self._val,
+            metrics=cfg.eval.metrics,
+            device=self.device,
+            reduce=lambda t: acc.reduce(t, reduction="sum"),
+            criterion=self.criterion,
+            max_batches=cfg.eval.max_batches,
+            iw=cfg.eval.iw,
+            seed=cfg.train.seed,
+            **self._eval_nets,
+        )
+        self.vae.train(was_training)
+        self.monitor.scalars(self.step, {f"val/{k}": v for k, v in results.items()})
+        return results
+
     # -- the loop ----------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
@@ -516,6 +565,8 @@ class Trainer:
                 if should_stop:
                     stopped_by = "signal" if stop.signal is not None or not over else "time budget"
                     break
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate()
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             if self.last_saved != self.step:
@@ -584,4 +635,3 @@ def main(argv: list[str]) -> int:
         log.error("%s", e)
         return 1
     return 0
-

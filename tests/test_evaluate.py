@@ -1,0 +1,286 @@
+"""Evaluation: metrics against references and closed forms, the exact distributed sum, the eval command."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_scale.config import load_config
+from vae_scale.evaluate import (
+    InceptionFeatures,
+    MetricError,
+    eval_main,
+    evaluate,
+    frechet_distance,
+    load_inception,
+    psnr,
+    ssim,
+)
+from vae_scale.losses import VAELoss
+from vae_scale.model import VAE
+from vae_scale.shards import write_shards
+from vae_scale.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "model.mid_block_attention=false",
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=2e-3",
+    "log.wandb=disabled",
+    "log.every=5",
+    "log.images_every=0",
+]
+
+
+def photo_like_shards(root: Path, n: int = 40) -> Path:
+    """Real shards of n generated images (smooth gradients plus noise), a quarter held out as val."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 40 + 8 * (i % 3), 44
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (c + 1) + yy * (3 - c) + 20 * i) % 256 for c in range(3)], -1)
+        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(src / f"img{i:02d}.png")
+    write_shards(str(src), root / "out", max_per_shard=6, image_format="png", val_fraction=0.25, seed=0,
+                 progress=False)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, shards) of a tiny VAE trained briefly with the discretised logistic likelihood."""
+    root = tmp_path_factory.mktemp("eval")
+    shards = photo_like_shards(root)
+    run_dir = root / "run"
+    train(load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={shards}", f"data.val={shards}",
+                             "loss.recon=logistic", "train.steps=6", "checkpoint.every=0"]))
+    return run_dir, shards
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_psnr_of_known_noise_levels_is_exact():
+    x = torch.rand(3, 3, 16, 16) * 1.6 - 0.8
+    signs = torch.randint(0, 2, x.shape).float() * 2 - 1
+    for sigma in (0.01, 0.05, 0.2):  # on the [0, 1] scale; [-1, 1] errors are twice that
+        got = psnr(x + 2 * sigma * signs, x)
+        assert torch.allclose(got, torch.full((3,), 10 * math.log10(1 / sigma**2)), atol=1e-4)
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    for shape, noise in (((2, 3, 32, 32), 0.05), ((1, 3, 37, 45), 0.2), ((2, 1, 7, 9), 0.1)):
+        a = rng.random(shape)
+        b = np.clip(a + rng.normal(0, noise, shape), 0, 1)
+        ours = ssim(torch.from_numpy(a) * 2 - 1, torch.from_numpy(b) * 2 - 1)
+        for i in range(shape[0]):
+            ref = structural_similarity(a[i].transpose(1, 2, 0), b[i].transpose(1, 2, 0), data_range=1.0,
+                                        channel_axis=2)
+            assert abs(ours[i].item() - ref) < 1e-3
+            assert ours[i].item() == pytest.approx(ref, abs=1e-9)  # the same computation, in float64
+
+
+def test_frechet_distance_matches_closed_forms():
+    # Diagonal covariances: tr((S1 S2)^1/2) = sum sqrt(a_i b_i).
+    a, b = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    want = (mu1 - mu2).square().sum() + (a + b - 2 * (a * b).sqrt()).sum()
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(want.item(), rel=1e-9)
+    # Full covariances, against scipy's matrix square root (pytorch-fid's computation).
+    import scipy.linalg
+
+    f1, f2 = torch.randn(50, 5, dtype=torch.float64), torch.randn(50, 5, dtype=torch.float64) * 1.5 + 0.3
+    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
+    ref = ((f1.mean(0) - f2.mean(0)).square().sum() + c1.trace() + c2.trace()
+           - 2 * np.trace(scipy.linalg.sqrtm(c1.numpy() @ c2.numpy()).real))
+    assert frechet_distance(f1.mean(0), c1, f2.mean(0), c2) == pytest.approx(float(ref), rel=1e-7)
+    assert frechet_distance(f1.mean(0), c1, f1.mean(0), c1) == pytest.approx(0.0, abs=1e-9)
+
+
+def trivial_vae() -> VAE:
+    """A VAE whose posterior is N(0, I) for every image (KL 0) and whose decoder outputs 0 everywhere."""
+    vae = VAE(load_config(None, TINY).model)
+    with torch.no_grad():
+        for conv in (vae.quant_conv, vae.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    return vae
+
+
+def images_8bit(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g).double() / 127.5 - 1
+
+
+def test_bits_per_dim_of_a_trivial_model_matches_the_closed_form():
+    x = images_8bit(6)
+    batches = [{"images": x[:4].float(), "count": 4}, {"images": x[4:].float(), "count": 2}]
+    vae = trivial_vae()
+    xs = x.numpy()
+
+    # Discretised logistic(0, s) per channel: P(bin) = sigmoid((x + 1/255)/s) - sigmoid((x - 1/255)/s),
+    # the edge bins taking the tails.
+    crit = VAELoss(load_config(None, ["loss.recon=logistic"]).loss)
+    log_s = np.array([-1.5, -1.0, -0.5])
+    with torch.no_grad():
+        crit.log_scale.copy_(torch.from_numpy(log_s))
+    s = np.exp(log_s).reshape(1, 3, 1, 1)
+
+    def sig(t):
+        return 1 / (1 + np.exp(-t))
+
+    upper = np.where(xs > 1 - 1e-3, 1.0, sig((xs + 1 / 255) / s))
+    lower = np.where(xs < -1 + 1e-3, 0.0, sig((xs - 1 / 255) / s))
+    want = -np.log(upper - lower).mean() / math.log(2)
+    got = evaluate(vae, batches, metrics=["bpd", "kl"], device="cpu", criterion=crit, iw=3)
+    assert got["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert got["bpd"] == pytest.approx(want, rel=1e-5)
+    assert got["bpd_iw"] == pytest.approx(want, rel=1e-5)  # p(x|z) does not depend on z, and q = p(z)
+
+    # Gaussian with learned variance: 0.5 (x^2 / var + log var + log 2 pi) + log 127.5 nats per dimension.
+    crit = VAELoss(load_config(None, ["loss.recon=gaussian"]).loss)
+    with torch.no_grad():
+        crit.logvar.fill_(-2.0)
+    nats = 0.5 * (xs**2 / math.exp(-2.0) - 2.0 + math.log(2 * math.pi)) + math.log(127.5)
+    want = nats.mean() / math.log(2)
+    got = evaluate(vae, batches, metrics=["bpd"], device="cpu", criterion=crit)
+    assert got["bpd"] == pytest.approx(want, rel=1e-5)
+
+    # l1/l2 runs: a Gaussian with the maximum-likelihood variance, var = mean x^2.
+    var = (xs**2).mean()
+    want = (0.5 * (1 + math.log(2 * math.pi * var)) + math.log(127.5)) / math.log(2)
+    got = evaluate(vae, batches, metrics=["bpd"], device="cpu", criterion=None)
+    assert got["bpd"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(MetricError, match="learned likelihood"):
+        evaluate(vae, batches, metrics=["bpd"], device="cpu", criterion=None, iw=2)
+
+
+def test_sums_are_reduced_once_and_exactly(run):
+    """Two 'ranks' with different numbers of batches: one reduce each, and the totals of a single pass."""
+    run_dir, _ = run
+    vae = VAE.from_checkpoint(run_dir)
+    x = images_8bit(10, 32, seed=3).float()
+    keys = [f"k{i}" for i in range(10)]
+
+    def batches(lo, hi, size):
+        return [{"images": x[i:min(i + size, hi)], "count": min(size, hi - i),
+                 "keys": keys[i:min(i + size, hi)]} for i in range(lo, hi, size)]
+
+    metrics = ["psnr", "ssim", "bpd", "kl", "active_units"]
+    full = evaluate(vae, batches(0, 10, 4), metrics=metrics, device="cpu")
+    calls, other = [], {}
+
+    def rank1_reduce(v):
+        calls.append(1)
+        other["v"] = v.clone()
+        return v
+
+    evaluate(vae, batches(7, 10, 2), metrics=metrics, device="cpu", reduce=rank1_reduce)
+    split = evaluate(vae, batches(0, 7, 3), metrics=metrics, device="cpu",
+                     reduce=lambda v: (calls.append(0), v + other["v"])[1])
+    assert calls == [1, 0]
+    assert split.keys() == full.keys()
+    for k in full:
+        assert split[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+
+
+class _Features(torch.nn.Module):
+    """A stand-in feature extractor with the calling convention of NVIDIA's inception-2015-12-05.pt."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 3).flatten(1)  # (B, 27)
+        return torch.cat([f, f.square()], 1) if return_features else f
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_rfid_is_the_frechet_distance_of_features(run, tmp_path):
+    run_dir, _ = run
+    path = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.script(_Features()), str(path))
+    inception = load_inception(str(path))
+    assert isinstance(inception, InceptionFeatures) and inception.dim == 54
+    vae = VAE.from_checkpoint(run_dir).eval()
+    x = images_8bit(12, 32, seed=5).float()
+    got = evaluate(vae, [{"images": x[:8], "count": 8}, {"images": x[8:], "count": 4}], metrics=["rfid"],
+                   device="cpu", inception=inception)
+    with torch.no_grad():
+        x_rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+    f1, f2 = inception(x), inception(x_rec)
+    want = frechet_distance(f1.mean(0), torch.cov(f1.T), f2.mean(0), torch.cov(f2.T))
+    assert got["rfid"] == pytest.approx(want, rel=1e-6)
+
+
+def test_missing_lpips_and_inception_weights_give_a_clear_error(run, tmp_path, monkeypatch):
+    run_dir, shards = run
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    base = ["--run", str(run_dir), "--data", str(shards)]
+    with pytest.raises(MetricError, match="never downloaded") as e:
+        eval_main([*base, "--metrics", "psnr", "lpips"])
+    assert "--lpips-path" in str(e.value) and "vgg.pth" in str(e.value)
+    with pytest.raises(MetricError, match="lpips_path"):
+        eval_main([*base, "--metrics", "lpips", "--lpips-path", str(tmp_path / "nope")])
+    with pytest.raises(MetricError, match="never downloaded") as e:
+        eval_main([*base, "--metrics", "rfid"])
+    assert "inception-2015-12-05.pt" in str(e.value)
+    with pytest.raises(MetricError, match="not a file"):
+        eval_main([*base, "--metrics", "rfid", "--inception-path", str(tmp_path / "missing.pt")])
+    with pytest.raises(MetricError, match="unknown metric 'fid'"):
+        eval_main([*base, "--metrics", "fid"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The command, one process and two
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys):
+    run_dir, shards = run
+    args = ["eval", "--run", str(run_dir), "--data", str(shards), "--iw", "4", "--batch-size", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()),
+           "-m", "vae_scale.evaluate", *args[1:], "--out", str(tmp_path / "two.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    assert eval_main([*args[1:], "--out", str(tmp_path / "one.json")]) == 0  # meanwhile, in this process
+    table = capsys.readouterr().out
+    for row in ("| PSNR (dB)", "| SSIM", "| bits/dim (ELBO)", "| bits/dim (IW bound, K=4)", "| KL per latent",
+                "| active latent channels", "discretised logistic, learned scale"):
+        assert row in table, row
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["metrics"]["samples"] == 10 and set(one["metrics"]) == set(two["metrics"])
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    m = one["metrics"]
+    assert m["bpd_iw"] < m["bpd"] and 0 < m["ssim"] < 1 and m["kl"] > 0
+    assert out.count("| PSNR (dB)") == 1  # only the main process prints

@@ -1,0 +1,275 @@
+"""sample / reconstruct / encode write what they promise; export loads in diffusers; import starts a run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from vae_scale.config import ConfigError, load_config
+from vae_scale.evaluate import iter_batches
+from vae_scale.export import ExportError, export_main, import_main, load_init_weights
+from vae_scale.generate import encode_main, read_latent, reconstruct_main, sample_main
+from vae_scale.model import VAE
+from vae_scale.shards import write_shards
+from vae_scale.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "model.mid_block_attention=true",
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=2e-3",
+    "log.wandb=disabled",
+    "log.every=5",
+    "log.images_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, shards): a tiny VAE with EMA trained briefly on real shards of generated images."""
+    root = tmp_path_factory.mktemp("gen")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        h, w = 36 + 6 * (i % 3), 40
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (c + 2) + yy * (4 - c) + 15 * i) % 256 for c in range(3)], -1)
+        img = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(src / f"img{i:02d}.png")
+    shards = root / "shards"
+    write_shards(str(src), shards, max_per_shard=10, image_format="png", val_fraction=0.25, seed=0,
+                 progress=False)
+    run_dir = root / "run"
+    train(load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={shards}", "train.steps=6",
+                             "checkpoint.every=0", "optim.ema_decay=0.5"]))
+    return run_dir, shards
+
+
+def val_images(shards: Path) -> torch.Tensor:
+    batches = iter_batches(str(shards), split="val", resolution=32, batch_size=8)
+    return torch.cat([b["images"] for b in batches])
+
+
+# --------------------------------------------------------------------------------------------------------
+# export / import
+
+
+def test_export_loads_in_diffusers_decodes_the_same_and_normalises_held_out_latents(run, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    run_dir, shards = run
+    out = tmp_path / "exported"
+    assert export_main(["--run", str(run_dir), "--out", str(out), "--data", str(shards), "--n", "64"]) == 0
+    assert "scaling_factor" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    stats = json.loads((out / "latent_statistics.json").read_text())
+    assert stats["samples"] == 36 and stats["latent"] == "posterior mean"  # all 36 training images (< 64)
+    assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
+    assert config["shift_factor"] == pytest.approx(stats["mean"])
+    assert len(config["latents_mean"]) == len(config["latents_std"]) == 4
+    assert config["sample_size"] == 32
+
+    ours = VAE.from_checkpoint(run_dir).eval()
+    theirs = AutoencoderKL.from_pretrained(out).eval()
+    assert theirs.config.scaling_factor == pytest.approx(config["scaling_factor"])
+    assert theirs.config.shift_factor == pytest.approx(config["shift_factor"])
+    x = val_images(shards)
+    assert len(x) == 12
+    with torch.no_grad():
+        z = theirs.encode(x).latent_dist.mean
+        assert torch.allclose(z, ours.encode(x).mode(), atol=1e-5)
+        assert torch.allclose(theirs.decode(z).sample, ours.decode(z), atol=1e-5)
+    # What a FLUX/SD3-style pipeline feeds its diffusion model: unit std on held-out images.
+    scaled = (z - theirs.config.shift_factor) * theirs.config.scaling_factor
+    assert abs(scaled.std().item() - 1) < 0.05
+    assert abs(scaled.mean().item()) < 0.2
+
+    # SD style (no shift) and no per-channel statistics, EMA weights.
+    sd_style = tmp_path / "sd-style"
+    export_main(["--run", str(run_dir), "--out", str(sd_style), "--data", str(shards), "--n", "16", "--ema",
+                 "--no-shift", "--no-channel-stats"])
+    config = json.loads((sd_style / "config.json").read_text())
+    assert config["shift_factor"] is None and config["latents_mean"] is None and config["latents_std"] is None
+    ema = VAE.from_checkpoint(run_dir, ema=True)
+    exported = VAE.from_diffusers(sd_style)
+    for (k, a), b in zip(ema.state_dict().items(), exported.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_export_safetensors_is_the_single_file_layout_diffusers_converts_back(run, tmp_path):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    run_dir, shards = run
+    out = tmp_path / "vae.safetensors"
+    export_main(["--run", str(run_dir), "--out", str(out), "--format", "safetensors", "--data", str(shards),
+                 "--n", "8"])
+    sd = load_file(out)
+    assert "encoder.down.0.block.0.conv1.weight" in sd and "decoder.up.0.upsample.conv.weight" not in sd
+    assert sd["encoder.mid.attn_1.q.weight"].ndim == 4  # attention as 1x1 convs, as latent diffusion has it
+    with safe_open(str(out), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert config["scaling_factor"] > 0 and config["block_out_channels"] == [8, 16]
+    ours = VAE.from_checkpoint(run_dir).state_dict()
+    back = convert_ldm_vae_checkpoint(sd, config)
+    assert back.keys() == ours.keys()
+    for k, v in ours.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_import_starts_a_run_from_a_diffusers_folder(run, tmp_path, capsys):
+    run_dir, shards = run
+    src = tmp_path / "src-vae"
+    VAE.from_checkpoint(run_dir).save_diffusers(src)
+    new = tmp_path / "runs" / "ft"
+    argv = ["--diffusers", str(src), "--out", str(new), "optim.lr=1e-5", "loss.disc_weight=0.5"]
+    assert import_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "the discriminator is freshly initialised" in printed and "loss.disc_weight=0.5" in printed
+    cfg = load_config(str(new / "config.yaml"))
+    assert cfg.run.dir == str(new) and cfg.optim.lr == 1e-5 and cfg.loss.disc_weight == 0.5
+    assert cfg.model.block_out_channels == [8, 16] and cfg.model.latent_channels == 4
+    assert Path(cfg.model.init_from) == (new / "init" / "vae.safetensors").resolve()
+    source = VAE.from_diffusers(src).state_dict()
+    for init_from in (cfg.model.init_from, str(src)):  # the run's copy, or a diffusers folder directly
+        fresh = VAE(cfg.model)
+        load_init_weights(fresh, init_from)
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, source[k]), k
+
+    with pytest.raises(ExportError, match="--force"):
+        import_main(["--diffusers", str(src), "--out", str(new)])
+    with pytest.raises(ConfigError, match="model.latent_channels comes from"):
+        import_main(["--diffusers", str(src), "--out", str(tmp_path / "other"), "model.latent_channels=8"])
+    with pytest.raises(FileNotFoundError, match="missing-vae"):
+        import_main(["--diffusers", str(tmp_path / "missing-vae"), "--out", str(tmp_path / "x")])
+    wrong = VAE(load_config(None, [*TINY, "model.latent_channels=8"]).model)
+    with pytest.raises(ExportError, match="model.init_from"):
+        load_init_weights(wrong, cfg.model.init_from)
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        load_init_weights(wrong, str(tmp_path / "nothing.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# sample / reconstruct / encode
+
+
+def test_sample_writes_a_grid_of_n_images(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "grid.png"
+    assert sample_main(["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7",
+                        "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px with 2 px gaps
+    again = tmp_path / "again.png"
+    sample_main(["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7",
+                 "--out", str(again)])
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))  # seeded
+
+
+def test_reconstruct_writes_input_and_reconstruction_side_by_side(run, tmp_path, capsys):
+    run_dir, _ = run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "b.jpg")
+    out = tmp_path / "recon"
+    assert reconstruct_main(["--run", str(run_dir), str(folder), str(tmp_path / "b.jpg"),
+                             "--out", str(out)]) == 0
+    a = np.asarray(Image.open(out / "a.png"))
+    assert a.shape == (36 + 4, 2 * (50 + 2) + 2, 3)  # cropped to even sizes (f2), two panels
+    assert np.array_equal(a[2:38, 2:52], np.asarray(Image.open(folder / "a.png"))[0:36])  # input, as is
+    assert Image.open(out / "b.png").size == (2 * 42 + 2, 44)
+    assert "mean PSNR" in capsys.readouterr().out
+    reconstruct_main(["--run", str(run_dir), str(folder / "a.png"), "--resolution", "16",
+                      "--out", str(out / "r")])
+    assert Image.open(out / "r" / "a.png").size == (2 * 18 + 2, 20)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        reconstruct_main(["--run", str(run_dir), str(tmp_path / "nope.png"), "--out", str(out)])
+
+
+def read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of every latent shard in a folder, read with webdataset's tar reader."""
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in folder.glob("latents-*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+
+def source_keys(shards: Path, split: str) -> set[str]:
+    keys = set()
+    for tar in shards.glob(f"{split}-*.tar"):
+        with tarfile.open(tar) as t:
+            keys |= {m.name.split(".")[0] for m in t if m.name.endswith(".png")}
+    return keys
+
+
+def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
+    run_dir, shards = run
+    out = tmp_path / "latents"
+    assert encode_main(["--run", str(run_dir), "--data", str(shards), "--out", str(out), "--shard-size", "10",
+                        "--workers", "0"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["splits"]["train"]["samples"] == 36 and len(index["splits"]["train"]["shards"]) == 4
+    assert index["latent"]["shape"] == [4, 16, 16] and index["latent"]["kind"] == "posterior mean"
+    samples = read_shards(out)
+    assert set(samples) == source_keys(shards, "train")
+    vae = VAE.from_checkpoint(run_dir).eval()
+    batch = next(iter_batches(str(shards), split="train", resolution=32, batch_size=4))
+    with torch.no_grad():
+        want = vae.encode(batch["images"]).mode()
+    for full_key, z in zip(batch["keys"], want, strict=True):
+        url, key = full_key.rsplit("#", 1)
+        got = read_latent(samples[key]["safetensors"], "safetensors")
+        assert torch.allclose(got, z, atol=1e-6)
+        assert json.loads(samples[key]["json"])["source"] == url
+
+    npy = tmp_path / "npy"
+    encode_main(["--run", str(run_dir), "--data", str(shards), "--split", "val", "--out", str(npy),
+                 "--format", "npy", "--dtype", "float16", "--sample", "--workers", "0"])
+    samples = read_shards(npy)
+    assert set(samples) == source_keys(shards, "val")
+    z = read_latent(next(iter(samples.values()))["npy"], "npy")
+    assert z.dtype == torch.float16 and z.shape == (4, 16, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_encode_with_two_processes_writes_every_sample_once(run, tmp_path):
+    run_dir, shards = run
+    out = tmp_path / "latents"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    code = "import sys; from vae_scale.generate import encode_main; sys.exit(encode_main(sys.argv[1:]))"
+    script = tmp_path / "encode.py"
+    script.write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "launch/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()), str(script),
+         "--run", str(run_dir), "--data", str(shards), "--out", str(out), "--workers", "0"],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index["splits"]["train"]["shards"]) == ["latents-000-000000.tar", "latents-001-000000.tar"]
+    assert index["splits"]["train"]["samples"] == 36
+    assert set(read_shards(out)) == source_keys(shards, "train")

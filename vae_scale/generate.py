@@ -1,0 +1,365 @@
+"""Images and latents from a trained VAE: `vae-scale sample`, `reconstruct` and `encode`.
+
+    vae-scale sample --run runs/demo --n 64 --temperature 0.8 --out samples.png
+    vae-scale reconstruct --run runs/demo photos/*.jpg --out recon/
+    accelerate launch -m vae_scale encode --run runs/sd-ft --data '/data/train-{000..099}.tar' --out latents/
+
+`encode` writes WebDataset shards for training a diffusion model on the latents: per sample `<key>.npy` or
+`<key>.safetensors` (tensor "latent", (C, h, w)) and `<key>.json` (source shard and key), under the
+source's keys. The latent is the posterior mean unless --sample (a reparameterised sample, seeded by the
+sample's key), and raw: a diffusion model applies the scale and shift recorded in the output's index.json
+(the model config's scaling_factor / shift_factor; `vae-scale export` measures them). Each process writes
+its own shards `<prefix>-<rank>-<shard>.tar` from its share of the data (every sample exactly once); the
+main process writes index.json with the per-shard counts once every rank is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vae_scale.evaluate import (
+    InputError,
+    add_model_args,
+    iter_batches,
+    key_noise,
+    load_model,
+    processes,
+    psnr,
+)
+from vae_scale.monitor import image_grid, save_png
+
+log = logging.getLogger(__name__)
+
+LATENT_FORMATS = ("safetensors", "npy")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------------
+# sample
+
+
+@torch.no_grad()
+def sample_images(vae, n: int, resolution: int, temperature: float = 1.0, seed: int = 0,
+                  batch_size: int = 16, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n images (n, 3, R, R) in [-1, 1] decoded from prior latents z ~ N(0, temperature^2 I), seeded."""
+    vae.eval()
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *vae.latent_shape(resolution), generator=g) * temperature
+    out = [vae.decode(z[i:i + batch_size].to(device)).float().clamp(-1, 1).cpu()
+           for i in range(0, n, batch_size)]
+    return torch.cat(out)
+
+
+def sample_main(argv: list[str]) -> int:
+    """`vae-scale sample --run RUN [--n 64] [--temperature T] [--seed S] --out grid.png`."""
+    p = argparse.ArgumentParser(prog="vae-scale sample", description="Decode latents drawn from the prior.")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=64, help="images (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="std of the prior latents (default 1)")
+    p.add_argument("--resolution", type=int, help="image size (default: the run's data.resolution)")
+    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="the grid, a .png file")
+    args = p.parse_args(argv)
+    if args.n <= 0 or args.temperature < 0 or args.batch_size <= 0:
+        p.error("--n and --batch-size must be > 0, --temperature >= 0")
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    resolution = args.resolution or loaded.config.data.resolution
+    _check_resolution(loaded.vae, resolution, "--resolution")
+    device = processes().device
+    images = sample_images(loaded.vae.to(device), args.n, resolution, args.temperature, args.seed,
+                           args.batch_size, device)
+    nrow = args.nrow or math.ceil(math.sqrt(args.n))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid([images[i:i + nrow] for i in range(0, args.n, nrow)]), out)
+    print(f"wrote {out}: {args.n} samples at {resolution} px, temperature {args.temperature:g}")
+    return 0
+
+
+def _check_resolution(vae, resolution: int, flag: str) -> None:
+    f = vae.downsample_factor
+    if resolution <= 0 or resolution % f:
+        raise InputError(f"{flag}={resolution} is not a positive multiple of the model's downsampling {f}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# reconstruct
+
+
+def _image_files(items: list[str]) -> list[Path]:
+    from vae_scale.shards import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or folder")
+    return files
+
+
+def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]: RGB, the short side resized to `resolution` (when given) and center-cropped
+    to that square, else center-cropped to multiples of `multiple`."""
+    from vae_scale.shards import to_rgb
+
+    try:
+        img = to_rgb(Image.open(path))
+    except Exception as e:
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if resolution:
+        s = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        cw = ch = resolution
+    else:
+        cw, ch = w - w % multiple, h - h % multiple
+        if not cw or not ch:
+            raise InputError(f"{path}: {w}x{h} is smaller than the model's downsampling {multiple}")
+    w, h = img.size
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    a = np.asarray(img.crop((x0, y0, x0 + cw, y0 + ch)), dtype=np.float32)
+    return torch.from_numpy(a / 127.5 - 1).permute(2, 0, 1)
+
+
+def reconstruct_main(argv: list[str]) -> int:
+    """`vae-scale reconstruct --run RUN IMAGES... --out DIR`: side-by-side PNGs (input | reconstruction)."""
+    p = argparse.ArgumentParser(prog="vae-scale reconstruct",
+                                description="Write each image beside its reconstruction.")
+    add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="folder for <name>.png")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="resize the short side to this and center-crop a square (default: whole image, "
+                        "cropped to a multiple of the downsampling factor)")
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    vae = loaded.vae
+    if args.resolution:
+        _check_resolution(vae, args.resolution, "--resolution")
+    files = _image_files(args.images)
+    device = processes().device
+    vae.to(device).eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    scores = []
+    for path in files:
+        x = load_image(path, vae.downsample_factor, args.resolution)[None].to(device)
+        with torch.no_grad():
+            post = vae.encode(x)
+            z = post.mode()
+            if args.sample:
+                z = post.sample(key_noise([str(path)], tuple(z.shape), args.seed, 0, 0).to(device))
+            x_hat = vae.decode(z).float().clamp(-1, 1)
+        name = path.stem
+        while name in used:
+            name += "_"
+        used.add(name)
+        save_png(image_grid([torch.cat([x, x_hat]).cpu()]), out / f"{name}.png")
+        scores.append(psnr(x_hat, x).item())
+        print(f"{out / (name + '.png')}  {x.shape[3]}x{x.shape[2]}  PSNR {scores[-1]:.2f} dB")
+    print(f"{len(files)} images, mean PSNR {sum(scores) / len(scores):.2f} dB")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# encode
+
+
+def latent_bytes(z: torch.Tensor, fmt: str) -> bytes:
+    """One latent (C, h, w) as the bytes of a .safetensors file (tensor "latent") or a .npy file."""
+    z = z.detach().cpu().contiguous()
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save({"latent": z})
+    buf = io.BytesIO()
+    np.save(buf, z.numpy())
+    return buf.getvalue()
+
+
+def read_latent(data: bytes, fmt: str) -> torch.Tensor:
+    """The latent tensor from the bytes `latent_bytes` wrote."""
+    if fmt == "safetensors":
+        from safetensors.torch import load
+
+        return load(data)["latent"]
+    return torch.from_numpy(np.load(io.BytesIO(data)))
+
+
+class LatentShardWriter:
+    """Latents of one rank into `<prefix>-<rank:03d>-<shard:06d>.tar`, `shard_size` per shard, atomically."""
+
+    def __init__(self, out: Path, prefix: str, rank: int, shard_size: int, fmt: str):
+        self.out, self.prefix, self.rank, self.size, self.fmt = out, prefix, rank, shard_size, fmt
+        self.counts: dict[str, int] = {}
+        self.writer = None
+        self.tmp: Path | None = None
+
+    def write(self, key: str, source: str, z: torch.Tensor) -> None:
+        import webdataset as wds
+
+        if self.writer is None or self.counts[self.tmp.name[:-4]] == self.size:
+            self._close()
+            name = f"{self.prefix}-{self.rank:03d}-{len(self.counts):06d}.tar"
+            self.tmp = self.out / f"{name}.tmp"
+            self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0, user="vae-scale",
+                                        group="vae-scale")
+            self.counts[name] = 0
+        meta = {"source": source, "key": key, "shape": list(z.shape), "dtype": str(z.dtype).split(".")[-1]}
+        self.writer.write({"__key__": key, self.fmt: latent_bytes(z, self.fmt),
+                           "json": json.dumps(meta, sort_keys=True).encode()})
+        self.counts[self.tmp.name[:-4]] += 1
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.tmp, self.tmp.with_suffix(""))
+            self.writer = None
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard; the samples per shard this writer wrote."""
+        self._close()
+        return dict(self.counts)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """("shard url", "sample key") from the loader's "url#key"."""
+    url, _, k = key.rpartition("#")
+    return url, k
+
+
+def encode_main(argv: list[str]) -> int:
+    """`vae-scale encode --run RUN --data PATTERN --out DIR`: latent shards (WebDataset), keys preserved."""
+    p = argparse.ArgumentParser(prog="vae-scale encode", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.train)")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
+    p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
+    p.add_argument("--format", default="safetensors", choices=LATENT_FORMATS, help="per-sample latent file")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: "
+                   "safetensors only)")
+    p.add_argument("--sample", action="store_true", help="a posterior sample, not the posterior mean")
+    p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
+    p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers per process (default 2)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
+    p.add_argument("--prefix", default="latents", help="output shard name prefix (default latents)")
+    p.add_argument("--n", type=int, default=0, help="at most this many samples per process (0: all); "
+                   "with --data synthetic, how many images")
+    p.add_argument("--seed", type=int, default=0, help="seeds --sample's noise (per sample key)")
+    args = p.parse_args(argv)
+    if args.format == "npy" and args.dtype == "bfloat16":
+        p.error("--dtype bfloat16 needs --format safetensors (numpy has no bfloat16)")
+    if args.shard_size <= 0 or args.n < 0 or args.workers < 0:
+        p.error("--shard-size must be > 0, --n and --workers >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
+        p.error("--prefix may hold letters, digits, '_' and '.' only")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    cfg, vae = loaded.config, loaded.vae
+    data = args.data or cfg.data.train
+    if not data:
+        raise InputError(f"--data is needed: {loaded.source} has no data.train")
+    resolution = args.resolution or cfg.data.resolution
+    _check_resolution(vae, resolution, "--resolution")
+    batch_size = args.batch_size or cfg.data.batch_size
+
+    procs = processes()
+    out = Path(args.out)
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        stale = re.compile(rf"{re.escape(args.prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?")
+        for old in out.iterdir():  # shards of an earlier run (maybe with more ranks) would mix in
+            if stale.fullmatch(old.name):
+                old.unlink()
+    procs.barrier()
+    vae.to(procs.device).eval()
+    batches = iter_batches(data, split=args.split, resolution=resolution, batch_size=batch_size,
+                           workers=args.workers, rank=procs.rank, world=procs.world, limit=args.n,
+                           seed=cfg.train.seed)
+    total = _expected_samples(data, args.split, args.n, procs.world)
+    writer = LatentShardWriter(out, args.prefix, procs.rank, args.shard_size, args.format)
+    bar = None
+    if procs.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="encode", total=total, unit="img", dynamic_ncols=True, leave=False)
+    dtype = DTYPES[args.dtype]
+    shape = None
+    with torch.no_grad():
+        for batch in batches:
+            x = batch["images"][: batch["count"]].to(procs.device).float()
+            post = vae.encode(x)
+            z = post.mode()
+            if args.sample:
+                z = post.sample(key_noise(batch["keys"], tuple(z.shape), args.seed, 0, 0).to(procs.device))
+            z = z.to(dtype).cpu()
+            shape = list(z.shape[1:])
+            for full_key, zi in zip(batch["keys"], z, strict=True):
+                url, key = _split_key(full_key)
+                writer.write(key, url, zi)
+            if bar is not None:
+                bar.update(len(z))
+    counts = writer.close()
+    if bar is not None:
+        bar.close()
+    everyone = procs.gather({"counts": counts, "shape": shape})
+    if procs.is_main:
+        shards = {name: n for part in everyone for name, n in sorted(part["counts"].items())}
+        shapes = {tuple(part["shape"]) for part in everyone if part["shape"] is not None}
+        m = cfg.model
+        index = {
+            "splits": {args.split: {"samples": sum(shards.values()), "shards": shards}},
+            "latent": {"format": args.format, "dtype": args.dtype, "shape": list(next(iter(shapes), [])),
+                       "kind": "sample" if args.sample else "posterior mean", "seed": args.seed,
+                       "scaled": False, "scaling_factor": m.scaling_factor, "shift_factor": m.shift_factor,
+                       "latents_mean": m.latents_mean, "latents_std": m.latents_std},
+            "source": {"data": data, "resolution": resolution, "model": loaded.source, "step": loaded.step,
+                       "ema": args.ema},
+        }
+        (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        print(f"wrote {index['splits'][args.split]['samples']} latents {index['latent']['shape']} in "
+              f"{len(shards)} shards to {out}/ ({procs.world} process(es))")
+    procs.barrier()
+    return 0
+
+
+def _expected_samples(data: str, split: str, limit: int, world: int) -> int | None:
+    """This rank's approximate sample count, for the progress bar (None when unknown)."""
+    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.synthetic import SYNTHETIC
+
+    if data == SYNTHETIC:
+        return math.ceil((limit or 256) / world)
+    counts = shard_counts(expand_shards(data, split), scan=False)
+    if counts is None:
+        return limit or None
+    n = math.ceil(sum(counts.values()) / world)
+    return min(n, limit) if limit else n
+
+
+__all__ = ["LatentShardWriter", "encode_main", "latent_bytes", "load_image", "read_latent",
+           "reconstruct_main", "sample_images", "sample_main"]
