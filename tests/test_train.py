@@ -142,7 +142,8 @@ def test_discriminator_and_learned_likelihood_train_together(tmp_path):
     assert any(r["d_weight"] != 0.5 for r in late)  # adaptive, not the fallback
     assert len({r["logvar"] for r in rows}) > 1  # the Gaussian log-variance is learned
     saved = load_file(latest_checkpoint(tmp_path / "gan") / "loss.safetensors")["logvar"]
-    assert saved.item() == pytest.approx(rows[-1]["logvar"], abs=1e-3)  # kept for bits/dim after training
+    # Kept for bits/dim after training: the value after the last step (one Adam step, <= ~lr, past the log).
+    assert saved.item() != 0.0 and saved.item() == pytest.approx(rows[-1]["logvar"], abs=2e-3)
     assert all(np.isfinite(r["bits_per_dim"]) for r in rows)
 
 
