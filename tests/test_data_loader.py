@@ -433,3 +433,19 @@ def test_val_every_sample_once_across_ranks(tmp_path, sizes, workers):
         assert all(b["images"].shape[0] == b["count"] == len(b["keys"]) <= 4 for b in batches)
         all_keys += _keys(batches)
     assert len(all_keys) == len(set(all_keys)) == sum(sizes)
+
+
+def test_resize_false_crops_at_the_native_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    with wds.TarWriter(str(tmp_path / "val-000000.tar")) as w:
+        w.write({"__key__": "a", "png": buf.getvalue()})
+    for resize in (False, True):
+        cfg = DataConfig(val=str(tmp_path / "val-000000.tar"), resolution=40, batch_size=1, workers=0,
+                         resize=resize)
+        (batch,) = list(build_val_loader(cfg, rank=0, world_size=1))
+        got = ((batch["images"][0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        native = pixels[20:60, 40:80]
+        assert np.array_equal(got, native) is (not resize)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): `mixed_precision: no` stays the string "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -121,6 +139,8 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     flip: bool = True
     """Random horizontal flip of training crops."""
+    resize: bool = True
+    """Resize the short side to data.resolution before cropping; false crops at the images' own scale."""
     shuffle_buffer: int = 1000
     """Samples in each worker's shuffle buffer."""
     batches_per_epoch: int = 0
@@ -223,8 +243,8 @@ class TrainConfig:
     """Optimizer steps in total."""
     seed: int = 0
     """Seeds weights, data order and sampling."""
-    mixed_precision: str = "no"
-    """no | fp16 | bf16 (weights stay fp32)."""
+    mixed_precision: str = "auto"
+    """auto (the launcher's accelerate config or --mixed_precision, else no) | no | fp16 | bf16."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     compile: bool = False
@@ -245,7 +265,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_positive("train.steps", self.steps)
         _check_positive("train.grad_accum", self.grad_accum)
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
 
 
 @dataclass
@@ -366,7 +386,7 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"no preset or config file named {name_or_path!r}{hint}")
         text = res.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config {name_or_path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -434,7 +454,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     # "1e-4" is a string to YAML 1.1; numbers written that way are what users type.

@@ -33,8 +33,9 @@ rank must run the same data.workers (they share one config).
 
 Images. Decoded in the workers with PIL; JPEGs with `Image.draft` (DCT-domain downscaling, short side kept
 >= resolution), then converted to RGB (EXIF orientation, L/LA/P/RGBA on white/CMYK/16-bit), resized so the
-short side is data.resolution (bicubic, only ever down) and cropped: random crop and optional flip for
-training, center crop for validation. Images smaller than the crop are skipped, never upscaled.
+short side is data.resolution (bicubic, only ever down; data.resize=false keeps the native scale) and
+cropped: random crop and optional flip for training, center crop for validation. Images smaller than the
+crop are skipped, never upscaled.
 
 Bad data never crashes the run: an undecodable or zero-length member, a key without an image, a duplicate
 key, an image smaller than the crop, a truncated tar or a shard that cannot be opened is skipped and
@@ -148,10 +149,13 @@ class _Bad(Exception):
         self.kind, self.detail = kind, detail
 
 
-def _crop(img: Image.Image, size: int, rng: random.Random | None, flip: bool) -> np.ndarray:
-    """Resize the short side to `size` (down only) and crop size x size: random with rng, else centered."""
+def _crop(
+    img: Image.Image, size: int, rng: random.Random | None, flip: bool, resize: bool = True
+) -> np.ndarray:
+    """Resize the short side to `size` (down only; not at all with resize=False) and crop size x size:
+    random with rng, else centered."""
     w, h = img.size
-    s = size / min(w, h)
+    s = size / min(w, h) if resize else 1.0
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
     if rng is None:
         x0, y0 = (nw - size) // 2, (nh - size) // 2
@@ -167,7 +171,9 @@ def _crop(img: Image.Image, size: int, rng: random.Random | None, flip: bool) ->
     return np.asarray(out)
 
 
-def _decode(raw: RawSample, size: int, rng: random.Random | None, flip: bool) -> np.ndarray:
+def _decode(
+    raw: RawSample, size: int, rng: random.Random | None, flip: bool, resize: bool = True
+) -> np.ndarray:
     """(size, size, 3) uint8 crop of one raw sample, or _Bad."""
     _stats["decoded"] += 1
     try:
@@ -178,10 +184,10 @@ def _decode(raw: RawSample, size: int, rng: random.Random | None, flip: bool) ->
     if min(w, h) < size:
         raise _Bad("too_small", f"{w}x{h} is smaller than the {size} px crop")
     try:
-        if img.format in ("JPEG", "MPO"):
+        if resize and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (size, size))  # DCT-domain downscale by 1/2, 1/4 or 1/8; both sides stay >= size
         img.load()
-        return _crop(to_rgb(img), size, rng, flip)
+        return _crop(to_rgb(img), size, rng, flip, resize)
     except Exception as e:
         raise _Bad("undecodable", describe_error(e)) from None
 
@@ -293,7 +299,7 @@ class _Lane:
             raw = self._next_raw()
             rng = random.Random(_seed(ds.seed, "crop", self.epoch, ds.rank, self.lane, self.cursor))
             try:
-                arrays.append(_decode(raw, ds.resolution, rng, ds.flip))
+                arrays.append(_decode(raw, ds.resolution, rng, ds.flip, ds.resize))
             except _Bad as b:
                 self.tally.add(b.kind, raw.url, raw.key, b.detail)
                 continue
@@ -319,6 +325,7 @@ class _TrainStream(IterableDataset):
     ):
         self.urls, self.counts, self.rank, self.world_size, self.seed = urls, counts, rank, world_size, seed
         self.batch_size, self.resolution, self.flip = cfg.batch_size, cfg.resolution, cfg.flip
+        self.resize = cfg.resize
         self.shuffle_buffer, self.batches_per_epoch = cfg.shuffle_buffer, bpe
         self.lanes = max(cfg.workers, 1)
         self.start = start  # shared memory: [first global batch, lane cursors...], written before each iter()
@@ -549,6 +556,7 @@ class _ValStream(IterableDataset):
     def __init__(self, urls, counts, cfg: DataConfig, rank: int, world_size: int):
         self.urls, self.counts, self.rank, self.world_size = urls, counts, rank, world_size
         self.batch_size, self.resolution, self.lanes = cfg.batch_size, cfg.resolution, max(cfg.workers, 1)
+        self.resize = cfg.resize
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -557,7 +565,7 @@ class _ValStream(IterableDataset):
         tally, arrays, keys = BadTally(), [], []
         for raw in (raw for u in plan[self.rank * self.lanes + lane] for raw in read_unit(u, tally)):
             try:
-                arrays.append(_decode(raw, self.resolution, None, False))
+                arrays.append(_decode(raw, self.resolution, None, False, self.resize))
             except _Bad as b:
                 tally.add(b.kind, raw.url, raw.key, b.detail)
                 continue

@@ -73,30 +73,40 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of parameters, kept in fp32 (`decay` per optimizer step)."""
+    """Exponential moving average of parameters, kept in fp32 (`decay` per optimizer step).
+
+    Under FSDP2 the shadow holds this rank's shard only (plain tensors); state_dict gathers full weights.
+    """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float):
         self.decay = decay
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, [_local(p).detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) EMA weights on the CPU; a collective under FSDP: call it on every rank."""
-        return {n: _full(s).detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}
+        out = {}
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            if hasattr(p, "device_mesh"):  # rebuild the sharded tensor, then gather it
+                from torch.distributed.tensor import DTensor
+
+                s = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            out[name] = _full(s).detach().cpu().contiguous()
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, s in zip(self.names, self.shadow):
-            if hasattr(s, "to_local"):  # a sharded shadow takes its own shard of the full tensor
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            full = state[name].to(s.device)
+            if hasattr(p, "device_mesh"):  # take this rank's shard of the full tensor
                 from torch.distributed.tensor import distribute_tensor
 
-                s.copy_(distribute_tensor(state[name].to(s.device), s.device_mesh, s.placements))
-            else:
-                s.copy_(state[name])
+                full = distribute_tensor(full, p.device_mesh, p.placements).to_local()
+            s.copy_(full)
 
 
 def learning_rate(cfg: Config, step: int, scale: float = 1.0) -> float:
@@ -194,12 +204,13 @@ class Trainer:
         # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
         self.acc = acc = Accelerator(
             cpu=not torch.cuda.is_available(),
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
             log_with=log_with,
             project_dir=str(self.run_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
         )
         self.device = acc.device
+        cfg.train.mixed_precision = str(acc.mixed_precision)  # "auto" resolved: what the run really uses
         self.fsdp = acc.distributed_type == DistributedType.FSDP
         set_seed(cfg.train.seed, device_specific=True)  # different noise per rank, repeatable per rank
         if acc.is_main_process:
@@ -229,6 +240,11 @@ class Trainer:
             **({"fused": True} if fused else {}),
         )
         self.disc = self.criterion.discriminator
+        if self.fsdp and self.disc is not None:
+            raise TrainingStopped(
+                "loss.disc_weight > 0 under FSDP: Accelerate prepares one model with FSDP2; "
+                "train the adversarial phase with DDP (launch/accelerate/8gpu.yaml)"
+            )
         if self.disc is not None:
             disc_opt = torch.optim.AdamW(
                 self.disc.parameters(),
@@ -260,8 +276,6 @@ class Trainer:
         )
         if acc.is_main_process:
             print("\n".join(lines), flush=True)
-            if self.fsdp and self.disc is not None:
-                log.warning("FSDP: the adversarial weight is loss.disc_weight (not adaptive) under sharding")
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, acc)
         self.step = 0
         self.samples_seen = 0

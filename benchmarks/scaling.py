@@ -1,0 +1,268 @@
+"""Data-parallel scaling: training images/s with 1, 2, ... processes at the same per-process batch.
+
+Each process count trains for real: `python -m vae_scale train` for one process, torchrun for several
+(gloo on a CPU, NCCL on GPUs), on synthetic images (data.train=synthetic, generated inside the loop, so
+file reading and decoding are out of the measurement) with log.every=1. Images/s comes back from the
+run's metrics.jsonl, one value per step: median over the steps after warm-up, with p20/p80. Scaling
+efficiency is img/s(N) / (N x img/s(1)); speedup is img/s(N) / img/s(1).
+
+Threads. On a CPU every process count gets the same cores: OMP_NUM_THREADS = cores / N, so one process
+runs cores threads and N processes one N-th of that each, and nothing oversubscribes. The hardware does
+not grow with N here, so the efficiency as defined measures data parallelism (plus gradient all-reduce)
+against intra-op threading on the same cores, and is at most about 1/N when threading scales perfectly;
+the speedup says which of the two uses a fixed machine better. `--threads T` gives every process T
+threads instead (N x T cores at N processes): the GPU-like picture, where efficiency near 1 is the goal,
+as long as the machine has the cores. On GPUs each process has its own device and OMP_NUM_THREADS only
+feeds the host side.
+
+Process counts are run in alternation, `--rounds` times (1 2 1 2 ...), and their steps pooled, so drift in
+machine load hits every count alike; on a shared machine read the spread as well as the median. Load from
+other programs hurts a multi-threaded process most (OpenMP threads spin at every op waiting for whichever
+one was descheduled): on a busy 2-core machine (load ~5) one demo training step took 3-10x longer with 2
+threads than with 1, which makes the default comparison flatter N processes far beyond ideal. There,
+compare with `--threads 1`, or export OMP_WAIT_POLICY=PASSIVE (it reaches the runs), which cut that
+penalty to 1.5x.
+
+    python -m benchmarks.scaling [--quick] [--nproc 1,2] [--preset demo] [--batch 8] [--resolution 64]
+                                 [--steps 20] [--warmup 3] [--rounds 2] [--threads T] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from benchmarks.harness import Timing, _quantile, environment, result_row, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = [
+    "variant",
+    "device",
+    "backend",
+    "preset",
+    "batch_per_process",
+    "global_batch",
+    "resolution",
+    "dtype",
+    "omp_threads",
+    "median_ms",
+    "images_per_s",
+    "images_per_s_p20",
+    "images_per_s_p80",
+    "images_per_s_per_process",
+    "speedup",
+    "efficiency",
+    "data_wait_fraction",
+    "steps_measured",
+    "load_1m",
+]
+
+
+def launch_command(nproc: int, train_args: list[str]) -> list[str]:
+    """One process: the trainer itself. Several: torchrun on this node with its own free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "vae_scale", "train", *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "vae_scale",
+        "train",
+        *train_args,
+    ]
+
+
+def train_once(
+    nproc: int, train_args: list[str], threads: int, run_dir: Path, timeout_s: float
+) -> list[dict]:
+    """Run one training job; returns its metrics.jsonl rows."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(
+        launch_command(nproc, [*train_args, f"run.dir={run_dir}"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:  # torchrun's workers have sessions of their own: find them as children
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{nproc}-process run failed ({proc.returncode}):\n{err[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    v = sorted(values)
+    return statistics.median(v), _quantile(v, 0.2), _quantile(v, 0.8)
+
+
+def run(
+    quick: bool = True,
+    nprocs: list[int] | None = None,
+    preset: str | None = None,
+    batch: int | None = None,
+    resolution: int | None = None,
+    steps: int | None = None,
+    warmup: int = 3,
+    rounds: int | None = None,
+    threads: int | None = None,
+    mixed_precision: str | None = None,
+) -> list[dict[str, Any]]:
+    """Images/s and scaling efficiency per process count on this machine; returns result rows."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if nprocs is None:
+        gpus = torch.cuda.device_count() if cuda else 0
+        nprocs = [n for n in (1, 2, 4, 8) if n <= gpus] if cuda else [1, 2]
+    # Defaults: on a CPU the demo preset at batch 8 (quick: at 32 px instead of 64); on GPUs the SD kl-f8
+    # autoencoder at 256 px, the workload the scaling anchors in PERFORMANCE.md are for.
+    preset = preset or ("sd-f8" if cuda else "demo")
+    batch = batch or 8
+    resolution = resolution or (256 if cuda else (32 if quick else 64))
+    steps = steps or (10 if quick else 20)
+    rounds = rounds or (1 if quick else 2)
+    mixed_precision = mixed_precision or ("bf16" if cuda else "no")
+    cores = os.cpu_count() or 1
+    train_args = [
+        "--config",
+        preset,
+        "data.train=synthetic",
+        f"data.batch_size={batch}",
+        f"data.resolution={resolution}",
+        "data.workers=0",
+        f"train.steps={warmup + steps}",
+        "checkpoint.every=0",
+        "log.every=1",
+        "log.images_every=0",
+        "log.wandb=disabled",
+        "eval.every=0",
+    ]
+    if mixed_precision != "no":  # "no" is the default (and YAML would read a bare no as false)
+        train_args.append(f"train.mixed_precision={mixed_precision}")
+
+    samples: dict[int, list[dict]] = {n: [] for n in nprocs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for n in nprocs:
+                t = threads or max(1, cores // n)
+                rows = train_once(n, train_args, t, Path(tmp) / f"r{r}-n{n}", timeout_s=600)
+                samples[n] += [row for row in rows if row["step"] > warmup]
+
+    env = environment(device)
+    out = []
+    base_n, base = nprocs[0], None  # efficiency and speedup are relative to the first (smallest) count
+    for n in nprocs:
+        ips = [row["images_per_s"] for row in samples[n]]
+        images_per_step = batch * n
+        # Per-step wall time in ms from each step's images/s; p20 of time is p80 of throughput.
+        ms = sorted(images_per_step / v * 1e3 for v in ips)
+        timing = Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+        median, p20, p80 = _spread(ips)
+        base = base if base is not None else median
+        out.append(
+            result_row(
+                "scaling",
+                f"{n} proc",
+                timing,
+                env,
+                nproc=n,
+                backend="nccl" if cuda else "gloo",
+                preset=preset,
+                batch_per_process=batch,
+                global_batch=images_per_step,
+                resolution=resolution,
+                dtype=mixed_precision if mixed_precision != "no" else "fp32",
+                omp_threads=threads or max(1, cores // n),
+                images_per_s=median,
+                images_per_s_p20=p20,
+                images_per_s_p80=p80,
+                images_per_s_per_process=median / n,
+                speedup=median / base,
+                efficiency=median / (base * n / base_n),
+                data_wait_fraction=statistics.median(
+                    row.get("data_wait_fraction", 0.0) for row in samples[n]
+                ),
+                steps_measured=len(ips),
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller images, fewer steps, one round (~1-2 min)")
+    p.add_argument(
+        "--nproc",
+        default=None,
+        help="comma-separated process counts (default 1,2 on a CPU; 1,2,4,8 up to the GPU count)",
+    )
+    p.add_argument("--preset", default=None, help="model preset (default demo on a CPU, sd-f8 on GPUs)")
+    p.add_argument("--batch", type=int, default=None, help="images per process per step")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="measured steps per run (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3, help="steps per run left out of the statistics")
+    p.add_argument("--rounds", type=int, default=None, help="runs per process count, interleaved")
+    p.add_argument(
+        "--threads", type=int, default=None, help="OMP threads per process (default: cores / process count)"
+    )
+    p.add_argument("--mixed-precision", default=None, help="no | bf16 | fp16 (default bf16 on GPUs)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    nprocs = [int(n) for n in args.nproc.split(",")] if args.nproc else None
+    t0 = time.time()
+    rows = run(
+        quick=args.quick,
+        nprocs=nprocs,
+        preset=args.preset,
+        batch=args.batch,
+        resolution=args.resolution,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        threads=args.threads,
+        mixed_precision=args.mixed_precision,
+    )
+    name = "scaling-" + ("gpu" if rows[0]["backend"] == "nccl" else "cpu")
+    path = write_results(rows, name, COLUMNS, args.out)
+    print(path.with_suffix(".md").read_text())
+    for r in rows:
+        print(
+            f"{r['nproc']} process(es), {r['omp_threads']} threads each: {r['images_per_s']:.1f} images/s "
+            f"(p20 {r['images_per_s_p20']:.1f}, p80 {r['images_per_s_p80']:.1f}), "
+            f"efficiency {r['efficiency']:.2f}"
+        )
+    print(f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""The launch layer: accelerate config files, the SLURM script and torchrun with restarts, run for real.
+
+The SLURM script runs under bash with fake `srun`, `scontrol` and `accelerate` on PATH: the fake srun runs
+the per-node command once per node with that node's SLURM_NODEID, as SLURM does, so a rank expanded in the
+batch shell instead of on each node would show up as two nodes with rank 0.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from vae_scale.checkpoint import latest_checkpoint
+from vae_scale.monitor import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = sorted((ROOT / "launch" / "accelerate").glob("*.yaml"))
+SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.train=synthetic",
+    "log.wandb=disabled",
+    "log.every=1",
+    "log.images_every=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a running launcher and all below it (torchrun's workers have sessions of their own)."""
+    if proc.poll() is not None:
+        return
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------------
+# accelerate config files
+
+
+def launch_args(config: Path, *extra: str):
+    """What `accelerate launch --config_file CONFIG EXTRA -m vae_scale train` resolves to (no processes)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(config), *extra, "-m", "vae_scale", "train"]
+    )
+    args, _, _ = _validate_launch_command(args)
+    return args
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_accelerate_config_loads_with_accelerates_own_loader(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(config))  # raises on unknown keys or values
+    assert cfg.compute_environment.value == "LOCAL_MACHINE"
+    raw = yaml.safe_load(config.read_text())
+    assert set(raw) <= set(type(cfg).__dataclass_fields__), config.name
+    assert config.read_text().startswith("#"), f"{config.name} should say what it is for"
+
+
+def test_the_gpu_configs_resolve_to_the_launch_they_promise(monkeypatch):
+    from accelerate.utils import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    one = launch_args(ROOT / "launch/accelerate/1gpu.yaml")
+    assert not (one.multi_gpu or one.use_fsdp) and one.num_processes == 1
+    cmd, one_env = prepare_simple_launcher_cmd_env(one)
+    assert cmd[1:] == ["-m", "vae_scale", "train"] and one_env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+    eight = launch_args(ROOT / "launch/accelerate/8gpu.yaml")
+    assert eight.multi_gpu and eight.num_processes == 8 and eight.num_machines == 1
+    eight_env = prepare_multi_gpu_env(eight)
+    assert eight.nproc_per_node == "8" and eight_env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert eight.main_process_port != 0  # 0 in the file: a free port is picked
+
+    # Multi-node: everything per job and per node comes from the command line, as train.sbatch passes it.
+    with pytest.raises(ValueError, match="num_processes"):
+        launch_args(ROOT / "launch/accelerate/multinode.yaml")
+    by_hand = [
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "16",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "10.1.2.3",
+        "--main_process_port",
+        "29555",
+    ]
+    # accelerate 1.15 takes rdzv_backend only from the command line (the file's c10d is documentation).
+    assert launch_args(ROOT / "launch/accelerate/multinode.yaml", *by_hand).rdzv_backend == "static"
+    multi = launch_args(ROOT / "launch/accelerate/multinode.yaml", *by_hand, "--rdzv_backend", "c10d")
+    prepare_multi_gpu_env(multi)
+    assert (multi.nnodes, multi.nproc_per_node, multi.node_rank) == ("2", "8", 1)
+    assert multi.rdzv_backend == "c10d" and multi.rdzv_endpoint == "10.1.2.3:29555"
+
+    fsdp = launch_args(ROOT / "launch/accelerate/fsdp.yaml")
+    assert fsdp.use_fsdp and fsdp.num_processes == 8
+    fsdp_env = prepare_multi_gpu_env(fsdp)
+    assert fsdp_env["ACCELERATE_USE_FSDP"] == "true"
+    for key, value in fsdp_env.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # what Accelerator builds from that environment; validates it
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.min_num_params == 10_000_000 and plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    # The trainer checkpoints activations itself (model.gradient_checkpointing), not through accelerate.
+    assert plugin.activation_checkpointing is False
+
+
+def test_accelerate_launch_with_cpu_2proc_trains_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "vae_scale",
+        "train",
+        "--config",
+        "demo",
+        *TINY,
+        "train.steps=3",
+        "checkpoint.every=0",
+        f"run.dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------
+# SLURM
+
+
+FAKE_SRUN = """
+    # srun: runs the command once per node of the job, in parallel, with that node's SLURM_NODEID.
+    import json, os, subprocess, sys
+    argv = sys.argv[1:]
+    options = []
+    while argv[0].startswith("-"):
+        options.append(argv.pop(0))
+    with open(os.path.join(os.environ["FAKE_LOG"], "srun.json"), "w") as f:
+        json.dump(options, f)
+    nodes = [subprocess.Popen(argv, env={**os.environ, "SLURM_NODEID": str(i), "SLURM_PROCID": str(i),
+                                         "SLURMD_NODENAME": f"gpu-{7 + i:02d}"})
+             for i in range(int(os.environ["SLURM_NNODES"]))]
+    sys.exit(max(p.wait() for p in nodes))
+"""
+
+FAKE_SCONTROL = """
+    import os, signal, sys
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a C program's default: `| head -n1` ends it quietly
+    if sys.argv[1:3] == ["show", "hostnames"]:
+        assert sys.argv[3] == "gpu-[07-08]", sys.argv
+        print("gpu-07\\ngpu-08")
+    elif sys.argv[1] == "requeue":
+        with open(os.path.join(os.environ["FAKE_LOG"], "requeue"), "a") as f:
+            f.write(sys.argv[2] + "\\n")
+    else:
+        sys.exit(f"fake scontrol: {sys.argv}")
+"""
+
+# The per-node launcher. With FAKE_PREEMPT it plays SLURM's SIGUSR1 at the time limit: it starts a "worker"
+# (a child that, like the trainer, installs a SIGUSR1 handler that saves and exits 0), then signals the
+# node shell and itself. A launcher not started with SIGUSR1 ignored dies here (exit -10), as accelerate's
+# would.
+FAKE_ACCELERATE = """
+    import json, os, signal, subprocess, sys, time
+    log = os.environ["FAKE_LOG"]
+    node = os.environ["SLURM_NODEID"]
+    keep = ("OMP_NUM_THREADS", "NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
+    with open(os.path.join(log, f"accelerate-{node}.json"), "w") as f:
+        json.dump({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keep}}, f)
+    if not os.environ.get("FAKE_PREEMPT"):
+        sys.exit(int(os.environ.get("FAKE_RC", "0")))
+    ready = os.path.join(log, f"worker-{node}.ready")
+    worker = subprocess.Popen([sys.executable, "-c", f'''
+    import signal, sys, time
+    def save_and_exit(signum, frame):
+        open({os.path.join(log, f"worker-{node}.saved")!r}, "w").close()
+        sys.exit(0)
+    signal.signal(signal.SIGUSR1, save_and_exit)
+    open({ready!r}, "w").close()
+    time.sleep(5)
+    sys.exit(1)  # never signalled
+    '''])
+    while not os.path.exists(ready) and worker.poll() is None:
+        time.sleep(0.01)
+    os.kill(os.getppid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    rc = worker.wait()
+    sys.exit(rc or int(os.environ.get("FAKE_RC", "0")))
+"""
+
+
+def run_sbatch(tmp_path: Path, args: list[str], **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run train.sbatch under bash as SLURM would on the head node of a two-node job, fakes on PATH."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+        (bin_dir / name).chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-[07-08]",
+        "SLURM_NODEID": "0",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_ON_NODE": "32",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "FAKE_LOG": str(log),
+    }
+    e = {**env(**slurm, **extra), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for key in (
+        "OMP_NUM_THREADS",
+        "GPUS_PER_NODE",
+        "MAIN_PROCESS_IP",
+        "MAIN_PROCESS_PORT",
+        "NCCL_DEBUG",
+        "VAE_SCALE_ACCELERATE_CONFIG",
+        "VAE_SCALE_PREEMPT_FLAG",
+    ):
+        e.pop(key, None)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), *args],
+        env=e,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc)  # the fakes too, not just bash
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), log
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_sbatch_gives_each_node_its_own_machine_rank_and_one_head_address(tmp_path):
+    trainer_args = [
+        "--config",
+        "sd-f8",
+        "data.train=/data/train-{000000..000999}.tar",
+        "run.name=a b",
+        "train.mixed_precision=bf16",
+    ]
+    proc, log = run_sbatch(tmp_path, trainer_args)
+    assert proc.returncode == 0, proc.stderr
+    calls = {n: json.loads((log / f"accelerate-{n}.json").read_text()) for n in (0, 1)}
+    for node, call in calls.items():
+        argv = call["argv"]
+        assert argv[0] == "launch"
+        assert option(argv, "--machine_rank") == str(node)
+        assert option(argv, "--main_process_ip") == "gpu-07"
+        assert option(argv, "--main_process_port") == str(20000 + 4242 % 20000)
+        assert option(argv, "--num_machines") == "2" and option(argv, "--num_processes") == "8"
+        assert option(argv, "--config_file") == "launch/accelerate/multinode.yaml"
+        assert option(argv, "--rdzv_backend") == "c10d"
+        assert argv[argv.index("-m") :] == ["-m", "vae_scale", "train", *trainer_args]  # quoting intact
+        assert call["env"] == {
+            "OMP_NUM_THREADS": "8",
+            "NCCL_DEBUG": "WARN",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "NCCL_ASYNC_ERROR_HANDLING": "1",
+        }
+    srun = json.loads((log / "srun.json").read_text())
+    assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun
+    assert not (log / "requeue").exists()
+    sbatch_lines = SBATCH.read_text().splitlines()
+    for directive in ("--signal=USR1@120", "--requeue", "--ntasks-per-node=1"):
+        assert f"#SBATCH {directive}" in sbatch_lines
+
+
+def test_sbatch_requeues_itself_after_sigusr1_stops_training_cleanly(tmp_path):
+    proc, log = run_sbatch(tmp_path, ["--config", "sd-f8", "run.name=x"], FAKE_PREEMPT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert (log / "worker-0.saved").exists() and (log / "worker-1.saved").exists()  # the signal reached them
+    assert (log / "requeue").read_text() == "4242\n"  # once, for the job
+    assert "requeueing job 4242" in proc.stderr
+    assert not list(tmp_path.glob(".vae-scale-usr1-*"))
+
+
+def test_sbatch_does_not_requeue_a_step_that_failed(tmp_path):
+    proc, log = run_sbatch(tmp_path, ["--config", "sd-f8", "run.name=x"], FAKE_PREEMPT="1", FAKE_RC="3")
+    assert proc.returncode == 3
+    assert not (log / "requeue").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchrun
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 40
+    args = [
+        "--config",
+        "demo",
+        *TINY,
+        f"train.steps={steps}",
+        "checkpoint.every=5",
+        "checkpoint.keep=3",
+        f"run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        ["bash", str(TORCHRUN_SH), *args],
+        env=env(NPROC_PER_NODE="2", MAX_RESTARTS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while latest_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "torchrun ended before the first checkpoint"
+        killed_after = int(latest_checkpoint(run_dir).name.split("-")[1])
+        workers = [p for p in psutil.Process(proc.pid).children() if "vae_scale" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[-1].send_signal(signal.SIGKILL)
+        assert read_metrics(run_dir)[-1]["step"] < steps, "the run finished before the kill: slow it down"
+        out, err = proc.communicate(timeout=150)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert latest_checkpoint(run_dir).name == f"step-{steps:09d}"
+    resumed = re.search(r"resumed from \S+ at step (\d+)", out + err)
+    assert resumed, "the restarted workers did not resume from a checkpoint"
+    resumed_at = int(resumed.group(1))
+    assert resumed_at % 5 == 0 and killed_after <= resumed_at < steps
+    logged = [r["step"] for r in read_metrics(run_dir)]
+    assert logged[-(steps - resumed_at) :] == list(range(resumed_at + 1, steps + 1))
+    assert set(logged) == set(range(1, steps + 1))
