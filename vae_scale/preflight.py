@@ -8,7 +8,8 @@ The memory estimate counts, per process:
   on the meta device at the configured resolution with saved-tensor hooks (nothing is allocated), plus
   the gradients, recomputed norm values and workspace in flight at the largest activation, times the
   per-process batch; with activation checkpointing, the block-boundary tensors plus the largest block's
-  recomputed activations; scaled by 0.6 under bf16/fp16 autocast (conv outputs in 16 bits, norms and the loss in fp32);
+  recomputed activations; scaled by 0.6 under bf16/fp16 autocast (conv outputs in 16 bits, norms and
+  the loss in fp32);
 - a 10% allowance for allocator fragmentation and workspaces.
 """
 
