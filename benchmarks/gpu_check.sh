@@ -6,11 +6,19 @@
 #   3. the gpu-marked tests: the kernels' first, stopping at the first failure (`pytest -m gpu -x -q`),
 #      then those of the whole suite (modules whose imports are missing on the GPU machine are reported
 #      and skipped, not fatal);
-#   4. the kernels benchmark in GPU mode (bf16, real-run sizes), JSON + markdown.
+#   4. the benchmark suite in GPU mode (`python -m benchmarks.run --full`): the training step (ours against
+#      diffusers' AutoencoderKL, eager and compiled, with each toggle), the kernels, the data loader and
+#      scaling, as one JSON + markdown.
 # Everything it prints is also written under $OUT (default benchmarks/results): env.txt, ceilings.json,
-# pytest-gpu-kernels.txt, pytest-gpu-all.txt, kernels-<gpu>.json/.md.
+# pytest-gpu-kernels.txt, pytest-gpu-all.txt, bench.log, <gpu>-<date>.json/.md (7 files: the device tool
+# brings back at most 8).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh          # BENCH_ARGS=--quick for the shorter benchmark
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   BENCH_ARGS="--quick" ...                      # the shorter benchmark (default --full)
+#   BENCH_ARGS="--full --only train_step" ...     # one subject; SKIP_TESTS=1 skips step 3
+#
+# Packages missing on the GPU machine (diffusers, for the comparison; webdataset and braceexpand, for the
+# data benchmark) are installed from wheels in .whl/ when that folder is there (carry it; see GPU.md).
 #
 # It exits non-zero if a test or the benchmark failed. It changes no clock, power or other card setting.
 set -uo pipefail
@@ -21,6 +29,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real kernels, not the interpreter
 status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 echo "== 1. machine and versions"
 {
@@ -78,15 +91,17 @@ print(json.dumps({
 EOF
 
 echo "== 3. gpu tests"
+if [ -z "${SKIP_TESTS:-}" ]; then
 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
   tests/test_kernels_gaussian.py tests/test_kernels_group_norm.py tests/test_kernels_model.py 2>&1 \
   | tee "$OUT/pytest-gpu-kernels.txt" || status=1
 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 \
   | tee "$OUT/pytest-gpu-all.txt" || status=1
+fi
 
-echo "== 4. kernels benchmark"
+echo "== 4. benchmark suite"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-"$PY" -m benchmarks.kernels ${BENCH_ARGS:-} --device cuda --out "$OUT" || status=1
+"$PY" -m benchmarks.run ${BENCH_ARGS:---full} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
 
 echo "== done (status $status): files under $OUT"
 ls -l "$OUT"

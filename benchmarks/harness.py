@@ -3,7 +3,11 @@
 - `measure(fn)`: warm-up, then repeats timed with CUDA events on a GPU or a monotonic clock on a CPU;
   median with p20/p80 in milliseconds. Rotate inputs inside `fn` (pass a list and index by call) when
   caches would otherwise flatter.
-- `environment()`: device name, versions and git commit recorded with each result row.
+- `measure_interleaved(fns)`: several variants timed in alternation, so drift in machine load hits them alike.
+- `check_close(...)`: the correctness gate a variant passes before it is timed (CorrectnessError if not).
+- `matmul_rate(device)`: the machine's measured matmul rate, the denominator of MFU.
+- `environment()`: device name, versions, git commit and load average recorded with each result row.
+- `result_row(...)` / `error_row(...)`: one row of results, or the record of a variant or subject that failed.
 - `write_results(rows, name)`: JSON (the data) plus a markdown table under benchmarks/results/.
 """
 
@@ -11,7 +15,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -136,7 +143,23 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
         "vae_scale": vae_scale.__version__,
         "commit": git_commit(),
         "date": _dt.date.today().isoformat(),
+        "load_1m": load_average(),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average of this machine (None where the OS has none): CPU timings taken while
+    other processes load the cores are slower and noisier, so every row records it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def device_slug(name: str) -> str:
+    """A file-name-safe short form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")
+    return slug[:48].rstrip("-") or "device"
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float | None:
@@ -152,6 +175,66 @@ def result_row(
 ) -> dict[str, Any]:
     """One result: subject, variant, timing, the caller's fields (dtype, shape, ...), environment."""
     return {"subject": subject, "variant": variant, **fields, **asdict(timing), **env}
+
+
+def error_row(subject: str, variant: str, error: str, env: dict[str, str], **fields: Any) -> dict[str, Any]:
+    """The record of a variant or subject that was refused or failed: no timing, the reason in `error`."""
+    return {"subject": subject, "variant": variant, **fields, "error": error, **env}
+
+
+class CorrectnessError(AssertionError):
+    """A variant's result disagrees with the reference beyond tolerance, so it is not timed."""
+
+
+def check_close(what: str, got: float, want: float, rtol: float, atol: float = 0.0) -> float:
+    """Relative error |got - want| / |want|; CorrectnessError naming `what` when over rtol (and atol)."""
+    err = abs(got - want) / max(abs(want), 1e-30)
+    if not (math.isfinite(got) and (err <= rtol or abs(got - want) <= atol)):
+        raise CorrectnessError(
+            f"{what}: {got:.6g} vs reference {want:.6g} (relative error {err:.2e} > {rtol:g})"
+        )
+    return err
+
+
+def matmul_rate(device: torch.device | str = "cpu", target_s: float = 1.0) -> dict[str, Any]:
+    """The device's measured dense matmul rate, the denominator of MFU.
+
+    CUDA: a bf16 8192^3 product, median of CUDA-event timings after warm-up. CPU: an fp32 square product
+    grown until one takes about `target_s` seconds, run both by BLAS (`a @ b`) and by oneDNN (as a 1x1
+    convolution, the library that runs the model's convolutions); the faster of the two, and the fastest of
+    3 runs of each: a ceiling, which on a machine shared with other programs the median would understate.
+    Returns matmul_tflop_per_s, matmul_dtype, matmul_n, matmul_impl.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = 8192
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        t = measure(lambda: a @ b, device=device, warmup=3, repeats=10)
+        return {
+            "matmul_tflop_per_s": 2 * n**3 / (t.median_ms * 1e-3) / 1e12,
+            "matmul_dtype": "bfloat16",
+            "matmul_n": n,
+            "matmul_impl": "cublas",
+        }
+    n = 512
+    while True:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = measure(lambda a=a, b=b: a @ b, warmup=1, repeats=1)
+        if t.median_ms >= 1e3 * target_s / 2 or n >= 8192:
+            break
+        n = int(n * max(1.25, min(2.0, (1e3 * target_s / max(t.median_ms, 1e-3)) ** (1 / 3))))
+    x, w = a.t().reshape(1, n, n, 1), b.t().reshape(n, n, 1, 1)  # (1, K, M, 1) conv (N, K, 1, 1): a 1x1 conv
+    best = {
+        impl: min(measure(fn, warmup=0, repeats=1).median_ms for _ in range(3))
+        for impl, fn in (("blas", lambda: a @ b), ("onednn", lambda: torch.nn.functional.conv2d(x, w)))
+    }
+    impl = min(best, key=best.get)
+    return {
+        "matmul_tflop_per_s": 2 * n**3 / (best[impl] * 1e-3) / 1e12,
+        "matmul_dtype": "float32",
+        "matmul_n": n,
+        "matmul_impl": impl,
+    }
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -190,17 +273,40 @@ def measure_interleaved(
     device: torch.device | str = "cpu",
     warmup: int = 1,
     repeats: int = 5,
+    errors: dict[str, BaseException] | None = None,
 ) -> dict[str, Timing]:
-    """Time several variants in alternation (A B A B ...) so drift in machine load hits them alike."""
-    for fn in fns.values():
+    """Time several variants in alternation (A B C, C B A, ...) so drift in machine load hits them alike.
+
+    Odd rounds run in reverse order, so no variant always follows the same one. With `errors` (a dict), a
+    variant that raises is recorded there and dropped, and the others go on; without it the error propagates.
+    """
+    fns = dict(fns)
+
+    def attempt(name: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 -- recorded for the caller, who asked for it
+            if errors is None:
+                raise
+            errors[name] = e
+            fns.pop(name, None)
+            return None
+
+    for name, fn in list(fns.items()):
         for _ in range(warmup):
-            fn()
+            if attempt(name, fn) is None and name not in fns:
+                break
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(measure(fn, device=device, warmup=0, repeats=1).median_ms)
+    for r in range(repeats):
+        order = list(fns.items())
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t = attempt(name, lambda fn=fn: measure(fn, device=device, warmup=0, repeats=1))
+            if t is not None:
+                samples[name].append(t.median_ms)
     out = {}
     for name, times in samples.items():
+        if name not in fns or not times:
+            continue
         times.sort()
         out[name] = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
     return out

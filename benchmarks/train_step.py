@@ -1,29 +1,172 @@
-"""Training-step throughput: vae-scale's VAE against diffusers' AutoencoderKL with the same architecture.
+"""Training-step throughput: vae-scale's step against diffusers' AutoencoderKL with the same architecture.
 
-Both models get the same weights, batch, input and loss (L1 + kl_weight * KL), forward and backward, timed
-in alternation in one process. On a CPU this is a correctness-scale comparison (small batch, 128 px).
+A step is what vae_scale/train.py runs (grad_accum 1): autocast forward (encode, reparameterised sample +
+KL, decode), VAELoss (L1 + KL, and with the discriminator on its generator term and LDM's adaptive weight),
+backward, the discriminator's own step when it is on, gradient clipping, one host sync for the finite check,
+AdamW (fused on CUDA), zero_grad. diffusers' AutoencoderKL gets the very same step, loss, weights, batch and
+precision; only the model differs. Every variant of a setting lives in one process and is timed in
+alternation (A B C, C B A, ...), on inputs rotated between steps, after it has passed a correctness check
+against the reference step on a fixed batch and noise (losses and every weight gradient); a variant that
+fails the check is refused (an error row) and never timed.
 
-    python -m benchmarks.train_step [--preset sd-f8] [--batch 2] [--resolution 128] [--repeats 3]
+Per variant: step time (median, p20, p80), images/s, peak device memory (CUDA: this variant's weights,
+gradients and optimizer state plus the step's transient peak), MFU (model FLOPs per step, counted with
+torch.utils.flop_counter on the eager reference step, over the device's measured matmul rate: bf16 8192^3
+on a GPU, an fp32 product of about 1 s on a CPU), and speedups over diffusers eager and compiled with the
+same loss. The toggles: fused kernels (model.kernels auto vs torch), channels_last, torch.compile (encoder
+and decoder, as train.compile does), activation checkpointing, the discriminator.
+
+    python -m benchmarks.train_step [--quick] [--compile] [--device cuda|cpu] [--out DIR]
+    python -m benchmarks.train_step --preset sd-f8 --resolution 128 --batch 2 --precision fp32
+
+Without --preset, the sweep of the mode runs (see `sweep`); the data loader is not in the step (the data
+benchmark measures it).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from benchmarks.harness import environment, measure_interleaved, result_row, write_results
-from vae_scale.config import load_config
-from vae_scale.diffusers_io import config_to_diffusers
+from benchmarks.harness import (
+    CorrectnessError,
+    Timing,
+    check_close,
+    device_slug,
+    environment,
+    error_row,
+    matmul_rate,
+    measure_interleaved,
+    result_row,
+    write_results,
+)
+from vae_scale.config import Config, load_config
+from vae_scale.losses import VAELoss
 from vae_scale.model import VAE
+from vae_scale.parallel import apply_activation_checkpointing, apply_channels_last, to_channels_last
 
-KL_WEIGHT = 1e-6
+SUBJECT = "train_step"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DISC_WEIGHT = 0.5  # LDM's disc_weight; the discriminator is on from step 0 (loss.disc_start=0)
+INPUT_SETS = {"cuda": 3, "cpu": 2}  # batches rotated between steps
 
 
-def diffusers_model(vae: VAE):
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a variant may be from the reference: relative error of the losses, cosine similarity and
+    relative norm error of the concatenated weight gradients."""
+
+    loss: float
+    grad_cos: float
+    grad_norm: float
+
+
+# bf16/fp16 differ from the reference by more than rounding: aten's GroupNorm returns fp32 under autocast,
+# ours keeps the input's dtype (see kernels.group_norm_silu). A wrong model, loss or weight is far outside.
+TOLERANCES = {
+    "fp32": Tolerance(loss=1e-3, grad_cos=0.999, grad_norm=1e-2),
+    "bf16": Tolerance(loss=3e-2, grad_cos=0.97, grad_norm=0.1),
+    "fp16": Tolerance(loss=2e-2, grad_cos=0.98, grad_norm=0.1),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every variant of one comparison shares: model, image size, batch per device, precision."""
+
+    preset: str
+    resolution: int
+    batch: int
+    precision: str = "fp32"  # fp32 | bf16 | fp16: train.mixed_precision no | bf16 | fp16
+    overrides: tuple[str, ...] = ()  # model.* overrides on the preset (tests use a tiny model)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset + (f" ({', '.join(self.overrides)})" if self.overrides else ""),
+            "resolution": self.resolution,
+            "batch": self.batch,
+            "dtype": self.precision,
+        }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the step: which model, and each toggle."""
+
+    model: str = "vae-scale"  # vae-scale | diffusers
+    kernels: str = "auto"  # model.kernels: auto (Triton on CUDA) | torch (the eager reference ops)
+    channels_last: bool = False
+    compile: bool = False
+    checkpointing: bool = False
+    disc: bool = False
+
+    @property
+    def name(self) -> str:
+        flags = [
+            "kernels=torch" if self.kernels == "torch" and self.model == "vae-scale" else "",
+            "channels_last" if self.channels_last else "",
+            "checkpointing" if self.checkpointing else "",
+            "compile" if self.compile else "",
+            "+disc" if self.disc else "",
+        ]
+        return " ".join([self.model, *[f for f in flags if f]])
+
+    def fields(self, device: torch.device) -> dict[str, Any]:
+        import kernels
+
+        backend = self.kernels if self.kernels != "auto" else kernels.auto_backend(device)
+        return {
+            "model": self.model,
+            "loss": "L1+KL+disc" if self.disc else "L1+KL",
+            "kernels": backend if self.model == "vae-scale" else "aten",
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "checkpointing": self.checkpointing,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two models behind one forward: (x, eps) -> (x_hat, KL per image)
+
+
+class OursAutoencoder(nn.Module):
+    """train.Autoencoder's forward (encode, fused sample + KL, decode), with eps fixable for the check."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z, kl = self.vae.encode(x).sample_kl(eps)
+        return self.vae.decode(z), kl
+
+
+class DiffusersAutoencoder(nn.Module):
+    """The same forward through diffusers' AutoencoderKL and its DiagonalGaussianDistribution."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample() if eps is None else posterior.mean + posterior.std * eps
+        return self.vae.decode(z).sample, posterior.kl()
+
+
+def diffusers_model(vae: VAE) -> nn.Module:
     """diffusers' AutoencoderKL with the same config and weights as `vae`."""
     from diffusers import AutoencoderKL
+
+    from vae_scale.diffusers_io import config_to_diffusers
 
     cfg = {k: v for k, v in config_to_diffusers(vae.config).items() if not k.startswith("_")}
     ref = AutoencoderKL(**cfg)
@@ -31,90 +174,491 @@ def diffusers_model(vae: VAE):
     return ref
 
 
-def step_fn(model, x: torch.Tensor, eps: torch.Tensor, ours: bool):
-    """One forward + backward of L1 + KL, the same math for both models."""
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        if ours:
-            post = model.encode(x)
-            z, kl = post.sample_kl(eps)
-            x_hat = model.decode(z)
-        else:
-            post = model.encode(x).latent_dist
-            z = post.mean + post.std * eps
-            kl = post.kl()
-            x_hat = model.decode(z).sample
-        loss = (x_hat - x).abs().mean() + KL_WEIGHT * kl.mean()
-        loss.backward()
-
-    return step
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-def run(
-    quick: bool = True, preset: str = "sd-f8", batch: int = 2, resolution: int = 128, repeats: int = 3
-) -> list[dict[str, Any]]:
-    """Time ours vs diffusers on this machine's CPU (or the first GPU); returns result rows."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    vae = VAE(load_config(preset).model).to(device)
-    ref = diffusers_model(vae).to(device)
-    x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-    eps = torch.randn(batch, *vae.latent_shape(resolution), device=device)
-    timings = measure_interleaved(
-        {"vae-scale": step_fn(vae, x, eps, ours=True), "diffusers": step_fn(ref, x, eps, ours=False)},
-        device=device,
-        warmup=1,
-        repeats=repeats,
+def config_for(setting: Setting, variant: Variant) -> Config:
+    """The run config the trainer would get for this setting and variant (no LPIPS: weights not shipped)."""
+    cfg = load_config(setting.preset, list(setting.overrides))
+    cfg.loss = replace(
+        cfg.loss,
+        perceptual_weight=0.0,
+        disc_weight=DISC_WEIGHT if variant.disc else 0.0,
+        disc_start=0,
     )
-    env = environment(device)
-    rows = [
-        result_row(
-            "train_step",
-            name,
-            t,
-            env,
-            preset=preset,
-            batch=batch,
-            resolution=resolution,
-            dtype="fp32",
-            images_per_s=t.throughput(batch),
+    cfg.model = replace(
+        cfg.model,
+        kernels=variant.kernels,
+        channels_last=variant.channels_last,
+        gradient_checkpointing=variant.checkpointing,
+    )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------
+# One variant's training step
+
+
+class TrainStep:
+    """A variant's model, loss and optimizers, and its training step as vae_scale/train.py runs it.
+
+    Built from shared initial weights (`init`: the VAE's and the discriminator's state dicts) so every
+    variant starts from the same point. `inputs` are the image batches rotated between steps.
+    """
+
+    def __init__(
+        self,
+        setting: Setting,
+        variant: Variant,
+        init: dict[str, dict[str, torch.Tensor]],
+        inputs: list[torch.Tensor],
+        device: torch.device,
+    ):
+        self.setting, self.variant, self.device = setting, variant, device
+        self.cfg = cfg = config_for(setting, variant)
+        vae = VAE(cfg.model)
+        vae.load_state_dict(init["vae"])
+        if variant.model == "diffusers":
+            self.ae: nn.Module = DiffusersAutoencoder(diffusers_model(vae)).to(device)
+            del vae
+        else:
+            if variant.checkpointing:
+                apply_activation_checkpointing(vae)
+            if variant.channels_last:
+                apply_channels_last(vae)
+            self.ae = OursAutoencoder(vae).to(device)
+        if variant.channels_last:
+            inputs = [to_channels_last(x) for x in inputs]
+        self.inputs, self.calls, self._i = inputs, 0, 0
+        if variant.compile:  # as train.compile does: encoder and decoder, not the posterior or the loss
+            self.ae.vae.encoder.compile()
+            self.ae.vae.decoder.compile()
+        self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(device)
+        if self.criterion.discriminator is not None:
+            self.criterion.discriminator.load_state_dict(init["disc"])
+        fused = {"fused": True} if device.type == "cuda" else {}
+        o = cfg.optim
+        params = [p for p in self.ae.parameters() if p.requires_grad] + self.criterion.vae_parameters()
+        self.opt = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused
         )
-        for name, t in timings.items()
+        self.disc_opt = None
+        if self.criterion.discriminator is not None:
+            self.disc_opt = torch.optim.AdamW(
+                self.criterion.discriminator.parameters(),
+                lr=cfg.loss.disc_lr or o.lr,
+                betas=tuple(o.betas),
+                **fused,
+            )
+        dtype = DTYPES[setting.precision]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if setting.precision == "fp16" else None
+        self.last_layer = self.ae.vae.decoder.conv_out.weight
+        self.logs: dict[str, torch.Tensor] = {}
+
+    def _forward_loss(self, x: torch.Tensor, eps: torch.Tensor | None):
+        with self.autocast():
+            x_hat, kl = self.ae(x, eps)
+            loss, logs = self.criterion.autoencoder_loss(x, x_hat, None, kl, 0, last_layer=self.last_layer)
+        return x_hat, loss, logs
+
+    def _disc_loss(self, x: torch.Tensor, x_hat: torch.Tensor):
+        with self.autocast():
+            return self.criterion.discriminator_loss(x, x_hat.detach(), 0)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def __call__(self) -> None:
+        """One training step on the next input batch (Trainer.train_step with grad_accum=1)."""
+        self.calls += 1
+        x = self.inputs[self._i % len(self.inputs)]
+        self._i += 1
+        x_hat, loss, logs = self._forward_loss(x, None)
+        finite = torch.ones((), device=self.device) * torch.isfinite(loss.detach())
+        self._backward(loss)
+        if self.disc_opt is not None:
+            d_loss, d_logs = self._disc_loss(x, x_hat)
+            finite = finite * torch.isfinite(d_loss.detach())
+            self._backward(d_loss)
+            logs = {**logs, **d_logs}
+        for k, v in logs.items():  # the trainer sums its logs on the device: no host sync
+            self.logs[k] = self.logs.get(k, 0) + v.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.opt.param_groups for p in g["params"]], clip
+        )
+        finite = finite * torch.isfinite(grad_norm)
+        if self.disc_opt is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.disc_opt)
+            d_norm = torch.nn.utils.clip_grad_norm_(self.criterion.discriminator.parameters(), clip)
+            finite = finite * torch.isfinite(d_norm)
+        nonfinite = bool((1 - finite).item())  # the trainer's one host sync per step
+        for opt in (self.opt, self.disc_opt):
+            if opt is None:
+                continue
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            elif not nonfinite:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def check_pass(
+        self, x: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Losses and weight gradients of one forward + backward on a fixed batch and noise (no update)."""
+        if self.variant.channels_last:
+            x = to_channels_last(x)
+        self.opt.zero_grad(set_to_none=True)
+        x_hat, loss, logs = self._forward_loss(x, eps)
+        loss.backward()
+        values = {k: float(v) for k, v in logs.items() if k in ("loss", "rec", "kl", "g_loss", "d_weight")}
+        if self.disc_opt is not None:
+            d_loss, _ = self._disc_loss(x, x_hat)
+            values["d_loss"] = float(d_loss.detach())
+            self.disc_opt.zero_grad(set_to_none=True)
+        grads = {
+            _clean(n): p.grad.detach().float().flatten()
+            for n, p in self.ae.vae.named_parameters()
+            if p.grad is not None
+        }
+        self.opt.zero_grad(set_to_none=True)
+        return values, grads
+
+    def state_bytes(self) -> int:
+        """Bytes held between steps: weights, optimizer state (created by the first step), discriminator."""
+        tensors = list(self.ae.parameters()) + list(self.criterion.parameters())
+        for opt in (self.opt, self.disc_opt):
+            for state in opt.state.values() if opt is not None else ():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_against(
+    step: TrainStep,
+    ref_values: dict[str, float],
+    ref_grads: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    eps: torch.Tensor,
+) -> dict[str, Any]:
+    """Run step's check pass and compare it with the reference's; CorrectnessError if it disagrees.
+
+    Returns what was measured: relative errors of the losses, gradient cosine and norm error.
+    """
+    tol = TOLERANCES[step.setting.precision]
+    values, grads = step.check_pass(x, eps)
+    out: dict[str, float] = {}
+    for k, want in ref_values.items():
+        if k not in values:
+            raise CorrectnessError(f"{k}: missing from the variant's losses")
+        # d_weight is a ratio of gradient norms at the decoder's last layer: as loose as the gradients
+        rtol = tol.grad_norm if k == "d_weight" else tol.loss
+        out[f"err_{k}"] = check_close(k, values[k], want, rtol, atol=1e-6 if k == "kl" else 0.0)
+    if set(grads) != set(ref_grads):
+        missing = sorted(set(ref_grads) ^ set(grads))[:3]
+        raise CorrectnessError(f"gradients of different parameters: {missing} ...")
+    names = sorted(ref_grads)
+    # float64: fp32 sums over ~10^8 gradient entries drift by more than the tolerances
+    g = torch.cat([grads[n].double() for n in names])
+    r = torch.cat([ref_grads[n].to(g.device, torch.float64) for n in names])
+    cos = float(g @ r / (g.norm() * r.norm()).clamp_min(1e-300))
+    if not cos >= tol.grad_cos:
+        raise CorrectnessError(f"weight gradients: cosine {cos:.6f} with the reference's (< {tol.grad_cos})")
+    out["grad_cos"] = cos
+    out["err_grad_norm"] = check_close(
+        "weight gradient norm", float(g.norm()), float(r.norm()), tol.grad_norm
+    )
+    return out
+
+
+def reference_pass(step: TrainStep, x: torch.Tensor, eps: torch.Tensor) -> tuple[dict, dict, int]:
+    """The reference's check pass (losses, gradients), with its FLOPs counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        values, grads = step.check_pass(x, eps)
+    return values, {k: g.cpu() for k, g in grads.items()}, counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------------
+# One setting: check every variant, then time them in alternation
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error_text(e: BaseException) -> str:
+    kind = "refused" if isinstance(e, CorrectnessError) else "failed"
+    return f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def make_init(setting: Setting, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Random initial weights shared by every variant: the VAE's and the discriminator's state dicts."""
+    torch.manual_seed(seed)
+    cfg = config_for(setting, Variant(disc=True))
+    vae = VAE(cfg.model)
+    crit = VAELoss(cfg.loss, image_channels=cfg.model.in_channels)
+    return {"vae": vae.state_dict(), "disc": crit.discriminator.state_dict()}
+
+
+def reference_variant(disc: bool) -> Variant:
+    """The variant every other is checked against: diffusers eager if it imports, else our eager ops."""
+    try:
+        import diffusers  # noqa: F401
+
+        return Variant(model="diffusers", disc=disc)
+    except ImportError:
+        return Variant(model="vae-scale", kernels="torch", disc=disc)
+
+
+def benchmark(
+    setting: Setting,
+    variants: list[Variant],
+    device: torch.device,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    matmul: dict[str, Any] | None = None,
+    extra: dict[str, TrainStep] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Check every variant against the reference step, then time those that passed in alternation.
+
+    `extra` adds ready-built steps under their own names (checked and timed like the others). Returns one
+    row per variant: a timed row, or an error row for one that was refused or failed.
+    """
+    env = environment(device)
+    init = make_init(setting)
+    model_cfg = load_config(setting.preset, list(setting.overrides)).model
+    r, b, f = setting.resolution, setting.batch, model_cfg.downsample_factor
+    torch.manual_seed(1)
+    inputs = [torch.rand(b, 3, r, r, device=device) * 2 - 1 for _ in range(INPUT_SETS.get(device.type, 2))]
+    x_check = torch.rand(b, 3, r, r, device=device) * 2 - 1
+    eps_check = torch.randn(b, model_cfg.latent_channels, r // f, r // f, device=device)
+    rows: list[dict[str, Any]] = []
+    steps: dict[str, TrainStep] = {}
+    checks: dict[str, dict[str, Any]] = {}
+    flops: dict[bool, int] = {}
+    refs: dict[bool, tuple[dict, dict, TrainStep | None]] = {}
+    wanted = set(variants)
+
+    def reference(disc: bool) -> tuple[dict, dict, TrainStep | None]:
+        """Reference losses and gradients for this loss; the reference step too when it is also timed."""
+        if disc not in refs:
+            ref = TrainStep(setting, reference_variant(disc), init, inputs, device)
+            values, grads, flops[disc] = reference_pass(ref, x_check, eps_check)
+            refs[disc] = (values, grads, ref if ref.variant in wanted else None)
+            del ref
+            _free(device)
+        return refs[disc]
+
+    candidates: list[tuple[str, Variant, Callable[[], TrainStep]]] = [
+        (v.name, v, lambda v=v: TrainStep(setting, v, init, inputs, device)) for v in variants
     ]
-    ratio = timings["diffusers"].median_ms / timings["vae-scale"].median_ms
-    rows[0]["speedup_vs_diffusers"] = ratio
+    candidates += [(name, s.variant, lambda s=s: s) for name, s in (extra or {}).items()]
+    for name, variant, build in candidates:
+        t0 = time.perf_counter()
+        step = None
+        try:
+            ref_values, ref_grads, ref_step = reference(variant.disc)
+            ref_name = reference_variant(variant.disc).name
+            if ref_step is not None and ref_step.variant == variant and name == variant.name:
+                steps[name], checks[name] = ref_step, {"checked_against": "itself (the reference)"}
+                continue
+            step = build()
+            checks[name] = check_against(step, ref_values, ref_grads, x_check, eps_check)
+            checks[name]["checked_against"] = ref_name
+            steps[name] = step
+            log(f"  {name}: matches {ref_name} ({time.perf_counter() - t0:.0f} s)")
+        except Exception as e:  # noqa: BLE001 -- one variant's failure is a row, not the end of the run
+            fields = {**setting.fields(), **variant.fields(device)}
+            rows.append(error_row(SUBJECT, name, _error_text(e), env, **fields))
+            log(f"  {name}: {rows[-1]['error']}")
+            step = None  # a refused step's memory goes before the next is built
+        if step is None:
+            _free(device)
+    refs.clear()
+
+    errors: dict[str, BaseException] = {}
+    timings = measure_interleaved(
+        {n: s for n, s in steps.items()}, device=device, warmup=warmup, repeats=repeats, errors=errors
+    )
+    peaks = {n: _peak_mb(s, device) for n, s in steps.items() if n in timings}
+    matmul = matmul if matmul is not None else matmul_rate(device)
+    baselines = {
+        (s.variant.disc, s.variant.compile): timings[n].median_ms
+        for n, s in steps.items()
+        if n in timings and s.variant.model == "diffusers" and not s.variant.checkpointing
+    }
+    for name, step in steps.items():
+        v = step.variant
+        fields = {**setting.fields(), **v.fields(device)}
+        if name not in timings:
+            rows.append(
+                error_row(SUBJECT, name, _error_text(errors.get(name, RuntimeError("?"))), env, **fields)
+            )
+            continue
+        t: Timing = timings[name]
+        model_flops = flops.get(v.disc)
+        eager, compiled = baselines.get((v.disc, False)), baselines.get((v.disc, True))
+        rows.append(
+            result_row(
+                SUBJECT,
+                name,
+                t,
+                env,
+                **fields,
+                images_per_s=t.throughput(setting.batch),
+                peak_mb=peaks.get(name),
+                gflop_per_image=model_flops / setting.batch / 1e9 if model_flops else None,
+                mfu_pct=100 * model_flops / (t.median_ms * 1e-3) / (matmul["matmul_tflop_per_s"] * 1e12)
+                if model_flops
+                else None,
+                x_diffusers_eager=eager / t.median_ms if eager else None,
+                x_diffusers_compiled=compiled / t.median_ms if compiled else None,
+                **checks[name],
+                **matmul,
+            )
+        )
+    del steps
+    _free(device)
     return rows
+
+
+def _peak_mb(step: TrainStep, device: torch.device) -> float | None:
+    """This variant's peak: its state between steps plus one step's transient peak (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base + step.state_bytes()) / 2**20
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sweeps
+
+
+def toggles(base: Variant, on_gpu: bool) -> list[Variant]:
+    """`base` and each toggle flipped from it one at a time (kernels only where there is a fused backend)."""
+    out = [base, replace(base, channels_last=not base.channels_last)]
+    if on_gpu:
+        out.append(replace(base, kernels="torch" if base.kernels == "auto" else "auto"))
+    out += [replace(base, checkpointing=True), replace(base, disc=True)]
+    return out
+
+
+def sweep(
+    quick: bool, device: torch.device, compile: bool | None = None
+) -> list[tuple[Setting, list[Variant], dict]]:
+    """(setting, variants, timing options) of the mode: GPU sizes on CUDA, small ones on a CPU.
+
+    On a GPU the toggles flip one at a time from the eager fast configuration (fused kernels and
+    channels_last); compile is added to it, and diffusers runs eager and compiled with the same loss. The
+    other settings compare the fast eager step with diffusers eager. Compile defaults off on a CPU (an
+    inductor compile of sd-f8 takes minutes on 2 cores).
+    """
+    diffusers = [Variant(model="diffusers"), Variant(model="diffusers", disc=True)]
+    if device.type == "cuda":
+        compile = True if compile is None else compile
+        fast = Variant(channels_last=True)
+        main = toggles(fast, on_gpu=True) + diffusers
+        if compile:
+            main += [replace(fast, compile=True), Variant(model="diffusers", compile=True)]
+        pair = [fast, Variant(model="diffusers")]
+        runs = {"repeats": 10, "warmup": 2}
+        if quick:
+            return [(Setting("sd-f8", 256, 8, "bf16"), main, runs)]
+        return [
+            (Setting("sd-f8", 256, 32, "bf16"), main, runs),
+            (Setting("sd-f8", 256, 16, "fp32"), pair, runs),
+            (Setting("f8c16", 256, 32, "bf16"), pair, runs),
+            (Setting("sd-f8", 512, 8, "bf16"), pair + [replace(fast, checkpointing=True)], runs),
+        ]
+    base = Variant()
+    main = toggles(base, on_gpu=False) + diffusers
+    if compile:
+        main += [replace(base, compile=True), Variant(model="diffusers", compile=True)]
+    if quick:
+        return [(Setting("sd-f8", 64, 1, "fp32"), main, {"repeats": 3, "warmup": 1})]
+    return [
+        (Setting("sd-f8", 128, 2, "fp32"), main, {"repeats": 3, "warmup": 1}),
+        (Setting("f8c16", 128, 2, "fp32"), [base, Variant(model="diffusers")], {"repeats": 3, "warmup": 1}),
+    ]
+
+
+def run(quick: bool = True, device: str | None = None, compile: bool | None = None) -> list[dict[str, Any]]:
+    """The sweep of the mode on the first GPU, or on this CPU; returns result rows (errors as rows)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    matmul = matmul_rate(dev)
+    rows = []
+    for setting, variants, opts in sweep(quick, dev, compile):
+        print(
+            f"train_step: {setting.preset} {setting.resolution}px batch {setting.batch} {setting.precision}"
+        )
+        rows += benchmark(setting, variants, dev, matmul=matmul, **opts)
+    return rows
+
+
+COLUMNS = [
+    "preset",
+    "resolution",
+    "batch",
+    "dtype",
+    "variant",
+    "loss",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "images_per_s",
+    "peak_mb",
+    "mfu_pct",
+    "x_diffusers_eager",
+    "x_diffusers_compiled",
+    "load_1m",
+    "error",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="sd-f8")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="the small sweep (a few minutes on a 2-core CPU)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add torch.compile variants (default: on with CUDA, off on a CPU)",
+    )
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--preset", default=None, help="one setting instead of the sweep: preset name")
     p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
-    rows = run(preset=args.preset, batch=args.batch, resolution=args.resolution, repeats=args.repeats)
-    cols = [
-        "variant",
-        "device",
-        "preset",
-        "batch",
-        "resolution",
-        "dtype",
-        "median_ms",
-        "p20_ms",
-        "p80_ms",
-        "images_per_s",
-    ]
-    path = write_results(rows, f"train_step-{rows[0]['device'].split()[0].lower()}", cols, args.out)
-    print((path.with_suffix(".md")).read_text())
-    print(
-        f"vae-scale is {rows[0]['speedup_vs_diffusers']:.3f}x diffusers' AutoencoderKL "
-        "(forward + backward, same weights, batch and input)"
-    )
-    return 0
+    if args.preset:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        setting = Setting(args.preset, args.resolution, args.batch, args.precision)
+        variants = [v for s, vs, _ in sweep(True, dev, args.compile) for v in vs]
+        rows = benchmark(setting, variants, dev, repeats=args.repeats)
+    else:
+        rows = run(quick=args.quick, device=args.device, compile=args.compile)
+    name = f"train_step-{device_slug(rows[0]['device'])}" if rows else "train_step"
+    path = write_results(rows, name, COLUMNS, args.out)
+    print(path.with_suffix(".md").read_text())
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
