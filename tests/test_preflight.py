@@ -10,11 +10,11 @@ import pytest
 from vae_scale.config import load_config
 from vae_scale.preflight import WillNotFit, estimate_memory, preflight
 
-# Peak resident memory of a fresh process over two real training steps, less what it held before the
-# model existed. A fixed mmap threshold (glibc otherwise raises it after frees and keeps freed tensors in
+# Peak resident memory of a process over two real training steps, less what it held before the model
+# existed (after a throwaway step, so lazily loaded libraries are not counted). A fixed mmap threshold (glibc otherwise raises it after frees and keeps freed tensors in
 # the heap) makes every tensor an mmap that goes back to the OS when freed, so RSS tracks live memory.
 MEASURE = textwrap.dedent("""
-    import resource, sys, torch
+    import gc, re, sys, torch
     torch.set_num_threads(1)
     from vae_scale.config import load_config
     from vae_scale.model import VAE
@@ -22,22 +22,29 @@ MEASURE = textwrap.dedent("""
     from vae_scale.preflight import estimate_memory
     cfg = load_config("demo", sys.argv[1:])
     est = estimate_memory(cfg).total
-    warm = VAE(cfg.model)  # first calls load libraries (triton, oneDNN): not training memory
-    warm.decode(warm.encode(torch.zeros(1, 3, 32, 32)).mode()).sum().backward()
-    del warm
-    base = int(open("/proc/self/statm").read().split()[1]) * 4096
-    vae = prepare_model(VAE(cfg.model))
-    opt = torch.optim.AdamW(vae.parameters())
     x = torch.rand(cfg.data.batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
-    for _ in range(2):
-        post = vae.encode(x)
-        z, kl = post.sample_kl()
-        ((vae.decode(z) - x).abs().mean() + kl.mean()).backward()
-        opt.step()
-        opt.zero_grad()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(est, peak - base)
+
+    def steps(n):
+        vae = prepare_model(VAE(cfg.model))
+        opt = torch.optim.AdamW(vae.parameters())
+        for _ in range(n):
+            post = vae.encode(x)
+            z, kl = post.sample_kl()
+            ((vae.decode(z) - x).abs().mean() + kl.mean()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    def status(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+    steps(1)  # a throwaway run first: libraries and kernels that load lazily are not training memory
+    gc.collect()
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    steps(2)
+    print(est, status("VmHWM") - base)
 """)
+
 
 
 MODEL = ["model.block_out_channels=[32,64,64]", "model.norm_num_groups=16", "model.mid_block_attention=false"]
