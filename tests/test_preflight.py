@@ -11,8 +11,9 @@ from vae_scale.config import load_config
 from vae_scale.preflight import WillNotFit, estimate_memory, preflight
 
 # Peak resident memory of a process over two real training steps, less what it held before the model
-# existed (after a throwaway step, so lazily loaded libraries are not counted). A fixed mmap threshold (glibc otherwise raises it after frees and keeps freed tensors in
-# the heap) makes every tensor an mmap that goes back to the OS when freed, so RSS tracks live memory.
+# existed (after a throwaway step, so lazily loaded libraries are not counted). A fixed mmap threshold
+# (glibc otherwise raises it after frees and keeps freed tensors in the heap) makes every tensor an mmap
+# that goes back to the OS when freed, so RSS tracks live memory.
 MEASURE = textwrap.dedent("""
     import gc, re, sys, torch
     torch.set_num_threads(1)
