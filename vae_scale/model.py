@@ -74,8 +74,11 @@ class Attention(nn.Module):
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
-        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
-        return h + x
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)  # channels-last strides
+        # The sum takes x's memory format: left channels-last, every later layer of an NCHW model would
+        # run NHWC (on a CPU the decoder's convolution backward was ~25% slower; benchmarks/train_step.py).
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        return x + h.contiguous(memory_format=layout)
 
 
 class Downsample(nn.Module):
