@@ -95,7 +95,9 @@ def _columns(rows: list[dict[str, Any]], preferred: Sequence[str] | None) -> lis
     if preferred:
         cols = [c for c in preferred if c in keys]
         return cols + (["error"] if "error" in keys and "error" not in cols else [])
-    skip = {*ENV_KEYS, "benchmark", "subject", "repeats"}
+    skip = {*ENV_KEYS, "benchmark", "repeats"}
+    if all(r.get("subject") == r.get("benchmark", r.get("subject")) for r in rows):
+        skip.add("subject")  # says nothing the section's title does not
     return [k for k in keys if k not in skip]
 
 

@@ -120,16 +120,16 @@ def test_train_step_checks_every_variant_before_timing_and_refuses_a_wrong_one()
 def test_suite_records_a_failing_subject_and_goes_on(tmp_path):
     env = harness.environment("cpu")
 
-    def good(quick):
-        return [harness.result_row("good", "v", harness.Timing(1.0, 0.9, 1.1, 3), env, quick=quick)]
+    def good(quick):  # rows may name a finer subject (kernels: the op); the suite files them under "good"
+        return [harness.result_row("op", "v", harness.Timing(1.0, 0.9, 1.1, 3), env, quick=quick)]
 
     def bad(quick):
         raise ValueError("broken subject")
 
     rows, summary = run_suite({"bad": bad, "good": good}, quick=True, log=lambda s: None)
     assert summary["bad"]["status"] == "failed" and summary["good"]["status"] == "ok"
-    assert rows[0]["subject"] == "bad" and "broken subject" in rows[0]["error"]
-    assert rows[1]["subject"] == "good" and rows[1]["quick"] is True
+    assert rows[0]["benchmark"] == "bad" and "broken subject" in rows[0]["error"]
+    assert rows[1]["benchmark"] == "good" and rows[1]["subject"] == "op" and rows[1]["quick"] is True
     assert exit_code(summary) == 1 and exit_code({"good": summary["good"]}) == 0
     meta = {**env, "mode": "quick", "command": "test", "load_before": None, "load_after": None,
             "wall_s": 1.0, "subjects": summary}  # fmt: skip
@@ -137,4 +137,46 @@ def test_suite_records_a_failing_subject_and_goes_on(tmp_path):
     assert path.name == f"{harness.device_slug(env['device'])}-{env['date']}.json"
     assert len(json.loads(path.read_text())["rows"]) == 2
     md = path.with_suffix(".md").read_text()
-    assert "## bad: failed" in md and "broken subject" in md and "## good: ok" in md
+    assert "## bad: failed" in md and "broken subject" in md and "## good: ok" in md and "| op | v |" in md
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_nchw_model_stays_nchw_through_attention(batch):
+    """The comparison with diffusers is like for like only if no layer silently switches memory format: the
+    attention block's output projection comes back channels-last strided, and a residual sum that kept that
+    layout made every later convolution of an NCHW model run NHWC (25% slower backward on a CPU)."""
+    from vae_scale.config import load_config
+    from vae_scale.model import VAE
+
+    vae = VAE(load_config("sd-f8", list(TINY.overrides)).model)
+    layouts: list[str] = []
+    for name, m in vae.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(
+                lambda mod, inp, out, name=name: layouts.append(
+                    "" if inp[0].is_contiguous() and out.is_contiguous() else name
+                )
+            )
+    x_hat, _ = vae(torch.rand(batch, 3, 32, 32) * 2 - 1)
+    assert not [n for n in layouts if n] and x_hat.is_contiguous()
+    vae_cl = VAE(load_config("sd-f8", list(TINY.overrides)).model).to(memory_format=torch.channels_last)
+    x = (torch.rand(batch, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    assert vae_cl(x)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_train_step_in_bf16_is_checked_against_fp32_with_a_calibrated_tolerance():
+    rows = train_step.benchmark(
+        Setting(**{**TINY.__dict__, "precision": "bf16"}),
+        [Variant(), Variant(model="diffusers")],
+        torch.device("cpu"),
+        repeats=1,
+        warmup=0,
+        matmul=MATMUL,
+        log=lambda s: None,
+    )
+    by = {r["variant"]: r for r in rows}
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert by["diffusers"]["checked_against"] == "diffusers fp32 (sets tol_*)"
+    assert by["vae-scale"]["checked_against"] == "diffusers fp32" and by["vae-scale"]["dtype"] == "bf16"
+    assert by["vae-scale"]["tol_loss"] >= train_step.TOLERANCES["bf16"].loss
+    assert by["vae-scale"]["err_loss"] <= by["vae-scale"]["tol_loss"]
