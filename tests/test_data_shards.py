@@ -132,7 +132,7 @@ def test_shards_sample_photographs(tmp_path):
     )
     index = json.loads((out / "index.json").read_text())
     assert index["totals"]["written"] == len(SAMPLE_IMAGES)
-    assert index["totals"]["val"] == 1  # round(16 * 0.05) = 1
+    assert index["totals"]["val"] == 1  # round(17 * 0.05) = 1
     with tarfile.open(out / "train-000000.tar") as tf:
         assert all(n.endswith((".webp", ".json")) for n in tf.getnames())
 

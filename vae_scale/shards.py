@@ -2,6 +2,7 @@
 
     vae-scale shards ~/photos data/shards --size 512 --val-fraction 0.02
     vae-scale shards sample data/demo --size 256          # scikit-image's bundled photographs
+    vae-scale shards sample-color data/demo --size 256    # only the colour ones (the demo's data)
 
 Writing. OUT gets `train-000000.tar ...`, `val-000000.tar ...` and `index.json` (samples per shard,
 totals, source resolutions, what was skipped and why). A sample is `<key>.<ext>` (the image) plus
@@ -57,8 +58,15 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # scikit-image's bundled photographs that load offline (no pooch download); `vae-scale shards sample`.
 SAMPLE_IMAGES = tuple(
     "astronaut brick camera chelsea clock coffee coins grass gravel hubble_deep_field immunohistochemistry "
-    "moon page retina rocket text".split()
+    "moon motorcycle page retina rocket text".split()
 )
+"""scikit-image's bundled photographs (source "sample"); "motorcycle" is stereo_motorcycle's left view."""
+SAMPLE_COLOR_IMAGES = tuple(
+    "astronaut chelsea coffee hubble_deep_field immunohistochemistry motorcycle retina rocket".split()
+)
+"""The colour ones (source "sample-color", the demo's data): grey photographs copied into three channels teach
+an RGB autoencoder luminance only, and one trained mostly on them reconstructs colour photographs poorly."""
+SAMPLE_SOURCES = {"sample": SAMPLE_IMAGES, "sample-color": SAMPLE_COLOR_IMAGES}
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
@@ -102,7 +110,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _load_sample(name: str) -> Image.Image:
     import skimage.data
 
-    a = getattr(skimage.data, name)()
+    a = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
     return Image.fromarray(a)
 
 
@@ -426,8 +434,8 @@ def _is_image_name(name: str) -> bool:
 
 def list_sources(src: str) -> tuple[list[Source], int]:
     """The images SRC names (sorted), and how many other files were ignored. Raises DataError if none."""
-    if src == "sample":
-        return [Source(f"sample/{n}", None) for n in SAMPLE_IMAGES], 0
+    if src in SAMPLE_SOURCES:
+        return [Source(f"sample/{n}", None) for n in SAMPLE_SOURCES[src]], 0
     if os.path.isdir(src):
         found, ignored = [], 0
         for root, dirs, files in os.walk(src):
@@ -450,7 +458,7 @@ def list_sources(src: str) -> tuple[list[Source], int]:
         return found, len(paths) - len(found)
     if os.path.isfile(src) and _is_image_name(src):
         return [Source(os.path.basename(src), src)], 0
-    raise DataError(f"{src} does not exist (give a folder of images, a glob or 'sample')")
+    raise DataError(f"{src} does not exist (give a folder of images, a glob, 'sample' or 'sample-color')")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -607,7 +615,8 @@ def write_shards(
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write train/val shards and index.json from SRC (folder, glob or "sample"); returns the index.
+    """Write train/val shards and index.json from SRC (folder, glob, "sample" or "sample-color"); returns the
+    index.
 
     Earlier `train-NNNNNN.tar` / `val-NNNNNN.tar` / index.json in OUT are replaced; nothing else there is
     touched. Raises DataError when SRC names no images or none of them is usable.
@@ -691,7 +700,9 @@ def write_shards(
 def shards_main(argv: list[str]) -> int:
     """`vae-scale shards SRC OUT`: write WebDataset tar shards and index.json; returns 0."""
     p = argparse.ArgumentParser(prog="vae-scale shards", description=shards_main.__doc__)
-    p.add_argument("src", metavar="SRC", help="folder of images (recursive), a glob, or 'sample'")
+    p.add_argument(
+        "src", metavar="SRC", help="folder of images (recursive), a glob, 'sample' or 'sample-color'"
+    )
     p.add_argument("out", metavar="OUT", help="output folder")
     p.add_argument(
         "--size", type=int, default=None, help="resize so the short side is N (smaller images are skipped)"
