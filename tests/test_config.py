@@ -32,7 +32,7 @@ def test_model_preset_override_swaps_the_architecture():
     cfg = load_config("demo", ["model.preset=sd-f8", "model.latent_channels=8"])
     assert cfg.model.block_out_channels == [128, 256, 512, 512]
     assert cfg.model.latent_channels == 8
-    assert cfg.data.resolution == 64  # the demo's training settings stay
+    assert cfg.data.resolution == 32  # the demo's training settings stay
 
 
 def test_yaml_file(tmp_path):
