@@ -443,8 +443,9 @@ def test_resize_false_crops_at_the_native_scale(tmp_path):
     with wds.TarWriter(str(tmp_path / "val-000000.tar")) as w:
         w.write({"__key__": "a", "png": buf.getvalue()})
     for resize in (False, True):
-        cfg = DataConfig(val=str(tmp_path / "val-000000.tar"), resolution=40, batch_size=1, workers=0,
-                         resize=resize)
+        cfg = DataConfig(
+            val=str(tmp_path / "val-000000.tar"), resolution=40, batch_size=1, workers=0, resize=resize
+        )
         (batch,) = list(build_val_loader(cfg, rank=0, world_size=1))
         got = ((batch["images"][0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
         native = pixels[20:60, 40:80]

@@ -57,8 +57,9 @@ def photo_like_shards(root: Path, n: int = 40) -> Path:
         base = np.stack([(xx * (c + 1) + yy * (3 - c) + 20 * i) % 256 for c in range(3)], -1)
         img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(src / f"img{i:02d}.png")
-    write_shards(str(src), root / "out", max_per_shard=6, image_format="png", val_fraction=0.25, seed=0,
-                 progress=False)
+    write_shards(
+        str(src), root / "out", max_per_shard=6, image_format="png", val_fraction=0.25, seed=0, progress=False
+    )
     return root / "out"
 
 
@@ -68,8 +69,20 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("eval")
     shards = photo_like_shards(root)
     run_dir = root / "run"
-    train(load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={shards}", f"data.val={shards}",
-                             "loss.recon=logistic", "train.steps=6", "checkpoint.every=0"]))
+    train(
+        load_config(
+            None,
+            [
+                *TINY,
+                f"run.dir={run_dir}",
+                f"data.train={shards}",
+                f"data.val={shards}",
+                "loss.recon=logistic",
+                "train.steps=6",
+                "checkpoint.every=0",
+            ],
+        )
+    )
     return run_dir, shards
 
 
@@ -94,8 +107,9 @@ def test_ssim_matches_scikit_image():
         b = np.clip(a + rng.normal(0, noise, shape), 0, 1)
         ours = ssim(torch.from_numpy(a) * 2 - 1, torch.from_numpy(b) * 2 - 1)
         for i in range(shape[0]):
-            ref = structural_similarity(a[i].transpose(1, 2, 0), b[i].transpose(1, 2, 0), data_range=1.0,
-                                        channel_axis=2)
+            ref = structural_similarity(
+                a[i].transpose(1, 2, 0), b[i].transpose(1, 2, 0), data_range=1.0, channel_axis=2
+            )
             assert abs(ours[i].item() - ref) < 1e-3
             assert ours[i].item() == pytest.approx(ref, abs=1e-9)  # the same computation, in float64
 
@@ -111,8 +125,12 @@ def test_frechet_distance_matches_closed_forms():
 
     f1, f2 = torch.randn(50, 5, dtype=torch.float64), torch.randn(50, 5, dtype=torch.float64) * 1.5 + 0.3
     c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
-    ref = ((f1.mean(0) - f2.mean(0)).square().sum() + c1.trace() + c2.trace()
-           - 2 * np.trace(scipy.linalg.sqrtm(c1.numpy() @ c2.numpy()).real))
+    ref = (
+        (f1.mean(0) - f2.mean(0)).square().sum()
+        + c1.trace()
+        + c2.trace()
+        - 2 * np.trace(scipy.linalg.sqrtm(c1.numpy() @ c2.numpy()).real)
+    )
     assert frechet_distance(f1.mean(0), c1, f2.mean(0), c2) == pytest.approx(float(ref), rel=1e-7)
     assert frechet_distance(f1.mean(0), c1, f1.mean(0), c1) == pytest.approx(0.0, abs=1e-9)
 
@@ -183,8 +201,14 @@ def test_sums_are_reduced_once_and_exactly(run):
     keys = [f"k{i}" for i in range(10)]
 
     def batches(lo, hi, size):
-        return [{"images": x[i:min(i + size, hi)], "count": min(size, hi - i),
-                 "keys": keys[i:min(i + size, hi)]} for i in range(lo, hi, size)]
+        return [
+            {
+                "images": x[i : min(i + size, hi)],
+                "count": min(size, hi - i),
+                "keys": keys[i : min(i + size, hi)],
+            }
+            for i in range(lo, hi, size)
+        ]
 
     metrics = ["psnr", "ssim", "bpd", "kl", "active_units"]
     full = evaluate(vae, batches(0, 10, 4), metrics=metrics, device="cpu")
@@ -196,8 +220,13 @@ def test_sums_are_reduced_once_and_exactly(run):
         return v
 
     evaluate(vae, batches(7, 10, 2), metrics=metrics, device="cpu", reduce=rank1_reduce)
-    split = evaluate(vae, batches(0, 7, 3), metrics=metrics, device="cpu",
-                     reduce=lambda v: (calls.append(0), v + other["v"])[1])
+    split = evaluate(
+        vae,
+        batches(0, 7, 3),
+        metrics=metrics,
+        device="cpu",
+        reduce=lambda v: (calls.append(0), v + other["v"])[1],
+    )
     assert calls == [1, 0]
     assert split.keys() == full.keys()
     for k in full:
@@ -221,8 +250,13 @@ def test_rfid_is_the_frechet_distance_of_features(run, tmp_path):
     assert isinstance(inception, InceptionFeatures) and inception.dim == 54
     vae = VAE.from_checkpoint(run_dir).eval()
     x = images_8bit(12, 32, seed=5).float()
-    got = evaluate(vae, [{"images": x[:8], "count": 8}, {"images": x[8:], "count": 4}], metrics=["rfid"],
-                   device="cpu", inception=inception)
+    got = evaluate(
+        vae,
+        [{"images": x[:8], "count": 8}, {"images": x[8:], "count": 4}],
+        metrics=["rfid"],
+        device="cpu",
+        inception=inception,
+    )
     with torch.no_grad():
         x_rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
     f1, f2 = inception(x), inception(x_rec)
@@ -263,15 +297,33 @@ def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys)
     args = ["eval", "--run", str(run_dir), "--data", str(shards), "--iw", "4", "--batch-size", "3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()),
-           "-m", "vae_scale.evaluate", *args[1:], "--out", str(tmp_path / "two.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "vae_scale.evaluate",
+        *args[1:],
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     assert eval_main([*args[1:], "--out", str(tmp_path / "one.json")]) == 0  # meanwhile, in this process
     table = capsys.readouterr().out
-    for row in ("| PSNR (dB)", "| SSIM", "| bits/dim (ELBO)", "| bits/dim (IW bound, K=4)", "| KL per latent",
-                "| active latent channels", "discretised logistic, learned scale"):
+    for row in (
+        "| PSNR (dB)",
+        "| SSIM",
+        "| bits/dim (ELBO)",
+        "| bits/dim (IW bound, K=4)",
+        "| KL per latent",
+        "| active latent channels",
+        "discretised logistic, learned scale",
+    ):
         assert row in table, row
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]

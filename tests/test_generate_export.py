@@ -54,11 +54,23 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
         img = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(src / f"img{i:02d}.png")
     shards = root / "shards"
-    write_shards(str(src), shards, max_per_shard=10, image_format="png", val_fraction=0.25, seed=0,
-                 progress=False)
+    write_shards(
+        str(src), shards, max_per_shard=10, image_format="png", val_fraction=0.25, seed=0, progress=False
+    )
     run_dir = root / "run"
-    train(load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={shards}", "train.steps=6",
-                             "checkpoint.every=0", "optim.ema_decay=0.5"]))
+    train(
+        load_config(
+            None,
+            [
+                *TINY,
+                f"run.dir={run_dir}",
+                f"data.train={shards}",
+                "train.steps=6",
+                "checkpoint.every=0",
+                "optim.ema_decay=0.5",
+            ],
+        )
+    )
     return run_dir, shards
 
 
@@ -103,8 +115,21 @@ def test_export_loads_in_diffusers_decodes_the_same_and_normalises_held_out_late
 
     # SD style (no shift) and no per-channel statistics, EMA weights.
     sd_style = tmp_path / "sd-style"
-    export_main(["--run", str(run_dir), "--out", str(sd_style), "--data", str(shards), "--n", "16", "--ema",
-                 "--no-shift", "--no-channel-stats"])
+    export_main(
+        [
+            "--run",
+            str(run_dir),
+            "--out",
+            str(sd_style),
+            "--data",
+            str(shards),
+            "--n",
+            "16",
+            "--ema",
+            "--no-shift",
+            "--no-channel-stats",
+        ]
+    )
     config = json.loads((sd_style / "config.json").read_text())
     assert config["shift_factor"] is None and config["latents_mean"] is None and config["latents_std"] is None
     ema = VAE.from_checkpoint(run_dir, ema=True)
@@ -118,8 +143,20 @@ def test_export_safetensors_is_the_single_file_layout_diffusers_converts_back(ru
 
     run_dir, shards = run
     out = tmp_path / "vae.safetensors"
-    export_main(["--run", str(run_dir), "--out", str(out), "--format", "safetensors", "--data", str(shards),
-                 "--n", "8"])
+    export_main(
+        [
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--format",
+            "safetensors",
+            "--data",
+            str(shards),
+            "--n",
+            "8",
+        ]
+    )
     sd = load_file(out)
     assert "encoder.down.0.block.0.conv1.weight" in sd and "decoder.up.0.upsample.conv.weight" not in sd
     assert sd["encoder.mid.attn_1.q.weight"].ndim == 4  # attention as 1x1 convs, as latent diffusion has it
@@ -173,12 +210,17 @@ def test_import_starts_a_run_from_a_diffusers_folder(run, tmp_path, capsys):
 def test_sample_writes_a_grid_of_n_images(run, tmp_path):
     run_dir, _ = run
     out = tmp_path / "grid.png"
-    assert sample_main(["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7",
-                        "--out", str(out)]) == 0
+    assert (
+        sample_main(
+            ["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7", "--out", str(out)]
+        )
+        == 0
+    )
     assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px with 2 px gaps
     again = tmp_path / "again.png"
-    sample_main(["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7",
-                 "--out", str(again)])
+    sample_main(
+        ["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7", "--out", str(again)]
+    )
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))  # seeded
 
 
@@ -190,15 +232,18 @@ def test_reconstruct_writes_input_and_reconstruction_side_by_side(run, tmp_path,
     Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(folder / "a.png")
     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "b.jpg")
     out = tmp_path / "recon"
-    assert reconstruct_main(["--run", str(run_dir), str(folder), str(tmp_path / "b.jpg"),
-                             "--out", str(out)]) == 0
+    assert (
+        reconstruct_main(["--run", str(run_dir), str(folder), str(tmp_path / "b.jpg"), "--out", str(out)])
+        == 0
+    )
     a = np.asarray(Image.open(out / "a.png"))
     assert a.shape == (36 + 4, 2 * (50 + 2) + 2, 3)  # cropped to even sizes (f2), two panels
     assert np.array_equal(a[2:38, 2:52], np.asarray(Image.open(folder / "a.png"))[0:36])  # input, as is
     assert Image.open(out / "b.png").size == (2 * 42 + 2, 44)
     assert "mean PSNR" in capsys.readouterr().out
-    reconstruct_main(["--run", str(run_dir), str(folder / "a.png"), "--resolution", "16",
-                      "--out", str(out / "r")])
+    reconstruct_main(
+        ["--run", str(run_dir), str(folder / "a.png"), "--resolution", "16", "--out", str(out / "r")]
+    )
     assert Image.open(out / "r" / "a.png").size == (2 * 18 + 2, 20)
     with pytest.raises(FileNotFoundError, match="nope.png"):
         reconstruct_main(["--run", str(run_dir), str(tmp_path / "nope.png"), "--out", str(out)])
@@ -223,8 +268,23 @@ def source_keys(shards: Path, split: str) -> set[str]:
 def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
     run_dir, shards = run
     out = tmp_path / "latents"
-    assert encode_main(["--run", str(run_dir), "--data", str(shards), "--out", str(out), "--shard-size", "10",
-                        "--workers", "0"]) == 0
+    assert (
+        encode_main(
+            [
+                "--run",
+                str(run_dir),
+                "--data",
+                str(shards),
+                "--out",
+                str(out),
+                "--shard-size",
+                "10",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "index.json").read_text())
     assert index["splits"]["train"]["samples"] == 36 and len(index["splits"]["train"]["shards"]) == 4
     assert index["latent"]["shape"] == [4, 16, 16] and index["latent"]["kind"] == "posterior mean"
@@ -241,8 +301,25 @@ def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
         assert json.loads(samples[key]["json"])["source"] == url
 
     npy = tmp_path / "npy"
-    encode_main(["--run", str(run_dir), "--data", str(shards), "--split", "val", "--out", str(npy),
-                 "--format", "npy", "--dtype", "float16", "--sample", "--workers", "0"])
+    encode_main(
+        [
+            "--run",
+            str(run_dir),
+            "--data",
+            str(shards),
+            "--split",
+            "val",
+            "--out",
+            str(npy),
+            "--format",
+            "npy",
+            "--dtype",
+            "float16",
+            "--sample",
+            "--workers",
+            "0",
+        ]
+    )
     samples = read_shards(npy)
     assert set(samples) == source_keys(shards, "val")
     z = read_latent(next(iter(samples.values()))["npy"], "npy")
@@ -264,10 +341,29 @@ def test_encode_with_two_processes_writes_every_sample_once(run, tmp_path):
     script = tmp_path / "encode.py"
     script.write_text(code)
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "launch/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()), str(script),
-         "--run", str(run_dir), "--data", str(shards), "--out", str(out), "--workers", "0"],
-        env=env, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            "--run",
+            str(run_dir),
+            "--data",
+            str(shards),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     index = json.loads((out / "index.json").read_text())
     assert sorted(index["splits"]["train"]["shards"]) == ["latents-000-000000.tar", "latents-001-000000.tar"]

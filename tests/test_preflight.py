@@ -47,7 +47,6 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-
 MODEL = ["model.block_out_channels=[32,64,64]", "model.norm_num_groups=16", "model.mid_block_attention=false"]
 
 

@@ -91,8 +91,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bicubic_round_trip(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Downsample by `factor` (antialiased bicubic) and back up (bicubic): the baseline a VAE must beat."""
     h, w = x.shape[-2:]
-    small = F.interpolate(x.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True,
-                          align_corners=False)
+    small = F.interpolate(
+        x.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False
+    )
     return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
@@ -104,8 +105,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     whose window lies inside the image, averaged over channels.
     """
     if x.shape != y.shape or x.ndim != 4 or min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape with H, W >= 7, got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"ssim needs two (B, C, H, W) batches of one shape with H, W >= 7, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     a, b = (x.double() + 1) / 2, (y.double() + 1) / 2
     C = a.shape[1]
     moments = F.avg_pool2d(torch.cat([a, b, a * a, b * b, a * b], 1), SSIM_WINDOW, stride=1)  # valid windows
@@ -180,13 +183,16 @@ def load_lpips(loss: LossConfig, lpips_path: str = "", vgg_path: str = ""):
 
     from vae_scale.losses import LPIPS, LossConfigError, find_lpips_weights
 
-    cfg = dataclasses.replace(loss, lpips_path=lpips_path or loss.lpips_path,
-                              vgg_path=vgg_path or loss.vgg_path)
+    cfg = dataclasses.replace(
+        loss, lpips_path=lpips_path or loss.lpips_path, vgg_path=vgg_path or loss.vgg_path
+    )
     try:
         return LPIPS.from_files(*find_lpips_weights(cfg))
     except LossConfigError as e:
-        raise MetricError(f"metric lpips needs its weights on disk (pass --lpips-path DIR with vgg.pth and "
-                          f"vgg16-397923af.pth, or --vgg-path): {e}") from None
+        raise MetricError(
+            f"metric lpips needs its weights on disk (pass --lpips-path DIR with vgg.pth and "
+            f"vgg16-397923af.pth, or --vgg-path): {e}"
+        ) from None
 
 
 class InceptionFeatures(nn.Module):
@@ -235,8 +241,14 @@ def load_inception(path: str = "") -> InceptionFeatures:
     return InceptionFeatures(module)
 
 
-def load_eval_nets(cfg: Config, metrics: Iterable[str] | None = None, *, lpips_path: str = "",
-                   vgg_path: str = "", inception_path: str = "") -> dict[str, nn.Module]:
+def load_eval_nets(
+    cfg: Config,
+    metrics: Iterable[str] | None = None,
+    *,
+    lpips_path: str = "",
+    vgg_path: str = "",
+    inception_path: str = "",
+) -> dict[str, nn.Module]:
     """The networks `evaluate` needs for `metrics` (default cfg.eval.metrics): {"lpips", "inception"}.
 
     Call once at start, so missing weights stop a run before training (MetricError), then pass the dict
@@ -294,7 +306,7 @@ class _Sums:
             raise RuntimeError(f"reduce returned shape {tuple(total.shape)} for {tuple(flat.shape)}")
         out, i = {}, 0
         for name, t in self.parts.items():
-            out[name] = total[i:i + t.numel()].reshape(t.shape)
+            out[name] = total[i : i + t.numel()].reshape(t.shape)
             i += t.numel()
         return out
 
@@ -338,8 +350,10 @@ def evaluate(
         metrics.append("bpd")
     if iw and not learned:
         recon = criterion.cfg.recon if criterion is not None else "none"
-        raise MetricError(f"the importance-weighted bound (iw={iw}) needs a learned likelihood "
-                          f"(loss.recon=logistic or gaussian), this run has loss.recon={recon}")
+        raise MetricError(
+            f"the importance-weighted bound (iw={iw}) needs a learned likelihood "
+            f"(loss.recon=logistic or gaussian), this run has loss.recon={recon}"
+        )
     C = vae.config.latent_channels
     sums = _Sums(device)
     for name in ("samples", "psnr", "ssim", "mse", "nll", "sq_err_sample", "kl", "iw", "lpips", "positions"):
@@ -532,8 +546,10 @@ def load_criterion(loaded: LoadedModel):
     cfg = loaded.config.loss
     if cfg.recon not in ("logistic", "gaussian"):
         return None
-    criterion = VAELoss(dataclasses.replace(cfg, perceptual_weight=0.0, disc_weight=0.0),
-                        image_channels=loaded.config.model.in_channels)
+    criterion = VAELoss(
+        dataclasses.replace(cfg, perceptual_weight=0.0, disc_weight=0.0),
+        image_channels=loaded.config.model.in_channels,
+    )
     param = criterion.logvar if cfg.recon == "gaussian" else criterion.log_scale
     name = "logvar" if cfg.recon == "gaussian" else "log_scale"
     ckpt = loaded.checkpoint
@@ -543,8 +559,10 @@ def load_criterion(loaded: LoadedModel):
     if value is None and ckpt is not None and (ckpt / "model.safetensors").is_file():
         value = load_file(ckpt / "model.safetensors").get("loss_params.0")
     if value is None or value.shape != param.shape:
-        raise InputError(f"{loaded.source}: no learned likelihood scale ({name}, loss.recon={cfg.recon}) in "
-                         "the checkpoint, so bits/dim cannot be computed; leave bpd out of --metrics")
+        raise InputError(
+            f"{loaded.source}: no learned likelihood scale ({name}, loss.recon={cfg.recon}) in "
+            "the checkpoint, so bits/dim cannot be computed; leave bpd out of --metrics"
+        )
     with torch.no_grad():
         param.copy_(value)
     return criterion
@@ -555,11 +573,22 @@ def likelihood_name(criterion) -> str:
     if criterion is None or not has_likelihood(criterion):
         return "gaussian, variance fit to the data"
     return {"logistic": "discretised logistic, learned scale", "gaussian": "gaussian, learned variance"}[
-        criterion.cfg.recon]
+        criterion.cfg.recon
+    ]
 
 
-def iter_batches(spec: str, *, split: str, resolution: int, batch_size: int, workers: int = 0, rank: int = 0,
-                 world: int = 1, limit: int = 0, seed: int = 0) -> Iterator[dict[str, Any]]:
+def iter_batches(
+    spec: str,
+    *,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    limit: int = 0,
+    seed: int = 0,
+) -> Iterator[dict[str, Any]]:
     """Finite center-crop batches ("images", "count", "keys") of this rank's share of shards or `synthetic`.
 
     Shards: every good sample exactly once across ranks (data.build_val_loader's reader; a folder gives
@@ -574,7 +603,7 @@ def iter_batches(spec: str, *, split: str, resolution: int, batch_size: int, wor
     if spec == SYNTHETIC:
         indices = list(range(rank, limit or 256, world))
         for i in range(0, len(indices), batch_size):
-            chunk = indices[i:i + batch_size]
+            chunk = indices[i : i + batch_size]
             images = torch.stack([synthetic_image(seed, j, resolution) for j in chunk])
             yield {"images": images, "count": len(chunk), "keys": [f"synthetic#{j}" for j in chunk]}
         return
@@ -646,13 +675,18 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None 
 # `vae-scale eval`
 
 
-def format_table(results: dict[str, float], likelihood: str = "", latent_channels: int | None = None,
-                 iw: int = 0) -> str:
+def format_table(
+    results: dict[str, float], likelihood: str = "", latent_channels: int | None = None, iw: int = 0
+) -> str:
     """The results as a markdown table (what `vae-scale eval` prints), the likelihood of bits/dim below."""
     rows = [("samples", f"{int(results['samples'])}")]
-    fmt = {"psnr": ("PSNR (dB)", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
-           "mse": ("MSE ([0, 1] scale)", "{:.5f}"), "lpips": ("LPIPS-VGG", "{:.4f}"),
-           "rfid": ("rFID", "{:.2f}")}
+    fmt = {
+        "psnr": ("PSNR (dB)", "{:.2f}"),
+        "ssim": ("SSIM", "{:.4f}"),
+        "mse": ("MSE ([0, 1] scale)", "{:.5f}"),
+        "lpips": ("LPIPS-VGG", "{:.4f}"),
+        "rfid": ("rFID", "{:.2f}"),
+    }
     for key in ("psnr", "ssim", "mse", "lpips", "rfid"):
         if key in results:
             rows.append((fmt[key][0], fmt[key][1].format(results[key])))
@@ -663,8 +697,12 @@ def format_table(results: dict[str, float], likelihood: str = "", latent_channel
         rows.append((label, f"{results['bpd_iw']:.4f}"))
     if "kl" in results:
         rows.append(("KL (nats per image)", f"{results['kl']:.2f}"))
-        per = [results[k] for k in sorted((k for k in results if k.startswith("kl_channel/")),
-                                          key=lambda k: int(k.split("/")[1]))]
+        per = [
+            results[k]
+            for k in sorted(
+                (k for k in results if k.startswith("kl_channel/")), key=lambda k: int(k.split("/")[1])
+            )
+        ]
         rows.append(("KL per latent channel", " ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in per)))
     if "active_units" in results:
         of = f" / {latent_channels}" if latent_channels else ""
@@ -684,8 +722,12 @@ def eval_main(argv: list[str]) -> int:
     add_model_args(p)
     p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.val)")
     p.add_argument("--split", default="val", choices=("train", "val"), help="which shards of a folder (val)")
-    p.add_argument("--metrics", nargs="+", help=f"any of {' '.join(METRICS)} (default: the run's "
-                   "eval.metrics, plus lpips / rfid when their weights are given)")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        help=f"any of {' '.join(METRICS)} (default: the run's "
+        "eval.metrics, plus lpips / rfid when their weights are given)",
+    )
     p.add_argument("--iw", type=int, default=None, help="importance samples for bpd_iw (default eval.iw)")
     p.add_argument("--out", help="write the results as JSON to this file")
     p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
@@ -717,29 +759,59 @@ def eval_main(argv: list[str]) -> int:
         if (args.inception_path or cfg.eval.inception_path) and "rfid" not in metrics:
             metrics.append("rfid")
     iw = cfg.eval.iw if args.iw is None else args.iw
-    nets = load_eval_nets(cfg, metrics, lpips_path=args.lpips_path, vgg_path=args.vgg_path,
-                          inception_path=args.inception_path)
+    nets = load_eval_nets(
+        cfg, metrics, lpips_path=args.lpips_path, vgg_path=args.vgg_path, inception_path=args.inception_path
+    )
     criterion = load_criterion(loaded) if "bpd" in metrics or iw else None
 
     procs = processes()
     vae = loaded.vae.to(procs.device)
     resolution = args.resolution or cfg.data.resolution
-    batches = iter_batches(data, split=args.split, resolution=resolution,
-                           batch_size=args.batch_size or cfg.data.batch_size, workers=args.workers,
-                           rank=procs.rank, world=procs.world, limit=args.n if data == "synthetic" else 0,
-                           seed=cfg.train.seed + 1)
-    results = evaluate(vae, progress(batches, enabled=procs.is_main and sys.stderr.isatty(), desc="eval"),
-                       metrics=metrics, device=procs.device, reduce=procs.reduce_sum, criterion=criterion,
-                       max_batches=args.max_batches, iw=iw, seed=args.seed, **nets)
+    batches = iter_batches(
+        data,
+        split=args.split,
+        resolution=resolution,
+        batch_size=args.batch_size or cfg.data.batch_size,
+        workers=args.workers,
+        rank=procs.rank,
+        world=procs.world,
+        limit=args.n if data == "synthetic" else 0,
+        seed=cfg.train.seed + 1,
+    )
+    results = evaluate(
+        vae,
+        progress(batches, enabled=procs.is_main and sys.stderr.isatty(), desc="eval"),
+        metrics=metrics,
+        device=procs.device,
+        reduce=procs.reduce_sum,
+        criterion=criterion,
+        max_batches=args.max_batches,
+        iw=iw,
+        seed=args.seed,
+        **nets,
+    )
     if procs.is_main:
         how = likelihood_name(criterion) if "bpd" in metrics else ""
-        print(f"{loaded.source}" + (f" (step {loaded.step})" if loaded.step is not None else "")
-              + (" EMA" if args.ema else "") + f" on {data}, {procs.world} process(es)")
+        print(
+            f"{loaded.source}"
+            + (f" (step {loaded.step})" if loaded.step is not None else "")
+            + (" EMA" if args.ema else "")
+            + f" on {data}, {procs.world} process(es)"
+        )
         print(format_table(results, how, cfg.model.latent_channels, iw))
         if args.out:
-            report = {"metrics": results, "source": loaded.source, "step": loaded.step, "ema": args.ema,
-                      "data": data, "resolution": resolution, "likelihood": how or None, "iw": iw,
-                      "seed": args.seed, "world_size": procs.world}
+            report = {
+                "metrics": results,
+                "source": loaded.source,
+                "step": loaded.step,
+                "ema": args.ema,
+                "data": data,
+                "resolution": resolution,
+                "likelihood": how or None,
+                "iw": iw,
+                "seed": args.seed,
+                "world_size": procs.world,
+            }
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")

@@ -50,8 +50,18 @@ log = logging.getLogger(__name__)
 DEFAULT_STATS_SAMPLES = 1024
 INIT_WEIGHTS = "init/vae.safetensors"
 # Model fields an import takes from the diffusers config.json; an override of one would not fit the weights.
-ARCHITECTURE = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-                "norm_num_groups", "norm_eps", "mid_block_attention", "quant_convs", "preset")
+ARCHITECTURE = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "norm_eps",
+    "mid_block_attention",
+    "quant_convs",
+    "preset",
+)
 
 
 class ExportError(InputError):
@@ -63,8 +73,15 @@ class ExportError(InputError):
 
 
 @torch.no_grad()
-def latent_statistics(vae, batches: Iterable[dict[str, Any]], *, device, n: int = DEFAULT_STATS_SAMPLES,
-                      sample: bool = False, seed: int = 0) -> dict[str, Any]:
+def latent_statistics(
+    vae,
+    batches: Iterable[dict[str, Any]],
+    *,
+    device,
+    n: int = DEFAULT_STATS_SAMPLES,
+    sample: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean and std of the latents of the first n samples of `batches`, over all elements and per channel.
 
     Latents are posterior means (sample=False) or reparameterised samples seeded by each sample's key.
@@ -100,8 +117,14 @@ def latent_statistics(vae, batches: Iterable[dict[str, Any]], *, device, n: int 
     channel_var = (s2 / count - channel_mean.square()).clamp_min(0)
     mean = float(s1.sum() / (count * C))
     var = max(float(s2.sum() / (count * C)) - mean**2, 0.0)
-    return {"samples": samples, "mean": mean, "std": var**0.5, "channel_mean": channel_mean.tolist(),
-            "channel_std": channel_var.sqrt().tolist(), "latent": "sample" if sample else "posterior mean"}
+    return {
+        "samples": samples,
+        "mean": mean,
+        "std": var**0.5,
+        "channel_mean": channel_mean.tolist(),
+        "channel_std": channel_var.sqrt().tolist(),
+        "latent": "sample" if sample else "posterior mean",
+    }
 
 
 def with_statistics(config, stats: dict[str, Any], shift: bool = True, channel_stats: bool = True):
@@ -133,13 +156,22 @@ def state_dict_to_ldm(sd: dict[str, torch.Tensor], levels: int) -> dict[str, tor
         new = name
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.",
+            new,
+        )
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.",
+            new,
+        )
         new = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", new)
-        m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\."
-                     r"(weight|bias)$", new)
+        m = re.match(
+            r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\."
+            r"(weight|bias)$",
+            new,
+        )
         if m:
             new = f"{m[1]}.mid.attn_1.{attention[m[2]]}.{m[3]}"
             if m[2] != "group_norm" and m[3] == "weight":
@@ -157,19 +189,27 @@ def export_main(argv: list[str]) -> int:
     """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--n N] [--data P]`."""
     from vae_scale.diffusers_io import config_to_diffusers, save_diffusers
 
-    p = argparse.ArgumentParser(prog="vae-scale export",
-                                description="Write a diffusers AutoencoderKL with its latent statistics.")
+    p = argparse.ArgumentParser(
+        prog="vae-scale export", description="Write a diffusers AutoencoderKL with its latent statistics."
+    )
     add_model_args(p)
-    p.add_argument("--out", required=True, help="diffusers: a folder; safetensors: a .safetensors file "
-                   "(or a folder, which gets vae.safetensors)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="diffusers: a folder; safetensors: a .safetensors file "
+        "(or a folder, which gets vae.safetensors)",
+    )
     p.add_argument("--format", default="diffusers", choices=("diffusers", "safetensors"))
     p.add_argument("--data", help="samples for the statistics: shards or 'synthetic' (default: data.train)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
     p.add_argument("--n", type=int, default=DEFAULT_STATS_SAMPLES, help="samples measured (default 1024)")
     p.add_argument("--sample", action="store_true", help="measure sampled latents, not posterior means")
     p.add_argument("--no-shift", action="store_true", help="shift_factor null (SD style: scale only)")
-    p.add_argument("--no-channel-stats", action="store_true",
-                   help="latents_mean / latents_std null (for pipelines that pair them with scaling_factor)")
+    p.add_argument(
+        "--no-channel-stats",
+        action="store_true",
+        help="latents_mean / latents_std null (for pipelines that pair them with scaling_factor)",
+    )
     p.add_argument("--no-stats", action="store_true", help="keep the model config's scale and shift")
     p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
     p.add_argument("--batch-size", type=int, help="images per batch (default data.batch_size)")
@@ -187,20 +227,35 @@ def export_main(argv: list[str]) -> int:
     if not args.no_stats:
         data = args.data or cfg.data.train
         if not data:
-            raise ExportError(f"--data is needed for the latent statistics: {loaded.source} has no "
-                              "data.train")
+            raise ExportError(
+                f"--data is needed for the latent statistics: {loaded.source} has no data.train"
+            )
         resolution = args.resolution or cfg.data.resolution
         f = vae.downsample_factor
         if resolution % f:
             raise ExportError(f"--resolution={resolution} is not a multiple of the downsampling factor {f}")
-        batches = iter_batches(data, split=args.split, resolution=resolution,
-                               batch_size=args.batch_size or cfg.data.batch_size, workers=args.workers,
-                               limit=args.n, seed=cfg.train.seed)
+        batches = iter_batches(
+            data,
+            split=args.split,
+            resolution=resolution,
+            batch_size=args.batch_size or cfg.data.batch_size,
+            workers=args.workers,
+            limit=args.n,
+            seed=cfg.train.seed,
+        )
         stats = latent_statistics(vae, batches, device=device, n=args.n, sample=args.sample, seed=args.seed)
-        stats.update({"data": data, "resolution": resolution, "source": loaded.source, "step": loaded.step,
-                      "ema": args.ema})
-        vae.config = with_statistics(vae.config, stats, shift=not args.no_shift,
-                                     channel_stats=not args.no_channel_stats)
+        stats.update(
+            {
+                "data": data,
+                "resolution": resolution,
+                "source": loaded.source,
+                "step": loaded.step,
+                "ema": args.ema,
+            }
+        )
+        vae.config = with_statistics(
+            vae.config, stats, shift=not args.no_shift, channel_stats=not args.no_channel_stats
+        )
     if loaded.checkpoint is not None:  # diffusers' sample_size is the training resolution
         vae.config = dataclasses.replace(vae.config, sample_size=cfg.data.resolution)
     vae.cpu()
@@ -225,8 +280,10 @@ def export_main(argv: list[str]) -> int:
     m = vae.config
     shift = "null" if m.shift_factor is None else f"{m.shift_factor:.6g}"
     how = f"measured on {stats['samples']} samples ({stats['latent']})" if stats else "from the model config"
-    print(f"wrote {written} ({args.format}{', EMA' if args.ema else ''}): scaling_factor "
-          f"{m.scaling_factor:.6g}, shift_factor {shift}, {how}")
+    print(
+        f"wrote {written} ({args.format}{', EMA' if args.ema else ''}): scaling_factor "
+        f"{m.scaling_factor:.6g}, shift_factor {shift}, {how}"
+    )
     return 0
 
 
@@ -258,8 +315,10 @@ def load_init_weights(vae, path: str | Path) -> None:
     except RuntimeError as e:
         raise ExportError(f"model.init_from={str(path)!r} does not fit the model config: {e}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"model.init_from={str(path)!r} does not fit the model config: missing "
-                          f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise ExportError(
+            f"model.init_from={str(path)!r} does not fit the model config: missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 def import_main(argv: list[str]) -> int:
@@ -267,8 +326,9 @@ def import_main(argv: list[str]) -> int:
     from vae_scale.checkpoint import latest_checkpoint
     from vae_scale.diffusers_io import CONFIG_NAME, load_diffusers
 
-    p = argparse.ArgumentParser(prog="vae-scale import",
-                                description="Start a run folder from a diffusers AutoencoderKL.")
+    p = argparse.ArgumentParser(
+        prog="vae-scale import", description="Start a run folder from a diffusers AutoencoderKL."
+    )
     p.add_argument("--diffusers", required=True, help="an AutoencoderKL folder (or a pipeline folder)")
     p.add_argument("--out", required=True, help="the new run folder")
     p.add_argument("--config", "-c", default="sd-f8", help="preset or YAML for the rest (default sd-f8)")
@@ -280,11 +340,12 @@ def import_main(argv: list[str]) -> int:
         raise FileNotFoundError(f"--diffusers {src}: no such folder")
     for item in args.overrides:
         key = item.split("=", 1)[0].strip()
-        if key.startswith("model.") and key[len("model."):] in ARCHITECTURE:
+        if key.startswith("model.") and key[len("model.") :] in ARCHITECTURE:
             raise ConfigError(f"{key} comes from {src}/{CONFIG_NAME} on import and cannot be overridden")
     if latest_checkpoint(run) is not None:
-        raise ExportError(f"--out {run} already holds checkpoints: training would resume them, not the "
-                          "import")
+        raise ExportError(
+            f"--out {run} already holds checkpoints: training would resume them, not the import"
+        )
     if (run / "config.yaml").exists() and not args.force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
@@ -296,18 +357,28 @@ def import_main(argv: list[str]) -> int:
     keep = {k: getattr(cfg.model, k) for k in ("kernels", "gradient_checkpointing", "channels_last")}
     cfg.model = dataclasses.replace(vae.config, **keep, init_from=str(weights.resolve()))
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, weights,
-              metadata={"format": "pt", "source": str(src.resolve())})
+    save_file(
+        {k: v.contiguous() for k, v in vae.state_dict().items()},
+        weights,
+        metadata={"format": "pt", "source": str(src.resolve())},
+    )
     source_config = src / CONFIG_NAME if (src / CONFIG_NAME).is_file() else src / "vae" / CONFIG_NAME
     (weights.parent / CONFIG_NAME).write_text(source_config.read_text())
     (run / "config.yaml").write_text(cfg.to_yaml())
     m = cfg.model
     n_params = sum(t.numel() for t in vae.state_dict().values())
-    print(f"imported {src} into {run}: {n_params:,} parameters, {m.latent_channels} latent channels, "
-          f"f{m.downsample_factor}, scaling_factor {m.scaling_factor:g}")
-    disc = ("loss.disc_weight=0, so there is none until you set it" if cfg.loss.disc_weight == 0
-            else f"loss.disc_weight={cfg.loss.disc_weight:g}")
-    print(f"the discriminator is freshly initialised: a diffusers folder holds no discriminator weights "
-          f"({disc})")
+    print(
+        f"imported {src} into {run}: {n_params:,} parameters, {m.latent_channels} latent channels, "
+        f"f{m.downsample_factor}, scaling_factor {m.scaling_factor:g}"
+    )
+    disc = (
+        "loss.disc_weight=0, so there is none until you set it"
+        if cfg.loss.disc_weight == 0
+        else f"loss.disc_weight={cfg.loss.disc_weight:g}"
+    )
+    print(
+        f"the discriminator is freshly initialised: a diffusers folder holds no discriminator weights "
+        f"({disc})"
+    )
     print(f"train with: vae-scale train --config {run / 'config.yaml'} data.train=PATTERN")
     return 0

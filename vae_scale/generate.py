@@ -50,14 +50,23 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @torch.no_grad()
-def sample_images(vae, n: int, resolution: int, temperature: float = 1.0, seed: int = 0,
-                  batch_size: int = 16, device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_images(
+    vae,
+    n: int,
+    resolution: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """n images (n, 3, R, R) in [-1, 1] decoded from prior latents z ~ N(0, temperature^2 I), seeded."""
     vae.eval()
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *vae.latent_shape(resolution), generator=g) * temperature
-    out = [vae.decode(z[i:i + batch_size].to(device)).float().clamp(-1, 1).cpu()
-           for i in range(0, n, batch_size)]
+    out = [
+        vae.decode(z[i : i + batch_size].to(device)).float().clamp(-1, 1).cpu()
+        for i in range(0, n, batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -79,12 +88,13 @@ def sample_main(argv: list[str]) -> int:
     resolution = args.resolution or loaded.config.data.resolution
     _check_resolution(loaded.vae, resolution, "--resolution")
     device = processes().device
-    images = sample_images(loaded.vae.to(device), args.n, resolution, args.temperature, args.seed,
-                           args.batch_size, device)
+    images = sample_images(
+        loaded.vae.to(device), args.n, resolution, args.temperature, args.seed, args.batch_size, device
+    )
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid([images[i:i + nrow] for i in range(0, args.n, nrow)]), out)
+    save_png(image_grid([images[i : i + nrow] for i in range(0, args.n, nrow)]), out)
     print(f"wrote {out}: {args.n} samples at {resolution} px, temperature {args.temperature:g}")
     return 0
 
@@ -143,14 +153,19 @@ def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
 
 def reconstruct_main(argv: list[str]) -> int:
     """`vae-scale reconstruct --run RUN IMAGES... --out DIR`: side-by-side PNGs (input | reconstruction)."""
-    p = argparse.ArgumentParser(prog="vae-scale reconstruct",
-                                description="Write each image beside its reconstruction.")
+    p = argparse.ArgumentParser(
+        prog="vae-scale reconstruct", description="Write each image beside its reconstruction."
+    )
     add_model_args(p)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="folder for <name>.png")
-    p.add_argument("--resolution", type=int, default=0,
-                   help="resize the short side to this and center-crop a square (default: whole image, "
-                        "cropped to a multiple of the downsampling factor)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=0,
+        help="resize the short side to this and center-crop a square (default: whole image, "
+        "cropped to a multiple of the downsampling factor)",
+    )
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -225,12 +240,18 @@ class LatentShardWriter:
             self._close()
             name = f"{self.prefix}-{self.rank:03d}-{len(self.counts):06d}.tar"
             self.tmp = self.out / f"{name}.tmp"
-            self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0, user="vae-scale",
-                                        group="vae-scale")
+            self.writer = wds.TarWriter(
+                str(self.tmp), encoder=False, mtime=0, user="vae-scale", group="vae-scale"
+            )
             self.counts[name] = 0
         meta = {"source": source, "key": key, "shape": list(z.shape), "dtype": str(z.dtype).split(".")[-1]}
-        self.writer.write({"__key__": key, self.fmt: latent_bytes(z, self.fmt),
-                           "json": json.dumps(meta, sort_keys=True).encode()})
+        self.writer.write(
+            {
+                "__key__": key,
+                self.fmt: latent_bytes(z, self.fmt),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
+        )
         self.counts[self.tmp.name[:-4]] += 1
 
     def _close(self) -> None:
@@ -259,16 +280,21 @@ def encode_main(argv: list[str]) -> int:
     p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
     p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
     p.add_argument("--format", default="safetensors", choices=LATENT_FORMATS, help="per-sample latent file")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: "
-                   "safetensors only)")
+    p.add_argument(
+        "--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: safetensors only)"
+    )
     p.add_argument("--sample", action="store_true", help="a posterior sample, not the posterior mean")
     p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
     p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers per process (default 2)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
     p.add_argument("--prefix", default="latents", help="output shard name prefix (default latents)")
-    p.add_argument("--n", type=int, default=0, help="at most this many samples per process (0: all); "
-                   "with --data synthetic, how many images")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=0,
+        help="at most this many samples per process (0: all); with --data synthetic, how many images",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds --sample's noise (per sample key)")
     args = p.parse_args(argv)
     if args.format == "npy" and args.dtype == "bfloat16":
@@ -297,9 +323,17 @@ def encode_main(argv: list[str]) -> int:
                 old.unlink()
     procs.barrier()
     vae.to(procs.device).eval()
-    batches = iter_batches(data, split=args.split, resolution=resolution, batch_size=batch_size,
-                           workers=args.workers, rank=procs.rank, world=procs.world, limit=args.n,
-                           seed=cfg.train.seed)
+    batches = iter_batches(
+        data,
+        split=args.split,
+        resolution=resolution,
+        batch_size=batch_size,
+        workers=args.workers,
+        rank=procs.rank,
+        world=procs.world,
+        limit=args.n,
+        seed=cfg.train.seed,
+    )
     total = _expected_samples(data, args.split, args.n, procs.world)
     writer = LatentShardWriter(out, args.prefix, procs.rank, args.shard_size, args.format)
     bar = None
@@ -333,16 +367,31 @@ def encode_main(argv: list[str]) -> int:
         m = cfg.model
         index = {
             "splits": {args.split: {"samples": sum(shards.values()), "shards": shards}},
-            "latent": {"format": args.format, "dtype": args.dtype, "shape": list(next(iter(shapes), [])),
-                       "kind": "sample" if args.sample else "posterior mean", "seed": args.seed,
-                       "scaled": False, "scaling_factor": m.scaling_factor, "shift_factor": m.shift_factor,
-                       "latents_mean": m.latents_mean, "latents_std": m.latents_std},
-            "source": {"data": data, "resolution": resolution, "model": loaded.source, "step": loaded.step,
-                       "ema": args.ema},
+            "latent": {
+                "format": args.format,
+                "dtype": args.dtype,
+                "shape": list(next(iter(shapes), [])),
+                "kind": "sample" if args.sample else "posterior mean",
+                "seed": args.seed,
+                "scaled": False,
+                "scaling_factor": m.scaling_factor,
+                "shift_factor": m.shift_factor,
+                "latents_mean": m.latents_mean,
+                "latents_std": m.latents_std,
+            },
+            "source": {
+                "data": data,
+                "resolution": resolution,
+                "model": loaded.source,
+                "step": loaded.step,
+                "ema": args.ema,
+            },
         }
         (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        print(f"wrote {index['splits'][args.split]['samples']} latents {index['latent']['shape']} in "
-              f"{len(shards)} shards to {out}/ ({procs.world} process(es))")
+        print(
+            f"wrote {index['splits'][args.split]['samples']} latents {index['latent']['shape']} in "
+            f"{len(shards)} shards to {out}/ ({procs.world} process(es))"
+        )
     procs.barrier()
     return 0
 
@@ -361,5 +410,13 @@ def _expected_samples(data: str, split: str, limit: int, world: int) -> int | No
     return min(n, limit) if limit else n
 
 
-__all__ = ["LatentShardWriter", "encode_main", "latent_bytes", "load_image", "read_latent",
-           "reconstruct_main", "sample_images", "sample_main"]
+__all__ = [
+    "LatentShardWriter",
+    "encode_main",
+    "latent_bytes",
+    "load_image",
+    "read_latent",
+    "reconstruct_main",
+    "sample_images",
+    "sample_main",
+]
