@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vae_scale.commands import iter_batches
 from vae_scale.config import ConfigError, load_config
-from vae_scale.evaluate import iter_batches
 from vae_scale.export import ExportError, export_main, import_main, load_init_weights
 from vae_scale.generate import encode_main, read_latent, reconstruct_main, sample_main
 from vae_scale.model import VAE

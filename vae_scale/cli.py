@@ -47,7 +47,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     for mod, name in (
         ("vae_scale.diffusers_io", "DiffusersFormatError"),
         ("vae_scale.shards", "DataError"),
-        ("vae_scale.evaluate", "InputError"),
+        ("vae_scale.commands", "InputError"),
     ):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):

@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
 from vae_scale.config import ConfigError, load_config
-from vae_scale.evaluate import InputError, add_model_args, iter_batches, key_noise, load_model, processes
+from vae_scale.evaluate import key_noise
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_scale.evaluate import (
-    InputError,
-    add_model_args,
-    iter_batches,
-    key_noise,
-    load_model,
-    processes,
-    psnr,
-)
+from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
+from vae_scale.evaluate import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
 
 log = logging.getLogger(__name__)

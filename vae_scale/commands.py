@@ -1,0 +1,174 @@
+"""What the inference commands (eval, sample, reconstruct, encode, export) share: the model they load from a
+run folder, a checkpoint or a diffusers folder, finite batches of shards, and the processes they run on
+(one, or several under `accelerate launch` / torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_scale.config import Config, config_from_dict
+
+
+class InputError(ValueError):
+    """A command's input that cannot be used (wrong kind of folder, missing weights); the message names it."""
+
+
+@dataclass
+class LoadedModel:
+    """A VAE read for a command, with the config of its run and where it came from."""
+
+    vae: Any
+    config: Config
+    source: str
+    step: int | None = None
+    checkpoint: Path | None = None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--run RUN | --ckpt PATH (required, exclusive) and --ema."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="run folder: its newest complete checkpoint")
+    g.add_argument("--ckpt", help="a checkpoint folder (runs/x/checkpoints/step-...) or a diffusers folder")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "vae" / "config.json").is_file()
+
+
+def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = False) -> LoadedModel:
+    """The VAE of a run folder (newest checkpoint), a checkpoint folder, or a diffusers AutoencoderKL folder.
+
+    FileNotFoundError names the path when there is nothing to load; InputError for --ema without EMA.
+    """
+    import yaml
+
+    from vae_scale.checkpoint import is_complete, resolve_checkpoint
+    from vae_scale.model import VAE
+
+    flag = "--run" if run else "--ckpt"
+    path = Path(run or ckpt or "")
+    if not (run or ckpt):
+        raise InputError("give --run RUN or --ckpt PATH")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if ckpt and not is_complete(path) and _is_diffusers_folder(path):
+        if ema:
+            raise InputError(f"--ema: {path} is a diffusers folder, which holds one set of weights")
+        vae = VAE.from_diffusers(path)
+        return LoadedModel(vae, Config(model=vae.config), str(path))
+    try:
+        checkpoint = resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {e}") from None
+    cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    try:
+        vae = VAE.from_checkpoint(checkpoint, ema=ema)
+    except FileNotFoundError as e:
+        raise InputError(f"--ema: {e}" if ema else str(e)) from None
+    state = checkpoint / "trainer_state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint)
+
+
+def iter_batches(
+    spec: str,
+    *,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    limit: int = 0,
+    seed: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Finite center-crop batches ("images", "count", "keys") of this rank's share of shards or `synthetic`.
+
+    Shards: every good sample exactly once across ranks (data.build_val_loader's reader; a folder gives
+    its `split` shards). `synthetic`: images `limit` (default 256) of vae_scale.synthetic seeded by `seed`.
+    limit > 0 stops this rank after that many samples.
+    """
+    from vae_scale.config import DataConfig
+    from vae_scale.data import ValLoader
+    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.synthetic import SYNTHETIC, synthetic_image
+
+    if spec == SYNTHETIC:
+        indices = list(range(rank, limit or 256, world))
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i : i + batch_size]
+            images = torch.stack([synthetic_image(seed, j, resolution) for j in chunk])
+            yield {"images": images, "count": len(chunk), "keys": [f"synthetic#{j}" for j in chunk]}
+        return
+    urls = expand_shards(spec, split)
+    cfg = DataConfig(val=spec, resolution=resolution, batch_size=batch_size, workers=workers)
+    taken = 0
+    for batch in ValLoader(urls, shard_counts(urls, scan=False), cfg, rank, world):
+        if limit and taken + batch["count"] > limit:
+            keep = limit - taken
+            batch = {"images": batch["images"][:keep], "count": keep, "keys": batch["keys"][:keep]}
+        taken += batch["count"]
+        if batch["count"]:
+            yield batch
+        if limit and taken >= limit:
+            return
+
+
+@dataclass
+class Processes:
+    """This process's place in an `accelerate launch` / torchrun job (one process: rank 0 of 1)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    acc: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes (float64 all-reduce)."""
+        return t if self.acc is None else self.acc.reduce(t.to(self.device), reduction="sum")
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process."""
+        if self.acc is None:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+
+def processes() -> Processes:
+    """Join the process group when launched with several processes (gloo on CPU, NCCL on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        # cpu=True without a GPU makes accelerate-launched CPU processes join over gloo, as in the trainer
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        return Processes(acc.device, acc.process_index, acc.num_processes, acc)
+    return Processes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None = None, unit: str = "batch"):
+    """A tqdm bar on the main process (to stderr), the bare iterable elsewhere."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False)
