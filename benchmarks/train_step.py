@@ -342,10 +342,8 @@ class TrainStep:
 
 
 LOSS_KEYS = ("loss", "rec", "kl", "g_loss", "d_loss")
-LOGIT_KEYS = (
-    "g_loss",
-    "d_loss",
-)  # means of discriminator logits, near 0: absolute error, on the logits' scale
+# means of discriminator logits, near 0: their error is absolute, on the logits' scale
+LOGIT_KEYS = ("g_loss", "d_loss")
 
 
 def distance(
@@ -539,8 +537,8 @@ def benchmark(
                 }
                 continue
             step = build()
-            checks[name] = {**check_against(step, ref, x_check, eps_check), **tolerance}
-            checks[name]["checked_against"] = ref.name
+            errs = check_against(step, ref, x_check, eps_check)
+            checks[name] = {**errs, **tolerance, "checked_against": ref.name}
             steps[name] = step
             log(f"  {name}: matches {ref.name} ({time.perf_counter() - t0:.0f} s)")
         except Exception as e:  # noqa: BLE001 -- one variant's failure is a row, not the end of the run

@@ -55,12 +55,12 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 """Image file extensions the writer reads from a folder and the loader decodes from a shard (any case)."""
 
-# scikit-image's bundled photographs that load offline (no pooch download); `vae-scale shards sample`.
 SAMPLE_IMAGES = tuple(
     "astronaut brick camera chelsea clock coffee coins grass gravel hubble_deep_field immunohistochemistry "
     "moon motorcycle page retina rocket text".split()
 )
-"""scikit-image's bundled photographs (source "sample"); "motorcycle" is stereo_motorcycle's left view."""
+"""scikit-image's bundled photographs, which load offline (source "sample"); "motorcycle" is
+stereo_motorcycle's left view."""
 SAMPLE_COLOR_IMAGES = tuple(
     "astronaut chelsea coffee hubble_deep_field immunohistochemistry motorcycle retina rocket".split()
 )
@@ -458,7 +458,8 @@ def list_sources(src: str) -> tuple[list[Source], int]:
         return found, len(paths) - len(found)
     if os.path.isfile(src) and _is_image_name(src):
         return [Source(os.path.basename(src), src)], 0
-    raise DataError(f"{src} does not exist (give a folder of images, a glob, 'sample' or 'sample-color')")
+    samples = " or ".join(repr(k) for k in SAMPLE_SOURCES)
+    raise DataError(f"{src} does not exist (give a folder of images, a glob, {samples})")
 
 
 # --------------------------------------------------------------------------------------------------------
