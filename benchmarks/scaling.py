@@ -1,4 +1,5 @@
-"""Data-parallel scaling: training images/s with 1, 2, ... processes at the same per-process batch.
+"""Data-parallel scaling: training images/s with 1, 2, ... processes at the same per-process batch, and
+what sharding saves: DDP against FSDP at the same process count, step time and peak memory per process.
 
 Each process count trains for real: `python -m vae_scale train` for one process, torchrun for several
 (gloo on a CPU, NCCL on GPUs), on synthetic images (data.train=synthetic, generated inside the loop, so
@@ -23,8 +24,15 @@ threads than with 1, which makes the default comparison flatter N processes far 
 compare with `--threads 1`, or export OMP_WAIT_POLICY=PASSIVE (it reaches the runs), which cut that
 penalty to 1.5x.
 
+Sharding rows ("2 proc ddp" / "2 proc fsdp", sd-f8 by default: 84M parameters, whose weights, gradients
+and AdamW state are 1.3 GB in fp32) run the trainer with train.parallel=ddp and =fsdp on the same processes
+and batch. Peak memory per process is what the trainer logs: on a GPU the memory its tensors held
+(peak_memory_gb), on a CPU the process's peak RSS (peak_rss_gb, which includes the ~0.5 GB of the Python
+and torch runtime), the largest over ranks.
+
     python -m benchmarks.scaling [--quick] [--nproc 1,2] [--preset demo] [--batch 8] [--resolution 64]
                                  [--steps 20] [--warmup 3] [--rounds 2] [--threads T] [--out DIR]
+                                 [--sharding-preset sd-f8] [--no-sharding]
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from benchmarks.harness import Timing, _quantile, environment, result_row, write
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
     "variant",
+    "parallel",
     "device",
     "backend",
     "preset",
@@ -64,6 +73,8 @@ COLUMNS = [
     "speedup",
     "efficiency",
     "data_wait_fraction",
+    "peak_memory_gb",
+    "peak_rss_gb",
     "steps_measured",
     "load_1m",
 ]
@@ -136,8 +147,11 @@ def run(
     rounds: int | None = None,
     threads: int | None = None,
     mixed_precision: str | None = None,
+    sharding: bool = True,
+    sharding_preset: str = "sd-f8",
 ) -> list[dict[str, Any]]:
-    """Images/s and scaling efficiency per process count on this machine; returns result rows."""
+    """Images/s and scaling efficiency per process count on this machine, then (sharding) DDP against FSDP
+    at the largest count; returns result rows."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if nprocs is None:
@@ -212,8 +226,75 @@ def run(
                     row.get("data_wait_fraction", 0.0) for row in samples[n]
                 ),
                 steps_measured=len(ips),
+                parallel="ddp",
+                **_peaks(samples[n]),
             )
         )
+    if sharding and max(nprocs) > 1:
+        out += compare_sharding(quick, max(nprocs), sharding_preset, warmup, threads, mixed_precision)
+    return out
+
+
+def _peaks(rows: list[dict]) -> dict[str, float]:
+    return {
+        k: max(r[k] for r in rows) for k in ("peak_memory_gb", "peak_rss_gb") if any(k in r for r in rows)
+    }
+
+
+def compare_sharding(
+    quick: bool, nproc: int, preset: str, warmup: int, threads: int | None, mixed_precision: str
+) -> list[dict[str, Any]]:
+    """The same training job with train.parallel=ddp and =fsdp on nproc processes: time and memory."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch, resolution = (8, 256) if cuda else (2, 32)
+    steps = 6 if quick else 12
+    t = threads or max(1, (os.cpu_count() or 1) // nproc)
+    common = [
+        "--config",
+        preset,
+        "data.train=synthetic",
+        f"data.batch_size={batch}",
+        f"data.resolution={resolution}",
+        "data.workers=0",
+        f"train.steps={warmup + steps}",
+        "checkpoint.every=0",
+        "log.every=1",
+        "log.images_every=0",
+        "log.wandb=disabled",
+        "eval.every=0",
+    ] + ([f"train.mixed_precision={mixed_precision}"] if mixed_precision != "no" else [])
+    env, out = environment(device), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for strategy in ("ddp", "fsdp"):
+            rows = train_once(nproc, [*common, f"train.parallel={strategy}"], t, Path(tmp) / strategy, 900)
+            measured = [r for r in rows if r["step"] > warmup]
+            ms = sorted(batch * nproc / r["images_per_s"] * 1e3 for r in measured)
+            timing = Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+            median, p20, p80 = _spread([r["images_per_s"] for r in measured])
+            out.append(
+                result_row(
+                    "scaling",
+                    f"{nproc} proc {strategy}",
+                    timing,
+                    env,
+                    parallel=strategy,
+                    nproc=nproc,
+                    backend="nccl" if cuda else "gloo",
+                    preset=preset,
+                    batch_per_process=batch,
+                    global_batch=batch * nproc,
+                    resolution=resolution,
+                    dtype=mixed_precision if mixed_precision != "no" else "fp32",
+                    omp_threads=t,
+                    images_per_s=median,
+                    images_per_s_p20=p20,
+                    images_per_s_p80=p80,
+                    images_per_s_per_process=median / nproc,
+                    steps_measured=len(measured),
+                    **_peaks(rows),
+                )
+            )
     return out
 
 
@@ -235,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="OMP threads per process (default: cores / process count)"
     )
     p.add_argument("--mixed-precision", default=None, help="no | bf16 | fp16 (default bf16 on GPUs)")
+    p.add_argument("--sharding-preset", default="sd-f8", help="preset of the DDP-vs-FSDP rows")
+    p.add_argument("--no-sharding", action="store_true", help="leave out the DDP-vs-FSDP rows")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     nprocs = [int(n) for n in args.nproc.split(",")] if args.nproc else None
@@ -250,15 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         threads=args.threads,
         mixed_precision=args.mixed_precision,
+        sharding=not args.no_sharding,
+        sharding_preset=args.sharding_preset,
     )
     name = "scaling-" + ("gpu" if rows[0]["backend"] == "nccl" else "cpu")
     path = write_results(rows, name, COLUMNS, args.out)
     print(path.with_suffix(".md").read_text())
     for r in rows:
+        peak = r.get("peak_memory_gb", r.get("peak_rss_gb"))
         print(
-            f"{r['nproc']} process(es), {r['omp_threads']} threads each: {r['images_per_s']:.1f} images/s "
-            f"(p20 {r['images_per_s_p20']:.1f}, p80 {r['images_per_s_p80']:.1f}), "
-            f"efficiency {r['efficiency']:.2f}"
+            f"{r['variant']} ({r['preset']}), {r['omp_threads']} threads each: "
+            f"{r['images_per_s']:.1f} images/s "
+            f"(p20 {r['images_per_s_p20']:.1f}, p80 {r['images_per_s_p80']:.1f})"
+            + (f", efficiency {r['efficiency']:.2f}" if "efficiency" in r else "")
+            + (f", peak {peak:.2f} GB per process" if peak is not None else "")
         )
     print(f"({time.time() - t0:.0f} s)")
     return 0

@@ -50,7 +50,7 @@ from benchmarks.harness import (
     write_results,
 )
 from vae_scale.config import Config, load_config
-from vae_scale.losses import VAELoss
+from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE
 from vae_scale.parallel import apply_activation_checkpointing, apply_channels_last, to_channels_last
 
@@ -255,7 +255,7 @@ class TrainStep:
         dtype = DTYPES[setting.precision]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if setting.precision == "fp16" else None
-        self.last_layer = self.ae.vae.decoder.conv_out.weight
+        self.last_layer = LastLayer(self.ae.vae.decoder.conv_out)
         self.logs: dict[str, torch.Tensor] = {}
 
     def _forward_loss(self, x: torch.Tensor, eps: torch.Tensor | None):

@@ -144,7 +144,8 @@ def test_the_gpu_configs_resolve_to_the_launch_they_promise(monkeypatch):
 
     plugin = FullyShardedDataParallelPlugin()  # what Accelerator builds from that environment; validates it
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.min_num_params == 10_000_000 and plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
+    assert plugin.transformer_cls_names_to_wrap == ["DownBlock", "UpBlock", "MidBlock"]
+    assert plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
     assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
     # The trainer checkpoints activations itself (model.gradient_checkpointing), not through accelerate.
     assert plugin.activation_checkpointing is False

@@ -13,6 +13,7 @@ from vae_scale.losses import (
     LPIPS,
     LPIPS_FILE,
     VGG16_FILE,
+    LastLayer,
     LossConfigError,
     NLayerDiscriminator,
     VAELoss,
@@ -253,6 +254,7 @@ class TinyDecoder(nn.Module):
 def decoded(seed=0, z_scale=1.0, size=32):
     torch.manual_seed(seed)
     dec = TinyDecoder()
+    dec.last = LastLayer(dec.conv_out)  # records conv_out's input on every forward
     z = z_scale * torch.randn(2, 4, size, size)
     return dec, dec(z), images(H=size, W=size, seed=seed)
 
@@ -269,7 +271,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms(disc_loss):
     dec, x_hat, x = decoded()
     kl = torch.tensor([10.0, 20.0])
     W = dec.conv_out.weight
-    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=0, last_layer=W)
+    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=0, last_layer=dec.last)
 
     rec = (x - x_hat).abs().mean()
     logits = crit.discriminator(x_hat)  # train-mode BatchNorm: batch statistics, same as inside
@@ -283,8 +285,15 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms(disc_loss):
     P = x[0].numel()
     assert loss.item() == pytest.approx(rec.item() + 1e-6 * 15.0 / P + d_weight * g.item(), rel=1e-5)
     check_logs(logs)
-    loss.backward()  # the graph survived the two autograd.grad calls
-    assert torch.isfinite(W.grad).all()
+    loss.backward()
+    # The gradient pushed into the decoder through x_hat is the one of the plain objective.
+    ref_dec, ref_x_hat, _ = decoded()
+    ref_logits = crit.discriminator(ref_x_hat)
+    ref_g = -ref_logits.mean() if disc_loss == "hinge" else F.softplus(-ref_logits).mean()
+    ref = (x - ref_x_hat).abs().mean() + 1e-6 * 15.0 / P + d_weight * ref_g
+    ref_grads = torch.autograd.grad(ref, list(ref_dec.parameters()))
+    for p, g_ref in zip(dec.parameters(), ref_grads):
+        assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-7)
     # the generator term reaches the decoder only: D's grads stay clean for its own step
     assert all(p.grad is None and p.requires_grad for p in crit.discriminator.parameters())
 
@@ -294,7 +303,7 @@ def test_adaptive_weight_clamps_at_1e4():
     last = crit.discriminator.main[-1]
     nn.init.zeros_(last.weight)  # constant logits: the generator term has no gradient
     dec, x_hat, x = decoded(z_scale=100.0)
-    _, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0, last_layer=dec.conv_out.weight)
+    _, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0, last_layer=dec.last)
     (g_rec,) = torch.autograd.grad((x - x_hat).abs().mean(), dec.conv_out.weight)
     assert g_rec.norm() > 1.0  # so the unclamped ratio exceeds 1e4
     assert logs["d_weight"].item() == pytest.approx(0.25 * 1e4)
@@ -307,9 +316,7 @@ def test_adaptive_weight_falls_back_to_disc_weight():
     assert logs["d_weight"].item() == pytest.approx(0.3)
     with torch.no_grad():
         x_hat = dec(torch.randn(2, 4, 32, 32))
-        loss, logs = crit.autoencoder_loss(
-            x, x_hat, None, torch.zeros(2), step=0, last_layer=dec.conv_out.weight
-        )
+        loss, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0, last_layer=dec.last)
     assert logs["d_weight"].item() == pytest.approx(0.3)
     check_logs(logs)
 
@@ -320,17 +327,17 @@ def test_disc_start_gates_the_generator_term_without_a_discriminator_forward():
     calls = []
     crit.discriminator.register_forward_hook(lambda *_: calls.append(1))
     dec, x_hat, x = decoded()
-    kl, W = torch.tensor([5.0, 6.0]), dec.conv_out.weight
+    kl = torch.tensor([5.0, 6.0])
 
     assert not crit.disc_active(99) and crit.disc_factor(99) == 0.0
-    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=99, last_layer=W)
+    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=99, last_layer=dec.last)
     assert calls == []
     assert logs["disc_factor"].item() == 0.0 and logs["g_loss"].item() == 0.0
     assert loss.item() == plain.autoencoder_loss(x, x_hat, None, kl, step=99)[0].item()
     check_logs(logs)
 
     assert crit.disc_active(100)
-    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=100, last_layer=W)
+    loss, logs = crit.autoencoder_loss(x, x_hat, None, kl, step=100, last_layer=dec.last)
     assert len(calls) == 1 and logs["disc_factor"].item() == 1.0 and logs["d_weight"].item() > 0
     d_loss, _ = crit.discriminator_loss(x, x_hat.detach(), step=99)
     assert d_loss.item() == 0.0  # scaled by disc_factor before the start
@@ -544,7 +551,7 @@ def test_full_objective_is_finite_with_detached_logs(recon):
     crit = VAELoss(cfg)
     dec, x_hat, x = decoded()
     post, moments = make_posterior(B=2)
-    loss, logs = crit.autoencoder_loss(x, x_hat, post, post.kl(), step=5, last_layer=dec.conv_out.weight)
+    loss, logs = crit.autoencoder_loss(x, x_hat, post, post.kl(), step=5, last_layer=dec.last)
     assert loss.ndim == 0 and torch.isfinite(loss)
     expected = {"loss", "rec", "nll", "kl", "kl_weight", "kl_free_bits", "g_loss", "d_weight", "disc_factor"}
     expected |= {"bits_per_dim", "logvar"} if recon == "gaussian" else set()
@@ -574,11 +581,12 @@ def test_with_the_real_vae_under_bf16_autocast():
     vae = VAE(cfg)
     crit = VAELoss(LossConfig(recon="logistic", free_bits=0.5, disc_weight=0.5, disc_layers=2, **NARROW))
     x = images(H=16, W=16)
+    last = LastLayer(vae.decoder.conv_out)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         post = vae.encode(x)
         z, kl = post.sample_kl()
         x_hat = vae.decode(z)
-        loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, last_layer=vae.decoder.conv_out.weight)
+        loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, last_layer=last)
         d_loss, d_logs = crit.discriminator_loss(x, x_hat.detach(), step=0)
     assert loss.dtype == torch.float32 and d_loss.dtype == torch.float32
     check_logs(logs)

@@ -7,15 +7,23 @@ A run folder holds
 
 Every checkpoint is written into `checkpoints/.tmp-<name>/` by all ranks, flushed, marked COMPLETE by the
 main process, renamed into place, and only then is `latest` replaced: a kill at any moment leaves the
-previous checkpoint loadable. Inside one:
+previous checkpoint loadable. Inside one (the weights stored once):
 
-    (accelerate's save_state files: model, optimizers, GradScaler, RNG state of every rank)
-    vae.safetensors      the VAE's weights, diffusers names (full, even when training was sharded)
+    vae.safetensors      the VAE's weights, diffusers names, full even when training was sharded: what
+                         export, eval and VAE.from_checkpoint read, and what a resume loads the model from
     ema.safetensors      the EMA weights, when EMA is on
-    loss.safetensors     the loss's learned parameters (Gaussian logvar / logistic log-scale), if any
-    trainer_state.json   step, samples seen, LR scale, skip counters
+    loss.safetensors     the loss's learned scale (Gaussian logvar / logistic log-scale), if any
+    discriminator.safetensors   the PatchGAN discriminator's weights and buffers, when it is on
+    optimizer/           the optimizers' state, torch.distributed.checkpoint (.distcp files + .metadata):
+                         sharded under FSDP, written once under DDP; it reshards on load, so a run may
+                         resume on another number of processes or switch between DDP and FSDP
+    random_states_<r>.pkl, scaler.pt   accelerate's RNG state of every rank, fp16 loss scale
+    trainer_state.json   step, samples seen, LR scale, skip counters, world size
     rank-<r>.json        each rank's data-loader position and bad-data counters
     config.yaml          the resolved config
+
+Checkpoints written before this layout (accelerate's save_state: model.safetensors, optimizer.bin, ...)
+still load.
 """
 
 from __future__ import annotations
@@ -137,12 +145,19 @@ class CheckpointManager:
         *,
         trainer_state: dict[str, Any],
         rank_state: dict[str, Any],
-        model_state: dict[str, torch.Tensor],
-        ema_state: dict[str, torch.Tensor] | None,
+        weights: dict[str, dict[str, torch.Tensor] | None],
+        optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
         config_yaml: str,
-        loss_state: dict[str, torch.Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Path:
-        """Write checkpoint `step` on every rank; returns its final path once it is complete."""
+        """Write checkpoint `step` on every rank; returns its final path once it is complete.
+
+        weights: file stem -> full state dict (main process; e.g. "vae", "ema", "loss", "discriminator";
+        None or {} writes nothing); optimizers: name -> (the module its parameters belong to, optimizer),
+        saved with torch.distributed.checkpoint (a collective: every rank calls save).
+        """
+        from accelerate.checkpointing import save_accelerator_state
+
         acc = self.acc
         name = checkpoint_name(step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
@@ -151,14 +166,18 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        save_optimizers(tmp / OPTIMIZER_DIR, optimizers)
+        save_accelerator_state(
+            str(tmp), [], [], [], [], acc.process_index, step, scaler=scaler if acc.is_main_process else None
+        )
         write_atomic(tmp / f"rank-{acc.process_index}.json", json.dumps(rank_state))
         if acc.is_main_process:
-            save_file(model_state, tmp / "vae.safetensors", metadata={"format": "pt", "step": str(step)})
-            if ema_state is not None:
-                save_file(ema_state, tmp / "ema.safetensors", metadata={"format": "pt", "step": str(step)})
-            if loss_state:
-                save_file(loss_state, tmp / "loss.safetensors", metadata={"format": "pt", "step": str(step)})
+            meta = {"format": "pt", "step": str(step)}
+            for stem, state in weights.items():
+                if state:
+                    save_file(
+                        {k: v.contiguous() for k, v in state.items()}, tmp / f"{stem}.safetensors", meta
+                    )
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
         acc.wait_for_everyone()
@@ -180,15 +199,73 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(
-        self, path: Path
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-        """Restore accelerate's state from `path`; returns (trainer_state, this rank's state, EMA weights)."""
+        self,
+        path: Path,
+        optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, dict[str, torch.Tensor]]]:
+        """Restore RNG, loss scale and optimizer state from `path` (every rank; a collective).
+
+        Returns (trainer_state, this rank's state or None, weights: file stem -> state dict of every
+        *.safetensors file the checkpoint holds). Applying the weights to the model is the caller's job.
+        """
+        from accelerate.checkpointing import load_accelerator_state
+
         acc = self.acc
-        acc.load_state(str(path))
+        if (path / OPTIMIZER_DIR).is_dir():
+            load_optimizers(path / OPTIMIZER_DIR, optimizers)
+        else:
+            _load_legacy_optimizers(path, optimizers)
+        load_accelerator_state(str(path), [], [], [], [], acc.process_index, scaler=scaler)
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         rank_file = path / f"rank-{acc.process_index}.json"
         rank_state = json.loads(rank_file.read_text()) if rank_file.is_file() else None
         if rank_state is None:
             log.warning("%s has no state for rank %d (world size changed?)", path.name, acc.process_index)
-        ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
-        return trainer_state, rank_state, ema
+        weights = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
+        if "discriminator" not in weights and "model_1" in weights:  # accelerate's layout: model_1 is D
+            weights["discriminator"] = weights["model_1"]
+        return trainer_state, rank_state, weights
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer state: torch.distributed.checkpoint, keyed by parameter names, resharded on load
+
+OPTIMIZER_DIR = "optimizer"
+
+
+def save_optimizers(
+    folder: Path, optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """Write every optimizer's state into `folder` (.distcp files); every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {name: get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=not _distributed())
+
+
+def load_optimizers(
+    folder: Path, optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """Load what save_optimizers wrote into the optimizers, resharded to this run's parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {name: get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not _distributed())
+    for name, (module, opt) in optimizers.items():
+        set_optimizer_state_dict(module, opt, optim_state_dict=state[name])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _load_legacy_optimizers(
+    path: Path, optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """accelerate's save_state layout: optimizer.bin (the VAE's), optimizer_1.bin (the discriminator's)."""
+    for (_, opt), file in zip(optimizers.values(), ("optimizer.bin", "optimizer_1.bin")):
+        if (path / file).is_file():
+            opt.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))

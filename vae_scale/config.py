@@ -249,6 +249,10 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     compile: bool = False
     """torch.compile the model."""
+    parallel: str = "auto"
+    """auto (FSDP when the launch asks for it, e.g. launch/accelerate/fsdp.yaml, else DDP) | ddp | fsdp."""
+    reduce_dtype: str = "fp32"
+    """Under bf16/fp16, gradients are all-reduced (DDP) or reduce-scattered (FSDP) in fp32 | compute."""
     time_budget_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 is no limit."""
     max_consecutive_skips: int = 5
@@ -266,6 +270,8 @@ class TrainConfig:
         _check_positive("train.steps", self.steps)
         _check_positive("train.grad_accum", self.grad_accum)
         _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        _check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        _check_choice("train.reduce_dtype", self.reduce_dtype, ("fp32", "compute"))
 
 
 @dataclass

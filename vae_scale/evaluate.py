@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,37 @@ class _Sums:
 
 
 @torch.no_grad()
+@dataclass
+class Lockstep:
+    """Evaluation of a sharded (FSDP) model, whose every forward is a collective across ranks."""
+
+    any_rank: Callable[[bool], bool]
+    """Given whether this rank has a batch, whether any rank has one (a small all-reduce)."""
+    image_shape: tuple[int, int, int]
+    """(C, H, W) of the padding image of a rank that had no batch at all."""
+
+
+def _in_step(
+    batches: Iterable[dict[str, Any]], max_batches: int, lockstep: Lockstep | None
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(batch, real) pairs: this rank's batches (at most max_batches), then, under lockstep, padding copies
+    of its last batch (or a 1-image zero batch of the agreed shape) until no rank has any left."""
+    it = iter(batches)
+    last: dict[str, Any] | None = None
+    for i in itertools.count():
+        batch = next(it, None) if not (max_batches and i >= max_batches) else None
+        if lockstep is None:
+            if batch is None:
+                return
+        elif not lockstep.any_rank(batch is not None):
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        else:
+            yield (last if last is not None else {"images": torch.zeros(1, *lockstep.image_shape)}), False
+
+
 def evaluate(
     vae,
     batches: Iterable[dict[str, Any]],
@@ -329,6 +361,7 @@ def evaluate(
     lpips: nn.Module | None = None,
     inception: nn.Module | None = None,
     seed: int = 0,
+    lockstep: Lockstep | None = None,
 ) -> dict[str, float]:
     """Metrics of `vae` over every sample of `batches`, the same on every rank (see the module docstring).
 
@@ -338,6 +371,8 @@ def evaluate(
     run's VAELoss, whose learned likelihood scale bpd uses (None or l1/l2: the fitted Gaussian). iw: K
     importance samples for bpd_iw (needs a learned likelihood). lpips / inception: the networks of those
     metrics (load_eval_nets); lpips falls back to criterion.perceptual. seed: of the latent noise.
+    lockstep: for a sharded (FSDP) model: a rank out of batches runs padding batches (the same forwards,
+    counted nowhere) until every rank is done.
     Returns floats: samples, mse (always), and those asked for of psnr, ssim, bpd, bpd_iw, kl and
     kl_channel/<c>, active_units, lpips, rfid.
     """
@@ -359,17 +394,30 @@ def evaluate(
             f"(loss.recon=logistic or gaussian), this run has loss.recon={recon}"
         )
     C = vae.config.latent_channels
-    sums = _Sums(device)
-    for name in ("samples", "psnr", "ssim", "mse", "nll", "sq_err_sample", "kl", "iw", "lpips", "positions"):
-        sums.add(name)
-    for name in ("kl_channel", "mu", "mu2"):
-        sums.add(name, (C,))
+    sum_shapes: list[tuple[str, tuple[int, ...]]] = [
+        (name, ())
+        for name in (
+            "samples",
+            "psnr",
+            "ssim",
+            "mse",
+            "nll",
+            "sq_err_sample",
+            "kl",
+            "iw",
+            "lpips",
+            "positions",
+        )
+    ]
+    sum_shapes += [(name, (C,)) for name in ("kl_channel", "mu", "mu2")]
     if "rfid" in metrics:
         inception = inception.to(device)
         D = inception.dim
         for side in ("real", "fake"):
-            sums.add(f"feat_{side}", (D,))
-            sums.add(f"outer_{side}", (D, D))
+            sum_shapes += [(f"feat_{side}", (D,)), (f"outer_{side}", (D, D))]
+    sums = kept = _Sums(device)
+    for name, shape in sum_shapes:
+        sums.add(name, shape)
     if lpips is not None:
         lpips = lpips.to(device)
 
@@ -378,14 +426,16 @@ def evaluate(
     need_sample = "bpd" in metrics
     seen = 0
     try:
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
+        for batch, real in _in_step(batches, max_batches, lockstep):
             n = int(batch.get("count", len(batch["images"])))
             if n == 0:
                 continue
             x = batch["images"][:n].to(device, non_blocking=True).float()
             keys = list(batch["keys"][:n]) if batch.get("keys") is not None else None
+            if not real:
+                sums = _Sums(device)  # a padding batch: the same forwards, into sums that are dropped
+                for name, shape in sum_shapes:
+                    sums.add(name, shape)
             post = vae.encode(x)
             mean, logvar = post.mean.float(), post.logvar.float()
             x_rec = vae.decode(post.mode()).float().clamp(-1, 1)
@@ -425,7 +475,9 @@ def evaluate(
                     f = inception(images).to(device)
                     sums[f"feat_{side}"] += f.sum(0)
                     sums[f"outer_{side}"] += f.T @ f
-            seen += n
+            if real:
+                seen += n
+            sums = kept
     finally:
         vae.train(was_training)
 
@@ -504,6 +556,8 @@ def load_criterion(loaded: LoadedModel):
         value = load_file(ckpt / "loss.safetensors").get(name)
     if value is None and ckpt is not None and (ckpt / "model.safetensors").is_file():
         value = load_file(ckpt / "model.safetensors").get("loss_params.0")
+    if value is not None and value.numel() == param.numel():
+        value = value.reshape(param.shape)  # the Gaussian logvar was once saved 0-dim
     if value is None or value.shape != param.shape:
         raise InputError(
             f"{loaded.source}: no learned likelihood scale ({name}, loss.recon={cfg.recon}) in "

@@ -21,16 +21,15 @@ recon=gaussian is a density on [-1, 1], so its bits_per_dim adds log(127.5) nats
 a 2/255-wide bin is density * 2/255 (an upper bound on -log-likelihood only for uniformly dequantised data).
 
     crit = VAELoss(cfg.loss, image_channels=3)
-    loss, logs = crit.autoencoder_loss(x, x_hat, posterior, kl, step, last_layer=vae.decoder.conv_out.weight)
+    last = LastLayer(vae.decoder.conv_out)                 # records the decoder's last input every forward
+    loss, logs = crit.autoencoder_loss(x, x_hat, posterior, kl, step, last_layer=last)
     d_loss, d_logs = crit.discriminator_loss(x, x_hat.detach(), step)   # when crit.discriminator is not None
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -335,23 +334,70 @@ class NLayerDiscriminator(nn.Module):
         return self.main(x)
 
 
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Run forwards whose graph reaches the inputs but none of module's parameters (restored on exit).
+class LastLayer:
+    """The decoder's last convolution and the input it saw in the current forward.
 
-    The generator term needs D's gradient w.r.t. x_hat only; without this the VAE's backward would also
-    accumulate into D's .grad, which the discriminator's own backward then adds to (what Lightning's
-    toggle_optimizer prevents in taming/LDM). Use it on the plain module, never on a DDP wrapper: DDP expects
-    every parameter it prepared in forward to receive a gradient.
+    Enough for d(loss)/d(weight) from d(loss)/d(output) (`weight_grad`), which is what LDM's adaptive weight
+    needs, without autograd through the weight itself: under FSDP the weight is a shard that the forward
+    never touched, and under any wrapper a partial backward would run the wrapper's hooks. Attach it once;
+    it records the input of every forward (detached) through a pre-forward hook.
     """
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+        self.input: torch.Tensor | None = None
+        self._hook = conv.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.input = args[0].detach()
+
+    def weight_grad(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(conv.weight) in float32, given d(loss)/d(output) of the recorded forward."""
+        if self.input is None:
+            raise RuntimeError("LastLayer: the convolution has not run a forward since it was attached")
+        c = self.conv
+        return torch.nn.grad.conv2d_weight(
+            self.input.float(), c.weight.shape, grad_output.float(), c.stride, c.padding, c.dilation, c.groups
+        )
+
+    def remove(self) -> None:
+        """Detach the hook."""
+        self._hook.remove()
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The full value of a parameter: gathered when it is an FSDP shard (a collective), else itself."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+class LearnedScale(nn.Module):
+    """The reconstruction likelihood's learned scale: Gaussian logvar (shape (1,)) or logistic log-scale (C,).
+
+    A module of its own so that the trainer's wrapped model and the loss share it: when FSDP replaces the
+    parameter with its shard, both see the replacement. Old checkpoints stored the Gaussian logvar as a
+    0-dim tensor; loading reshapes it.
+    """
+
+    def __init__(self, cfg: LossConfig, image_channels: int):
+        super().__init__()
+        self.name = "logvar" if cfg.recon == "gaussian" else "log_scale"
+        if cfg.recon == "gaussian":
+            value = torch.full((1,), float(cfg.logvar_init))
+        else:
+            value = torch.full(
+                (image_channels if cfg.logistic_per_channel else 1,), float(cfg.log_scale_init)
+            )
+        self.register_parameter(self.name, nn.Parameter(value))
+
+    def value(self) -> torch.Tensor:
+        """The current scale (the full tensor under FSDP outside a forward; differentiable)."""
+        return _whole(getattr(self, self.name))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + self.name
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -361,8 +407,8 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
 class VAELoss(nn.Module):
     """The whole VAE objective (see the module docstring): learned likelihood scale, LPIPS, discriminator.
 
-    Holds the learned scalar logvar (recon=gaussian) or log-scale per channel (recon=logistic), optimised with
-    the VAE (vae_parameters()); the frozen LPIPS net (perceptual_weight > 0); and `discriminator`, an
+    Holds `likelihood` (a LearnedScale for recon=gaussian | logistic, else None), optimised with the VAE
+    (vae_parameters()); the frozen LPIPS net (perceptual_weight > 0); and `discriminator`, an
     NLayerDiscriminator or None when disc_weight == 0, which the trainer optimises on its own. LPIPS weights
     are non-persistent buffers, so state_dict() holds only the learned scale and the discriminator.
     """
@@ -370,13 +416,9 @@ class VAELoss(nn.Module):
     def __init__(self, cfg: LossConfig, image_channels: int = 3):
         super().__init__()
         self.cfg = cfg
-        self.logvar: nn.Parameter | None = None
-        self.log_scale: nn.Parameter | None = None
-        if cfg.recon == "gaussian":
-            self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))
-        elif cfg.recon == "logistic":
-            n = image_channels if cfg.logistic_per_channel else 1
-            self.log_scale = nn.Parameter(torch.full((n,), float(cfg.log_scale_init)))
+        self.likelihood: LearnedScale | None = None
+        if cfg.recon in ("gaussian", "logistic"):
+            self.likelihood = LearnedScale(cfg, image_channels)
         self.perceptual: LPIPS | None = None
         if cfg.perceptual_weight > 0:
             if image_channels != 3:
@@ -388,9 +430,28 @@ class VAELoss(nn.Module):
         if cfg.disc_weight > 0:
             self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)
 
+    @property
+    def logvar(self) -> torch.Tensor | None:
+        """recon=gaussian: the learned log-variance, shape (1,); else None."""
+        return self.likelihood.value() if self.cfg.recon == "gaussian" else None
+
+    @property
+    def log_scale(self) -> torch.Tensor | None:
+        """recon=logistic: the learned log-scale per channel (or one); else None."""
+        return self.likelihood.value() if self.cfg.recon == "logistic" else None
+
     def vae_parameters(self) -> list[nn.Parameter]:
         """Parameters to optimise with the VAE: the learned logvar / log-scale, or nothing."""
-        return [p for p in (self.logvar, self.log_scale) if p is not None]
+        return [] if self.likelihood is None else list(self.likelihood.parameters())
+
+    def likelihood_state(self) -> dict[str, torch.Tensor]:
+        """The learned scale by name ("logvar" | "log_scale"), full and on the CPU; {} for l1/l2.
+
+        A collective under FSDP: call it on every rank.
+        """
+        if self.likelihood is None:
+            return {}
+        return {self.likelihood.name: self.likelihood.value().detach().cpu().clone()}
 
     # -- schedules -----------------------------------------------------------------------------------------
 
@@ -418,13 +479,26 @@ class VAELoss(nn.Module):
         else:
             rec = (x - x_hat).square()
         if recon == "gaussian":
-            nll = gaussian_nll(x, x_hat, self.logvar)
+            nll = gaussian_nll(x, x_hat, self.logvar.view(1, 1, 1, 1))
         elif recon == "logistic":
             log_scale = self.log_scale.clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
             nll = -discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
         else:  # l1 / l2: LDM's rec / exp(logvar) + logvar with logvar = 0
             nll = rec
         return rec, nll
+
+    def _reconstruction_loss(
+        self, x: torch.Tensor, x_hat: torch.Tensor, logs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(LDM's nll_loss: NLL mean plus the perceptual term, the NLL mean, the distance mean)."""
+        rec, nll = self._reconstruction(x.float(), x_hat.float())
+        nll_loss = nll.mean()  # = mean_b(nll summed over the image) / P
+        rec_loss = nll_loss
+        if self.perceptual is not None:
+            perceptual = self.perceptual(x_hat, x).mean()
+            rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
+            logs["perceptual"] = perceptual.detach()
+        return rec_loss, nll_loss, rec.mean()
 
     def generator_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
         """Generator term from reconstructions' patch logits: -mean (hinge) | mean softplus(-l) (non-sat.)."""
@@ -434,21 +508,18 @@ class VAELoss(nn.Module):
         return F.softplus(-logits_fake).mean()
 
     def adaptive_weight(
-        self, rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None
+        self, rec_grad: torch.Tensor, g_grad: torch.Tensor, last_layer: LastLayer | None
     ) -> torch.Tensor:
         """LDM's d_weight: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to [0, 1e4], detached,
         times loss.disc_weight; W = the decoder's last layer weight.
 
-        Falls back to loss.disc_weight when there is nothing to differentiate: last_layer is None, grad mode
-        is off (validation under no_grad), or either loss has no graph. Under fp16 the two unscaled backward
-        passes can underflow (bf16 is fine); the ratio itself does not depend on a common loss scale.
+        rec_grad, g_grad: the two losses' gradients w.r.t. the reconstruction, from which `last_layer`
+        gives theirs w.r.t. W. Falls back to loss.disc_weight without a last layer.
         """
-        graph = torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad
-        if last_layer is None or not graph:
-            return torch.tensor(self.cfg.disc_weight, device=g_loss.device)
-        (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-        (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-        weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+        if last_layer is None:
+            return torch.tensor(self.cfg.disc_weight, device=g_grad.device)
+        rec_w, g_w = last_layer.weight_grad(rec_grad), last_layer.weight_grad(g_grad)
+        weight = rec_w.norm() / (g_w.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
     # -- the two steps -------------------------------------------------------------------------------------
@@ -460,25 +531,28 @@ class VAELoss(nn.Module):
         posterior: DiagonalGaussian | None,
         kl: torch.Tensor,
         step: int,
-        last_layer: torch.Tensor | None = None,
+        last_layer: LastLayer | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss (0-dim, float32) and logs (0-dim detached tensors, no host sync).
 
         x, x_hat: (B, C, H, W) in [-1, 1]; posterior: has .mean / .logvar (B, c, h, w), read only when
         free_bits > 0; kl: (B,) KL per image summed over the latent (posterior.sample_kl's); last_layer: the
-        decoder's last weight, for the adaptive adversarial weight. Logs: loss, rec, nll (nats per pixel for
-        gaussian/logistic), kl (per image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight,
-        disc_factor], [bits_per_dim], [logvar | log_scale].
+        decoder's last convolution with the input of this forward, for the adaptive adversarial weight
+        (None: loss.disc_weight). Logs: loss, rec, nll (nats per pixel for gaussian/logistic), kl (per
+        image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight, disc_factor], [bits_per_dim],
+        [logvar | log_scale].
+
+        With the adversarial term on and gradients enabled, the terms that depend on x_hat are computed on a
+        detached copy, their gradients w.r.t. it taken there, weighted, and sent into the model through x_hat
+        in one backward: the discriminator's parameters get no gradient from the generator term, and nothing
+        differentiates through the (possibly sharded or wrapped) decoder twice. The loss value is unchanged.
         """
         P = x[0].numel()
-        rec, nll = self._reconstruction(x.float(), x_hat.float())
-        nll_loss = nll.mean()  # = mean_b(nll summed over the image) / P
-        rec_loss = nll_loss
         logs: dict[str, torch.Tensor] = {}
-        if self.perceptual is not None:
-            perceptual = self.perceptual(x_hat, x).mean()
-            rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
-            logs["perceptual"] = perceptual.detach()
+        adversarial = self.discriminator is not None and self.disc_active(step)
+        leaf = adversarial and torch.is_grad_enabled() and x_hat.requires_grad
+        x_rec = x_hat.detach().float().requires_grad_() if leaf else x_hat
+        rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, x_rec, logs)
 
         kl_mean = kl.float().mean()
         if self.cfg.free_bits > 0:
@@ -493,11 +567,16 @@ class VAELoss(nn.Module):
 
         if self.discriminator is not None:
             factor = self.disc_factor(step)
-            if factor > 0:
-                with frozen_parameters(self.discriminator):
-                    logits_fake = self.discriminator(x_hat.contiguous())
-                g_loss = self.generator_loss(logits_fake)
-                d_weight = self.adaptive_weight(rec_loss, g_loss, last_layer)
+            if leaf:
+                g_loss = self.generator_loss(self.discriminator(x_rec.contiguous()))
+                (rec_grad,) = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)
+                (g_grad,) = torch.autograd.grad(g_loss, x_rec)
+                d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer)
+                push = (x_hat.float() * (rec_grad + d_weight * factor * g_grad)).sum()
+                loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
+            elif adversarial:  # no gradients wanted (validation): the value only
+                g_loss = self.generator_loss(self.discriminator(x_hat.contiguous()))
+                d_weight = torch.tensor(self.cfg.disc_weight, device=x.device)
                 loss = loss + d_weight * factor * g_loss
             else:  # before disc_start: no discriminator forward at all
                 g_loss = d_weight = torch.zeros((), device=x.device)
@@ -509,7 +588,7 @@ class VAELoss(nn.Module):
 
         logs |= {
             "loss": loss.detach(),
-            "rec": rec.mean().detach(),
+            "rec": rec_mean.detach(),
             "nll": nll_loss.detach(),
             "kl": kl_mean.detach(),
             "kl_weight": torch.tensor(w_kl, device=x.device),
@@ -519,10 +598,9 @@ class VAELoss(nn.Module):
             if self.cfg.recon == "gaussian":  # a density on [-1, 1]: probability of a bin ~ density * 2/255
                 nats = nats + math.log(127.5)
             logs["bits_per_dim"] = (nats / math.log(2)).detach()
-        if self.logvar is not None:
-            logs["logvar"] = self.logvar.detach().clone()
-        if self.log_scale is not None:
-            logs["log_scale"] = self.log_scale.detach().mean()
+            # A copy: under FSDP the parameter's gathered storage is freed after backward.
+            scale = self.likelihood.value().detach().clone()
+            logs[self.likelihood.name] = scale.mean() if self.cfg.recon == "logistic" else scale.reshape(())
         return loss, logs
 
     def discriminator_loss(

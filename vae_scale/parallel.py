@@ -48,10 +48,14 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def prepare_model(vae: VAE) -> VAE:
-    """Apply what the model config asks for: activation checkpointing and channels_last."""
+def prepare_model(vae: VAE, sharded: bool = False) -> VAE:
+    """Apply what the model config asks for: activation checkpointing and channels_last.
+
+    sharded: the model is about to be sharded with FSDP, which shards contiguous weights only, so
+    channels_last then applies to the activations alone (convolutions still run NHWC when their input is).
+    """
     if vae.config.gradient_checkpointing:
         apply_activation_checkpointing(vae)
-    if vae.config.channels_last:
+    if vae.config.channels_last and not sharded:
         apply_channels_last(vae)
     return vae

@@ -151,6 +151,7 @@ def preflight(
     batches_per_epoch: int,
     fsdp: bool,
     disc_params: int = 0,
+    strategy: str = "",
 ) -> list[str]:
     """Lines describing the launch; raises WillNotFit when the estimate exceeds the device memory."""
     gib = 2**30
@@ -166,6 +167,7 @@ def preflight(
         f"batch          {cfg.data.batch_size} per process x {world_size} processes x {cfg.train.grad_accum} "
         f"accumulation = {global_batch} images per step at {cfg.data.resolution} px",
         f"precision      {cfg.train.mixed_precision} (weights fp32)",
+        f"parallel       {strategy or mode}",
         f"kernels        {cfg.model.kernels} -> {kernels_backend}",
         f"parameters     {n_params:,} (VAE){f' + {disc_params:,} (discriminator)' if disc_params else ''}",
         f"memory/process ~{est.total / gib:.2f} GiB estimated: {est.parameters / gib:.2f} GiB parameters "
@@ -175,7 +177,7 @@ def preflight(
     ]
     total = device_memory(device)
     if total is not None:
-        lines[5] += f" of {total / gib:.1f} GiB on the device"
+        lines[6] += f" of {total / gib:.1f} GiB on the device"
         if est.total > total:
             hints = []
             if not cfg.model.gradient_checkpointing:

@@ -11,12 +11,14 @@ Re-running the same command resumes from the newest complete checkpoint of the r
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import resource
 import signal
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ import torch.nn as nn
 
 from vae_scale.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
 from vae_scale.config import Config, ConfigError, load_config
+from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
+from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE, DiagonalGaussian
 from vae_scale.monitor import Monitor, image_grid
 from vae_scale.parallel import prepare_model, to_channels_last
@@ -45,13 +49,26 @@ class TrainingStopped(RuntimeError):
 
 
 class Autoencoder(nn.Module):
-    """What DDP/FSDP wraps: the VAE plus the loss's learnable parameters (e.g. the Gaussian logvar)."""
+    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss).
 
-    def __init__(self, vae: VAE, loss_params: list[nn.Parameter], sample_posterior: bool = True):
+    forward is one training forward; encode/decode run the VAE outside it (image logging, evaluation),
+    which FSDP is told about so that it gathers the root's parameters for them too.
+    """
+
+    def __init__(self, vae: VAE, likelihood: nn.Module | None, sample_posterior: bool = True):
         super().__init__()
         self.vae = vae
-        self.loss_params = nn.ParameterList(loss_params)
+        self.likelihood = likelihood
         self.sample_posterior = sample_posterior
+
+    @property
+    def config(self):
+        """The VAE's ModelConfig."""
+        return self.vae.config
+
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of an image of that size."""
+        return self.vae.latent_shape(height, width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]:
         posterior = self.vae.encode(x)
@@ -60,6 +77,14 @@ class Autoencoder(nn.Module):
         else:
             z, kl = posterior.mode(), posterior.kl()
         return self.vae.decode(z), posterior, kl
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """The posterior of x, (B, 3, H, W) in [-1, 1]."""
+        return self.vae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images from latents."""
+        return self.vae.decode(z)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +123,24 @@ class EMA:
                 s = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             out[name] = _full(s).detach().cpu().contiguous()
         return out
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the model's parameters for the block, the trained ones restored after it.
+
+        Under FSDP it writes the shards; reshard the model before and after running it (see
+        Trainer.inference), so that no gathered copy of either set of weights outlives its block.
+        """
+        with torch.no_grad():
+            backup = [_local(p).detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                _local(p).copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    _local(p).copy_(b)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, p, s in zip(self.names, self.params, self.shadow):
@@ -162,6 +205,64 @@ def build_loader(cfg: Config, rank: int, world: int):
     return build_train_loader(cfg.data, rank=rank, world_size=world, seed=cfg.train.seed)
 
 
+def build_accelerator(cfg: Config, run_dir: Path):
+    """Accelerate's process group, device, autocast, loss scaler and W&B tracker for this launch."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
+        log_with=None if cfg.log.wandb == "disabled" else "wandb",
+        project_dir=str(run_dir),
+    )
+
+
+def ensure_process_group(acc) -> None:
+    """FSDP needs a process group even for one process (sharding then keeps everything on it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if acc.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def data_parallel(module: nn.Module, acc, reduce_dtype: str) -> str:
+    """The start-up line of a DDP (or single-process) run; under reduce_dtype=compute, installs DDP's
+    bf16/fp16 gradient compression hook."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(module, DistributedDataParallel):
+        return f"one process on {acc.device.type}: nothing to shard or all-reduce"
+    backend = torch.distributed.get_backend()
+    reduce = "fp32"
+    if reduce_dtype == "compute" and acc.mixed_precision in ("bf16", "fp16"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if acc.mixed_precision == "bf16" and backend != "nccl":
+            reduce = "fp32 (train.reduce_dtype=compute: bf16 compression needs NCCL)"
+        else:
+            bf16 = acc.mixed_precision == "bf16"
+            module.register_comm_hook(
+                None, default_hooks.bf16_compress_hook if bf16 else default_hooks.fp16_compress_hook
+            )
+            reduce = str(acc.mixed_precision)
+    return (
+        f"DDP over {acc.num_processes} processes ({backend}): full weights, gradients and optimizer state on "
+        f"every process; gradients all-reduced in {reduce}"
+    )
+
+
+def replicate(module: nn.Module, acc) -> nn.Module:
+    """A small module data-parallel across ranks (DDP, buffers from rank 0), or itself in one process."""
+    if acc.num_processes == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [acc.device.index] if acc.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1; the ranks agree on it at the next step boundary."""
 
@@ -192,26 +293,16 @@ class Trainer:
     """Holds the prepared model, optimizers, loader and counters of one run."""
 
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-
-        from vae_scale.losses import VAELoss
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        log_with = None if cfg.log.wandb == "disabled" else "wandb"
-        # find_unused_parameters stays off: every parameter of the wrapped module gets a gradient each step.
-        # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
-        self.acc = acc = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
-            log_with=log_with,
-            project_dir=str(self.run_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
-        )
+        # What the launch asks for is checked before the process group starts (one line, exit 2).
+        self.plan: FSDPPlan = fsdp_plan(cfg, cuda=torch.cuda.is_available())
+        self.fsdp = self.plan.enabled
+        self.acc = acc = build_accelerator(cfg, self.run_dir)
         self.device = acc.device
         cfg.train.mixed_precision = str(acc.mixed_precision)  # "auto" resolved: what the run really uses
-        self.fsdp = acc.distributed_type == DistributedType.FSDP
         set_seed(cfg.train.seed, device_specific=True)  # different noise per rank, repeatable per rank
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,39 +315,53 @@ class Trainer:
             from vae_scale.export import load_init_weights
 
             load_init_weights(vae, cfg.model.init_from)
-        vae = prepare_model(vae)
+        vae = prepare_model(vae, sharded=self.fsdp)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
-        ae = Autoencoder(vae, list(self.criterion.vae_parameters()), cfg.train.sample_posterior)
+        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
+        model.to(self.device)
+        self.vae: VAE = vae
+        # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
+        self.disc = self.criterion.discriminator
+        self.last_layer = LastLayer(vae.decoder.conv_out) if self.disc is not None else None
         if cfg.train.compile:
-            ae.vae.encoder.compile()
-            ae.vae.decoder.compile()
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(
-            [p for p in ae.parameters() if p.requires_grad],
+            vae.encoder.compile()
+            vae.decoder.compile()
+        if self.fsdp:
+            ensure_process_group(acc)
+            units = fsdp_units(model, self.plan.unit_classes)
+            self.ae = shard(
+                model,
+                self.plan,
+                units,
+                self.device,
+                cfg.train.mixed_precision,
+                cfg.train.reduce_dtype,
+                forward_methods=("encode", "decode"),
+            )
+            strategy = describe(self.plan, units, cfg.train.mixed_precision, cfg.train.reduce_dtype)
+        else:
+            self.ae = acc.prepare_model(model)
+            strategy = data_parallel(self.ae, acc, cfg.train.reduce_dtype)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        # Made after sharding, so that it holds the shards (DTensors) under FSDP.
+        self.opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
-            **({"fused": True} if fused else {}),
+            **fused,
         )
-        self.disc = self.criterion.discriminator
-        if self.fsdp and self.disc is not None:
-            raise TrainingStopped(
-                "loss.disc_weight > 0 under FSDP: Accelerate prepares one model with FSDP2; "
-                "train the adversarial phase with DDP (launch/accelerate/8gpu.yaml)"
-            )
+        self.disc_ddp = self.disc_opt = None
         if self.disc is not None:
-            disc_opt = torch.optim.AdamW(
+            # Replicated (a few million parameters) and data-parallel on every strategy, sharded or not.
+            self.disc_ddp = replicate(self.disc, acc)
+            self.disc_opt = torch.optim.AdamW(
                 self.disc.parameters(),
                 lr=cfg.loss.disc_lr or cfg.optim.lr,
                 betas=tuple(cfg.optim.betas),
-                **({"fused": True} if fused else {}),
+                **fused,
             )
-            self.ae, self.opt, self.disc_ddp, self.disc_opt = acc.prepare(ae, opt, self.disc, disc_opt)
-        else:
-            self.ae, self.opt = acc.prepare(ae, opt)
-            self.disc_ddp = self.disc_opt = None
-        self.vae: VAE = acc.unwrap_model(self.ae).vae
         self.ema = EMA(vae_names(self.vae), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
         self.loader = build_loader(cfg, acc.process_index, acc.num_processes)
@@ -273,6 +378,7 @@ class Trainer:
             batches_per_epoch=self.loader.batches_per_epoch,
             fsdp=self.fsdp,
             disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
+            strategy=strategy,
         )
         if acc.is_main_process:
             print("\n".join(lines), flush=True)
@@ -301,50 +407,73 @@ class Trainer:
             "skipped": self.skipped,
             "rollbacks": self.rollbacks,
             "world_size": self.acc.num_processes,
+            "parallel": "fsdp" if self.fsdp else "ddp",
         }
 
+    def optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """What checkpoints hold optimizer state for: name -> (module of its parameters, optimizer)."""
+        out = {"vae": (self.model, self.opt)}
+        if self.disc_opt is not None:
+            out["discriminator"] = (self.disc, self.disc_opt)
+        return out
+
     def save(self) -> Path:
-        ema = self.ema.state_dict() if self.ema is not None else None
-        model_state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in self.acc.get_state_dict(self.ae).items()
-            if k.startswith("vae.")
-        }
-        model_state = {
-            k[len("vae.") :].replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v
-            for k, v in model_state.items()
-        }
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Full weights, gathered to the main process under FSDP (a collective: every rank calls it).
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        vae_state = {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")}
         path = self.ckpt.save(
             self.step,
             trainer_state=self.trainer_state(),
             rank_state={"data": self.loader.state_dict(), "weights_fingerprint": self.weights_fingerprint()},
-            model_state=model_state,
-            ema_state=ema,
-            config_yaml=self.cfg.to_yaml(),
-            loss_state={
-                n: _full(p).detach().cpu().clone()
-                for n, p in self.criterion.named_parameters()
-                if n in ("logvar", "log_scale")
+            weights={
+                "vae": vae_state,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "loss": self.criterion.likelihood_state(),
+                "discriminator": self.disc.state_dict() if self.disc is not None else None,
             },
+            optimizers=self.optimizers(),
+            config_yaml=self.cfg.to_yaml(),
+            scaler=self.acc.scaler,
         )
         self.last_saved = self.step
         return path
 
     @torch.no_grad()
     def weights_fingerprint(self) -> list[float]:
-        """Sum and sum of squares of this rank's parameters in float64: equal on ranks in sync."""
-        params = [_local(p).detach().double() for p in self.ae.parameters()]
+        """Sum and sum of squares of this rank's parameters (its shards under FSDP) in float64."""
+        params = [_local(p).detach().double() for p in self.model.parameters()]
         return [sum(p.sum() for p in params).item(), sum(p.pow(2).sum() for p in params).item()]
 
     def restore(self, path: Path) -> None:
-        state, rank_state, ema = self.ckpt.load(path)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
+        full = {f"vae.{k}": v for k, v in weights["vae"].items()}
+        if self.criterion.likelihood is not None:
+            name = self.criterion.likelihood.name
+            full[f"likelihood.{name}"] = weights["loss"][name].reshape(-1)  # once saved 0-dim
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+        if self.disc is not None and "discriminator" in weights:
+            self.disc.load_state_dict(weights["discriminator"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.lr_scale, self.skipped = state["lr_scale"], state["skipped"]
         self.rollbacks = state.get("rollbacks", 0)
+        if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
+            log.warning(
+                "%s was written by %d processes, this run has %d: weights and optimizer state resharded; "
+                "the data stream restarts from its epoch plan",
+                path.name,
+                state["world_size"],
+                self.acc.num_processes,
+            )
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["data"])
-        if self.ema is not None and ema is not None:
-            self.ema.load_state_dict(ema)
+        if self.ema is not None and "ema" in weights:
+            self.ema.load_state_dict(weights["ema"])
         self.last_saved = self.step
 
     def resume_path(self) -> Path | None:
@@ -362,14 +491,28 @@ class Trainer:
         x = batch["images"].to(self.device, non_blocking=True)
         return to_channels_last(x) if self.cfg.model.channels_last else x
 
+    def _accumulating(self, module: nn.Module, sync: bool):
+        """No gradient all-reduce for a data-parallel module before the last micro-batch.
+
+        Under FSDP gradients are reduce-scattered after every micro-batch and accumulate sharded: holding
+        unsharded gradients across micro-batches would cost as much memory as the whole model's.
+        """
+        if sync or self.fsdp and module is self.ae or not hasattr(module, "no_sync"):
+            return nullcontext()
+        return module.no_sync()
+
+    def _clip(self, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> torch.Tensor:
+        """Unscale (fp16), clip to optim.grad_clip; the global norm (across shards under FSDP)."""
+        if self.acc.scaler is not None:
+            self.acc.scaler.unscale_(opt)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return _full(torch.nn.utils.clip_grad_norm_(params, clip)).detach().float()
+
     def train_step(self, stop_requested: bool, over_budget: bool) -> tuple[dict[str, torch.Tensor], bool]:
         """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop)."""
         cfg, acc = self.cfg, self.acc
         accum = cfg.train.grad_accum
         disc_on = self.disc is not None and self.criterion.disc_active(self.step)
-        # Under FSDP the last layer is a shard that the forward does not use directly, so the adaptive
-        # weight falls back to loss.disc_weight (said at start).
-        last_layer = None if self.fsdp else self.vae.decoder.conv_out.weight
         sums: dict[str, torch.Tensor] = {}
         finite = torch.ones((), device=self.device)
         for micro in range(accum):
@@ -377,11 +520,11 @@ class Trainer:
             x = self._images()
             self.data_wait += time.perf_counter() - t0
             sync = micro == accum - 1
-            with acc.no_sync(self.ae) if not sync else nullcontext():
+            with self._accumulating(self.ae, sync):
                 with acc.autocast():
                     x_hat, posterior, kl = self.ae(x)
                     loss, logs = self.criterion.autoencoder_loss(
-                        x, x_hat, posterior, kl, self.step, last_layer=last_layer
+                        x, x_hat, posterior, kl, self.step, last_layer=self.last_layer
                     )
                 if (
                     cfg.train.debug_nonfinite_step == self.step
@@ -391,7 +534,7 @@ class Trainer:
                 finite = finite * torch.isfinite(loss.detach())
                 acc.backward(loss / accum)
             if disc_on:
-                with acc.no_sync(self.disc_ddp) if not sync else nullcontext():
+                with self._accumulating(self.disc_ddp, sync):
                     with acc.autocast():
                         d_loss, d_logs = self.criterion.discriminator_loss(
                             x, x_hat.detach(), self.step, discriminator=self.disc_ddp
@@ -403,12 +546,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() / accum
         self.last_posterior, self.last_x = posterior, x
 
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.ae.parameters(), clip)
+        grad_norm = self._clip([p for p in self.model.parameters() if p.requires_grad], self.opt)
         finite = finite * torch.isfinite(grad_norm)
         if disc_on:
-            d_norm = acc.clip_grad_norm_(self.disc_ddp.parameters(), clip)
-            finite = finite * torch.isfinite(d_norm)
+            finite = finite * torch.isfinite(self._clip(list(self.disc.parameters()), self.disc_opt))
         # The one host sync of the step: every rank learns whether any rank saw a non-finite value or a
         # stop request, so they all skip or stop together.
         flags = torch.stack(
@@ -423,30 +564,31 @@ class Trainer:
         lr = learning_rate(cfg, self.step, self.lr_scale)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        if nonfinite:
-            if acc.mixed_precision == "fp16":
-                self.opt.step()  # the GradScaler sees the inf, skips the update and lowers its scale
+        scaler = acc.scaler
+        if nonfinite:  # every rank skips; fp16 lowers its loss scale as the GradScaler would
+            if scaler is not None:
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             self.skipped += 1
             self.consecutive_skips += 1
         else:
-            self.opt.step()
-            if self.opt.step_was_skipped:  # fp16 overflow caught by the scaler alone
-                self.skipped += 1
-                self.consecutive_skips += 1
-            else:
-                self.consecutive_skips = 0
-                if self.ema is not None:
-                    self.ema.update()
+            optimizers = [self.opt]
             if disc_on:
                 for group in self.disc_opt.param_groups:
                     group["lr"] = (cfg.loss.disc_lr or cfg.optim.lr) * self.lr_scale
-                self.disc_opt.step()
+                optimizers.append(self.disc_opt)
+            for opt in optimizers:
+                scaler.step(opt) if scaler is not None else opt.step()
+            if scaler is not None:
+                scaler.update()
+            self.consecutive_skips = 0
+            if self.ema is not None:
+                self.ema.update()
         self.opt.zero_grad(set_to_none=True)
         if self.disc_opt is not None:
             self.disc_opt.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += cfg.data.batch_size * accum * acc.num_processes
-        sums["grad_norm"] = grad_norm.detach().float()
+        sums["grad_norm"] = grad_norm
         sums["lr"] = torch.tensor(lr)
         return sums, bool(stop or budget)
 
@@ -487,24 +629,35 @@ class Trainer:
         out["active_units"] = (activity > 0.01).float().sum()
         return out
 
-    @torch.no_grad()
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Run the training model outside training (eval mode, no gradients), every rank together.
+
+        Under FSDP every rank must take part in each forward; afterwards the gathered parameters are
+        freed, so that neither a later training forward nor EMA weights (EMA.applied) reuse them.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                yield
+        finally:
+            self.model.train(was_training)
+            if self.fsdp:
+                reshard(self.model)
+
     def log_images(self) -> None:
         if self.preview is None:
             return
-        vae, x = self.vae, self.preview
-        was_training = vae.training
-        vae.eval()
-        rows = [x, vae.decode(vae.encode(x).mode())]
-        if self.ema is not None and not self.fsdp:  # an FSDP module is not copied; its EMA shows on export
-            ema_vae = copy.deepcopy(vae)
-            params = dict(vae_names(ema_vae))
-            for name, s in zip(self.ema.names, self.ema.shadow):
-                params[name].copy_(s)
-            rows.append(ema_vae.decode(ema_vae.encode(x).mode()))
+        model, x = self.model, self.preview
         g = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
-        z = torch.randn(x.shape[0], *vae.latent_shape(x.shape[2], x.shape[3]), generator=g).to(self.device)
-        prior = vae.decode(z)
-        vae.train(was_training)
+        z = torch.randn(x.shape[0], *model.latent_shape(x.shape[2], x.shape[3]), generator=g).to(self.device)
+        with self.inference():
+            rows = [x, model.decode(model.encode(x).mode())]
+            prior = model.decode(z)
+        if self.ema is not None:
+            with self.ema.applied(), self.inference():
+                rows.append(model.decode(model.encode(x).mode()))
         self.monitor.images(
             self.step, {"reconstruction": image_grid(rows), "prior_samples": image_grid([prior])}
         )
@@ -512,31 +665,36 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
         from vae_scale.data import build_val_loader
-        from vae_scale.evaluate import evaluate
+        from vae_scale.evaluate import Lockstep, evaluate
 
         cfg, acc = self.cfg, self.acc
-        if self.fsdp:  # ranks may hold different numbers of val batches: sharded forwards would deadlock
-            self.monitor.write("eval.every is skipped under FSDP: run `vae-scale eval` on the checkpoint")
-            return {}
         if self._val is None:
             self._val = build_val_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
-        was_training = self.vae.training
-        self.vae.eval()
-        results = evaluate(
-            self.vae,
-            self._val,
-            metrics=cfg.eval.metrics,
-            device=self.device,
-            reduce=lambda t: acc.reduce(t, reduction="sum"),
-            criterion=self.criterion,
-            max_batches=cfg.eval.max_batches,
-            iw=cfg.eval.iw,
-            seed=cfg.train.seed,
-            **self._eval_nets,
-        )
-        self.vae.train(was_training)
+        with self.inference():
+            results = evaluate(
+                self.model,
+                self._val,
+                metrics=cfg.eval.metrics,
+                device=self.device,
+                reduce=lambda t: acc.reduce(t, reduction="sum"),
+                criterion=self.criterion,
+                max_batches=cfg.eval.max_batches,
+                iw=cfg.eval.iw,
+                seed=cfg.train.seed,
+                # Sharded forwards are collectives: a rank out of batches runs padding ones until all are.
+                lockstep=Lockstep(self._any_rank, self._image_shape()) if self.fsdp else None,
+                **self._eval_nets,
+            )
         self.monitor.scalars(self.step, {f"val/{k}": v for k, v in results.items()})
         return results
+
+    def _image_shape(self) -> tuple[int, int, int]:
+        r = self.cfg.data.resolution
+        return (self.cfg.model.in_channels, r, r)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on at least one rank (a small all-reduce)."""
+        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.device), reduction="sum") > 0)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -615,8 +773,13 @@ class Trainer:
                 "data_wait_fraction": self.data_wait / max(seconds, 1e-9),
             }
         )
+        # The largest over ranks: device memory held by tensors on a GPU, the whole process's RSS on a CPU.
         if self.device.type == "cuda":
-            values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            key, peak = "peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            unit = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+            key, peak = "peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+        values[key] = float(acc.gather(torch.tensor([peak], device=self.device)).max())
         self.monitor.scalars(self.step, values)
         self.monitor.progress(self.step, loss=values.get("loss", float("nan")), img_s=values["images_per_s"])
         return values
