@@ -200,11 +200,15 @@ def load_diffusers(path: str | Path, **config_overrides: Any) -> VAE:
     return vae
 
 
-def save_diffusers(vae: VAE, path: str | Path) -> None:
-    """Write `vae` as a diffusers AutoencoderKL folder; files appear complete or not at all."""
+def save_diffusers(vae: VAE, path: str | Path, config: dict[str, Any] | None = None) -> None:
+    """Write `vae` as a diffusers AutoencoderKL folder; files appear complete or not at all.
+
+    config: the config.json to write (default: config_to_diffusers(vae.config)), e.g. the one a fine-tune
+    was imported from, kept key for key.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = config_to_diffusers(vae.config)
+    config = config_to_diffusers(vae.config) if config is None else config
     sd = state_dict_to_diffusers(vae.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path))
     try:

@@ -1,12 +1,17 @@
 """Weights out to diffusion pipelines and in from existing VAEs: `vae-scale export` and `vae-scale import`.
 
-    vae-scale export --run runs/sd-ft --out sd-ft-vae/ [--ema] [--n 1024] [--no-shift]
+    vae-scale export --run runs/sd-ft --out sd-ft-vae/ [--ema] [--measure-latents [--n 1024] [--no-shift]]
     vae-scale export --run runs/sd-ft --out sd-ft-vae.safetensors --format safetensors
-    vae-scale import --diffusers stabilityai-sdxl-vae/ --out runs/sdxl-ft [--config sd-f8] [key=value ...]
+    vae-scale import --diffusers sdxl-vae/ --out runs/sdxl-ft [--config sd-finetune] [key=value ...]
 
-Export measures the latent statistics a diffusion model needs on N training samples (center crops through
-the validation reader, deterministic; the posterior mean unless --sample) and writes them into the
-config.json of a diffusers AutoencoderKL folder:
+The latent contract. A diffusion model trained on a VAE's latents expects that VAE's scaling_factor,
+shift_factor, latents_mean / latents_std (and diffusers' tiling threshold, sample_size) in its config.json.
+
+- A fine-tune of imported weights (model.init_from, which `vae-scale import` sets, or a diffusers folder
+  given with --ckpt) is exported as a drop-in replacement: config.json is the imported one, key for key;
+  only the weights change. The latent statistics are still measured (when there is data) and printed as
+  advice, and written to latent_statistics.json beside config.json, never into it.
+- A VAE trained from scratch, or any run with --measure-latents, gets measured statistics in config.json:
 
     shift_factor  = mean of every latent element          (null with --no-shift: SD style)
     scaling_factor = 1 / std of every latent element      (std about the mean)
@@ -16,7 +21,10 @@ so that z_scaled = (z - shift_factor) * scaling_factor has mean 0 and std 1: FLU
 exactly that, SD 1.x/2.x pipelines apply the scale alone. Pipelines that normalise per channel when
 latents_mean and latents_std are set (SDXL's: (z - latents_mean) * scaling_factor / latents_std) expect a
 scaling_factor near 1 beside them; export with --no-channel-stats for those (a global scale, as SDXL's own
-VAE has). The measurements go to latent_statistics.json beside config.json too.
+VAE has). --no-stats measures nothing and writes the model config's values as they are.
+
+Statistics are measured on N training samples (center crops through the validation reader, deterministic;
+the posterior mean unless --sample).
 
 `--format safetensors` writes one file in the original latent-diffusion layout (encoder.down.0.block.0...,
 attention as 1x1 convs), the single-file VAE format of ComfyUI, A1111 and diffusers' from_single_file,
@@ -25,7 +33,8 @@ with the diffusers config (statistics included) in its metadata under "config".
 Import starts a run folder from a diffusers VAE (SD, SDXL, FLUX, any AutoencoderKL vae-scale represents):
 RUN/config.yaml (the model section from the VAE's config.json, the rest from --config, default sd-f8) with
 model.init_from pointing at RUN/init/vae.safetensors, which the trainer loads (load_init_weights) when
-there is no checkpoint to resume. The discriminator, which diffusers folders do not hold, starts afresh.
+there is no checkpoint to resume; RUN/init/config.json is the VAE's config.json, the contract export
+keeps. The discriminator, which diffusers folders do not hold, starts afresh.
 """
 
 from __future__ import annotations
@@ -186,12 +195,91 @@ def state_dict_to_ldm(sd: dict[str, torch.Tensor], levels: int) -> dict[str, tor
 # export
 
 
+def imported_config(source: str | Path) -> dict[str, Any] | None:
+    """The diffusers config.json a fine-tune started from, or None when there is none to read.
+
+    source: model.init_from (a .safetensors file, with `vae-scale import`'s config.json beside it) or a
+    diffusers folder (also a pipeline folder, whose vae/ it takes).
+    """
+    from vae_scale.diffusers_io import CONFIG_NAME
+
+    if not source:
+        return None
+    path = Path(source)
+    candidates = (
+        [path / CONFIG_NAME, path / "vae" / CONFIG_NAME] if path.is_dir() else [path.parent / CONFIG_NAME]
+    )
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                log.warning("ignoring %s: %s", candidate, e)
+                return None
+            return config if isinstance(config, dict) else None
+    return None
+
+
+def _describes(config: dict[str, Any], model) -> bool:
+    """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
+    from vae_scale.diffusers_io import DiffusersFormatError, config_from_diffusers
+
+    try:
+        theirs = config_from_diffusers(config)
+    except DiffusersFormatError:
+        return False
+    return all(
+        getattr(theirs, k) == getattr(model, k) for k in ARCHITECTURE if k not in ("preset", "norm_eps")
+    )
+
+
+def _measure(args, loaded, vae, device) -> dict[str, Any]:
+    """Latent statistics on --n samples of --data (default data.train); ExportError when there is no data."""
+    cfg = loaded.config
+    data = args.data or cfg.data.train
+    if not data:
+        raise ExportError(f"--data is needed for the latent statistics: {loaded.source} has no data.train")
+    resolution = args.resolution or cfg.data.resolution
+    f = vae.downsample_factor
+    if resolution % f:
+        raise ExportError(f"--resolution={resolution} is not a multiple of the downsampling factor {f}")
+    batches = iter_batches(
+        data,
+        split=args.split,
+        resolution=resolution,
+        batch_size=args.batch_size or cfg.data.batch_size,
+        workers=args.workers,
+        limit=args.n,
+        seed=cfg.train.seed,
+    )
+    stats = latent_statistics(vae, batches, device=device, n=args.n, sample=args.sample, seed=args.seed)
+    stats.update(
+        {
+            "data": data,
+            "resolution": resolution,
+            "source": loaded.source,
+            "step": loaded.step,
+            "ema": args.ema,
+        }
+    )
+    return stats
+
+
+def _factors(scaling_factor: float, shift_factor: float | None) -> str:
+    shift = "null" if shift_factor is None else f"{shift_factor:.6g}"
+    return f"scaling_factor {scaling_factor:.6g}, shift_factor {shift}"
+
+
 def export_main(argv: list[str]) -> int:
-    """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--n N] [--data P]`."""
+    """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--measure-latents]`."""
     from vae_scale.diffusers_io import config_to_diffusers, save_diffusers
+    from vae_scale.shards import DataError
 
     p = argparse.ArgumentParser(
-        prog="vae-scale export", description="Write a diffusers AutoencoderKL with its latent statistics."
+        prog="vae-scale export",
+        description="Write a diffusers AutoencoderKL. A fine-tune of imported weights keeps the imported "
+        "config.json (scaling_factor, shift_factor, latents_mean/std, sample_size) and prints the measured "
+        "latent statistics as advice; a VAE trained from scratch gets measured ones.",
     )
     add_model_args(p)
     p.add_argument(
@@ -201,17 +289,29 @@ def export_main(argv: list[str]) -> int:
         "(or a folder, which gets vae.safetensors)",
     )
     p.add_argument("--format", default="diffusers", choices=("diffusers", "safetensors"))
+    p.add_argument(
+        "--measure-latents",
+        action="store_true",
+        help="write measured statistics into config.json even for a fine-tune of imported weights (for a "
+        "new diffusion model trained on these latents; the imported one expects the kept values)",
+    )
+    p.add_argument(
+        "--no-stats",
+        action="store_true",
+        help="measure nothing: write the model config's scaling_factor, shift_factor and latents_mean/std",
+    )
+    p.add_argument(
+        "--no-shift", action="store_true", help="measured: shift_factor null (SD style: scale only)"
+    )
+    p.add_argument(
+        "--no-channel-stats",
+        action="store_true",
+        help="measured: latents_mean / latents_std null (for pipelines that pair them with scaling_factor)",
+    )
     p.add_argument("--data", help="samples for the statistics: shards or 'synthetic' (default: data.train)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
     p.add_argument("--n", type=int, default=DEFAULT_STATS_SAMPLES, help="samples measured (default 1024)")
     p.add_argument("--sample", action="store_true", help="measure sampled latents, not posterior means")
-    p.add_argument("--no-shift", action="store_true", help="shift_factor null (SD style: scale only)")
-    p.add_argument(
-        "--no-channel-stats",
-        action="store_true",
-        help="latents_mean / latents_std null (for pipelines that pair them with scaling_factor)",
-    )
-    p.add_argument("--no-stats", action="store_true", help="keep the model config's scale and shift")
     p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
     p.add_argument("--batch-size", type=int, help="images per batch (default data.batch_size)")
     p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
@@ -219,52 +319,51 @@ def export_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.n <= 0:
         p.error("--n must be > 0")
+    if args.measure_latents and args.no_stats:
+        p.error("--measure-latents and --no-stats contradict each other")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_model(args.run, args.ckpt, args.ema)
     cfg, vae = loaded.config, loaded.vae
+    # Weights that came from a diffusers VAE carry its latent contract; a diffusion model relies on it.
+    origin = cfg.model.init_from if loaded.checkpoint is not None else args.ckpt
+    imported = bool(origin)
+    contract = imported_config(origin) if imported else None
+    if contract is not None and not _describes(contract, vae.config):
+        log.warning("%s's config.json does not describe this model; writing the model config instead", origin)
+        contract = None
+    into_config = not args.no_stats and (args.measure_latents or not imported)
+    if (args.no_shift or args.no_channel_stats) and not into_config:
+        why = "--no-stats" if args.no_stats else "a fine-tune of imported weights keeps the imported values"
+        p.error(
+            f"--no-shift / --no-channel-stats shape measured statistics, and {why}: add --measure-latents"
+        )
+
     device = processes().device
     vae.to(device)
-    stats = None
-    if not args.no_stats:
-        data = args.data or cfg.data.train
-        if not data:
-            raise ExportError(
-                f"--data is needed for the latent statistics: {loaded.source} has no data.train"
-            )
-        resolution = args.resolution or cfg.data.resolution
-        f = vae.downsample_factor
-        if resolution % f:
-            raise ExportError(f"--resolution={resolution} is not a multiple of the downsampling factor {f}")
-        batches = iter_batches(
-            data,
-            split=args.split,
-            resolution=resolution,
-            batch_size=args.batch_size or cfg.data.batch_size,
-            workers=args.workers,
-            limit=args.n,
-            seed=cfg.train.seed,
-        )
-        stats = latent_statistics(vae, batches, device=device, n=args.n, sample=args.sample, seed=args.seed)
-        stats.update(
-            {
-                "data": data,
-                "resolution": resolution,
-                "source": loaded.source,
-                "step": loaded.step,
-                "ema": args.ema,
-            }
-        )
+    stats, advice_error = None, None
+    if into_config:
+        stats = _measure(args, loaded, vae, device)
         vae.config = with_statistics(
             vae.config, stats, shift=not args.no_shift, channel_stats=not args.no_channel_stats
         )
-    if loaded.checkpoint is not None:  # diffusers' sample_size is the training resolution
+    elif not args.no_stats:  # advice only: an export without data still keeps the contract
+        try:
+            stats = _measure(args, loaded, vae, device)
+        except (ExportError, DataError, FileNotFoundError) as e:
+            advice_error = str(e)
+    if loaded.checkpoint is not None and not imported:  # diffusers' sample_size is the training resolution
         vae.config = dataclasses.replace(vae.config, sample_size=cfg.data.resolution)
     vae.cpu()
+    config = config_to_diffusers(vae.config)
+    if contract is not None:
+        measured = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+        config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
+
     out = Path(args.out)
     if args.format == "diffusers":
         if out.suffix == ".safetensors" or out.is_file():
             raise ExportError(f"--out {out}: --format diffusers writes a folder")
-        save_diffusers(vae, out)
+        save_diffusers(vae, out, config)
         if stats is not None:
             (out / "latent_statistics.json").write_text(json.dumps(stats, indent=2) + "\n")
         written = out
@@ -272,19 +371,36 @@ def export_main(argv: list[str]) -> int:
         written = out if out.suffix == ".safetensors" else out / "vae.safetensors"
         written.parent.mkdir(parents=True, exist_ok=True)
         sd = state_dict_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))
-        meta = {"format": "pt", "config": json.dumps(config_to_diffusers(vae.config))}
+        meta = {"format": "pt", "config": json.dumps(config)}
         if stats is not None:
             meta["latent_statistics"] = json.dumps(stats)
         tmp = written.with_name(f".{written.name}.tmp")
         save_file(sd, tmp, metadata=meta)
         tmp.replace(written)
-    m = vae.config
-    shift = "null" if m.shift_factor is None else f"{m.shift_factor:.6g}"
-    how = f"measured on {stats['samples']} samples ({stats['latent']})" if stats else "from the model config"
-    print(
-        f"wrote {written} ({args.format}{', EMA' if args.ema else ''}): scaling_factor "
-        f"{m.scaling_factor:.6g}, shift_factor {shift}, {how}"
-    )
+
+    scale, shift = config["scaling_factor"], config.get("shift_factor")
+    if into_config:
+        how = f"measured on {stats['samples']} samples ({stats['latent']})"
+    elif imported:
+        how = f"the latent contract of {origin} kept (its config.json" + (
+            ")" if contract else ", from the run)"
+        )
+    else:
+        how = "from the model config"
+    kind = f"{args.format}{', EMA' if args.ema else ''}"
+    print(f"wrote {written} ({kind}): {_factors(scale, shift)}, sample_size {config['sample_size']}, {how}")
+    if stats is not None and not into_config:
+        measured_scale, measured_shift = 1.0 / stats["std"], stats["mean"]
+        kept_mean = (stats["mean"] - (shift or 0.0)) * scale
+        print(
+            f"measured on {stats['samples']} samples ({stats['latent']}): "
+            f"{_factors(measured_scale, measured_shift)}; with the kept factors the latents have mean "
+            f"{kept_mean:.3f} and std {stats['std'] * scale:.3f}. A diffusion model trained on the original "
+            "VAE keeps working with the kept values; for a new one trained on these latents, export with "
+            "--measure-latents"
+        )
+    elif advice_error is not None:
+        print(f"latent statistics not measured ({advice_error}); the contract is kept all the same")
     return 0
 
 
