@@ -8,6 +8,7 @@ one device: activation checkpointing, channels_last, compile and sharding are ap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -255,6 +256,85 @@ class DiagonalGaussian:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Tiled encode and decode
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Encode and decode tile by tile, as diffusers' AutoencoderKL does after enable_tiling().
+
+    tile: tile size in image pixels (0: the model's sample_size, diffusers' threshold); overlap: the
+    fraction of a tile shared with the next one (diffusers: 0.25). Tiles start every tile * (1 - overlap)
+    pixels (the same in latent positions for decode); each result tile is blended linearly into the one
+    above and the one to its left over tile * overlap rows / columns, then cropped to the stride. Inputs no
+    larger than one tile are not tiled, so their result equals the untiled one exactly. Peak activation
+    memory is that of one tile; tiles differ from the whole image in their GroupNorm statistics and the
+    mid-block attention's reach, so a tiled result is close to, not equal to, the untiled one.
+    """
+
+    tile: int = 0
+    overlap: float = 0.25
+
+    def geometry(self, factor: int, sample_size: int) -> tuple[int, int, int]:
+        """(tile, stride, blend extent) in image pixels for a model with this downsampling factor; the
+        same divided by `factor` in latent positions. ValueError when they are not whole latent positions."""
+        tile = self.tile or sample_size
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"tiling overlap must be in [0, 1), got {self.overlap}")
+        latent = tile // factor
+        stride, extent = int(latent * (1 - self.overlap)), int(latent * self.overlap)
+        # diffusers computes the pixel and latent strides separately; they agree only on whole positions
+        if (
+            tile % factor
+            or stride == 0
+            or stride + extent != latent
+            or int(tile * (1 - self.overlap)) != stride * factor
+        ):
+            raise ValueError(
+                f"tile {tile} px with overlap {self.overlap}: tiles must cover a whole number of latent "
+                f"positions ({factor} px each) and so must their overlap, e.g. a tile of "
+                f"{factor * max(4, round(latent / 4) * 4)} px"
+            )
+        return tile, stride * factor, extent * factor
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """Blend b's first `extent` rows (dim 2) or columns (dim 3) with a's last ones in place: b's weight goes
+    0, 1/e, ..., (e-1)/e (diffusers' blend_v / blend_h, in one step)."""
+    e = min(a.shape[dim], b.shape[dim], extent)
+    if e == 0:
+        return
+    w = torch.arange(e, dtype=torch.float64, device=b.device) / e
+    shape = (1, 1, e, 1) if dim == 2 else (1, 1, 1, e)
+    keep, take = (1 - w).to(b.dtype).view(shape), w.to(b.dtype).view(shape)
+    head = b.narrow(dim, 0, e)
+    head.copy_(a.narrow(dim, a.shape[dim] - e, e) * keep + head * take)
+
+
+def tiled_apply(fn, x: torch.Tensor, tile: int, stride: int, out_tile: int, out_extent: int) -> torch.Tensor:
+    """fn over overlapping tiles of x (B, C, H, W), blended and stitched (diffusers' tiled_encode/decode).
+
+    tile, stride: in x's positions; out_tile, out_extent: a full tile's output size and blend extent in
+    the output's positions. Holds two rows of output tiles at a time besides the result.
+    """
+    H, W = x.shape[2:]
+    limit = out_tile - out_extent
+    rows, above = [], []
+    for i in range(0, H, stride):
+        row = []
+        for j in range(0, W, stride):
+            t = fn(x[:, :, i : i + tile, j : j + tile])
+            if above:
+                _blend(above[len(row)], t, out_extent, dim=2)
+            if row:
+                _blend(row[-1], t, out_extent, dim=3)
+            row.append(t)
+        rows.append(torch.cat([t[:, :, :limit, :limit] for t in row], dim=3))
+        above = row
+    return torch.cat(rows, dim=2)
+
+
+# --------------------------------------------------------------------------------------------------------
 # The autoencoder
 
 
@@ -353,17 +433,46 @@ class VAE(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x: (B, 3, H, W) in [-1, 1] -> posterior over (B, latent_channels, H/f, W/f)."""
-        self._check_image(x)
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments, self.kernels)
+    def tiling(self, tiled: bool | Tiling) -> Tiling | None:
+        """The Tiling that `tiled` asks for: None for False, the default (sample_size, 0.25) for True."""
+        if tiled is False or tiled is None:
+            return None
+        return Tiling() if tiled is True else tiled
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, latent_channels, h, w) -> image (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+    def encode(self, x: torch.Tensor, tiled: bool | Tiling = False) -> DiagonalGaussian:
+        """x: (B, 3, H, W) in [-1, 1] -> posterior over (B, latent_channels, H/f, W/f).
+
+        tiled: True or a Tiling encodes an image larger than the tile tile by tile (see Tiling).
+        """
+        self._check_image(x)
+        tiling = self.tiling(tiled)
+        if tiling is not None:
+            f = self.downsample_factor
+            tile, stride, extent = tiling.geometry(f, self.config.sample_size)
+            if max(x.shape[2:]) > tile:
+                moments = tiled_apply(self._moments, x, tile, stride, tile // f, extent // f)
+                return DiagonalGaussian(moments, self.kernels)
+        return DiagonalGaussian(self._moments(x), self.kernels)
+
+    def decode(self, z: torch.Tensor, tiled: bool | Tiling = False) -> torch.Tensor:
+        """z: (B, latent_channels, h, w) -> image (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped).
+
+        tiled: True or a Tiling decodes a latent larger than the tile tile by tile (see Tiling).
+        """
         self._check_latent(z)
+        tiling = self.tiling(tiled)
+        if tiling is not None:
+            f = self.downsample_factor
+            tile, stride, extent = tiling.geometry(f, self.config.sample_size)
+            if max(z.shape[2:]) > tile // f:
+                return tiled_apply(self._image, z, tile // f, stride // f, tile, extent)
+        return self._image(z)
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)  # (B, 2C, h, w)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def _image(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -1,0 +1,132 @@
+"""Tiled encode and decode: exact inside one tile, diffusers' tiling outside it, memory bounded by the tile,
+and no seams on a smooth image."""
+
+import math
+
+import pytest
+import torch
+
+from vae_scale.config import load_config
+from vae_scale.model import VAE, Tiling, tiled_apply
+
+TINY = [
+    "model.block_out_channels=[8,16,16]",  # f4
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "model.sample_size=32",  # the default tile, as in diffusers
+]
+
+
+@pytest.fixture(scope="module")
+def vae() -> VAE:
+    torch.manual_seed(0)
+    return VAE(load_config(None, TINY).model).eval()
+
+
+def smooth_image(h: int, w: int) -> torch.Tensor:
+    """(1, 3, h, w) in [-1, 1]: slow sinusoids and a ramp, no edges anywhere."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    channels = [
+        torch.sin(2 * math.pi * (1.3 * xx + 0.4 * yy)),
+        torch.cos(2 * math.pi * (0.5 * xx - yy)),
+        xx - yy,
+    ]
+    return 0.8 * torch.stack(channels)[None].clamp(-1, 1)
+
+
+def test_an_image_that_fits_in_one_tile_is_not_tiled(vae):
+    x = torch.rand(2, 3, 32, 24) * 2 - 1
+    with torch.no_grad():
+        post, tiled = vae.encode(x), vae.encode(x, tiled=True)
+        assert torch.equal(tiled.mean, post.mean) and torch.equal(tiled.logvar, post.logvar)
+        z = post.mode()
+        assert torch.equal(vae.decode(z, tiled=True), vae.decode(z))
+        assert torch.equal(vae.decode(z, tiled=Tiling(tile=64)), vae.decode(z))
+
+
+@pytest.mark.parametrize("shape", [(72, 100), (40, 24), (100, 36), (64, 96), (36, 33 * 4)])
+def test_tiled_encode_and_decode_equal_diffusers_tiling(vae, tmp_path, shape):
+    from diffusers import AutoencoderKL
+
+    vae.save_diffusers(tmp_path / "vae")
+    theirs = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    theirs.enable_tiling()  # tile = sample_size (32 px, 8 latents), overlap 0.25
+    h, w = shape
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w)) * 2 - 1
+    z = torch.randn(2, 4, h // 4, w // 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_post, their_post = vae.encode(x, tiled=True), theirs.encode(x).latent_dist
+        ours_x, their_x = vae.decode(z, tiled=True), theirs.decode(z).sample
+        untiled_x = vae.decode(z)
+    assert ours_post.mean.shape == (2, 4, h // 4, w // 4) and ours_x.shape == (2, 3, h, w)
+    # the same agreement as untiled (our fused GroupNorm against diffusers' sums in another order)
+    assert torch.allclose(ours_post.mean, their_post.mean, atol=1e-5)
+    assert torch.allclose(ours_post.logvar, their_post.logvar, atol=1e-5)
+    assert torch.allclose(ours_x, their_x, atol=1e-5)
+    assert not torch.allclose(ours_x, untiled_x, atol=1e-3)  # tiling did happen
+
+
+def test_memory_is_bounded_by_the_tile(vae):
+    seen = {"encoder": 0, "decoder": 0}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = max(seen[name], *args[0].shape[2:])
+
+        return hook
+
+    handles = [vae.encoder.register_forward_pre_hook(record("encoder"))]
+    handles.append(vae.decoder.register_forward_pre_hook(record("decoder")))
+    try:
+        with torch.no_grad():
+            z = vae.encode(torch.zeros(1, 3, 160, 224), tiled=Tiling(tile=32)).mode()
+            x = vae.decode(z, tiled=Tiling(tile=32))
+    finally:
+        for h in handles:
+            h.remove()
+    assert z.shape == (1, 4, 40, 56) and x.shape == (1, 3, 160, 224)
+    assert seen == {"encoder": 32, "decoder": 8}  # tiles of 32 px in, 8 latent positions out
+
+
+def test_tile_geometry_is_checked():
+    with pytest.raises(ValueError, match="whole number of latent positions"):
+        Tiling(tile=40).geometry(8, 256)  # 5 latents: a 0.25 overlap is 1.25 of them
+    with pytest.raises(ValueError, match="overlap"):
+        Tiling(tile=64, overlap=1.0).geometry(8, 256)
+    assert Tiling().geometry(8, 512) == (512, 384, 128)  # diffusers' SD numbers
+    assert Tiling(tile=256, overlap=0.5).geometry(8, 512) == (256, 128, 128)
+
+
+def per_tile_normalised(t: torch.Tensor) -> torch.Tensor:
+    """A 3x3 blur followed by removing the tile's own mean and scaling by its std: the way GroupNorm makes
+    a VAE's output depend on the tile it sees (its statistics), in miniature."""
+    blurred = torch.nn.functional.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+    return (blurred - blurred.mean((2, 3), keepdim=True)) / blurred.std((2, 3), keepdim=True) * 0.5
+
+
+def column_steps(img: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring columns, per column boundary: (W - 1,)."""
+    return (img[..., 1:] - img[..., :-1]).abs().mean((0, 1, 2))
+
+
+def test_blending_leaves_no_seam_on_a_smooth_image():
+    x = smooth_image(64, 256)
+    tile, out = 64, 64
+
+    def tiled(overlap: float) -> torch.Tensor:
+        stride = int(tile * (1 - overlap))
+        return tiled_apply(per_tile_normalised, x, tile, stride, out, out - stride)
+
+    blended, hard = tiled(0.25), tiled(0.0)
+    inner = column_steps(per_tile_normalised(x))[4:-4]  # the untiled result's own smoothness
+    typical = inner.median().item()
+    # Without overlap every tile boundary is a step several times the image's own column-to-column change.
+    hard_steps = column_steps(hard)
+    boundaries = [63, 127, 191]
+    assert min(hard_steps[b].item() for b in boundaries) > 5 * typical
+    # With diffusers' 0.25 overlap the per-tile offsets are spread linearly over 16 columns: the largest
+    # column step anywhere stays within 2.5x the image's typical one.
+    steps = column_steps(blended)
+    assert steps[2:-2].max().item() < 2.5 * typical
+    assert blended.shape == x.shape
