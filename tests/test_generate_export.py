@@ -298,7 +298,8 @@ def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
         url, key = full_key.rsplit("#", 1)
         got = read_latent(samples[key]["safetensors"], "safetensors")
         assert torch.allclose(got, z, atol=1e-6)
-        assert json.loads(samples[key]["json"])["source"] == url
+        assert json.loads(samples[key]["latent.json"])["source"] == url
+        assert json.loads(samples[key]["json"])["source"].endswith(".png")  # the source's sidecar, kept
 
     npy = tmp_path / "npy"
     encode_main(

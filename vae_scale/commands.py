@@ -41,6 +41,40 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
 
 
+def add_tiling_args(p: argparse.ArgumentParser) -> None:
+    """--tile PX and --tile-overlap F: tiled encode/decode of images larger than a tile."""
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="encode/decode images larger than this many pixels tile by tile, blended as diffusers' "
+        "enable_tiling() does (default: the model's sample_size; 0: never tile)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        help="fraction of a tile its neighbour shares (default 0.25)",
+    )
+
+
+def tiling_from_args(args: argparse.Namespace, vae) -> Any:
+    """The Tiling --tile / --tile-overlap ask for, its tile resolved (False for --tile 0); InputError for a
+    bad geometry."""
+    from vae_scale.model import Tiling
+
+    if args.tile == 0:
+        return False
+    if args.tile is not None and args.tile < 0:
+        raise InputError(f"--tile must be >= 0, got {args.tile}")
+    tiling = Tiling(tile=args.tile or vae.config.sample_size, overlap=args.tile_overlap)
+    try:
+        tiling.geometry(vae.downsample_factor, vae.config.sample_size)
+    except ValueError as e:
+        raise InputError(f"--tile / --tile-overlap: {e}") from None
+    return tiling
+
+
 def _is_diffusers_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "vae" / "config.json").is_file()
 

@@ -56,10 +56,12 @@ from vae_scale.commands import (
     InputError,
     LoadedModel,
     add_model_args,
+    add_tiling_args,
     iter_batches,
     load_model,
     processes,
     progress,
+    tiling_from_args,
 )
 from vae_scale.config import Config, EvalConfig, LossConfig
 
@@ -362,6 +364,7 @@ def evaluate(
     inception: nn.Module | None = None,
     seed: int = 0,
     lockstep: Lockstep | None = None,
+    tiled: Any = False,
 ) -> dict[str, float]:
     """Metrics of `vae` over every sample of `batches`, the same on every rank (see the module docstring).
 
@@ -372,7 +375,9 @@ def evaluate(
     importance samples for bpd_iw (needs a learned likelihood). lpips / inception: the networks of those
     metrics (load_eval_nets); lpips falls back to criterion.perceptual. seed: of the latent noise.
     lockstep: for a sharded (FSDP) model: a rank out of batches runs padding batches (the same forwards,
-    counted nowhere) until every rank is done.
+    counted nowhere) until every rank is done. tiled: True or a model.Tiling encodes and decodes images
+    larger than a tile tile by tile (batches may then hold images of any size, e.g. one native-size image
+    each).
     Returns floats: samples, mse (always), and those asked for of psnr, ssim, bpd, bpd_iw, kl and
     kl_channel/<c>, active_units, lpips, rfid.
     """
@@ -436,9 +441,10 @@ def evaluate(
                 sums = _Sums(device)  # a padding batch: the same forwards, into sums that are dropped
                 for name, shape in sum_shapes:
                     sums.add(name, shape)
-            post = vae.encode(x)
+            post = vae.encode(x, tiled=tiled) if tiled else vae.encode(x)
             mean, logvar = post.mean.float(), post.logvar.float()
-            x_rec = vae.decode(post.mode()).float().clamp(-1, 1)
+            x_rec = (vae.decode(post.mode(), tiled=tiled) if tiled else vae.decode(post.mode())).float()
+            x_rec = x_rec.clamp(-1, 1)
             sums["samples"] += n
             sums["psnr"] += psnr(x_rec, x).double().sum()
             sums["mse"] += ((x_rec - x) / 2).double().square().flatten(1).mean(1).sum()
@@ -456,7 +462,7 @@ def evaluate(
                 for k in range(max(iw, 1)):
                     eps = key_noise(keys, tuple(mean.shape), seed, k, seen).to(device)
                     z = mean + std * eps
-                    x_s = vae.decode(z).float()
+                    x_s = (vae.decode(z, tiled=tiled) if tiled else vae.decode(z)).float()
                     if k == 0:
                         sums["sq_err_sample"] += (x - x_s).double().square().sum()
                         if learned:
@@ -636,7 +642,15 @@ def eval_main(argv: list[str]) -> int:
     )
     p.add_argument("--iw", type=int, default=None, help="importance samples for bpd_iw (default eval.iw)")
     p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument(
+        "--shape",
+        default="square",
+        choices=("square", "native"),
+        help="square: short side resized to --resolution and center-cropped (default); native: each image "
+        "at its own size, cropped to a multiple of the downsampling factor, tiled when larger than a tile",
+    )
     p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
+    add_tiling_args(p)
     p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
     p.add_argument("--workers", type=int, default=0, help="data loader workers per process (default 0)")
     p.add_argument("--max-batches", type=int, default=0, help="batches per process; 0 is all")
@@ -673,17 +687,35 @@ def eval_main(argv: list[str]) -> int:
     procs = processes()
     vae = loaded.vae.to(procs.device)
     resolution = args.resolution or cfg.data.resolution
-    batches = iter_batches(
-        data,
-        split=args.split,
-        resolution=resolution,
-        batch_size=args.batch_size or cfg.data.batch_size,
-        workers=args.workers,
-        rank=procs.rank,
-        world=procs.world,
-        limit=args.n if data == "synthetic" else 0,
-        seed=cfg.train.seed + 1,
-    )
+    tiling = tiling_from_args(args, vae)
+    if args.shape == "native":
+        if data == "synthetic":
+            raise InputError("--shape native: --data synthetic has square images only")
+        from vae_scale.image_reader import ImageReader
+        from vae_scale.shards import expand_shards, shard_counts
+
+        urls = expand_shards(data, args.split)
+        batches = ImageReader(
+            urls,
+            shard_counts(urls, scan=False),
+            shape="native",
+            multiple=vae.downsample_factor,
+            workers=args.workers,
+            rank=procs.rank,
+            world=procs.world,
+        )
+    else:
+        batches = iter_batches(
+            data,
+            split=args.split,
+            resolution=resolution,
+            batch_size=args.batch_size or cfg.data.batch_size,
+            workers=args.workers,
+            rank=procs.rank,
+            world=procs.world,
+            limit=args.n if data == "synthetic" else 0,
+            seed=cfg.train.seed + 1,
+        )
     results = evaluate(
         vae,
         progress(batches, enabled=procs.is_main and sys.stderr.isatty(), desc="eval"),
@@ -694,6 +726,7 @@ def eval_main(argv: list[str]) -> int:
         max_batches=args.max_batches,
         iw=iw,
         seed=args.seed,
+        tiled=tiling,
         **nets,
     )
     if procs.is_main:
@@ -702,7 +735,8 @@ def eval_main(argv: list[str]) -> int:
             f"{loaded.source}"
             + (f" (step {loaded.step})" if loaded.step is not None else "")
             + (" EMA" if args.ema else "")
-            + f" on {data}, {procs.world} process(es)"
+            + f" on {data}, {procs.world} process(es), "
+            + ("native size" if args.shape == "native" else f"center crops of {resolution} px")
         )
         print(format_table(results, how, cfg.model.latent_channels, iw))
         if args.out:
@@ -712,7 +746,9 @@ def eval_main(argv: list[str]) -> int:
                 "step": loaded.step,
                 "ema": args.ema,
                 "data": data,
-                "resolution": resolution,
+                "shape": args.shape,
+                "resolution": resolution if args.shape == "square" else None,
+                "tile": tiling.tile if tiling else None,
                 "likelihood": how or None,
                 "iw": iw,
                 "seed": args.seed,

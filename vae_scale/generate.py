@@ -5,12 +5,15 @@
     accelerate launch -m vae_scale encode --run runs/sd-ft --data '/data/train-{000..099}.tar' --out latents/
 
 `encode` writes WebDataset shards for training a diffusion model on the latents: per sample `<key>.npy` or
-`<key>.safetensors` (tensor "latent", (C, h, w)) and `<key>.json` (source shard and key), under the
-source's keys. The latent is the posterior mean unless --sample (a reparameterised sample, seeded by the
-sample's key), and raw: a diffusion model applies the scale and shift recorded in the output's index.json
-(the model config's scaling_factor / shift_factor; `vae-scale export` measures them). Each process writes
-its own shards `<prefix>-<rank>-<shard>.tar` from its share of the data (every sample exactly once); the
-main process writes index.json with the per-shard counts once every rank is done.
+`<key>.safetensors` (tensor "latent", (C, h, w)), `<key>.latent.json` (source shard and key, the encoded
+image size, the latent shape and dtype) and every sidecar of the source sample as it was (`.txt`,
+`.json`, ... captions and metadata), under the source's keys. Images are encoded as square crops, at
+their native size, or in aspect-ratio buckets (vae_scale.image_reader), tile by tile when larger than the
+tile. The latent is the posterior mean unless --sample (a reparameterised sample, seeded by the sample's
+key), and raw: a diffusion model applies the scale and shift recorded in the output's index.json (the model
+config's scaling_factor / shift_factor; `vae-scale export` measures them). Each process writes its own
+shards `<prefix>-<rank>-<shard>.tar` from its share of the data (every sample exactly once); the main
+process writes index.json with the per-shard counts once every rank is done.
 """
 
 from __future__ import annotations
@@ -28,13 +31,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
+from vae_scale.commands import (
+    InputError,
+    add_model_args,
+    add_tiling_args,
+    load_model,
+    processes,
+    tiling_from_args,
+)
 from vae_scale.evaluate import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
 
 log = logging.getLogger(__name__)
 
 LATENT_FORMATS = ("safetensors", "npy")
+META_EXT = "latent.json"
+"""The member of each latent sample that describes it (the source's own `.json` sidecar is kept apart)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -161,11 +173,13 @@ def reconstruct_main(argv: list[str]) -> int:
     )
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
     p.add_argument("--seed", type=int, default=0)
+    add_tiling_args(p)
     args = p.parse_args(argv)
     loaded = load_model(args.run, args.ckpt, args.ema)
     vae = loaded.vae
     if args.resolution:
         _check_resolution(vae, args.resolution, "--resolution")
+    tiling = tiling_from_args(args, vae)
     files = _image_files(args.images)
     device = processes().device
     vae.to(device).eval()
@@ -176,11 +190,11 @@ def reconstruct_main(argv: list[str]) -> int:
     for path in files:
         x = load_image(path, vae.downsample_factor, args.resolution)[None].to(device)
         with torch.no_grad():
-            post = vae.encode(x)
+            post = vae.encode(x, tiled=tiling)
             z = post.mode()
             if args.sample:
                 z = post.sample(key_noise([str(path)], tuple(z.shape), args.seed, 0, 0).to(device))
-            x_hat = vae.decode(z).float().clamp(-1, 1)
+            x_hat = vae.decode(z, tiled=tiling).float().clamp(-1, 1)
         name = path.stem
         while name in used:
             name += "_"
@@ -226,7 +240,15 @@ class LatentShardWriter:
         self.writer = None
         self.tmp: Path | None = None
 
-    def write(self, key: str, source: str, z: torch.Tensor) -> None:
+    def write(
+        self,
+        key: str,
+        source: str,
+        z: torch.Tensor,
+        sidecars: dict[str, bytes] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> None:
+        """One sample: the latent, its metadata (`latent.json`) and the source's sidecars, as they were."""
         import webdataset as wds
 
         if self.writer is None or self.counts[self.tmp.name[:-4]] == self.size:
@@ -238,13 +260,12 @@ class LatentShardWriter:
             )
             self.counts[name] = 0
         meta = {"source": source, "key": key, "shape": list(z.shape), "dtype": str(z.dtype).split(".")[-1]}
-        self.writer.write(
-            {
-                "__key__": key,
-                self.fmt: latent_bytes(z, self.fmt),
-                "json": json.dumps(meta, sort_keys=True).encode(),
-            }
-        )
+        if image_size is not None:
+            meta["image_size"] = list(image_size)  # (width, height) of what was encoded
+        ours = {self.fmt: latent_bytes(z, self.fmt), META_EXT: json.dumps(meta, sort_keys=True).encode()}
+        # a sidecar that would collide with our own members keeps its bytes under a "source." name
+        kept = {(f"source.{ext}" if ext in ours else ext): data for ext, data in (sidecars or {}).items()}
+        self.writer.write({"__key__": key, **kept, **ours})
         self.counts[self.tmp.name[:-4]] += 1
 
     def _close(self) -> None:
@@ -265,8 +286,56 @@ def _split_key(key: str) -> tuple[str, str]:
     return url, k
 
 
+def encode_batches(args, cfg, vae, procs, data: str):
+    """(batches, reader): this rank's batches for `encode` (reader None for `synthetic`, which has no
+    sidecars and only square images)."""
+    from vae_scale.commands import iter_batches
+    from vae_scale.image_reader import ImageReader
+    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.synthetic import SYNTHETIC
+
+    batch_size = args.batch_size or cfg.data.batch_size
+    if data == SYNTHETIC:
+        if args.shape != "square":
+            raise InputError(f"--shape {args.shape}: --data synthetic has square images only")
+        batches = iter_batches(
+            data,
+            split=args.split,
+            resolution=args.resolution or cfg.data.resolution,
+            batch_size=batch_size,
+            rank=procs.rank,
+            world=procs.world,
+            limit=args.n,
+            seed=cfg.train.seed,
+        )
+        return batches, None
+    urls = expand_shards(data, args.split)
+    try:
+        reader = ImageReader(
+            urls,
+            shard_counts(urls, scan=False),
+            shape=args.shape,
+            resolution=args.resolution or cfg.data.resolution,
+            multiple=vae.downsample_factor,
+            batch_size=batch_size,
+            bucket_step=args.bucket_step,
+            max_aspect=args.max_aspect,
+            resize=cfg.data.resize,
+            workers=args.workers,
+            rank=procs.rank,
+            world=procs.world,
+            limit=args.n,
+            sidecars=True,
+        )
+    except ValueError as e:
+        raise InputError(f"--shape {args.shape}: {e}") from None
+    return reader, reader
+
+
 def encode_main(argv: list[str]) -> int:
     """`vae-scale encode --run RUN --data PATTERN --out DIR`: latent shards (WebDataset), keys preserved."""
+    from vae_scale.image_reader import SHAPES
+
     p = argparse.ArgumentParser(prog="vae-scale encode", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.train)")
@@ -277,7 +346,22 @@ def encode_main(argv: list[str]) -> int:
         "--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: safetensors only)"
     )
     p.add_argument("--sample", action="store_true", help="a posterior sample, not the posterior mean")
-    p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
+    p.add_argument(
+        "--shape",
+        default="square",
+        choices=SHAPES,
+        help="square: short side resized to --resolution and center-cropped (default); native: each image "
+        "at its own size (cropped to a multiple of the downsampling factor); buckets: aspect-ratio "
+        "buckets of about --resolution^2 pixels",
+    )
+    p.add_argument(
+        "--resolution", type=int, help="square crop size, or the buckets' side (default: data.resolution)"
+    )
+    p.add_argument("--bucket-step", type=int, default=64, help="buckets' sides are multiples of this (64)")
+    p.add_argument(
+        "--max-aspect", type=float, default=2.0, help="buckets' widest aspect ratio, either way (2.0)"
+    )
+    add_tiling_args(p)
     p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers per process (default 2)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
@@ -294,6 +378,8 @@ def encode_main(argv: list[str]) -> int:
         p.error("--dtype bfloat16 needs --format safetensors (numpy has no bfloat16)")
     if args.shard_size <= 0 or args.n < 0 or args.workers < 0:
         p.error("--shard-size must be > 0, --n and --workers >= 0")
+    if args.bucket_step <= 0 or args.max_aspect < 1:
+        p.error("--bucket-step must be > 0 and --max-aspect >= 1")
     if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
         p.error("--prefix may hold letters, digits, '_' and '.' only")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -304,7 +390,7 @@ def encode_main(argv: list[str]) -> int:
         raise InputError(f"--data is needed: {loaded.source} has no data.train")
     resolution = args.resolution or cfg.data.resolution
     _check_resolution(vae, resolution, "--resolution")
-    batch_size = args.batch_size or cfg.data.batch_size
+    tiling = tiling_from_args(args, vae)
 
     procs = processes()
     out = Path(args.out)
@@ -316,17 +402,7 @@ def encode_main(argv: list[str]) -> int:
                 old.unlink()
     procs.barrier()
     vae.to(procs.device).eval()
-    batches = iter_batches(
-        data,
-        split=args.split,
-        resolution=resolution,
-        batch_size=batch_size,
-        workers=args.workers,
-        rank=procs.rank,
-        world=procs.world,
-        limit=args.n,
-        seed=cfg.train.seed,
-    )
+    batches, reader = encode_batches(args, cfg, vae, procs, data)
     total = _expected_samples(data, args.split, args.n, procs.world)
     writer = LatentShardWriter(out, args.prefix, procs.rank, args.shard_size, args.format)
     bar = None
@@ -335,35 +411,49 @@ def encode_main(argv: list[str]) -> int:
 
         bar = tqdm(desc="encode", total=total, unit="img", dynamic_ncols=True, leave=False)
     dtype = DTYPES[args.dtype]
-    shape = None
+    shapes: dict[str, int] = {}
     with torch.no_grad():
         for batch in batches:
             x = batch["images"][: batch["count"]].to(procs.device).float()
-            post = vae.encode(x)
+            post = vae.encode(x, tiled=tiling)
             z = post.mode()
             if args.sample:
                 z = post.sample(key_noise(batch["keys"], tuple(z.shape), args.seed, 0, 0).to(procs.device))
             z = z.to(dtype).cpu()
-            shape = list(z.shape[1:])
-            for full_key, zi in zip(batch["keys"], z, strict=True):
+            shape = "x".join(map(str, z.shape[1:]))
+            shapes[shape] = shapes.get(shape, 0) + len(z)
+            sidecars = batch.get("sidecars") or [None] * len(z)
+            for full_key, zi, extra in zip(batch["keys"], z, sidecars, strict=True):
                 url, key = _split_key(full_key)
-                writer.write(key, url, zi)
+                writer.write(key, url, zi, extra, (x.shape[3], x.shape[2]))
             if bar is not None:
                 bar.update(len(z))
     counts = writer.close()
     if bar is not None:
         bar.close()
-    everyone = procs.gather({"counts": counts, "shape": shape})
+    skipped = dict(reader.skipped) if reader is not None else {}
+    first = reader.first_skipped if reader is not None else None
+    everyone = procs.gather({"counts": counts, "shapes": shapes, "skipped": skipped, "first": first})
     if procs.is_main:
         shards = {name: n for part in everyone for name, n in sorted(part["counts"].items())}
-        shapes = {tuple(part["shape"]) for part in everyone if part["shape"] is not None}
+        all_shapes: dict[str, int] = {}
+        all_skipped: dict[str, int] = {}
+        for part in everyone:
+            for k, v in part["shapes"].items():
+                all_shapes[k] = all_shapes.get(k, 0) + v
+            for k, v in part["skipped"].items():
+                all_skipped[k] = all_skipped.get(k, 0) + v
         m = cfg.model
         index = {
             "splits": {args.split: {"samples": sum(shards.values()), "shards": shards}},
             "latent": {
                 "format": args.format,
                 "dtype": args.dtype,
-                "shape": list(next(iter(shapes), [])),
+                # one shape for square crops; per shape counts for native sizes and buckets
+                "shape": [int(d) for d in next(iter(all_shapes)).split("x")]
+                if len(all_shapes) == 1
+                else None,
+                "shapes": dict(sorted(all_shapes.items(), key=lambda kv: -kv[1])),
                 "kind": "sample" if args.sample else "posterior mean",
                 "seed": args.seed,
                 "scaled": False,
@@ -371,20 +461,36 @@ def encode_main(argv: list[str]) -> int:
                 "shift_factor": m.shift_factor,
                 "latents_mean": m.latents_mean,
                 "latents_std": m.latents_std,
+                "meta": META_EXT,
             },
             "source": {
                 "data": data,
+                "shape": args.shape,
                 "resolution": resolution,
+                "buckets": [list(b) for b in reader.buckets]
+                if reader is not None and reader.buckets
+                else None,
+                "tile": tiling.tile if tiling else None,
                 "model": loaded.source,
                 "step": loaded.step,
                 "ema": args.ema,
             },
+            "skipped": all_skipped,
         }
         (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        n_shapes = (
+            f"{len(all_shapes)} latent shapes"
+            if len(all_shapes) > 1
+            else f"latents {index['latent']['shape']}"
+        )
         print(
-            f"wrote {index['splits'][args.split]['samples']} latents {index['latent']['shape']} in "
+            f"wrote {index['splits'][args.split]['samples']} {n_shapes} in "
             f"{len(shards)} shards to {out}/ ({procs.world} process(es))"
         )
+        if all_skipped:
+            firsts = next((part["first"] for part in everyone if part["first"]), "")
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(all_skipped.items()))
+            print(f"skipped {sum(all_skipped.values())} samples ({kinds}; never upscaled); first: {firsts}")
     procs.barrier()
     return 0
 

@@ -37,7 +37,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -279,11 +279,13 @@ class ShardUnit:
 
 @dataclass
 class RawSample:
-    """One sample as read from a shard: its image member's bytes, not decoded."""
+    """One sample as read from a shard: its image member's bytes, not decoded, and (when asked for) its
+    other members by extension (captions, metadata: "txt", "json", ...)."""
 
     url: str
     key: str
     data: bytes
+    sidecars: dict[str, bytes] = field(default_factory=dict)
 
 
 class BadTally:
@@ -337,6 +339,10 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
+def _is_image_suffix(suffix: str) -> bool:
+    return suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
 def _image_member(members: dict[str, bytes]) -> bytes | None:
     for ext in IMAGE_EXTENSIONS:
         if ext in members:
@@ -347,10 +353,11 @@ def _image_member(members: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def read_unit(unit: ShardUnit, tally: BadTally) -> Iterator[RawSample]:
+def read_unit(unit: ShardUnit, tally: BadTally, sidecars: bool = False) -> Iterator[RawSample]:
     """The raw samples of one unit in tar order (WebDataset grouping: consecutive members share a key).
 
     Shard-level problems are counted by part 0 only, so a shard split into parts counts them once.
+    sidecars: keep the bytes of the members that are not images (otherwise only their names are seen).
     """
     try:
         stream = open_shard(unit.url)
@@ -379,7 +386,8 @@ def read_unit(unit: ShardUnit, tally: BadTally) -> Iterator[RawSample]:
         elif not data:
             tally.add("empty", unit.url, key, "zero-length image member")
         else:
-            return RawSample(unit.url, key, data)
+            extra = {k: v for k, v in members.items() if not _is_image_suffix(k)} if sidecars else {}
+            return RawSample(unit.url, key, data, extra)
         return None
 
     try:
@@ -399,8 +407,8 @@ def read_unit(unit: ShardUnit, tally: BadTally) -> Iterator[RawSample]:
                 dup += 1
             elif suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
                 members[suffix] = member["data"]
-            else:
-                members[suffix] = b""  # a sidecar (.txt, .json, ...): only its presence matters
+            else:  # a sidecar (.txt, .json, ...): for training only its presence matters
+                members[suffix] = member["data"] if sidecars else b""
     except Exception as e:
         errors.append(e)
     finally:
