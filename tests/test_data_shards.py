@@ -147,3 +147,68 @@ def test_shards_usage_errors(tmp_path, src):
         shards_main([str(tmp_path / "nowhere"), str(tmp_path / "o")])
     with pytest.raises(DataError, match="matches no image"):
         shards_main([str(tmp_path / "*.png"), str(tmp_path / "o")])
+
+
+def test_shards_keep_small_images_at_their_own_size_and_the_console_says_what_was_skipped(
+    src, tmp_path, capsys
+):
+    out = tmp_path / "kept"
+    args = ["--size", "32", "--val-fraction", "0.2", "--quiet", "--workers", "1"]
+    assert shards_main([str(src), str(tmp_path / "skipping"), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 2 of 26 images:" in printed
+    assert "1 too_small: short side below --size" in printed and "--keep-small" in printed
+    assert "small.png: 20x30 is below --size 32" in printed and "1 undecodable" in printed
+
+    assert shards_main([str(src), str(out), *args, "--keep-small"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 below --size kept at their own size" in printed and "too_small" not in printed
+    index = json.loads((out / "index.json").read_text())
+    assert index["totals"]["kept_small"] == 1 and index["skipped"]["counts"] == {"undecodable": 1}
+    sizes = []
+    for split in ("train", "val"):
+        for shard in index["splits"][split]["shards"]:
+            with tarfile.open(out / shard) as tf:
+                for m in tf.getmembers():
+                    if m.name.endswith(".json"):
+                        meta = json.loads(tf.extractfile(m).read())
+                        sizes.append((meta["source"], meta["width"], meta["height"]))
+    small = [s for s in sizes if s[0] == "small.png"]
+    assert small == [("small.png", 20, 30)]  # as it was, not upscaled
+    assert all(min(w, h) == 32 for name, w, h in sizes if name != "small.png")
+    with pytest.raises(SystemExit):
+        shards_main([str(src), str(tmp_path / "o"), "--keep-small"])  # needs --size
+
+
+def test_shards_warn_when_the_val_fraction_yields_no_val_sample(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        _image(rng, 40, 40).save(folder / f"p{i}.png")
+    with caplog.at_level("WARNING"):
+        shards_main([str(folder), str(tmp_path / "a"), "--val-fraction", "0.1", "--quiet", "--workers", "1"])
+    assert not any("no val samples" in r.message for r in caplog.records)  # one image held out
+    # the image drawn for val is too small: no val sample at all, said clearly
+    order_index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert order_index["totals"]["val"] == 1
+    val_shard = next(iter(order_index["splits"]["val"]["shards"]))
+    with tarfile.open(tmp_path / "a" / val_shard) as tf:
+        meta = json.loads(tf.extractfile(next(m for m in tf if m.name.endswith(".json"))).read())
+    _image(rng, 16, 16).save(folder / meta["source"])
+    with caplog.at_level("WARNING"):
+        shards_main(
+            [
+                str(folder),
+                str(tmp_path / "b"),
+                "--size",
+                "32",
+                "--val-fraction",
+                "0.1",
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
+    warning = [r.message for r in caplog.records if "no val samples" in r.message]
+    assert len(warning) == 1 and "--val-fraction 0.1" in warning[0] and "were skipped" in warning[0]

@@ -480,6 +480,7 @@ class _Job:
     size: int | None
     fmt: str
     quality: int
+    keep_small: bool = False
 
 
 def _encode(job: _Job) -> dict[str, Any]:
@@ -497,15 +498,18 @@ def _encode(job: _Job) -> dict[str, Any]:
             img = Image.open(io.BytesIO(raw))
         source_size = img.size
         fmt_name = FORMATS[job.fmt]
-        if job.size is not None and min(img.size) < job.size:
-            return {
-                "skip": "too_small",
-                "detail": f"{img.size[0]}x{img.size[1]} is below --size {job.size}",
-                "source_size": source_size,
-            }
+        size = job.size
+        if size is not None and min(img.size) < size:
+            if not job.keep_small:
+                return {
+                    "skip": "too_small",
+                    "detail": f"{img.size[0]}x{img.size[1]} is below --size {size}",
+                    "source_size": source_size,
+                }
+            size = None  # kept at its own size, never upscaled
         orientation = img.getexif().get(0x0112, 1) if raw is not None else 1
         passthrough = (
-            job.size is None
+            size is None
             and raw is not None
             and img.format == fmt_name
             and img.mode == "RGB"
@@ -513,15 +517,15 @@ def _encode(job: _Job) -> dict[str, Any]:
         )
         if passthrough:
             img.load()  # decodable?
-            return {"data": raw, "size": img.size, "source_size": source_size}
-        if job.size is not None and img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (2 * job.size, 2 * job.size))  # DCT downscale, leaving >= 2x for Lanczos
+            return {"data": raw, "size": img.size, "source_size": source_size, "kept_small": size != job.size}
+        if size is not None and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (2 * size, 2 * size))  # DCT downscale, leaving >= 2x for Lanczos
         img.load()
         img = to_rgb(img)
-        if job.size is not None:
+        if size is not None:
             w, h = img.size
-            s = job.size / min(w, h)
-            new = (max(job.size, round(w * s)), max(job.size, round(h * s)))
+            s = size / min(w, h)
+            new = (max(size, round(w * s)), max(size, round(h * s)))
             if new != img.size:
                 img = img.resize(new, Image.LANCZOS, reducing_gap=3.0)
         buf = io.BytesIO()
@@ -531,7 +535,12 @@ def _encode(job: _Job) -> dict[str, Any]:
             img.save(buf, "WEBP", quality=job.quality, method=4)
         else:
             img.save(buf, "PNG")
-        return {"data": buf.getvalue(), "size": img.size, "source_size": source_size}
+        return {
+            "data": buf.getvalue(),
+            "size": img.size,
+            "source_size": source_size,
+            "kept_small": size != job.size,
+        }
     except Exception as e:  # any decoder failure: this file is skipped and reported, never fatal
         return {"skip": "undecodable", "detail": describe_error(e), "source_size": source_size}
 
@@ -623,12 +632,14 @@ def write_shards(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    keep_small: bool = False,
 ) -> dict[str, Any]:
     """Write train/val shards and index.json from SRC (folder, glob, "sample" or "sample-color"); returns the
     index.
 
     Earlier `train-NNNNNN.tar` / `val-NNNNNN.tar` / index.json in OUT are replaced; nothing else there is
-    touched. Raises DataError when SRC names no images or none of them is usable.
+    touched. Raises DataError when SRC names no images or none of them is usable. keep_small: images whose
+    short side is below `size` are stored at their own size instead of skipped (never upscaled).
     """
     from tqdm import tqdm
 
@@ -645,11 +656,12 @@ def write_shards(
     _clear_old_shards(out)
     skipped: Counter[str] = Counter()
     skipped_files: list[dict[str, str]] = []
+    kept_small = 0
     source_sizes: list[tuple[int, int]] = []
     written: dict[str, Any] = {}
     bar = tqdm(total=len(sources), unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
     for split in ("train", "val"):
-        jobs = [_Job(sources[i], size, image_format, quality) for i in splits[split]]
+        jobs = [_Job(sources[i], size, image_format, quality, keep_small) for i in splits[split]]
         sink = _ShardSink(out, split, max_per_shard)
         for job, res in zip(jobs, _encoded(jobs, workers), strict=True):
             bar.update(1)
@@ -664,6 +676,7 @@ def write_shards(
                 if skipped[res["skip"]] == 1:
                     log.warning("skipping %s: %s (%s)", job.source.name, res["skip"], res["detail"])
                 continue
+            kept_small += res["kept_small"]
             (w, h), (sw, sh) = res["size"], res["source_size"]
             sink.write(
                 res["data"],
@@ -687,6 +700,7 @@ def write_shards(
             "quality": quality,
             "val_fraction": val_fraction,
             "seed": seed,
+            "keep_small": keep_small,
         },
         "totals": {
             "files": len(sources),
@@ -694,6 +708,7 @@ def write_shards(
             "train": written["train"]["samples"],
             "val": written["val"]["samples"],
             "skipped": sum(skipped.values()),
+            "kept_small": kept_small,
             "ignored_non_images": ignored,
         },
         "splits": written,
@@ -703,7 +718,40 @@ def write_shards(
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     t = index["totals"]
     log.info(f"wrote {t['train']} train and {t['val']} val samples to {out} ({t['skipped']} skipped)")
+    if val_fraction > 0 and t["val"] == 0:
+        why = (
+            f"the {n_val} image(s) drawn for val were skipped"
+            if n_val
+            else f"{len(sources)} image(s) x {val_fraction} rounds to 0"
+        )
+        log.warning(
+            "--val-fraction %g wrote no val samples (%s): data.val=%s would find no val shards; raise "
+            "--val-fraction or fix the skipped images",
+            val_fraction,
+            why,
+            out,
+        )
     return index
+
+
+SKIP_REASONS = {
+    "too_small": "short side below --size (never upscaled; --keep-small stores them at their own size)",
+    "undecodable": "not a readable image",
+    "empty": "zero-length file",
+}
+
+
+def skip_summary(index: dict[str, Any]) -> list[str]:
+    """Console lines saying how many images were skipped, why, and one example of each reason."""
+    counts = index["skipped"]["counts"]
+    if not counts:
+        return []
+    lines = [f"skipped {sum(counts.values())} of {index['totals']['files']} images:"]
+    for reason, n in counts.items():
+        example = next((f for f in index["skipped"]["files"] if f["reason"] == reason), None)
+        eg = f"; e.g. {example['file']}: {example['detail']}" if example else ""
+        lines.append(f"  {n} {reason}: {SKIP_REASONS.get(reason, reason)}{eg}")
+    return lines
 
 
 def shards_main(argv: list[str]) -> int:
@@ -714,7 +762,15 @@ def shards_main(argv: list[str]) -> int:
     )
     p.add_argument("out", metavar="OUT", help="output folder")
     p.add_argument(
-        "--size", type=int, default=None, help="resize so the short side is N (smaller images are skipped)"
+        "--size",
+        type=int,
+        default=None,
+        help="resize so the short side is N (smaller images are skipped unless --keep-small)",
+    )
+    p.add_argument(
+        "--keep-small",
+        action="store_true",
+        help="with --size: keep images whose short side is below N at their own size (never upscaled)",
     )
     p.add_argument("--max-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--format", choices=sorted(FORMATS), default="jpg", help="image format in the shards")
@@ -732,6 +788,8 @@ def shards_main(argv: list[str]) -> int:
         p.error(f"--quality must be in 1..100, got {args.quality}")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.keep_small and args.size is None:
+        p.error("--keep-small needs --size (without it every image keeps its own size)")
     index = write_shards(
         args.src,
         args.out,
@@ -743,11 +801,15 @@ def shards_main(argv: list[str]) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,
+        keep_small=args.keep_small,
     )
     t = index["totals"]
+    small = f", {t['kept_small']} below --size kept at their own size" if t["kept_small"] else ""
     print(
         f"{args.out}: {t['train']} train + {t['val']} val samples in "
         f"{len(index['splits']['train']['shards'])} + {len(index['splits']['val']['shards'])} shards, "
-        f"{t['skipped']} skipped {index['skipped']['counts'] or ''}".rstrip()
+        f"{t['skipped']} skipped{small}"
     )
+    for line in skip_summary(index):
+        print(line)
     return 0
