@@ -1,4 +1,4 @@
-"""Fine-tuning an imported diffusers VAE: the export keeps the imported latent contract unless asked not to."""
+"""Fine-tuning an imported diffusers VAE: export keeps the imported latent contract unless asked not to."""
 
 import json
 from pathlib import Path

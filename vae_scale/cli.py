@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("vae_scale.generate:encode_main", "latent shards for training a diffusion model"),
     "export": ("vae_scale.export:export_main", "a diffusers AutoencoderKL folder with latent statistics"),
     "import": ("vae_scale.export:import_main", "start a run folder from a diffusers VAE to fine-tune it"),
+    "compare": ("vae_scale.compare:compare_main", "runs' latest and best metrics, and their curves overlaid"),
 }
 
 

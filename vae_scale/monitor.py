@@ -160,61 +160,247 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _svg_chart(title: str, points: list[tuple[float, float]], w: int = 320, h: int = 160) -> str:
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) or 1
-    y0, y1 = min(ys), max(ys)
-    if y1 == y0:
-        y0, y1 = y0 - 1, y1 + 1
+# Curves in reading order: the objective and its terms first, then held-out metrics, the optimisation,
+# throughput, and the data counters, with the per-kind bad-data counters (almost always 0) last.
+LOSS_TERMS = (
+    "loss",
+    "rec",
+    "nll",
+    "kl",
+    "perceptual",
+    "g_loss",
+    "d_loss",
+    "d_weight",
+    "disc_factor",
+    "logits_real",
+    "logits_fake",
+    "bits_per_dim",
+    "kl_free_bits",
+    "logvar",
+    "log_scale",
+    "kl_weight",
+)
+OPTIMISATION = ("grad_norm", "lr", "active_units")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def metric_order(name: str) -> tuple:
+    """Sort key of a metric name for reports: losses first (loss, rec, kl, ...), then val/*, the
+    optimisation (grad_norm, lr, kl_channel/<c> in channel order), the rest, data/*, and data/bad/* last."""
+    if name in LOSS_TERMS:
+        return (0, LOSS_TERMS.index(name), name)
+    if name.startswith("val/"):
+        return (1, 0, name)
+    if name in OPTIMISATION:
+        return (2, OPTIMISATION.index(name), name)
+    if name.startswith("kl_channel/"):
+        suffix = name.split("/", 1)[1]
+        return (3, int(suffix) if suffix.isdigit() else 0, name)
+    if name.startswith("data/bad/"):
+        return (6, 0, name)
+    if name.startswith("data/"):
+        return (5, 0, name)
+    return (4, 0, name)
+
+
+def metric_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value), ...]} of the finite numbers in metrics.jsonl rows, in report order."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if math.isfinite(v):
+                series.setdefault(k, []).append((r["step"], float(v)))
+    return {k: series[k] for k in sorted(series, key=metric_order)}
+
+
+def is_constant(points: list[tuple[float, float]]) -> bool:
+    """A series worth a value rather than a chart: one point, or every value the same."""
+    values = [v for _, v in points]
+    return len(values) < 2 or max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0]))
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    """About n round tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if raw <= m * mag)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def svg_chart(
+    title: str, series: list[tuple[str, list[tuple[float, float]]]], w: int = 440, h: int = 230
+) -> str:
+    """One inline SVG chart of one or more (label, [(step, value)]) series, overlaid with a legend.
+
+    The y axis spans the data with a 5% margin (a log axis when positive values span a factor over 20),
+    with round ticks and grid lines; the caption gives each series' latest value.
+    """
+    series = [(label, pts) for label, pts in series if pts]
+    xs = [x for _, pts in series for x, _ in pts]
+    ys = [y for _, pts in series for _, y in pts]
+    log_y = min(ys) > 0 and max(ys) / min(ys) > 20
+    f = math.log10 if log_y else (lambda v: v)
+    y0, y1 = f(min(ys)), f(max(ys))
+    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    left, right, top, bottom = 58, 10, 10, 34
 
     def sx(x: float) -> float:
-        return 40 + (x - x0) / ((x1 - x0) or 1) * (w - 50)
+        return left + (x - x0) / (x1 - x0) * (w - left - right)
 
     def sy(y: float) -> float:
-        return h - 20 - (y - y0) / (y1 - y0) * (h - 40)
+        return top + (y1 - f(y)) / (y1 - y0) * (h - top - bottom)
 
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    parts = [
+        f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" '
+        'fill="#fafafa" stroke="#bbb"/>'
+    ]
+    if log_y:
+        decades = range(math.floor(y0), math.ceil(y1) + 1)
+        ticks = [m * 10.0**e for e in decades for m in (1, 2, 5) if y0 <= math.log10(m * 10.0**e) <= y1]
+        if len(ticks) > 6:
+            ticks = [t for t in ticks if f"{t:.0e}".startswith("1")]
+    else:
+        ticks = _nice_ticks(y0, y1)
+    for t in ticks:
+        y = top + (y1 - f(t)) / (y1 - y0) * (h - top - bottom)
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" font-size="10" text-anchor="end">{t:.4g}</text>')
+    for t in _nice_ticks(x0, x1, 5):
+        x = sx(t)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{h - bottom}" stroke="#eee"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{h - bottom + 13}" font-size="10" text-anchor="middle">{t:g}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + w - right) / 2:.0f}" y="{h - 4}" font-size="10" text-anchor="middle">step</text>'
+    )
+    captions = []
+    for i, (label, pts) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        if len(pts) == 1:
+            x, y = pts[0]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>')
+        else:
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        name = f'<span style="color:{colour}">&#9632; {html.escape(label)}</span> ' if len(series) > 1 else ""
+        captions.append(f"{name}{pts[-1][1]:.5g} at step {pts[-1][0]:g}")
+    scale = " (log scale)" if log_y else ""
     return (
-        f'<figure><svg width="{w}" height="{h}" viewBox="0 0 {w} {h}">'
-        f'<rect x="40" y="20" width="{w - 50}" height="{h - 40}" fill="#fafafa" stroke="#ccc"/>'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{path}"/>'
-        f'<text x="2" y="26" font-size="10">{y1:.4g}</text>'
-        f'<text x="2" y="{h - 20}" font-size="10">{y0:.4g}</text>'
-        f'<text x="40" y="{h - 4}" font-size="10">step {x0:.0f}</text>'
-        f'<text x="{w - 70}" y="{h - 4}" font-size="10">{x1:.0f}</text></svg>'
-        f"<figcaption>{html.escape(title)} (last {ys[-1]:.4g})</figcaption></figure>"
+        f'<figure><svg width="{w}" height="{h}" viewBox="0 0 {w} {h}">{"".join(parts)}</svg>'
+        f"<figcaption><b>{html.escape(title)}</b>{scale}<br>{'<br>'.join(captions)}</figcaption></figure>"
+    )
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# What each grid's rows are, top to bottom (train.py logs them in this order).
+GRID_ROWS = {
+    "reconstruction": ("input", "reconstruction (posterior mean)", "EMA reconstruction"),
+    "prior_samples": ("decodes of latents drawn from N(0, I)",),
+}
+
+
+def _latest_images(run_dir: Path) -> dict[str, str]:
+    """{grid name: newest file} in images/ (files are <name>-<step:09d>.png)."""
+    latest: dict[str, str] = {}
+    folder = run_dir / "images"
+    for path in sorted(folder.glob("*-*.png")) if folder.is_dir() else []:
+        name, _, step = path.stem.rpartition("-")
+        if step.isdigit():
+            latest[name] = path.name  # sorted: the last one is the newest step
+    return latest
+
+
+def _grid_figure(run_dir: Path, name: str, file: str, ema: bool) -> str:
+    """A grid at a readable size (small images scaled up, pixelated), with its step and row labels."""
+    try:
+        with Image.open(run_dir / "images" / file) as img:
+            width = img.size[0]
+    except OSError:
+        width = 0
+    scale = max(1, min(4, 640 // width)) if width else 1
+    size = f' width="{width * scale}"' if width else ""
+    rows = list(GRID_ROWS.get(name, ()))
+    if name == "reconstruction" and not ema:
+        rows = rows[:2]
+    step = file.rsplit("-", 1)[-1].split(".")[0].lstrip("0") or "0"
+    label = f"{html.escape(name)} at step {step}"
+    if rows:
+        label += ": rows, top to bottom: " + ", ".join(html.escape(r) for r in rows)
+    return (
+        f'<figure><img src="images/{html.escape(file)}"{size} style="image-rendering:pixelated">'
+        f"<figcaption>{label}</figcaption></figure>"
     )
 
 
 def write_report(run_dir: Path, config_yaml: str, latest_images: dict[str, str]) -> Path:
-    """A self-contained report.html (inline SVG charts, no scripts) for a run folder."""
+    """A self-contained report.html (inline SVG charts, no scripts) for a run folder.
+
+    Sections: latest values of every metric (losses first), the curves in the same order, the metrics that
+    never changed as values, the latest image grids (labelled, scaled to a readable size), the config.
+    """
+    import yaml
+
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        for k, v in r.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                series.setdefault(k, []).append((r["step"], v))
-    charts = "".join(_svg_chart(k, pts) for k, pts in sorted(series.items()) if len(pts) >= 2)
-    imgs = "".join(
-        f'<figure><img src="images/{html.escape(v)}" style="image-rendering:pixelated;max-width:100%">'
-        f"<figcaption>{html.escape(k)} ({html.escape(v)})</figcaption></figure>"
-        for k, v in sorted(latest_images.items())
+    series = metric_series(rows)
+    varying = {k: pts for k, pts in series.items() if not is_constant(pts)}
+    constant = {k: pts for k, pts in series.items() if is_constant(pts)}
+    latest = _table(
+        [
+            [
+                html.escape(k),
+                f"{pts[-1][1]:.6g}",
+                f"{pts[-1][0]:g}",
+                f"{min(v for _, v in pts):.6g}",
+                f"{max(v for _, v in pts):.6g}",
+            ]  # fmt: skip
+            for k, pts in varying.items()
+        ],
+        ["metric", "latest", "at step", "min", "max"],
     )
-    last = rows[-1] if rows else {}
-    summary = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>"
-        for k, v in last.items()
-        if isinstance(v, (int, float)) and k != "time"
+    charts = "".join(svg_chart(k, [(k, pts)]) for k, pts in varying.items())
+    constants = _table(
+        [[html.escape(k), f"{pts[-1][1]:.6g}", f"{len(pts)}"] for k, pts in constant.items()],
+        ["metric", "value", "times logged"],
     )
+    try:
+        ema = float((yaml.safe_load(config_yaml) or {}).get("optim", {}).get("ema_decay", 0)) > 0
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        ema = False
+    images = {**_latest_images(run_dir), **latest_images}
+    grids = "".join(_grid_figure(run_dir, k, v, ema) for k, v in sorted(images.items()))
+    step = f", step {rows[-1]['step']}" if rows else ""
+    sections = [
+        ("Latest values", latest if varying else "<p>No metrics yet.</p>"),
+        ("Curves", charts or "<p>No curves yet.</p>"),
+        ("Constant values", constants if constant else "<p>None.</p>"),
+        ("Images", grids or "<p>No images yet.</p>"),
+        ("Config", f"<pre>{html.escape(config_yaml)}</pre>"),
+    ]
+    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em}}
-table{{border-collapse:collapse}}td{{padding:2px 8px;border-bottom:1px solid #eee}}</style></head><body>
-<h1>vae-scale run: {html.escape(run_dir.name)}</h1>
-<h2>Latest metrics</h2><table>{summary}</table>
-<h2>Curves</h2>{charts or "<p>No metrics yet.</p>"}
-<h2>Images</h2>{imgs or "<p>No images yet.</p>"}
-<h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>
+<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;vertical-align:top}}
+figcaption{{font-size:13px;max-width:640px}}table{{border-collapse:collapse}}
+td,th{{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}}td:nth-child(n+2){{text-align:right}}
+</style></head><body>
+<h1>vae-scale run: {html.escape(run_dir.name)}{step}</h1>
+{body}</body></html>
 """
     path = run_dir / "report.html"
     write_atomic(path, page)
