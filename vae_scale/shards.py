@@ -6,7 +6,8 @@
 
 Writing. OUT gets `train-000000.tar ...`, `val-000000.tar ...` and `index.json` (samples per shard,
 totals, source resolutions, what was skipped and why). A sample is `<key>.<ext>` (the image) plus
-`<key>.json` (source path and sizes; the loader ignores it). Keys are `train-00000012`: numbers, never
+`<key>.json` (source path and sizes; the loader ignores it) and, when the image has a caption file beside
+it (`photo.txt` for `photo.jpg`), `<key>.txt` with its bytes. Keys are `train-00000012`: numbers, never
 source names, whose dots would break WebDataset's key/extension split. Sources are listed in sorted order,
 split and shuffled with `--seed`, encoded by a process pool in order and written with fixed tar metadata,
 so the same SRC and seed give byte-identical shards and index.json whatever `--workers` is. With `--size`
@@ -430,10 +431,17 @@ def read_unit(unit: ShardUnit, tally: BadTally, sidecars: bool = False) -> Itera
 
 @dataclass(frozen=True)
 class Source:
-    """One input image: `name` (path relative to SRC, or a sample name) and where to read it."""
+    """One input image: `name` (path relative to SRC, or a sample name), where to read it, and its caption
+    file (`<stem>.txt` beside it, stored as the sample's `.txt` sidecar) if there is one."""
 
     name: str
     path: str | None  # None: a scikit-image sample, loaded by name
+    caption: str | None = None
+
+
+def _caption_of(path: str, exists) -> str | None:
+    caption = os.path.splitext(path)[0] + ".txt"
+    return caption if exists(caption) else None
 
 
 def _is_image_name(name: str) -> bool:
@@ -441,31 +449,36 @@ def _is_image_name(name: str) -> bool:
 
 
 def list_sources(src: str) -> tuple[list[Source], int]:
-    """The images SRC names (sorted), and how many other files were ignored. Raises DataError if none."""
+    """The images SRC names (sorted), each with its `<stem>.txt` caption if present, and how many other
+    files were ignored. Raises DataError if none."""
     if src in SAMPLE_SOURCES:
         return [Source(f"sample/{n}", None) for n in SAMPLE_SOURCES[src]], 0
     if os.path.isdir(src):
-        found, ignored = [], 0
+        found, others = [], set()
         for root, dirs, files in os.walk(src):
             dirs.sort()
+            names = set(files)
             for f in sorted(files):
-                rel = os.path.relpath(os.path.join(root, f), src)
+                path = os.path.join(root, f)
                 if _is_image_name(f):
-                    found.append(Source(rel, os.path.join(root, f)))
+                    caption = _caption_of(f, names.__contains__)
+                    rel = os.path.relpath(path, src)
+                    found.append(Source(rel, path, caption and os.path.join(root, caption)))
                 else:
-                    ignored += 1
+                    others.add(path)
         found.sort(key=lambda s: s.name)
         if not found:
             raise DataError(f"{src} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
-        return found, ignored
+        return found, len(others - {s.caption for s in found})
     if any(c in src for c in "*?["):
         paths = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
-        found = [Source(p, p) for p in paths if _is_image_name(p)]
+        found = [Source(p, p, _caption_of(p, os.path.isfile)) for p in paths if _is_image_name(p)]
         if not found:
             raise DataError(f"pattern {src} matches no image file")
-        return found, len(paths) - len(found)
+        used = {s.caption for s in found}
+        return found, len([p for p in paths if not _is_image_name(p) and p not in used])
     if os.path.isfile(src) and _is_image_name(src):
-        return [Source(os.path.basename(src), src)], 0
+        return [Source(os.path.basename(src), src, _caption_of(src, os.path.isfile))], 0
     samples = " or ".join(repr(k) for k in SAMPLE_SOURCES)
     raise DataError(f"{src} does not exist (give a folder of images, a glob, {samples})")
 
@@ -567,7 +580,7 @@ class _ShardSink:
         self.tmp: Path | None = None
         self.total = 0
 
-    def write(self, data: bytes, ext: str, meta: dict[str, Any]) -> None:
+    def write(self, data: bytes, ext: str, meta: dict[str, Any], caption: bytes | None = None) -> None:
         import webdataset as wds
 
         if self.writer is None or self.counts[-1] == self.max:
@@ -578,7 +591,10 @@ class _ShardSink:
             )
             self.counts.append(0)
         key = f"{self.split}-{self.total:08d}"
-        self.writer.write({"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
+        sample = {"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+        if caption is not None:
+            sample["txt"] = caption
+        self.writer.write(sample)
         self.counts[-1] += 1
         self.total += 1
 
@@ -656,7 +672,7 @@ def write_shards(
     _clear_old_shards(out)
     skipped: Counter[str] = Counter()
     skipped_files: list[dict[str, str]] = []
-    kept_small = 0
+    kept_small = captions = 0
     source_sizes: list[tuple[int, int]] = []
     written: dict[str, Any] = {}
     bar = tqdm(total=len(sources), unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
@@ -678,10 +694,13 @@ def write_shards(
                 continue
             kept_small += res["kept_small"]
             (w, h), (sw, sh) = res["size"], res["source_size"]
+            caption = Path(job.source.caption).read_bytes() if job.source.caption else None
+            captions += caption is not None
             sink.write(
                 res["data"],
                 image_format,
                 {"source": job.source.name, "width": w, "height": h, "source_width": sw, "source_height": sh},
+                caption,
             )
             bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
         written[split] = sink.close()
@@ -709,6 +728,7 @@ def write_shards(
             "val": written["val"]["samples"],
             "skipped": sum(skipped.values()),
             "kept_small": kept_small,
+            "captions": captions,
             "ignored_non_images": ignored,
         },
         "splits": written,
@@ -805,10 +825,11 @@ def shards_main(argv: list[str]) -> int:
     )
     t = index["totals"]
     small = f", {t['kept_small']} below --size kept at their own size" if t["kept_small"] else ""
+    captions = f", {t['captions']} with a .txt caption" if t["captions"] else ""
     print(
         f"{args.out}: {t['train']} train + {t['val']} val samples in "
         f"{len(index['splits']['train']['shards'])} + {len(index['splits']['val']['shards'])} shards, "
-        f"{t['skipped']} skipped{small}"
+        f"{t['skipped']} skipped{small}{captions}"
     )
     for line in skip_summary(index):
         print(line)
