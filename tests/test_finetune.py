@@ -1,6 +1,7 @@
 """Fine-tuning an imported diffusers VAE: export keeps the imported latent contract unless asked not to."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,183 @@ def test_a_run_from_scratch_still_exports_measured_statistics(shards, tmp_path):
     stats = json.loads((out / "latent_statistics.json").read_text())
     assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
     assert config["sample_size"] == 32  # the training resolution
+
+
+# --------------------------------------------------------------------------------------------------------
+# The recipes and the README walk-through
+
+
+def test_the_fine_tuning_recipes_resolve_with_latent_diffusions_loss():
+    from vae_scale.cli import main
+
+    for name, arch in (("sd-finetune", "sd-f8"), ("f8c16-finetune", "f8c16")):
+        assert main(["config", "--config", name]) == 0
+        cfg = load_config(name)
+        loss = cfg.loss
+        assert (loss.recon, loss.perceptual_weight, loss.kl_weight) == ("l1", 1.0, 1e-6)
+        assert (loss.disc_weight, loss.disc_loss) == (0.5, "hinge") and loss.disc_start > 0
+        assert cfg.optim.ema_decay == 0.9999 and cfg.optim.betas == [0.5, 0.9]
+        assert not cfg.data.resize and cfg.data.resolution == 256
+        assert "lpips" in cfg.eval.metrics
+        ours, theirs = cfg.model, load_config(arch).model
+        for key in ("block_out_channels", "latent_channels", "quant_convs", "scaling_factor", "shift_factor"):
+            assert getattr(ours, key) == getattr(theirs, key), (name, key)
+
+
+def write_lpips_weights(folder: Path) -> Path:
+    """Random weights in the real formats (torchvision's vgg16 state dict, lpips' v0.1 vgg.pth)."""
+    from vae_scale.losses import LPIPS_FILE, VGG16_FILE
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    vgg, index, cin = {}, 0, 3
+    for cout in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if cout == "M":
+            index += 1
+            continue
+        vgg[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+        vgg[f"features.{index}.bias"] = torch.zeros(cout)
+        index, cin = index + 2, cout
+    torch.save(vgg, folder / VGG16_FILE)
+    heads = {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+        for k, c in enumerate([64, 128, 256, 512, 512])
+    }
+    torch.save(heads, folder / LPIPS_FILE)
+    return folder
+
+
+def read_tar_samples(folder: Path, pattern: str) -> dict[str, dict[str, bytes]]:
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in folder.glob(pattern))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+
+def test_the_readme_walkthrough_fine_tunes_a_diffusers_vae_end_to_end(tmp_path, capsys):
+    """README.md, "Fine-tune the SD VAE on your photos", step by step at a tiny scale: a random-weight
+    diffusers AutoencoderKL stands in for the SD VAE, 36-72 px photos for the user's, and the recipe's
+    schedule is shortened (4 steps, the discriminator from step 2, EMA 0.9)."""
+    from diffusers import AutoencoderKL
+
+    from vae_scale.cli import main
+
+    # 1. the weights: the VAE to fine-tune and the LPIPS files
+    sd_vae = tmp_path / "sd-vae-ft-mse"
+    contract = tiny_diffusers_vae(sd_vae)
+    lpips = write_lpips_weights(tmp_path / "weights" / "lpips")
+
+    # 2. shards of the photos (one below --size, kept at its own size), captions beside some of them
+    photos = photo_folder(tmp_path / "photos", 16, sizes=((56, 48), (48, 64), (72, 40), (64, 44)))
+    Image.new("RGB", (38, 34), (90, 140, 200)).save(photos / "small.png")
+    for i in range(0, 16, 2):
+        (photos / f"photo{i:02d}.txt").write_text(f"a photo number {i}")
+    data = tmp_path / "data" / "photos"
+    argv = ["shards", str(photos), str(data), "--size", "40", "--keep-small", "--val-fraction", "0.25"]
+    assert main([*argv, "--quiet", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 below --size kept at their own size" in printed and "8 with a .txt caption" in printed
+    index = json.loads((data / "index.json").read_text())
+    n_train, n_val = index["totals"]["train"], index["totals"]["val"]
+    assert n_train + n_val == 17 and n_val >= 1
+
+    # 3. import with the recipe
+    run = tmp_path / "runs" / "sd-ft"
+    tiny = [
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.workers=0",
+        "train.steps=4",
+        "loss.disc_start=2",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=0",
+        "optim.ema_decay=0.9",
+        "checkpoint.every=0",
+        "log.every=1",
+        "log.images_every=2",
+    ]
+    argv = ["import", "--diffusers", str(sd_vae), "--config", "sd-finetune", "--out", str(run)]
+    recipe = [f"loss.lpips_path={lpips}", f"data.train={data}", f"data.val={data}", "eval.every=4"]
+    assert main([*argv, *recipe, *tiny]) == 0
+
+    # 4. fine-tune
+    assert main(["train", "--config", str(run / "config.yaml")]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert {"perceptual", "g_loss", "d_weight", "d_loss", "val/psnr", "val/lpips"} <= logged
+    titles = re.findall(r"<figcaption><b>(.*?)</b>", (run / "report.html").read_text())
+    assert titles[0] == "loss"
+    assert main(["compare", str(run), "--out", str(tmp_path / "compare.html")]) == 0
+
+    # 5. evaluate the fine-tune against the VAE it started from, whole held-out photos
+    base, tuned = tmp_path / "base.json", tmp_path / "tuned.json"
+    common = [
+        "--data",
+        str(data),
+        "--shape",
+        "native",
+        "--metrics",
+        "psnr",
+        "ssim",
+        "lpips",
+        "--workers",
+        "0",
+    ]
+    assert main(["eval", "--ckpt", str(sd_vae), *common, "--lpips-path", str(lpips), "--out", str(base)]) == 0
+    assert main(["eval", "--run", str(run), "--ema", *common, "--out", str(tuned)]) == 0
+    for report in (base, tuned):
+        metrics = json.loads(report.read_text())["metrics"]
+        assert metrics["samples"] == n_val and 0 < metrics["psnr"] < 100 and metrics["lpips"] >= 0
+
+    # 6. a latent dataset in aspect-ratio buckets, captions kept
+    latents = tmp_path / "latents"
+    argv = [
+        "encode",
+        "--run",
+        str(run),
+        "--ema",
+        "--data",
+        str(data),
+        "--shape",
+        "buckets",
+        "--out",
+        str(latents),
+    ]
+    assert main([*argv, "--resolution", "40", "--bucket-step", "8", "--workers", "0"]) == 0
+    encoded = read_tar_samples(latents, "latents-*.tar")
+    sources = read_tar_samples(data, "train-*.tar")
+    skipped = json.loads((latents / "index.json").read_text())["skipped"]
+    assert len(encoded) + sum(skipped.values()) == n_train
+    captioned = [k for k in encoded if "txt" in sources[k]]
+    assert captioned and all(encoded[k]["txt"] == sources[k]["txt"] for k in encoded if "txt" in sources[k])
+
+    # 7. export and load in diffusers: the imported config.json, fine-tuned EMA weights
+    out = tmp_path / "sd-ft-vae"
+    assert main(["export", "--run", str(run), "--ema", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text()) == contract
+    theirs = AutoencoderKL.from_pretrained(out).eval()
+    ema = VAE.from_checkpoint(run, ema=True).eval()
+    original = AutoencoderKL.from_pretrained(sd_vae).state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in theirs.state_dict().items())
+    z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs.decode(z).sample, ema.decode(z), atol=1e-5)
+
+
+def readme_walkthrough() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Fine-tune the SD VAE on your photos")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_every_flag_and_key_in_the_readme_walkthrough_exists(capsys):
+    from vae_scale.cli import main
+
+    commands = re.findall(r"^    vae-scale (\w+)(.*(?:\\\n.*)*)", readme_walkthrough(), re.M)
+    assert {c for c, _ in commands} >= {"shards", "import", "train", "eval", "encode", "export"}
+    for command, rest in commands:
+        assert main([command, "--help"]) == 0
+        usage = capsys.readouterr().out
+        for flag in re.findall(r"(?<!\S)(--[a-z-]+)", rest):
+            assert flag in usage, f"vae-scale {command} {flag}"
+        load_config("sd-finetune", re.findall(r"(?<!\S)([a-z]+\.[a-z_]+=\S+)", rest))  # unknown keys raise
