@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("vae_scale.generate:sample_main", "decode prior samples into a grid"),
     "reconstruct": ("vae_scale.generate:reconstruct_main", "side-by-side reconstructions of images"),
     "encode": ("vae_scale.generate:encode_main", "latent shards for training a diffusion model"),
-    "export": ("vae_scale.export:export_main", "a diffusers AutoencoderKL folder with latent statistics"),
+    "export": (
+        "vae_scale.export:export_main",
+        "a diffusers AutoencoderKL folder (an imported VAE's latent contract kept)",
+    ),
     "import": ("vae_scale.export:import_main", "start a run folder from a diffusers VAE to fine-tune it"),
     "compare": ("vae_scale.compare:compare_main", "runs' latest and best metrics, and their curves overlaid"),
 }

@@ -298,7 +298,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument(
         "--no-stats",
         action="store_true",
-        help="measure nothing: write the model config's scaling_factor, shift_factor and latents_mean/std",
+        help="measure nothing: keep scaling_factor, shift_factor and latents_mean/std as the model "
+        "(or the imported config.json) has them",
     )
     p.add_argument(
         "--no-shift", action="store_true", help="measured: shift_factor null (SD style: scale only)"
