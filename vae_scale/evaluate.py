@@ -318,7 +318,6 @@ class _Sums:
         return out
 
 
-@torch.no_grad()
 @dataclass
 class Lockstep:
     """Evaluation of a sharded (FSDP) model, whose every forward is a collective across ranks."""
@@ -350,6 +349,7 @@ def _in_step(
             yield (last if last is not None else {"images": torch.zeros(1, *lockstep.image_shape)}), False
 
 
+@torch.no_grad()
 def evaluate(
     vae,
     batches: Iterable[dict[str, Any]],
