@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels import gaussian, group_norm
+from kernels import common, gaussian, group_norm
 from kernels.gaussian import gaussian_sample_kl_reference
 from kernels.group_norm import group_norm_silu_reference
 
 IMPLS = ("auto", "triton", "torch")
-HAS_TRITON = gaussian.HAS_TRITON and group_norm.HAS_TRITON
+HAS_TRITON = common.HAS_TRITON
 
 # Below these sizes (elements of mean / x), impl="auto" keeps the eager reference even on a GPU: a fused
 # GroupNorm is 3 + 3 launches against aten's ~2 + ~3 and launch overhead decides at small sizes. The fused

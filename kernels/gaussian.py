@@ -28,33 +28,17 @@ import functools
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON, TRITON_IMPORT_ERROR = True, None
-except ImportError as e:  # triton is optional (macOS, Windows): the eager reference still works
-
-    class _MissingTriton:
-        """Stands in for triton and triton.language so the kernel definitions below still parse."""
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-        @staticmethod
-        def constexpr(value):
-            return value
-
-    triton = tl = _MissingTriton
-    HAS_TRITON, TRITON_IMPORT_ERROR = False, e
+from kernels import common
+from kernels.common import clamp_nan, tl, triton
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
-# Elements per tile. It also fixes which Philox counter draws which element's eps (one 4-output Philox call
-# per 4 elements), so the forward and the backward must use the same value.
-BLOCK = 2048
+# Elements per tile: 1024 is 8 per thread with 4 warps (16-byte loads in bf16); a launch with too little work
+# to fill the GPU in whole tiles of 1024 takes smaller ones (the grid rule decides, see _grid). Each sample's
+# noise counters are laid out for the largest tile, so the noise does not depend on the tile size.
+BLOCKS = (1024, 512, 256)
+NUM_WARPS = 4
 
 # --------------------------------------------------------------------------------------------------------
 # Eager reference (the specification)
@@ -84,8 +68,6 @@ def gaussian_sample_kl_reference(
 
 # --------------------------------------------------------------------------------------------------------
 # Input checks, shared by both implementations
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_inputs(
@@ -156,142 +138,280 @@ def check_inputs(
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
+#
+# With eps drawn in the kernel, one Philox4x32-10 call gives four neighbouring elements their noise
+# (element i of a tile from call i // 4, output i % 4): the four outputs are joined into the tile in the
+# layout the loads use, so the noise never goes through shared memory. Full tiles are read and written
+# without masks; only a sample's last, partial tile is masked.
+#
+# Box-Muller's transcendentals are short polynomials on the ranges they see (fitted minimax, checked in
+# float32: sin relative error 1.7e-7, cos absolute 8.5e-8, log1p relative 3.2e-7), not libdevice's full-range
+# functions with their range reduction. The noise only has to be N(0, 1) and the same in forward and
+# backward, and these run the same under the interpreter as on a GPU.
 
 
 @triton.jit
-def _normal_tile(seed, b64, t, TILES, Q: tl.constexpr):
-    """eps for tile t of sample b as a (4, Q) block: one 4-output Philox call per column."""
-    counter = (b64 * TILES + t) * Q + tl.arange(0, Q)  # int64, unique across the whole tensor
-    n0, n1, n2, n3 = tl.randn4x(seed, counter)
-    row = tl.arange(0, 4)[:, None]
-    eps = tl.where(row == 2, n2[None, :], n3[None, :])
-    eps = tl.where(row == 1, n1[None, :], eps)
-    return tl.where(row == 0, n0[None, :], eps)
+def _log_unit(u):
+    """ln(u) for a normal positive float32 u: exponent from the bits, mantissa in [sqrt(1/2), sqrt(2))."""
+    tmp = u.to(tl.int32, bitcast=True) - 0x3F3504F3  # the bits of sqrt(1/2)
+    k = tmp >> 23  # arithmetic: the power of two taken out
+    x = (u.to(tl.int32, bitcast=True) - (tmp & -8388608)).to(tl.float32, bitcast=True) - 1.0
+    k_f = (k + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # int -> float without a convert
+    q = -0.098082443602
+    q = q * x + 0.160821522235
+    q = q * x - 0.172894733008
+    q = q * x + 0.199201488148
+    q = q * x - 0.249685244769
+    q = q * x + 0.333343078955
+    q = q * x - 0.500003777
+    return k_f * 0.6931471805599453 + (x + x * x * q)
 
 
 @triton.jit
+def _box_muller(a, b):
+    """Two independent N(0, 1) from two uint32 draws.
+
+    u in [2^-23, 1] from 23 bits of a as a mantissa (no int -> float convert); the angle is a uniform one in
+    [-pi/4, pi/4) (23 bits of b) moved by a uniform element of the square's symmetry group (b's top 3
+    bits: swap x and y, negate x, negate y), which makes it uniform on the circle.
+    """
+    u = 2.0 - ((a >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    r = tl.sqrt(-2.0 * _log_unit(u))
+    f = (((b << 3) >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.5  # [-0.5, 0.5): angle pi/2 * f
+    f2 = f * f
+    s = f * (1.570796321701 + f2 * (-0.645963459733 + f2 * (0.079680027514 + f2 * -0.004601643996)))
+    c = 1.0 + f2 * (
+        -1.233700540640 + f2 * (0.2536692037970 + f2 * (-0.02086007040814 + f2 * 0.0009036298816955))
+    )
+    swap = (b & 0x20000000) != 0
+    x = tl.where(swap, s, c).to(tl.uint32, bitcast=True) ^ (b & 0x80000000)
+    y = tl.where(swap, c, s).to(tl.uint32, bitcast=True) ^ ((b << 1) & 0x80000000)
+    return r * x.to(tl.float32, bitcast=True), r * y.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _noise_tile(seed, counter, BLOCK: tl.constexpr):
+    """eps for one tile: BLOCK // 4 Philox4x32-10 calls (torch's and curand's round count) on counters
+    counter + i, each giving four neighbouring elements their N(0, 1) values.
+
+    Element i of sample b always draws from counter b * SAMPLE_COUNTERS + i // 4, whatever the tile size, so
+    the forward and the backward may tile differently. counter is a multiple of BLOCK // 4, so the low words
+    never carry into the high word within a tile: the high word is one scalar, only the low word per element.
+    """
+    lo = (counter & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+    zero = lo * 0
+    a, b, c, d = tl.random.philox(seed, lo, zero + (counter >> 32).to(tl.uint32), zero, zero)
+    n0, n1 = _box_muller(a, b)
+    n2, n3 = _box_muller(c, d)
+    return tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), (BLOCK,))
+
+
+@triton.jit
+def _load(ptr, j, rem, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + j, mask=j < rem, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + j).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, j, value, rem, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + j, value.to(ptr.dtype.element_ty), mask=j < rem)
+    else:
+        tl.store(ptr + j, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _exp(x):
+    """exp as one MUFU.EX2 (flush-to-zero): tl.exp adds denormal handling that arguments here never need."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _fwd_tile(
+    mean, logvar, eps, pmean, plogvar, z, seed, counter, rem,
+    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr, HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """z for the tile at these row pointers (already offset to it); returns twice its KL terms (0 where
+    masked)."""
+    j = tl.arange(0, BLOCK)
+    if HAS_EPS:
+        e = _load(eps, j, rem, MASKED)
+    else:
+        e = _noise_tile(seed, counter, BLOCK)
+    m = _load(mean, j, rem, MASKED)
+    lv = clamp_nan(_load(logvar, j, rem, MASKED), LV_MIN, LV_MAX)
+    sd = _exp(0.5 * lv)
+    _store(z, j, m + sd * e, rem, MASKED)
+    var = sd * sd  # exp(lv) without a second exponential
+    # twice the KL terms: the caller halves the sum once
+    if HAS_PRIOR:
+        pm = _load(pmean, j, rem, MASKED)
+        plv = clamp_nan(_load(plogvar, j, rem, MASKED), LV_MIN, LV_MAX)
+        d = m - pm
+        kl2 = (d * d + var) * _exp(-plv) + (plv - lv - 1.0)
+    else:
+        kl2 = (m * m + var) - (lv + 1.0)
+    if MASKED:
+        kl2 = tl.where(j < rem, kl2, 0.0)
+    return kl2
+
+
+@triton.jit(do_not_specialize=["TILES", "TILES_PER_SPLIT", "NUM_SPLITS", "RUNS_PER_PROGRAM", "RUNS"])
 def _gaussian_fwd_kernel(
     mean_ptr, logvar_ptr, eps_ptr, seed_ptr, pmean_ptr, plogvar_ptr,
     z_ptr, kl_ptr, partial_ptr, count_ptr,
-    N, TILES, TILES_PER_SPLIT, NUM_SPLITS,
+    N, TILES, SAMPLE_COUNTERS, TILES_PER_SPLIT, NUM_SPLITS, RUNS_PER_PROGRAM, RUNS,
     s_mean, s_logvar, s_eps, s_pmean, s_plogvar,
-    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr,
-    HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr, HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # One program: sample b, tiles [split * TILES_PER_SPLIT, ...) of it. Batch offsets are int64 because
-    # B * N can pass 2**31; in-sample offsets are int64 too so that N itself may.
-    pid = tl.program_id(0)
-    b = pid // NUM_SPLITS
-    split = pid % NUM_SPLITS
-    b64 = b.to(tl.int64)
-    Q: tl.constexpr = BLOCK // 4
-    lanes = tl.arange(0, 4)[:, None] * Q + tl.arange(0, Q)[None, :]  # (4, Q): element order in a tile
+    # Run r is tiles [split * TILES_PER_SPLIT, ...) of sample b = r // NUM_SPLITS: the full ones unmasked,
+    # then the sample's partial last tile if the run holds it. A program takes RUNS_PER_PROGRAM consecutive
+    # runs. Row offsets are int64 (B * N may pass 2**31).
+    seed = 0
     if not HAS_EPS:
         seed = tl.load(seed_ptr)
-    acc = tl.full((4, Q), 0.0, tl.float32)
-    t_start = split * TILES_PER_SPLIT
-    t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
-    tile_base = t_start.to(tl.int64) * BLOCK
-    for t in range(t_start, t_end):
-        i = tile_base + lanes
-        tile_base += BLOCK
-        mask = i < N
-        m = tl.load(mean_ptr + b64 * s_mean + i, mask=mask, other=0.0).to(tl.float32)
-        lv = tl.load(logvar_ptr + b64 * s_logvar + i, mask=mask, other=0.0).to(tl.float32)
-        lv = tl.minimum(tl.maximum(lv, LV_MIN), LV_MAX)
-        if HAS_EPS:
-            eps = tl.load(eps_ptr + b64 * s_eps + i, mask=mask, other=0.0).to(tl.float32)
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b = run // NUM_SPLITS
+        split = run % NUM_SPLITS
+        b64 = b.to(tl.int64)
+        t_start = split * TILES_PER_SPLIT
+        t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
+        full_end = tl.minimum(t_end, N // BLOCK)
+        off = t_start.to(tl.int64) * BLOCK
+        m, lv, e = mean_ptr + b64 * s_mean, logvar_ptr + b64 * s_logvar, eps_ptr + b64 * s_eps
+        pm, plv, z = pmean_ptr + b64 * s_pmean, plogvar_ptr + b64 * s_plogvar, z_ptr + b64 * N
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for t in range(t_start, full_end):
+            acc += _fwd_tile(
+                m + off, lv + off, e + off, pm + off, plv + off, z + off,
+                seed, b64 * SAMPLE_COUNTERS + t * (BLOCK // 4), BLOCK,
+                LV_MIN, LV_MAX, HAS_EPS, HAS_PRIOR, False, BLOCK,
+            )  # fmt: skip
+            off += BLOCK
+        if t_end > full_end:  # the partial tile, at t = full_end
+            acc += _fwd_tile(
+                m + off, lv + off, e + off, pm + off, plv + off, z + off,
+                seed, b64 * SAMPLE_COUNTERS + full_end * (BLOCK // 4), (N - off).to(tl.int32),
+                LV_MIN, LV_MAX, HAS_EPS, HAS_PRIOR, True, BLOCK,
+            )  # fmt: skip
+        partial = 0.5 * tl.sum(acc, axis=0)
+        if NUM_SPLITS > 1:
+            # Publish this run's partial, then count arrivals; the last program of the sample sums all the
+            # partials in run order (deterministic, whatever order the programs ran in). The barrier makes
+            # every thread's store land before the release; .cg reads the partials from L2, not a stale L1.
+            tl.store(partial_ptr + b64 * NUM_SPLITS + split, partial)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+            if arrived == NUM_SPLITS - 1:
+                parts = tl.zeros((128,), tl.float32)
+                for p0 in range(0, NUM_SPLITS, 128):
+                    p = p0 + tl.arange(0, 128)
+                    parts += tl.load(
+                        partial_ptr + b64 * NUM_SPLITS + p,
+                        mask=p < NUM_SPLITS,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.store(kl_ptr + b, tl.sum(parts, axis=0).to(kl_ptr.dtype.element_ty))
         else:
-            eps = _normal_tile(seed, b64, t, TILES, Q)
-        z = m + tl.exp(0.5 * lv) * eps
-        tl.store(z_ptr + b64 * N + i, z.to(z_ptr.dtype.element_ty), mask=mask)
-        if HAS_PRIOR:
-            pm = tl.load(pmean_ptr + b64 * s_pmean + i, mask=mask, other=0.0).to(tl.float32)
-            plv = tl.load(plogvar_ptr + b64 * s_plogvar + i, mask=mask, other=0.0).to(tl.float32)
-            plv = tl.minimum(tl.maximum(plv, LV_MIN), LV_MAX)
-            d = m - pm
-            kl = 0.5 * (d * d * tl.exp(-plv) + tl.exp(lv - plv) - 1.0 - lv + plv)
-        else:
-            kl = 0.5 * (m * m + tl.exp(lv) - 1.0 - lv)
-        acc += tl.where(mask, kl, 0.0)
-    partial = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if SPLIT:
-        # Publish this split's partial, then count arrivals; the last program of the sample sums all the
-        # partials in split order (deterministic, whatever order the programs ran in). The barrier makes
-        # every thread's store land before the release; .cg reads the partials from L2, not a stale L1.
-        tl.store(partial_ptr + b64 * NUM_SPLITS + split, partial)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            offs = tl.arange(0, SPLIT_BLOCK)
-            parts = tl.load(
-                partial_ptr + b64 * NUM_SPLITS + offs, mask=offs < NUM_SPLITS, other=0.0, cache_modifier=".cg"
-            )
-            tl.store(kl_ptr + b, tl.sum(parts, axis=0).to(kl_ptr.dtype.element_ty))
-    else:
-        tl.store(kl_ptr + b, partial.to(kl_ptr.dtype.element_ty))
+            tl.store(kl_ptr + b, partial.to(kl_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _gaussian_bwd_kernel(
-    mean_ptr, logvar_ptr, eps_ptr, seed_ptr, pmean_ptr, plogvar_ptr, gz_ptr, gkl_ptr,
-    dmean_ptr, dlogvar_ptr, dpmean_ptr, dplogvar_ptr,
-    N, TILES,
-    s_mean, s_logvar, s_eps, s_pmean, s_plogvar, s_gz,
-    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr,
-    HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr,
+def _bwd_tile(
+    mean, logvar, eps, pmean, plogvar, gz, dmean, dlogvar, dpmean, dplogvar, gkl, seed, counter, rem,
+    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr, HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # One program per tile; purely elementwise given grad_kl[b].
-    pid = tl.program_id(0)
-    b = pid // TILES
-    t = pid % TILES
-    b64 = b.to(tl.int64)
-    Q: tl.constexpr = BLOCK // 4
-    i = t.to(tl.int64) * BLOCK + tl.arange(0, 4)[:, None] * Q + tl.arange(0, Q)[None, :]
-    mask = i < N
-    gkl = tl.load(gkl_ptr + b).to(tl.float32)
-    gz = tl.load(gz_ptr + b64 * s_gz + i, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(mean_ptr + b64 * s_mean + i, mask=mask, other=0.0).to(tl.float32)
-    lv_in = tl.load(logvar_ptr + b64 * s_logvar + i, mask=mask, other=0.0).to(tl.float32)
-    # clamp passes the gradient where LV_MIN <= logvar <= LV_MAX (inclusive, as torch.clamp does)
-    lv_pass = (lv_in >= LV_MIN) & (lv_in <= LV_MAX)
-    lv = tl.minimum(tl.maximum(lv_in, LV_MIN), LV_MAX)
+    j = tl.arange(0, BLOCK)
     if HAS_EPS:
-        eps = tl.load(eps_ptr + b64 * s_eps + i, mask=mask, other=0.0).to(tl.float32)
+        e = _load(eps, j, rem, MASKED)
     else:
-        eps = _normal_tile(tl.load(seed_ptr), b64, t, TILES, Q)  # the forward's eps, regenerated
-    dm = gz
-    dlv = 0.5 * gz * tl.exp(0.5 * lv) * eps
+        e = _noise_tile(seed, counter, BLOCK)  # the forward's eps, regenerated
+    g = _load(gz, j, rem, MASKED)
+    m = _load(mean, j, rem, MASKED)
+    lv_in = _load(logvar, j, rem, MASKED)
+    # clamp passes the gradient where LV_MIN <= logvar <= LV_MAX (inclusive, as torch.clamp does; a NaN
+    # logvar gets none, as in torch, while its NaN reaches z and the KL in the forward)
+    lv_pass = (lv_in >= LV_MIN) & (lv_in <= LV_MAX)
+    sd = _exp(0.5 * clamp_nan(lv_in, LV_MIN, LV_MAX))
+    var = sd * sd
+    dm = g
+    dlv = 0.5 * g * sd * e
     if HAS_PRIOR:
-        pm = tl.load(pmean_ptr + b64 * s_pmean + i, mask=mask, other=0.0).to(tl.float32)
-        plv_in = tl.load(plogvar_ptr + b64 * s_plogvar + i, mask=mask, other=0.0).to(tl.float32)
+        pm = _load(pmean, j, rem, MASKED)
+        plv_in = _load(plogvar, j, rem, MASKED)
         plv_pass = (plv_in >= LV_MIN) & (plv_in <= LV_MAX)
-        plv = tl.minimum(tl.maximum(plv_in, LV_MIN), LV_MAX)
-        inv_pvar = tl.exp(-plv)
-        ratio = tl.exp(lv - plv)
+        inv_pvar = _exp(-clamp_nan(plv_in, LV_MIN, LV_MAX))
+        ratio = var * inv_pvar
         d = m - pm
         dm += gkl * d * inv_pvar
         dlv += 0.5 * gkl * (ratio - 1.0)
-        dpm = -gkl * d * inv_pvar
-        dplv = tl.where(plv_pass, 0.5 * gkl * (1.0 - d * d * inv_pvar - ratio), 0.0)
-        tl.store(dpmean_ptr + b64 * N + i, dpm.to(dpmean_ptr.dtype.element_ty), mask=mask)
-        tl.store(dplogvar_ptr + b64 * N + i, dplv.to(dplogvar_ptr.dtype.element_ty), mask=mask)
+        _store(dpmean, j, -gkl * d * inv_pvar, rem, MASKED)
+        _store(
+            dplogvar, j, tl.where(plv_pass, 0.5 * gkl * (1.0 - d * d * inv_pvar - ratio), 0.0), rem, MASKED
+        )
     else:
         dm += gkl * m
-        dlv += 0.5 * gkl * (tl.exp(lv) - 1.0)
-    dlv = tl.where(lv_pass, dlv, 0.0)
-    tl.store(dmean_ptr + b64 * N + i, dm.to(dmean_ptr.dtype.element_ty), mask=mask)
-    tl.store(dlogvar_ptr + b64 * N + i, dlv.to(dlogvar_ptr.dtype.element_ty), mask=mask)
+        dlv += 0.5 * gkl * (var - 1.0)
+    _store(dmean, j, dm, rem, MASKED)
+    _store(dlogvar, j, tl.where(lv_pass, dlv, 0.0), rem, MASKED)
+
+
+@triton.jit(do_not_specialize=["TILES", "TILES_PER_SPLIT", "NUM_SPLITS", "RUNS_PER_PROGRAM", "RUNS"])
+def _gaussian_bwd_kernel(
+    mean_ptr, logvar_ptr, eps_ptr, seed_ptr, pmean_ptr, plogvar_ptr, gz_ptr, gkl_ptr,
+    dmean_ptr, dlogvar_ptr, dpmean_ptr, dplogvar_ptr,
+    N, TILES, SAMPLE_COUNTERS, TILES_PER_SPLIT, NUM_SPLITS, RUNS_PER_PROGRAM, RUNS,
+    s_mean, s_logvar, s_eps, s_pmean, s_plogvar, s_gz,
+    LV_MIN: tl.constexpr, LV_MAX: tl.constexpr, HAS_EPS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Elementwise given grad_kl[b], over runs of tiles as in the forward (its own grid: other registers).
+    seed = 0
+    if not HAS_EPS:
+        seed = tl.load(seed_ptr)
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b = run // NUM_SPLITS
+        split = run % NUM_SPLITS
+        b64 = b.to(tl.int64)
+        gkl = tl.load(gkl_ptr + b).to(tl.float32)
+        t_start = split * TILES_PER_SPLIT
+        t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
+        full_end = tl.minimum(t_end, N // BLOCK)
+        off = t_start.to(tl.int64) * BLOCK
+        m, lv, e = mean_ptr + b64 * s_mean, logvar_ptr + b64 * s_logvar, eps_ptr + b64 * s_eps
+        pm, plv, gz = pmean_ptr + b64 * s_pmean, plogvar_ptr + b64 * s_plogvar, gz_ptr + b64 * s_gz
+        dm, dlv, dpm, dplv = (
+            dmean_ptr + b64 * N,
+            dlogvar_ptr + b64 * N,
+            dpmean_ptr + b64 * N,
+            dplogvar_ptr + b64 * N,
+        )
+        for t in range(t_start, full_end):
+            _bwd_tile(
+                m + off, lv + off, e + off, pm + off, plv + off, gz + off, dm + off, dlv + off, dpm + off,
+                dplv + off, gkl, seed, b64 * SAMPLE_COUNTERS + t * (BLOCK // 4), BLOCK,
+                LV_MIN, LV_MAX, HAS_EPS, HAS_PRIOR, False, BLOCK,
+            )  # fmt: skip
+            off += BLOCK
+        if t_end > full_end:
+            _bwd_tile(
+                m + off, lv + off, e + off, pm + off, plv + off, gz + off, dm + off, dlv + off, dpm + off,
+                dplv + off, gkl, seed, b64 * SAMPLE_COUNTERS + full_end * (BLOCK // 4),
+                (N - off).to(tl.int32),
+                LV_MIN, LV_MAX, HAS_EPS, HAS_PRIOR, True, BLOCK,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel must fill goes through here, so a test can hand out NaN-filled ones instead."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -308,51 +428,72 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _grid(kernel, args, meta: dict, device: torch.device, B: int, N: int) -> tuple[int, common.Grid]:
+    """(tile size, grid) of `kernel` on `device`; args(block, grid) builds its arguments.
+
+    The grid rule of kernels/common.py for each tile size in BLOCKS, the cheapest in elements (ties to the
+    largest tile). Slots are counted for the largest tile, whose kernel holds the most registers: a smaller
+    tile's kernel fits at least as many blocks per SM.
+    """
+    block = BLOCKS[0]
+    probe = common.Grid(1, triton.cdiv(N, block), 1, B)  # grid-derived arguments are not specialised on
+    slots = common.slots(kernel, args(block, probe), dict(meta, BLOCK=block), device)
+    best = None
+    for block in BLOCKS:
+        g = common.grid(B, triton.cdiv(N, block), slots)
+        waves = triton.cdiv(g.programs, slots)
+        cost = (
+            waves
+            * g.runs_per_program
+            * (g.tiles_per_split * block + common.PROGRAM_OVERHEAD_TILES * BLOCKS[0])
+        )
+        if best is None or cost < best[0]:
+            best = (cost, block, g)
+    return best[1], best[2]
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: a few per SM on a GPU; a handful under the CPU interpreter."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+def _grid_args(block: int, g: common.Grid, B: int, N: int) -> tuple[int, ...]:
+    """TILES, SAMPLE_COUNTERS, TILES_PER_SPLIT, NUM_SPLITS, RUNS_PER_PROGRAM, RUNS."""
+    return triton.cdiv(N, block), triton.cdiv(N, BLOCKS[0]) * BLOCKS[0] // 4, *_runs(g, B)
+
+
+def _runs(g: common.Grid, B: int) -> tuple[int, int, int, int]:
+    return g.tiles_per_split, g.splits, g.runs_per_program, B * g.splits
 
 
 def _launch_forward(mean, logvar, eps, seed, prior_mean, prior_logvar):
     B = mean.shape[0]
     N = mean[0].numel() if B else 0
-    z = _empty(mean.shape, mean.dtype, mean.device)
+    z = common.empty(mean.shape, mean.dtype, mean.device)
     if B == 0 or N == 0:
         return z, torch.zeros(B, dtype=mean.dtype, device=mean.device)
-    kl = _empty((B,), mean.dtype, mean.device)
+    kl = common.empty((B,), mean.dtype, mean.device)
     mean, logvar = _rows(mean), _rows(logvar)
     eps = None if eps is None else _rows(eps)
     has_prior = prior_mean is not None
     if has_prior:
         prior_mean, prior_logvar = _rows(prior_mean), _rows(prior_logvar)
-    tiles = triton.cdiv(N, BLOCK)
-    splits = max(1, min(tiles, triton.cdiv(_target_programs(mean.device), B)))
-    per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, per_split)  # no empty splits
-    if splits > 1:
-        partial = _empty((B * splits,), torch.float32, mean.device)
+    dummy = mean
+    meta = dict(LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX, HAS_EPS=eps is not None, HAS_PRIOR=has_prior)
+    meta["num_warps"] = NUM_WARPS
+
+    def args(block, g, partial=kl, count=kl):
+        return (
+            mean, logvar, dummy if eps is None else eps, dummy if seed is None else seed,
+            prior_mean if has_prior else dummy, prior_logvar if has_prior else dummy,
+            z, kl, partial, count,
+            N, *_grid_args(block, g, B, N),
+            mean.stride(0), logvar.stride(0), 0 if eps is None else eps.stride(0),
+            prior_mean.stride(0) if has_prior else 0, prior_logvar.stride(0) if has_prior else 0,
+        )  # fmt: skip
+
+    block, g = _grid(_gaussian_fwd_kernel, args, meta, mean.device, B, N)
+    if g.splits > 1:
+        partial = common.empty((B * g.splits,), torch.float32, mean.device)
         count = torch.zeros(B, dtype=torch.int32, device=mean.device)
     else:
         partial = count = kl  # unused
-    dummy = mean
-    _gaussian_fwd_kernel[(B * splits,)](
-        mean, logvar, dummy if eps is None else eps, dummy if seed is None else seed,
-        prior_mean if has_prior else dummy, prior_logvar if has_prior else dummy,
-        z, kl, partial, count,
-        N, tiles, per_split, splits,
-        mean.stride(0), logvar.stride(0), 0 if eps is None else eps.stride(0),
-        prior_mean.stride(0) if has_prior else 0, prior_logvar.stride(0) if has_prior else 0,
-        LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX,
-        HAS_EPS=eps is not None, HAS_PRIOR=has_prior, SPLIT=splits > 1,
-        SPLIT_BLOCK=triton.next_power_of_2(splits), BLOCK=BLOCK, num_warps=8,
-    )  # fmt: skip
+    _gaussian_fwd_kernel[(g.programs,)](*args(block, g, partial, count), **meta, BLOCK=block)
     return z, kl
 
 
@@ -361,7 +502,7 @@ def _launch_backward(grad_z, grad_kl, mean, logvar, eps, seed, prior_mean, prior
     N = mean[0].numel() if B else 0
     has_prior = prior_mean is not None
     out_shape, dt, dev = mean.shape, mean.dtype, mean.device
-    grads = [_empty(out_shape, dt, dev) for _ in range(4 if has_prior else 2)]
+    grads = [common.empty(out_shape, dt, dev) for _ in range(4 if has_prior else 2)]
     if B == 0 or N == 0:
         return grads
     mean, logvar, grad_z = _rows(mean), _rows(logvar), _rows(grad_z)
@@ -369,19 +510,23 @@ def _launch_backward(grad_z, grad_kl, mean, logvar, eps, seed, prior_mean, prior
     eps = None if eps is None else _rows(eps)
     if has_prior:
         prior_mean, prior_logvar = _rows(prior_mean), _rows(prior_logvar)
-    tiles = triton.cdiv(N, BLOCK)
     dummy = mean
-    _gaussian_bwd_kernel[(B * tiles,)](
-        mean, logvar, dummy if eps is None else eps, dummy if seed is None else seed,
-        prior_mean if has_prior else dummy, prior_logvar if has_prior else dummy, grad_z, grad_kl,
-        grads[0], grads[1], grads[2] if has_prior else dummy, grads[3] if has_prior else dummy,
-        N, tiles,
-        mean.stride(0), logvar.stride(0), 0 if eps is None else eps.stride(0),
-        prior_mean.stride(0) if has_prior else 0, prior_logvar.stride(0) if has_prior else 0,
-        grad_z.stride(0),
-        LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX,
-        HAS_EPS=eps is not None, HAS_PRIOR=has_prior, BLOCK=BLOCK, num_warps=8,
-    )  # fmt: skip
+    meta = dict(LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX, HAS_EPS=eps is not None, HAS_PRIOR=has_prior)
+    meta["num_warps"] = NUM_WARPS
+
+    def args(block, g):
+        return (
+            mean, logvar, dummy if eps is None else eps, dummy if seed is None else seed,
+            prior_mean if has_prior else dummy, prior_logvar if has_prior else dummy, grad_z, grad_kl,
+            grads[0], grads[1], grads[2] if has_prior else dummy, grads[3] if has_prior else dummy,
+            N, *_grid_args(block, g, B, N),
+            mean.stride(0), logvar.stride(0), 0 if eps is None else eps.stride(0),
+            prior_mean.stride(0) if has_prior else 0, prior_logvar.stride(0) if has_prior else 0,
+            grad_z.stride(0),
+        )  # fmt: skip
+
+    block, g = _grid(_gaussian_bwd_kernel, args, meta, mean.device, B, N)
+    _gaussian_bwd_kernel[(g.programs,)](*args(block, g), **meta, BLOCK=block)
     return grads
 
 
@@ -457,12 +602,7 @@ def gaussian_sample_kl_triton(
     With eps=None the seed is one int64 drawn from torch's generator on mean's device (so torch.manual_seed
     makes runs repeatable, and activation checkpointing, which restores the RNG state, recomputes the same z).
     """
-    if not HAS_TRITON:
-        raise RuntimeError(
-            f"impl='triton' needs the triton package, which did not import: {TRITON_IMPORT_ERROR}"
-        )
-    if mean.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernel takes float32, bfloat16 or float16 tensors, got {mean.dtype}")
+    common.require_triton(mean.dtype)
     seed = None
     if eps is None:
         seed = torch.randint(0, 2**62, (1,), device=mean.device, dtype=torch.int64)

@@ -22,31 +22,20 @@ which keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
+from kernels import common
+from kernels.common import silu_parts, tl, triton
 
-    HAS_TRITON, TRITON_IMPORT_ERROR = True, None
-except ImportError as e:  # triton is optional (macOS, Windows): the eager reference still works
-
-    class _MissingTriton:
-        """Stands in for triton and triton.language so the kernel definitions below still parse."""
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _MissingTriton
-    HAS_TRITON, TRITON_IMPORT_ERROR = False, e
-
-# Elements per tile of the streaming kernels (a (BLOCK_S, BLOCK_C) block).
-TILE = 4096
+# Elements per tile of the streaming kernels (a (BLOCK_S, BLOCK_C) block) with 8 warps: 16 per thread in
+# the forward, 8 in the backward, which holds x, dy and two accumulators per element (16 would take 160-plus
+# registers in channels_last and leave one block per SM).
+TILE_FWD = 4096
+TILE_BWD = 2048
+NUM_WARPS = 8
 
 # --------------------------------------------------------------------------------------------------------
 # Eager reference (the specification)
@@ -76,8 +65,6 @@ def group_norm_silu_reference(
 
 # --------------------------------------------------------------------------------------------------------
 # Input checks, shared by both implementations
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_inputs(
@@ -110,41 +97,90 @@ def check_inputs(
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
+#
+# The streaming kernels (stats, apply, backward reduce, backward apply) share one program shape: program
+# (b, channel block, run) walks a contiguous run of spatial tiles of one sample's block of channels. The
+# per-channel values (the shift, or the group's scale and offset) are loaded once per program, and the loop
+# only moves a base pointer: in-tile offsets are int32 and computed once. A program takes one run or several
+# consecutive ones (kernels/common.py's grid rule). Full tiles load and store without masks (with a channel
+# mask only when C is not a multiple of the channel block); the sample's partial last tile, if the run holds
+# it, is the one tile masked in space.
 
 
 @triton.jit
+def _run(run, NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, S, BLOCK_S: tl.constexpr):
+    """(b, channel block, split, first spatial index, end of its full tiles, end of the run) of a run."""
+    split = run % NUM_SPLITS
+    cb = (run // NUM_SPLITS) % NUM_CBLOCKS
+    b = run // (NUM_SPLITS * NUM_CBLOCKS)
+    s_start = split * TILES_PER_SPLIT * BLOCK_S
+    s_end = tl.minimum(s_start + TILES_PER_SPLIT * BLOCK_S, S)
+    full_end = tl.minimum(s_end, (S // BLOCK_S) * BLOCK_S)
+    return b, cb, split, s_start, full_end, s_end
+
+
+@triton.jit
+def _mask(s_loc, rem_s, cmask, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    if MASK_S:
+        return (s_loc < rem_s)[:, None] & cmask[None, :]
+    else:
+        return (s_loc >= 0)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _load_tile(ptr, offs, s_loc, rem_s, cmask, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    if MASK_S or MASK_C:
+        return tl.load(ptr + offs, mask=_mask(s_loc, rem_s, cmask, MASK_C, MASK_S), other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, offs, value, s_loc, rem_s, cmask, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    if MASK_S or MASK_C:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=_mask(s_loc, rem_s, cmask, MASK_C, MASK_S))
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _stats_tile(x, offs, shift, acc1, acc2, s_loc, rem_s, cmask, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    d = _load_tile(x, offs, s_loc, rem_s, cmask, MASK_C, MASK_S) - shift[None, :]
+    if MASK_S or MASK_C:
+        d = tl.where(_mask(s_loc, rem_s, cmask, MASK_C, MASK_S), d, 0.0)
+    return acc1 + d, acc2 + d * d
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS", "TILES_PER_SPLIT", "RUNS_PER_PROGRAM", "RUNS"])
 def _gn_stats_kernel(
     x_ptr, sum_ptr, sq_ptr,
     C, S, CPG, s_xb, s_xc, s_xs,
-    NUM_CBLOCKS, NUM_SPLITS, S_PER_SPLIT,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, RUNS_PER_PROGRAM, RUNS,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, MASK_C: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, spatial split): per-channel sums of x - shift and (x - shift)^2 over its
-    # spatial range, shift = the first element of the channel's group (the same for the whole group, so the
-    # per-channel partials add up to group sums). Offsets are int64: one sample may pass 2**31 elements.
-    pid = tl.program_id(0)
-    split = pid % NUM_SPLITS
-    cb = (pid // NUM_SPLITS) % NUM_CBLOCKS
-    b = pid // (NUM_SPLITS * NUM_CBLOCKS)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    x_base = x_ptr + b.to(tl.int64) * s_xb
-    c_off = c.to(tl.int64) * s_xc
-    shift = tl.load(x_base + ((c // CPG) * CPG).to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
-    acc1 = tl.full((BLOCK_S, BLOCK_C), 0.0, tl.float32)
-    acc2 = tl.full((BLOCK_S, BLOCK_C), 0.0, tl.float32)
-    s_start = split * S_PER_SPLIT
-    s_end = tl.minimum(s_start + S_PER_SPLIT, S)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < s_end)[:, None] & cmask[None, :]
-        x = tl.load(x_base + s.to(tl.int64)[:, None] * s_xs + c_off[None, :], mask=mask, other=0.0)
-        d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
-        acc1 += d
-        acc2 += d * d
-    out = (b * NUM_SPLITS + split).to(tl.int64) * C + c
-    tl.store(sum_ptr + out, tl.sum(acc1, axis=0), mask=cmask)
-    tl.store(sq_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
+    # Per-channel sums of x - shift and (x - shift)^2 over the program's run, shift = the first element of
+    # the channel's group (the same for the whole group, so the per-channel partials add up to group sums).
+    # Offsets from b are int64: one sample may pass 2**31 elements.
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b, cb, split, s0, full_end, s_end = _run(run, NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, S, BLOCK_S)
+        s_loc = tl.arange(0, BLOCK_S)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        sample = x_ptr + b.to(tl.int64) * s_xb
+        shift = tl.load(sample + ((c // CPG) * CPG).to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
+        offs = s_loc[:, None] * s_xs + tl.arange(0, BLOCK_C)[None, :] * s_xc
+        x = sample + (cb * BLOCK_C).to(tl.int64) * s_xc + s0.to(tl.int64) * s_xs
+        acc1 = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        acc2 = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        for _ in range(s0, full_end, BLOCK_S):
+            acc1, acc2 = _stats_tile(x, offs, shift, acc1, acc2, s_loc, BLOCK_S, cmask, MASK_C, False)
+            x += BLOCK_S * s_xs
+        if s_end > full_end:
+            acc1, acc2 = _stats_tile(x, offs, shift, acc1, acc2, s_loc, s_end - full_end, cmask, MASK_C, True)
+        out = (b * NUM_SPLITS + split).to(tl.int64) * C + c
+        tl.store(sum_ptr + out, tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(sq_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -153,13 +189,13 @@ def _gn_stats_finalize_kernel(
     C, G, CPG, s_xb, s_xc, NUM_SPLITS, NUM_GBLOCKS, INV_N, EPS,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, block of groups): combine the (splits, channels) partials into each group's mean and rstd.
+    # Program (b, block of groups): combine the (runs, channels) partials into each group's mean and rstd.
     pid = tl.program_id(0)
     b = pid // NUM_GBLOCKS
     g = (pid % NUM_GBLOCKS) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < G
-    acc1 = tl.full((BLOCK_G, BLOCK_CG), 0.0, tl.float32)
-    acc2 = tl.full((BLOCK_G, BLOCK_CG), 0.0, tl.float32)
+    acc1 = tl.zeros((BLOCK_G, BLOCK_CG), tl.float32)
+    acc2 = tl.zeros((BLOCK_G, BLOCK_CG), tl.float32)
     for c0 in range(0, CPG, BLOCK_CG):
         j = c0 + tl.arange(0, BLOCK_CG)
         ch = g[:, None] * CPG + j[None, :]
@@ -169,85 +205,115 @@ def _gn_stats_finalize_kernel(
             acc1 += tl.load(sum_ptr + row + ch, mask=mask, other=0.0)
             acc2 += tl.load(sq_ptr + row + ch, mask=mask, other=0.0)
     d_mean = tl.sum(acc1, axis=1) * INV_N
-    var = tl.maximum(tl.sum(acc2, axis=1) * INV_N - d_mean * d_mean, 0.0)
+    # E[d^2] - E[d]^2 may round below zero; a NaN (from a NaN or an Inf in the group) must stay NaN
+    var = tl.maximum(tl.sum(acc2, axis=1) * INV_N - d_mean * d_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
     shift = tl.load(x_ptr + b.to(tl.int64) * s_xb + (g * CPG).to(tl.int64) * s_xc, mask=gmask, other=0.0)
     tl.store(mean_ptr + b * G + g, shift.to(tl.float32) + d_mean, mask=gmask)
     tl.store(rstd_ptr + b * G + g, 1.0 / tl.sqrt(var + EPS), mask=gmask)
 
 
 @triton.jit
+def _fwd_apply_tile(x, y, x_offs, y_offs, a, sh, s_loc, rem_s, cmask,
+                    SILU: tl.constexpr, MASK_C: tl.constexpr, MASK_S: tl.constexpr):  # fmt: skip
+    u = _load_tile(x, x_offs, s_loc, rem_s, cmask, MASK_C, MASK_S) * a[None, :] + sh[None, :]
+    if SILU:
+        _, u = silu_parts(u)
+    _store_tile(y, y_offs, u, s_loc, rem_s, cmask, MASK_C, MASK_S)
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS", "TILES_PER_SPLIT", "RUNS_PER_PROGRAM", "RUNS"])
 def _gn_fwd_apply_kernel(
     x_ptr, y_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr,
     C, S, G, CPG, s_xb, s_xc, s_xs, s_yb, s_yc, s_ys,
-    NUM_CBLOCKS, NUM_SBLOCKS,
-    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, RUNS_PER_PROGRAM, RUNS,
+    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, MASK_C: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, spatial block): y = act(x * a_c + b_c), one FMA per element.
-    pid = tl.program_id(0)
-    sb = pid % NUM_SBLOCKS
-    cb = (pid // NUM_SBLOCKS) % NUM_CBLOCKS
-    b = pid // (NUM_SBLOCKS * NUM_CBLOCKS)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    grp = b * G + c // CPG
-    mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
-    rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
-    a = rs * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    sh = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32) - mu * a
-    s = (sb * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-    mask = (s < S)[:, None] & cmask[None, :]
-    x_off = b.to(tl.int64) * s_xb + s[:, None] * s_xs + c.to(tl.int64)[None, :] * s_xc
-    u = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) * a[None, :] + sh[None, :]
-    if SILU:
-        u = u / (1.0 + tl.exp(-u))
-    y_off = b.to(tl.int64) * s_yb + s[:, None] * s_ys + c.to(tl.int64)[None, :] * s_yc
-    tl.store(y_ptr + y_off, u.to(y_ptr.dtype.element_ty), mask=mask)
+    # y = act(x * a_c + b_c), one FMA per element before the activation.
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b, cb, split, s0, full_end, s_end = _run(run, NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, S, BLOCK_S)
+        s_loc = tl.arange(0, BLOCK_S)
+        c_loc = tl.arange(0, BLOCK_C)
+        c = cb * BLOCK_C + c_loc
+        cmask = c < C
+        grp = b * G + c // CPG
+        mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+        a = rs * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32) - mu * a
+        x_offs = s_loc[:, None] * s_xs + c_loc[None, :] * s_xc
+        y_offs = s_loc[:, None] * s_ys + c_loc[None, :] * s_yc
+        c0 = (cb * BLOCK_C).to(tl.int64)
+        x = x_ptr + b.to(tl.int64) * s_xb + c0 * s_xc + s0.to(tl.int64) * s_xs
+        y = y_ptr + b.to(tl.int64) * s_yb + c0 * s_yc + s0.to(tl.int64) * s_ys
+        for _ in range(s0, full_end, BLOCK_S):
+            _fwd_apply_tile(x, y, x_offs, y_offs, a, sh, s_loc, BLOCK_S, cmask, SILU, MASK_C, False)
+            x += BLOCK_S * s_xs
+            y += BLOCK_S * s_ys
+        if s_end > full_end:
+            _fwd_apply_tile(x, y, x_offs, y_offs, a, sh, s_loc, s_end - full_end, cmask, SILU, MASK_C, True)
 
 
 @triton.jit
+def _bwd_g_xhat(x, dy, x_offs, d_offs, mu, rs, w, bb, s_loc, rem_s, cmask,
+                SILU: tl.constexpr, MASK_C: tl.constexpr, MASK_S: tl.constexpr):  # fmt: skip
+    """(g, xhat) of a tile: g = dL/d(pre-activation), xhat the normalised x."""
+    xv = _load_tile(x, x_offs, s_loc, rem_s, cmask, MASK_C, MASK_S)
+    g = _load_tile(dy, d_offs, s_loc, rem_s, cmask, MASK_C, MASK_S)
+    xhat = (xv - mu[None, :]) * rs[None, :]
+    if SILU:  # silu'(u) = sig * (1 + u * (1 - sig)), u = xhat * w + bias the pre-activation
+        u = xhat * w[None, :] + bb[None, :]
+        sig, _ = silu_parts(u)
+        g = g * sig * (1.0 + u * (1.0 - sig))
+    return g, xhat
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS", "TILES_PER_SPLIT", "RUNS_PER_PROGRAM", "RUNS"])
 def _gn_bwd_reduce_kernel(
     x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gsum_ptr, gxsum_ptr,
     C, S, G, CPG, s_xb, s_xc, s_xs, s_db, s_dc, s_ds,
-    NUM_CBLOCKS, NUM_SPLITS, S_PER_SPLIT,
-    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, RUNS_PER_PROGRAM, RUNS,
+    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, MASK_C: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, spatial split): per-channel sums of g and g * xhat over its range.
-    pid = tl.program_id(0)
-    split = pid % NUM_SPLITS
-    cb = (pid // NUM_SPLITS) % NUM_CBLOCKS
-    b = pid // (NUM_SPLITS * NUM_CBLOCKS)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    grp = b * G + c // CPG
-    mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
-    rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
-    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    x_base = x_ptr + b.to(tl.int64) * s_xb
-    dy_base = dy_ptr + b.to(tl.int64) * s_db
-    c64 = c.to(tl.int64)
-    acc_g = tl.full((BLOCK_S, BLOCK_C), 0.0, tl.float32)
-    acc_gx = tl.full((BLOCK_S, BLOCK_C), 0.0, tl.float32)
-    s_start = split * S_PER_SPLIT
-    s_end = tl.minimum(s_start + S_PER_SPLIT, S)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < s_end)[:, None] & cmask[None, :]
-        s64 = s.to(tl.int64)[:, None]
-        x = tl.load(x_base + s64 * s_xs + c64[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + s64 * s_ds + c64[None, :] * s_dc, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mu[None, :]) * rs[None, :]
-        if SILU:  # g = dy * silu'(u), u = xhat * w + bias the pre-activation
-            u = xhat * w[None, :] + bb[None, :]
-            sig = 1.0 / (1.0 + tl.exp(-u))
-            g = dy * sig * (1.0 + u * (1.0 - sig))
-        else:
-            g = dy
-        acc_g += tl.where(mask, g, 0.0)
-        acc_gx += tl.where(mask, g * xhat, 0.0)
-    out = (b * NUM_SPLITS + split).to(tl.int64) * C + c
-    tl.store(gsum_ptr + out, tl.sum(acc_g, axis=0), mask=cmask)
-    tl.store(gxsum_ptr + out, tl.sum(acc_gx, axis=0), mask=cmask)
+    # Per-channel sums of g and g * xhat over the program's run.
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b, cb, split, s0, full_end, s_end = _run(run, NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, S, BLOCK_S)
+        s_loc = tl.arange(0, BLOCK_S)
+        c_loc = tl.arange(0, BLOCK_C)
+        c = cb * BLOCK_C + c_loc
+        cmask = c < C
+        grp = b * G + c // CPG
+        mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        x_offs = s_loc[:, None] * s_xs + c_loc[None, :] * s_xc
+        d_offs = s_loc[:, None] * s_ds + c_loc[None, :] * s_dc
+        c0 = (cb * BLOCK_C).to(tl.int64)
+        x = x_ptr + b.to(tl.int64) * s_xb + c0 * s_xc + s0.to(tl.int64) * s_xs
+        dy = dy_ptr + b.to(tl.int64) * s_db + c0 * s_dc + s0.to(tl.int64) * s_ds
+        acc_g = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        acc_gx = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        for _ in range(s0, full_end, BLOCK_S):
+            g, xhat = _bwd_g_xhat(
+                x, dy, x_offs, d_offs, mu, rs, w, bb, s_loc, BLOCK_S, cmask, SILU, MASK_C, False
+            )
+            if MASK_C:
+                g = tl.where(cmask[None, :], g, 0.0)
+            acc_g += g
+            acc_gx += g * xhat
+            x += BLOCK_S * s_xs
+            dy += BLOCK_S * s_ds
+        if s_end > full_end:
+            rem = s_end - full_end
+            g, xhat = _bwd_g_xhat(x, dy, x_offs, d_offs, mu, rs, w, bb, s_loc, rem, cmask, SILU, MASK_C, True)
+            g = tl.where(_mask(s_loc, rem, cmask, MASK_C, True), g, 0.0)
+            acc_g += g
+            acc_gx += g * xhat
+        out = (b * NUM_SPLITS + split).to(tl.int64) * C + c
+        tl.store(gsum_ptr + out, tl.sum(acc_g, axis=0), mask=cmask)
+        tl.store(gxsum_ptr + out, tl.sum(acc_gx, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -258,15 +324,15 @@ def _gn_bwd_finalize_kernel(
 ):  # fmt: skip
     # Programs [0, B * NUM_GBLOCKS), one per (b, block of groups): the per-group means of dxhat and of
     #   dxhat * xhat that dx needs, c1 = sum_c w_c * sum(g) / n and c2 = sum_c w_c * sum(g * xhat) / n.
-    # The programs after them: dweight and dbias for a block of channels, summed over batch and splits.
+    # The programs after them: dweight and dbias for a block of channels, summed over batch and runs.
     # Two jobs in one launch because each is tiny and a launch costs more than either.
     pid = tl.program_id(0)
     if pid < B * NUM_GBLOCKS:
         b = pid // NUM_GBLOCKS
         g = (pid % NUM_GBLOCKS) * BLOCK_G + tl.arange(0, BLOCK_G)
         gmask = g < G
-        acc1 = tl.full((BLOCK_G, BLOCK_CG), 0.0, tl.float32)
-        acc2 = tl.full((BLOCK_G, BLOCK_CG), 0.0, tl.float32)
+        acc1 = tl.zeros((BLOCK_G, BLOCK_CG), tl.float32)
+        acc2 = tl.zeros((BLOCK_G, BLOCK_CG), tl.float32)
         for c0 in range(0, CPG, BLOCK_CG):
             j = c0 + tl.arange(0, BLOCK_CG)
             ch = g[:, None] * CPG + j[None, :]
@@ -281,8 +347,8 @@ def _gn_bwd_finalize_kernel(
     else:
         c = (pid - B * NUM_GBLOCKS) * BLOCK_PC + tl.arange(0, BLOCK_PC)
         cmask = c < C
-        acc_b = tl.full((BLOCK_R, BLOCK_PC), 0.0, tl.float32)
-        acc_w = tl.full((BLOCK_R, BLOCK_PC), 0.0, tl.float32)
+        acc_b = tl.zeros((BLOCK_R, BLOCK_PC), tl.float32)
+        acc_w = tl.zeros((BLOCK_R, BLOCK_PC), tl.float32)
         for r0 in range(0, B * NUM_SPLITS, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             mask = (r < B * NUM_SPLITS)[:, None] & cmask[None, :]
@@ -293,51 +359,55 @@ def _gn_bwd_finalize_kernel(
         tl.store(dw_ptr + c, tl.sum(acc_w, axis=0).to(dw_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS", "TILES_PER_SPLIT", "RUNS_PER_PROGRAM", "RUNS"])
 def _gn_bwd_apply_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr,
     C, S, G, CPG, s_xb, s_xc, s_xs, s_db, s_dc, s_ds, s_ob, s_oc, s_os,
-    NUM_CBLOCKS, NUM_SBLOCKS,
-    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, RUNS_PER_PROGRAM, RUNS,
+    SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, MASK_C: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, spatial block): dx = rstd * (g * w - c1 - xhat * c2).
-    pid = tl.program_id(0)
-    sb = pid % NUM_SBLOCKS
-    cb = (pid // NUM_SBLOCKS) % NUM_CBLOCKS
-    b = pid // (NUM_SBLOCKS * NUM_CBLOCKS)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    grp = b * G + c // CPG
-    mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
-    rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
-    c1 = tl.load(c1_ptr + grp, mask=cmask, other=0.0)
-    c2 = tl.load(c2_ptr + grp, mask=cmask, other=0.0)
-    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    s = (sb * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None]
-    c64 = c.to(tl.int64)[None, :]
-    b64 = b.to(tl.int64)
-    mask = (s < S) & cmask[None, :]
-    x = tl.load(x_ptr + b64 * s_xb + s * s_xs + c64 * s_xc, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + b64 * s_db + s * s_ds + c64 * s_dc, mask=mask, other=0.0).to(tl.float32)
-    xhat = (x - mu[None, :]) * rs[None, :]
-    if SILU:
-        u = xhat * w[None, :] + bb[None, :]
-        sig = 1.0 / (1.0 + tl.exp(-u))
-        g = dy * sig * (1.0 + u * (1.0 - sig))
-    else:
-        g = dy
-    dx = rs[None, :] * (g * w[None, :] - c1[None, :] - xhat * c2[None, :])
-    tl.store(dx_ptr + b64 * s_ob + s * s_os + c64 * s_oc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # dx = rstd * (g * w - c1 - xhat * c2), with rstd folded into the per-channel coefficients.
+    run0 = tl.program_id(0) * RUNS_PER_PROGRAM
+    for run in range(run0, tl.minimum(run0 + RUNS_PER_PROGRAM, RUNS)):
+        b, cb, split, s0, full_end, s_end = _run(run, NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, S, BLOCK_S)
+        s_loc = tl.arange(0, BLOCK_S)
+        c_loc = tl.arange(0, BLOCK_C)
+        c = cb * BLOCK_C + c_loc
+        cmask = c < C
+        grp = b * G + c // CPG
+        mu = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        k_g = rs * w
+        k_0 = rs * tl.load(c1_ptr + grp, mask=cmask, other=0.0)
+        k_x = rs * tl.load(c2_ptr + grp, mask=cmask, other=0.0)
+        x_offs = s_loc[:, None] * s_xs + c_loc[None, :] * s_xc
+        d_offs = s_loc[:, None] * s_ds + c_loc[None, :] * s_dc
+        o_offs = s_loc[:, None] * s_os + c_loc[None, :] * s_oc
+        c0 = (cb * BLOCK_C).to(tl.int64)
+        b64 = b.to(tl.int64)
+        x = x_ptr + b64 * s_xb + c0 * s_xc + s0.to(tl.int64) * s_xs
+        dy = dy_ptr + b64 * s_db + c0 * s_dc + s0.to(tl.int64) * s_ds
+        dx = dx_ptr + b64 * s_ob + c0 * s_oc + s0.to(tl.int64) * s_os
+        for _ in range(s0, full_end, BLOCK_S):
+            g, xhat = _bwd_g_xhat(
+                x, dy, x_offs, d_offs, mu, rs, w, bb, s_loc, BLOCK_S, cmask, SILU, MASK_C, False
+            )
+            out = g * k_g[None, :] - k_0[None, :] - xhat * k_x[None, :]
+            _store_tile(dx, o_offs, out, s_loc, BLOCK_S, cmask, MASK_C, False)
+            x += BLOCK_S * s_xs
+            dy += BLOCK_S * s_ds
+            dx += BLOCK_S * s_os
+        if s_end > full_end:
+            rem = s_end - full_end
+            g, xhat = _bwd_g_xhat(x, dy, x_offs, d_offs, mu, rs, w, bb, s_loc, rem, cmask, SILU, MASK_C, True)
+            out = g * k_g[None, :] - k_0[None, :] - xhat * k_x[None, :]
+            _store_tile(dx, o_offs, out, s_loc, rem, cmask, MASK_C, True)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel must fill goes through here, so a test can hand out NaN-filled ones instead."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -367,37 +437,33 @@ def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     """A new tensor shaped like x, channels-last if x is, else contiguous (NCHW)."""
     dtype = x.dtype if dtype is None else dtype
     if _channels_last_like(x):
-        return _empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype, x.device).movedim(-1, 1)
-    return _empty(x.shape, dtype, x.device)
+        return common.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype, x.device).movedim(-1, 1)
+    return common.empty(x.shape, dtype, x.device)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: a few per SM on a GPU; a handful under the CPU interpreter."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
-def _tiling(x: torch.Tensor, B: int, C: int, S: int) -> dict:
-    """Tile shape and work split for x: wide in channels for channels_last, long in space for NCHW."""
+def _tiling(x: torch.Tensor, C: int, S: int, tile: int) -> dict:
+    """Tile shape for x: wide in channels for channels_last, long in space for NCHW."""
     if _channels_last_like(x):
         block_c = min(triton.next_power_of_2(C), 256)
-        block_s = max(1, min(triton.next_power_of_2(S), TILE // block_c))
+        block_s = max(1, min(triton.next_power_of_2(S), tile // block_c))
     else:
         block_s = min(triton.next_power_of_2(S), 1024)
-        block_c = max(1, min(triton.next_power_of_2(C), TILE // block_s))
-    cblocks, sblocks = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
-    splits = max(1, min(sblocks, triton.cdiv(_target_programs(x.device), B * cblocks)))
-    s_per_split = triton.cdiv(sblocks, splits) * block_s
-    return dict(
-        BLOCK_S=block_s, BLOCK_C=block_c, cblocks=cblocks, sblocks=sblocks,
-        splits=triton.cdiv(S, s_per_split), s_per_split=s_per_split,
-    )  # fmt: skip
+        block_c = max(1, min(triton.next_power_of_2(C), tile // block_s))
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, MASK_C=C % block_c != 0)
+
+
+def _grid(kernel, args, meta: dict, device: torch.device, B: int, C: int, S: int) -> common.Grid:
+    """The grid of a streaming kernel over B * channel-block rows of spatial tiles, by the rule of
+    kernels/common.py from this kernel's occupancy; args(grid) builds its arguments."""
+    rows, tiles = B * triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(S, meta["BLOCK_S"])
+    probe = common.Grid(1, tiles, 1, rows)  # the grid-derived arguments are not specialised on: any will do
+    return common.grid(rows, tiles, common.slots(kernel, args(probe), meta, device))
+
+
+def _grid_args(g: common.Grid, C: int, block_c: int, B: int) -> tuple[int, ...]:
+    """NUM_CBLOCKS, NUM_SPLITS, TILES_PER_SPLIT, RUNS_PER_PROGRAM, RUNS."""
+    cblocks = triton.cdiv(C, block_c)
+    return cblocks, g.splits, g.tiles_per_split, g.runs_per_program, B * cblocks * g.splits
 
 
 def _finalize_tiling(G: int, CPG: int) -> dict:
@@ -415,25 +481,31 @@ def _launch_forward(x, weight, bias, num_groups, eps, silu):
     y = _empty_like_layout(x)
     if B == 0 or S == 0:
         return y, x.new_zeros((B, G), dtype=torch.float32), x.new_ones((B, G), dtype=torch.float32)
-    mean = _empty((B, G), torch.float32, x.device)
-    rstd = _empty((B, G), torch.float32, x.device)
-    t = _tiling(x, B, C, S)
+    mean = common.empty((B, G), torch.float32, x.device)
+    rstd = common.empty((B, G), torch.float32, x.device)
+    tile = _tiling(x, C, S, TILE_FWD)
     sx, sy = _bcs_strides(x), _bcs_strides(y)
-    part_sum = _empty((B, t["splits"], C), torch.float32, x.device)
-    part_sq = _empty((B, t["splits"], C), torch.float32, x.device)
-    _gn_stats_kernel[(B * t["cblocks"] * t["splits"],)](
-        x, part_sum, part_sq, C, S, CPG, *sx, t["cblocks"], t["splits"], t["s_per_split"],
-        BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"], num_warps=8,
-    )  # fmt: skip
+    meta = dict(tile, num_warps=NUM_WARPS)
+
+    def stats_args(g, part_sum=mean, part_sq=rstd):
+        return (x, part_sum, part_sq, C, S, CPG, *sx, *_grid_args(g, C, tile["BLOCK_C"], B))
+
+    g = _grid(_gn_stats_kernel, stats_args, meta, x.device, B, C, S)
+    part_sum = common.empty((B, g.splits, C), torch.float32, x.device)
+    part_sq = common.empty((B, g.splits, C), torch.float32, x.device)
+    _gn_stats_kernel[(g.programs,)](*stats_args(g, part_sum, part_sq), **meta)
     fin = _finalize_tiling(G, CPG)
     _gn_stats_finalize_kernel[(B * fin["gblocks"],)](
-        x, part_sum, part_sq, mean, rstd, C, G, CPG, sx[0], sx[1], t["splits"], fin["gblocks"],
+        x, part_sum, part_sq, mean, rstd, C, G, CPG, sx[0], sx[1], g.splits, fin["gblocks"],
         1.0 / (CPG * S), eps, BLOCK_G=fin["BLOCK_G"], BLOCK_CG=fin["BLOCK_CG"],
     )  # fmt: skip
-    _gn_fwd_apply_kernel[(B * t["cblocks"] * t["sblocks"],)](
-        x, y, weight, bias, mean, rstd, C, S, G, CPG, *sx, *sy, t["cblocks"], t["sblocks"],
-        SILU=silu, BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"], num_warps=8,
-    )  # fmt: skip
+
+    def apply_args(g):
+        return (x, y, weight, bias, mean, rstd, C, S, G, CPG, *sx, *sy, *_grid_args(g, C, tile["BLOCK_C"], B))
+
+    meta = dict(meta, SILU=silu)
+    g = _grid(_gn_fwd_apply_kernel, apply_args, meta, x.device, B, C, S)
+    _gn_fwd_apply_kernel[(g.programs,)](*apply_args(g), **meta)
     return y, mean, rstd
 
 
@@ -445,31 +517,37 @@ def _launch_backward(grad_y, x, weight, bias, mean, rstd, num_groups, silu):
     dx = _empty_like_layout(x)
     if B == 0 or S == 0:
         return dx.zero_(), torch.zeros_like(weight), torch.zeros_like(bias)
-    dw = _empty(weight.shape, weight.dtype, x.device)
-    db = _empty(bias.shape, bias.dtype, x.device)
-    t = _tiling(x, B, C, S)
+    dw = common.empty(weight.shape, weight.dtype, x.device)
+    db = common.empty(bias.shape, bias.dtype, x.device)
+    tile = _tiling(x, C, S, TILE_BWD)
     sx, sd, so = _bcs_strides(x), _bcs_strides(grad_y), _bcs_strides(dx)
-    part_g = _empty((B, t["splits"], C), torch.float32, x.device)
-    part_gx = _empty((B, t["splits"], C), torch.float32, x.device)
-    c1 = _empty((B, G), torch.float32, x.device)
-    c2 = _empty((B, G), torch.float32, x.device)
-    _gn_bwd_reduce_kernel[(B * t["cblocks"] * t["splits"],)](
-        x, grad_y, weight, bias, mean, rstd, part_g, part_gx, C, S, G, CPG, *sx, *sd,
-        t["cblocks"], t["splits"], t["s_per_split"],
-        SILU=silu, BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"], num_warps=8,
-    )  # fmt: skip
+    meta = dict(tile, SILU=silu, num_warps=NUM_WARPS)
+    c1 = common.empty((B, G), torch.float32, x.device)
+    c2 = common.empty((B, G), torch.float32, x.device)
+
+    def reduce_args(g, part_g=c1, part_gx=c2):
+        return (x, grad_y, weight, bias, mean, rstd, part_g, part_gx, C, S, G, CPG, *sx, *sd,
+                *_grid_args(g, C, tile["BLOCK_C"], B))  # fmt: skip
+
+    g = _grid(_gn_bwd_reduce_kernel, reduce_args, meta, x.device, B, C, S)
+    splits = g.splits
+    part_g = common.empty((B, splits, C), torch.float32, x.device)
+    part_gx = common.empty((B, splits, C), torch.float32, x.device)
+    _gn_bwd_reduce_kernel[(g.programs,)](*reduce_args(g, part_g, part_gx), **meta)
     fin = _finalize_tiling(G, CPG)
     block_pc = min(triton.next_power_of_2(C), 128)
     _gn_bwd_finalize_kernel[(B * fin["gblocks"] + triton.cdiv(C, block_pc),)](
-        part_g, part_gx, weight, c1, c2, dw, db, B, C, G, CPG, t["splits"], fin["gblocks"], 1.0 / (CPG * S),
+        part_g, part_gx, weight, c1, c2, dw, db, B, C, G, CPG, splits, fin["gblocks"], 1.0 / (CPG * S),
         BLOCK_G=fin["BLOCK_G"], BLOCK_CG=fin["BLOCK_CG"],
-        BLOCK_R=min(triton.next_power_of_2(B * t["splits"]), 32), BLOCK_PC=block_pc,
+        BLOCK_R=min(triton.next_power_of_2(B * splits), 32), BLOCK_PC=block_pc,
     )  # fmt: skip
-    _gn_bwd_apply_kernel[(B * t["cblocks"] * t["sblocks"],)](
-        x, grad_y, dx, weight, bias, mean, rstd, c1, c2, C, S, G, CPG, *sx, *sd, *so,
-        t["cblocks"], t["sblocks"],
-        SILU=silu, BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"], num_warps=8,
-    )  # fmt: skip
+
+    def apply_args(g):
+        return (x, grad_y, dx, weight, bias, mean, rstd, c1, c2, C, S, G, CPG, *sx, *sd, *so,
+                *_grid_args(g, C, tile["BLOCK_C"], B))  # fmt: skip
+
+    g = _grid(_gn_bwd_apply_kernel, apply_args, meta, x.device, B, C, S)
+    _gn_bwd_apply_kernel[(g.programs,)](*apply_args(g), **meta)
     return dx, dw, db
 
 
@@ -540,12 +618,7 @@ def group_norm_silu_triton(
     views of them); any other layout is first copied to a contiguous tensor. y is channels-last when x is,
     else contiguous. A missing weight or bias acts as ones or zeros.
     """
-    if not HAS_TRITON:
-        raise RuntimeError(
-            f"impl='triton' needs the triton package, which did not import: {TRITON_IMPORT_ERROR}"
-        )
-    if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernel takes float32, bfloat16 or float16 tensors, got {x.dtype}")
+    common.require_triton(x.dtype)
     C = x.shape[1]
     pdtype = next((p.dtype for p in (weight, bias) if p is not None), torch.float32)
     weight = torch.ones(C, dtype=pdtype, device=x.device) if weight is None else weight.contiguous()

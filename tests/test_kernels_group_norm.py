@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import group_norm
+from kernels import common, group_norm
 from kernels.group_norm import group_norm_silu_reference
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
@@ -21,7 +21,8 @@ TOL = {
 }
 # (shape, groups, layout). Odd sizes throughout; batch 1 and a single channel; one channel per group and one
 # group for all; groups cut by the edge of a program's channel block (C=6 in blocks of 4; C=300 in blocks of
-# 256); a spatial extent split over programs in each layout; 3-D and 2-D inputs.
+# 256); a spatial extent split over programs in each layout; 3-D and 2-D inputs; the last two with whole
+# channel blocks (no channel mask), full tiles before a partial one, and (NCHW) programs of several rows.
 CASES = [
     ((3, 5, 7, 9), 5, "nchw"),
     ((1, 1, 3, 5), 1, "nchw"),
@@ -34,6 +35,8 @@ CASES = [
     ((1, 6, 65, 67), 2, "channels_last"),
     ((2, 6, 9), 3, "nchw"),
     ((4, 6), 2, "nchw"),
+    ((2, 16, 41, 53), 4, "nchw"),
+    ((2, 8, 37, 29), 4, "channels_last"),
 ]
 
 
@@ -42,7 +45,7 @@ def nan_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(group_norm, "_empty", nan_empty)
+    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 def to_layout(t, layout):
