@@ -332,3 +332,76 @@ def test_gpu_noise_statistics_and_determinism():
         *(inputs[k].double() for k in ("mean", "logvar", "eps", "prior_mean", "prior_logvar"))
     )
     torch.testing.assert_close(kls[0].double(), kl_ref, **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN and Inf: the kernels give the reference's pattern in z, the KL and every gradient
+
+
+SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def assert_same_specials(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """NaN where the reference (rounded to dtype) has NaN, +-Inf where it has +-Inf, close elsewhere."""
+    want = want.to(dtype).double()
+    got = got.double()
+    for what, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(got), mask(want)), (
+            f"{name}: {what} at {mask(got).nonzero().tolist()}, reference at {mask(want).nonzero().tolist()}"
+        )
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], **TOL[dtype], msg=name)
+
+
+def with_specials(t: torch.Tensor, value: float) -> torch.Tensor:
+    """t with `value` at two places: the first element of the first sample and one inside the last."""
+    t = t.clone()
+    flat = t.view(t.shape[0], -1)
+    flat[0, 0] = value
+    flat[-1, flat.shape[1] // 2] = value
+    return t
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize(
+    "where, special, dtype",
+    [(w, s, torch.float32) for w in ("mean", "logvar", "prior_mean", "prior_logvar") for s in SPECIALS]
+    + [(w, "nan", d) for w in ("mean", "logvar", "prior_logvar") for d in (torch.bfloat16, torch.float16)]
+    + [("logvar", "-inf", torch.float16), ("mean", "+inf", torch.bfloat16)],
+    ids=str,
+)
+def test_nan_and_inf_propagate_as_in_the_reference(where, special, dtype):
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 2, 5, 7)
+    inputs = {
+        "mean": torch.randn(shape, generator=gen),
+        "logvar": torch.randn(shape, generator=gen),
+        "eps": torch.randn(shape, generator=gen),
+        "prior_mean": torch.randn(shape, generator=gen),
+        "prior_logvar": torch.randn(shape, generator=gen),
+    }
+    inputs[where] = with_specials(inputs[where], SPECIALS[special])
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    grad_z, grad_kl = (
+        torch.randn(shape, generator=gen).to(dtype),
+        torch.randn(shape[0], generator=gen).to(dtype),
+    )
+    z, kl, grads = run(triton_impl, inputs, grad_z, grad_kl)
+    z_ref, kl_ref, grads_ref = reference(inputs, grad_z, grad_kl)
+    assert_same_specials(z, z_ref, dtype, "z")
+    assert_same_specials(kl, kl_ref, dtype, "kl")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_same_specials(grads[name], grads_ref[name], dtype, f"grad {name}")
+    if special == "nan" or where == "mean":  # (an infinite logvar is clamped: finite, as in the reference)
+        assert not torch.isfinite(kl[[0, -1]]).any()  # what the trainer's non-finite guard must see
+
+
+def test_nan_logvar_reaches_z_and_kl_with_noise_drawn_in_the_kernel():
+    """A diverging encoder: NaN log-variance, noise from the kernel. z and that sample's KL are NaN."""
+    mean, logvar = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    logvar[1, 2, 3, 4] = float("nan")
+    mean.requires_grad_()
+    z, kl = kernels.gaussian_sample_kl(mean, logvar, impl="triton")
+    assert torch.isnan(z[1, 2, 3, 4]) and torch.isnan(z).sum() == 1
+    assert torch.isnan(kl[1]) and torch.isfinite(kl[0])

@@ -209,3 +209,58 @@ def test_gpu_autocast_and_auto_picks_triton():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = kernels.group_norm_silu(x, 32, weight, bias, impl="auto")
     assert y.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN and Inf: the kernels give the reference's pattern in y and every gradient
+
+SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def assert_same_specials(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str, atol_scale=1.0
+):
+    """NaN where the reference (rounded to dtype) has NaN, +-Inf where it has +-Inf, close elsewhere."""
+    want = want.to(dtype).double()
+    got = got.double()
+    for what, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(mask(got), mask(want)), (
+            f"{name}: {what} at {mask(got).nonzero().tolist()}, reference at {mask(want).nonzero().tolist()}"
+        )
+    finite = torch.isfinite(want)
+    tol = dict(rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * atol_scale)
+    torch.testing.assert_close(got[finite], want[finite], **tol, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize(
+    "where, special, layout, silu, dtype",
+    [
+        (w, s, lay, True, torch.float32)
+        for w in ("x", "weight", "bias")
+        for s in SPECIALS
+        for lay in ("nchw", "channels_last")
+    ]
+    + [("x", "nan", "nchw", False, torch.float32), ("bias", "-inf", "channels_last", False, torch.float32)]
+    + [(w, "nan", "channels_last", True, d) for w in ("x", "weight") for d in (torch.bfloat16, torch.float16)]
+    + [("x", "+inf", "nchw", True, torch.bfloat16), ("bias", "-inf", "nchw", True, torch.float16)],
+    ids=str,
+)
+def test_nan_and_inf_propagate_as_in_the_reference(where, special, layout, silu, dtype):
+    x, weight, bias, grad_y = make_inputs((2, 6, 5, 7), dtype, "cpu", layout)
+    value = SPECIALS[special]
+    if where == "x":
+        x = x.clone()
+        x[0, 1, 2, 3] = value  # group 0 of sample 0 (3 groups of 2 channels)
+        x[1, 5, 4, 6] = value  # group 2 of sample 1
+    else:
+        p = (weight if where == "weight" else bias).clone()
+        p[3] = value
+        weight, bias = (p, bias) if where == "weight" else (weight, p)
+    y, grads = run(kernels.group_norm_silu, x, weight, bias, grad_y, num_groups=3, silu=silu, impl="triton")
+    as64 = [t.double() for t in (x, weight, bias, grad_y)]
+    y_ref, grads_ref = run(group_norm_silu_reference, *as64, num_groups=3, silu=silu)
+    assert_same_specials(y, y_ref, dtype, "y")
+    reduced = (x.numel() // x.shape[1]) ** 0.5  # dweight, dbias sum B * S terms
+    for name, g, g_ref in zip(("x", "weight", "bias"), grads, grads_ref, strict=True):
+        assert_same_specials(g, g_ref, dtype, f"grad {name}", 1.0 if name == "x" else reduced)

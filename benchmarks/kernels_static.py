@@ -1,0 +1,577 @@
+"""The kernels as a GPU would run them, read without one: compiled for sm_80, sm_90 and sm_100, counted.
+
+Every Triton launch of an op (forward and backward, at the benchmark shapes) is intercepted: instead of
+running, the kernel is compiled for the target exactly as triton's JIT would compile it for that launch (the
+same specialisation of its arguments), by the ptxas that the triton wheel ships, and recorded with its grid.
+The launchers size their grids for the target GPU (its SM count, the compiled kernel's occupancy), so the
+grid is the one that GPU would get. From the cubin:
+
+- registers, spilled bytes and spill instructions, shared memory: `cuobjdump -res-usage` and the SASS
+  (`nvdisasm`), both from the triton wheel (triton/backends/nvidia/bin);
+- blocks per SM (kernels/common.py's occupancy rule), slots (SMs x blocks), waves and the last wave's fill,
+  and the grid's efficiency: tiles of work over (waves x slots x the longest program's tiles);
+- instructions per element, counted in the SASS: the main loop is the back-edge whose body loads the most
+  bytes from global memory; its instructions on the shortest path from its head to its back-edge (so slow
+  paths behind branches, such as libdevice's sin/cos range reduction, are not counted) over the elements one
+  iteration handles per thread (the loop's global-load bytes over the bytes the kernel loads per element);
+  plus the shortest path from the kernel's entry to its exit (prologue, epilogue, one pass of the body),
+  divided by the elements one thread handles in one program. A kernel without a loop counts that path over
+  its elements per thread. MUFU (special-function) instructions are counted the same way;
+- the predicted time: the larger of bytes / bandwidth, instructions / issue rate (4 warp-instructions per
+  clock per SM) and MUFU ops / MUFU rate (16 per clock per SM), divided by the grid's efficiency. Launch
+  latency is not in it; bandwidth and clock are the public peak figures, so real times are longer.
+
+    python -m benchmarks.kernels --static [--baseline REV] [--gpus A100,H100,H200,B200] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import heapq
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A GPU to compile for and predict on: occupancy limits, plus the public peak figures."""
+
+    name: str
+    arch: int
+    sms: int
+    bandwidth_gb_s: float
+    clock_ghz: float
+    smem_per_sm: int = 228 * 1024
+
+
+# Public figures: SXM parts, boost clocks, HBM peak bandwidth.
+TARGETS = {
+    "A100": Target("A100 SXM 80GB", 80, 108, 2039, 1.41, smem_per_sm=164 * 1024),
+    "H100": Target("H100 SXM", 90, 132, 3350, 1.98),
+    "H200": Target("H200 SXM", 90, 132, 4800, 1.98),
+    "B200": Target("B200", 100, 148, 8000, 1.965),
+}
+ISSUE_PER_CLOCK_PER_SM = 4 * 32  # four schedulers, one warp-instruction each per clock
+MUFU_PER_CLOCK_PER_SM = 16
+
+
+def tools_dir() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compiling without a GPU
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A kernel compiled for a target: what the occupancy rule and the report read from it."""
+
+    name: str
+    arch: int
+    num_warps: int
+    shared: int  # bytes of shared memory triton asked for
+    n_regs: int
+    local_bytes: int  # per-thread local memory: spills (these kernels have no local arrays)
+    spill_instructions: int  # STL/LDL in the SASS
+    sass: str
+    ptx: str
+
+    @property
+    def metadata(self):  # what kernels.common.slots reads from a triton CompiledKernel
+        return dataclasses.make_dataclass("M", ["shared", "num_warps"])(self.shared, self.num_warps)
+
+    @property
+    def n_spills(self) -> int:
+        return self.local_bytes
+
+    def _init_handles(self):  # a real CompiledKernel loads its binary onto the GPU here
+        pass
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(tools_dir() / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [str(tools_dir() / "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    return usage | {"sass": sass}
+
+
+_CACHE: dict[tuple, Compiled] = {}
+
+
+def _compile(fn, args, kwargs, arch: int) -> Compiled:
+    """Compile a JITFunction for `arch` with the specialisation triton's launcher would give these args."""
+    import triton
+    import triton.runtime.jit as jit
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    key = (fn.fn.__qualname__, fn.fn.__module__, arch, repr(signature), repr(sorted(constexprs.items())),
+           repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))  # fmt: skip
+
+    if key in _CACHE:
+        return _CACHE[key]
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    usage = _resource_usage(k.asm["cubin"])
+    _CACHE[key] = Compiled(
+        name=fn.fn.__name__,
+        arch=arch,
+        num_warps=k.metadata.num_warps,
+        shared=k.metadata.shared,
+        n_regs=usage.get("REG", 0),
+        local_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0),
+        spill_instructions=len(re.findall(r"\b(?:STL|LDL)\b", usage["sass"])),
+        sass=usage["sass"],
+        ptx=k.asm["ptx"],
+    )
+    return _CACHE[key]
+
+
+@dataclasses.dataclass
+class Launch:
+    """One intercepted launch: the kernel compiled for the target, its grid and compile-time arguments."""
+
+    kernel: str
+    programs: int
+    meta: dict
+    args: dict  # the integer arguments, by name
+    compiled: Compiled
+
+
+@contextlib.contextmanager
+def compile_only(target: Target):
+    """Inside, every Triton launch compiles for `target` and is recorded instead of run (yields the list).
+
+    The launchers see `target` as the device (its SM count and limits) when they size their grids. Needs a
+    process where TRITON_INTERPRET is unset (the interpreter never compiles).
+    """
+    import triton.runtime.jit as jit
+
+    import kernels
+
+    if not isinstance(kernels.gaussian._gaussian_fwd_kernel, jit.JITFunction):
+        raise RuntimeError("compile_only needs the real triton JIT: run with TRITON_INTERPRET unset")
+    launches: list[Launch] = []
+    patches = contextlib.ExitStack()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        compiled = _compile(self, args, kwargs, target.arch)
+        if not warmup:
+            bound = dict(zip(self.arg_names, args, strict=False))
+            meta = {p.name: bound.get(p.name, kwargs.get(p.name)) for p in self.params if p.is_constexpr}
+            meta["num_warps"] = compiled.num_warps
+            programs = math.prod(grid(bound) if callable(grid) else grid)
+            ints = {k: v for k, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)}
+            launches.append(Launch(self.fn.__name__, programs, meta, ints, compiled))
+        return compiled
+
+    with patches:
+        _patch(patches, jit.JITFunction, "run", run)
+        try:
+            from kernels import common
+        except ImportError:  # kernels from before the occupancy rule: grids of 4 programs per SM
+            for module in (kernels.gaussian, kernels.group_norm):
+                _patch(patches, module, "_target_programs", lambda device: 4 * target.sms)
+        else:
+            gpu = common.GPU(
+                name=target.name, arch=target.arch, sms=target.sms, smem_per_sm=target.smem_per_sm
+            )
+            _patch(patches, common, "gpu_of", lambda device: gpu)
+        yield launches
+
+
+def _patch(stack: contextlib.ExitStack, owner, name: str, value) -> None:
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    stack.callback(setattr, owner, name, saved)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading the SASS
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16, "256": 32}
+
+
+@dataclasses.dataclass
+class Instr:
+    op: str  # the mnemonic with its suffixes, e.g. LDG.E.128
+    predicated: bool
+    target: str | None  # a branch's label
+
+    @property
+    def is_branch(self) -> bool:
+        return self.op.startswith("BRA")
+
+    @property
+    def ends_block(self) -> bool:
+        return self.is_branch or self.op in ("EXIT", "RET", "BRX", "JMX")
+
+    @property
+    def load_bytes(self) -> int:
+        """Bytes a global load moves per thread; constant-table lookups (libdevice's) are not streams."""
+        if not self.op.startswith("LDG") or ".CONSTANT" in self.op:
+            return 0
+        return next((_WIDTH[p] for p in self.op.split(".")[1:] if p in _WIDTH), 4)
+
+    @property
+    def mufu(self) -> int:
+        return int(self.op.startswith("MUFU"))
+
+
+def parse_sass(sass: str) -> tuple[list[Instr], dict[str, int]]:
+    """The instructions (NOPs dropped) and the index each label points at."""
+    instrs: list[Instr] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        if m := _LABEL.match(line):
+            labels[m.group(1)] = len(instrs)
+        elif m := _INSTR.match(line):
+            text = m.group(2)
+            predicated = text.startswith("@")
+            words = text.split()[1:] if predicated else text.split()
+            if not words or words[0] == "NOP":
+                continue
+            target = _TARGET.search(text)
+            instrs.append(
+                Instr(words[0], predicated, target.group(1) if target and words[0] == "BRA" else None)
+            )
+    return instrs, labels
+
+
+def _blocks(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
+    starts = {0, *labels.values()} | {i + 1 for i, ins in enumerate(instrs) if ins.ends_block}
+    starts = sorted(s for s in starts if s < len(instrs))
+    return [(s, e) for s, e in zip(starts, [*starts[1:], len(instrs)], strict=True)]
+
+
+def _shortest(
+    instrs, labels, blocks, start: int, stop, need_store: bool = False
+) -> tuple[int, int, int] | None:
+    """(instructions, MUFU, load bytes) on the path from instruction `start` with the fewest instructions to
+    the end of a block for which stop(block) is true, following forward edges only (no loop runs twice).
+    With need_store, only paths through a global store or atomic count (a program that exits without
+    writing anything did no work)."""
+    index = {s: k for k, (s, _) in enumerate(blocks)}
+    first = next(k for k, (s, e) in enumerate(blocks) if s <= start < e)
+    best = {(first, not need_store): (0, 0, 0)}  # (block, stored so far) -> costs on entering the block
+    heap = [(0, first, not need_store)]
+    while heap:
+        n, k, stored = heapq.heappop(heap)
+        if best[(k, stored)][0] != n:
+            continue
+        s, e = blocks[k]
+        body = instrs[max(s, start) : e]
+        _, mufu, loads = best[(k, stored)]
+        cost = (n + len(body), mufu + sum(i.mufu for i in body), loads + sum(i.load_bytes for i in body))
+        stored = stored or any(i.op.startswith(("STG", "ATOM", "RED")) for i in body)
+        if stop(blocks[k]) and stored:
+            return cost
+        last = instrs[e - 1]
+        nexts = []
+        if last.is_branch and last.target in labels:
+            nexts.append(labels[last.target])
+        if not last.ends_block or last.predicated:
+            nexts.append(e)
+        for t in nexts:
+            if t <= s or t not in index:
+                continue
+            key = (index[t], stored)
+            if key not in best or best[key][0] > cost[0]:
+                best[key] = cost
+                heapq.heappush(heap, (cost[0], index[t], stored))
+    return None
+
+
+@dataclasses.dataclass
+class SassProfile:
+    """Instruction counts of a kernel on its hot paths (see the module docstring for the method)."""
+
+    total: int  # every instruction in the kernel
+    loop_instructions: int | None  # the main loop body, shortest path head -> back-edge
+    loop_mufu: int | None
+    loop_load_bytes: int | None
+    path_instructions: int  # shortest path entry -> exit that stores something (one pass of any loop)
+    path_mufu: int
+    outer_instructions: int = 0  # the loop around the main one (a program's runs), shortest path once round
+    outer_mufu: int = 0
+
+
+def profile(sass: str) -> SassProfile:
+    """Count a kernel's SASS: its main loop (if any) and its shortest entry-to-exit path."""
+    instrs, labels = parse_sass(sass)
+    blocks = _blocks(instrs, labels)
+    loops = []
+    for i, ins in enumerate(instrs):
+        head = labels.get(ins.target) if ins.is_branch else None
+        if head is not None and head <= i:
+            loops.append((sum(x.load_bytes for x in instrs[head : i + 1]), head, i))
+    streaming = [lp for lp in loops if lp[0] > 0]
+    # the main loop: of the loops that load and hold no other such loop, the one loading the most
+    innermost = [
+        lp for lp in streaming if not any(o is not lp and lp[1] <= o[1] and o[2] <= lp[2] for o in streaming)
+    ]
+    main = max(innermost, default=None)
+    path = _shortest(instrs, labels, blocks, 0, lambda b: instrs[b[1] - 1].op == "EXIT", need_store=True)
+    loop = outer = None
+    if main is not None:
+        _, head, back = main
+        loop = _shortest(instrs, labels, blocks, head, lambda b: b[0] <= back < b[1])
+        around = [lp for lp in loops if lp[1] <= head and back <= lp[2] and lp is not main]
+        if around:
+            _, o_head, o_back = min(around, key=lambda lp: lp[2] - lp[1])
+            outer = _shortest(instrs, labels, blocks, o_head, lambda b: b[0] <= o_back < b[1])
+    return SassProfile(
+        total=len(instrs),
+        loop_instructions=loop[0] if loop else None,
+        loop_mufu=loop[1] if loop else None,
+        loop_load_bytes=loop[2] if loop else None,
+        path_instructions=path[0] if path else len(instrs),
+        path_mufu=path[1] if path else 0,
+        outer_instructions=outer[0] if outer else 0,
+        outer_mufu=outer[1] if outer else 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _bytes_per_element(kernel: str, meta: dict, s: int) -> tuple[int, int] | None:
+    """(bytes the kernel moves, bytes it loads) per element of mean / x; None for the per-group kernels."""
+    eps, prior = int(bool(meta.get("HAS_EPS"))), int(bool(meta.get("HAS_PRIOR")))
+    table = {
+        "_gaussian_fwd_kernel": ((3 + eps + 2 * prior) * s, (2 + eps + 2 * prior) * s),
+        "_gaussian_bwd_kernel": ((5 + eps + 4 * prior) * s, (3 + eps + 2 * prior) * s),
+        "_gn_stats_kernel": (s, s),
+        "_gn_fwd_apply_kernel": (2 * s, s),
+        "_gn_bwd_reduce_kernel": (2 * s, 2 * s),
+        "_gn_bwd_apply_kernel": (3 * s, 2 * s),
+    }
+    return table.get(kernel)
+
+
+def _work(launch: Launch, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(tiles in the launch, tiles of its longest program), from its arguments."""
+    a, B = launch.args, shape[0]
+    if launch.kernel.startswith("_gaussian"):
+        total = B * a["TILES"]
+        # the backward once ran one tile per program
+        longest = a.get("TILES_PER_SPLIT", 1) * a.get("RUNS_PER_PROGRAM", 1)
+        return total, longest
+    C, S = shape[1], math.prod(shape[2:])
+    block_s, block_c = launch.meta["BLOCK_S"], launch.meta["BLOCK_C"]
+    total = B * math.ceil(C / block_c) * math.ceil(S / block_s)
+    if "TILES_PER_SPLIT" in a:
+        return total, a["TILES_PER_SPLIT"] * a.get("RUNS_PER_PROGRAM", 1)
+    if "S_PER_SPLIT" in a:
+        return total, math.ceil(a["S_PER_SPLIT"] / block_s)
+    return total, 1
+
+
+def analyse(launch: Launch, target: Target, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+    """One report row: resources, occupancy, waves, instructions per element and the predicted time."""
+    from kernels.common import GPU, blocks_per_sm, wave_fill
+
+    c = launch.compiled
+    gpu = GPU(name=target.name, arch=target.arch, sms=target.sms, smem_per_sm=target.smem_per_sm)
+    per_sm = blocks_per_sm(c.n_regs, c.shared, c.num_warps, gpu)
+    slots = per_sm * target.sms
+    waves, fill = wave_fill(launch.programs, slots)
+    row = {
+        "gpu": target.name, "arch": f"sm_{target.arch}", "kernel": launch.kernel, "regs": c.n_regs,
+        "spill_bytes": c.local_bytes, "spill_instructions": c.spill_instructions, "smem": c.shared,
+        "warps": c.num_warps, "blocks_per_sm": per_sm, "programs": launch.programs, "waves": waves,
+        "last_wave_fill": round(fill, 3),
+    }  # fmt: skip
+    s = torch.finfo(dtype).bits // 8
+    per_element = _bytes_per_element(launch.kernel, launch.meta, s)
+    if per_element is None:
+        return row
+    moved, loaded = per_element
+    n = math.prod(shape)
+    total_tiles, longest = _work(launch, shape)
+    efficiency = total_tiles / (waves * slots * longest) if launch.programs >= slots else None
+    p = profile(c.sass)
+    threads = 32 * c.num_warps
+    per_thread = n / launch.programs / threads  # elements one thread handles in one program
+    runs = launch.args.get("RUNS_PER_PROGRAM", 1)
+    if p.loop_instructions is not None and p.loop_load_bytes:
+        per_iter = p.loop_load_bytes / loaded
+        iters = per_thread / per_iter
+        extra_runs = max(runs - 1, 0)  # the entry-to-exit path already holds one pass of the outer loop
+        instr = (
+            p.loop_instructions * iters + p.outer_instructions * extra_runs + p.path_instructions
+        ) / per_thread
+        mufu = (p.loop_mufu * iters + p.outer_mufu * extra_runs + p.path_mufu) / per_thread
+    else:
+        per_iter = None
+        instr, mufu = p.path_instructions / per_thread, p.path_mufu / per_thread
+    clock = target.clock_ghz * 1e9
+    t_bytes = moved * n / (target.bandwidth_gb_s * 1e9)
+    t_issue = instr * n / (ISSUE_PER_CLOCK_PER_SM * target.sms * clock)
+    t_mufu = mufu * n / (MUFU_PER_CLOCK_PER_SM * target.sms * clock)
+    bound = max(("bytes", t_bytes), ("issue", t_issue), ("mufu", t_mufu), key=lambda kv: kv[1])
+    # under one wave the grid cannot fill the GPU: the time is that of the longest program's share
+    eff = efficiency if efficiency is not None else total_tiles / (slots * longest)
+    return row | {
+        "grid_efficiency": round(eff, 3),
+        "loop_instructions": p.loop_instructions,
+        "elements_per_iteration": per_iter,
+        "instr_per_element": round(instr, 2),
+        "mufu_per_element": round(mufu, 3),
+        "bytes_per_element": moved,
+        "t_bytes_us": round(t_bytes * 1e6, 2),
+        "t_issue_us": round(t_issue * 1e6, 2),
+        "t_mufu_us": round(t_mufu * 1e6, 2),
+        "predicted_us": round(bound[1] / eff * 1e6, 2),
+        "bound": bound[0],
+    }
+
+
+def cases() -> list[dict[str, Any]]:
+    """The benchmark shapes (benchmarks/kernels.py), bf16, the ops as the benchmark calls them."""
+    from benchmarks.kernels import GROUP_NORM_SIZES, POSTERIOR_SIZES
+
+    out = [
+        dict(op="gaussian_sample_kl", size=label, layout="-", shape=shape) for label, shape in POSTERIOR_SIZES
+    ]
+    for label, shape, groups in GROUP_NORM_SIZES:
+        for layout in ("NCHW", "channels_last"):
+            out.append(dict(op="group_norm_silu", size=label, layout=layout, shape=shape, groups=groups))
+    return out
+
+
+def _run_case(case: dict, dtype: torch.dtype) -> None:
+    """Forward and backward of the op, on tensors whose memory is never touched (only shapes matter)."""
+    import kernels
+
+    shape = case["shape"]
+    if case["op"] == "gaussian_sample_kl":
+        mean, logvar = (torch.empty(shape, dtype=dtype).requires_grad_() for _ in range(2))
+        z, kl = kernels.gaussian_sample_kl(mean, logvar, impl="triton")
+        torch.autograd.backward((z, kl), (torch.empty_like(z), torch.empty_like(kl)))
+    else:
+        memory_format = torch.channels_last if case["layout"] == "channels_last" else torch.contiguous_format
+        x = torch.empty(shape, dtype=dtype, memory_format=memory_format).requires_grad_()
+        w, b = (torch.empty(shape[1], dtype=dtype).requires_grad_() for _ in range(2))
+        y = kernels.group_norm_silu(x, case["groups"], w, b, impl="triton")
+        y.backward(torch.empty_like(y))
+
+
+def static_rows(gpus: list[str], dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+    """Every kernel of every case compiled for each GPU's architecture, one row per launch."""
+    rows = []
+    for name in gpus:
+        target = TARGETS[name]
+        for case in cases():
+            with compile_only(target) as launches:
+                _run_case(case, dtype)
+            for launch in launches:
+                passes = "fwd" if "fwd" in launch.kernel or "stats" in launch.kernel else "bwd"
+                rows.append(
+                    {"op": case["op"], "size": case["size"], "layout": case["layout"], "pass": passes,
+                     "dtype": str(dtype).removeprefix("torch."), "shape": "x".join(map(str, case["shape"]))}
+                    | analyse(launch, target, case["shape"], dtype)
+                )  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CI check: every kernel compiles for every architecture without spills or NaN-dropping min/max
+
+_MINMAX = re.compile(r"\b(?:min|max)((?:\.[A-Za-z0-9]+)+)")
+_FLOAT_TYPES = {"f16", "bf16", "f32", "f64", "f16x2", "bf16x2"}
+
+
+def nan_dropping_minmax(ptx: str) -> int:
+    """Float min/max instructions without .NaN in PTX: they return the other operand when one is NaN."""
+    count = 0
+    for m in _MINMAX.finditer(ptx):
+        parts = m.group(1).split(".")[1:]
+        if parts and parts[-1] in _FLOAT_TYPES and "NaN" not in parts:
+            count += 1
+    return count
+
+
+def _check_case() -> None:
+    """Both ops forward and backward, every kernel once: channels_last bf16 GroupNorm+SiLU with fp32
+    weights, and the posterior with in-kernel noise and a learned prior."""
+    import kernels
+
+    x = torch.empty(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = torch.empty(64).requires_grad_(), torch.empty(64).requires_grad_()
+    kernels.group_norm_silu(x, 32, w, b, impl="triton").backward(torch.empty(2, 64, 40, 40, dtype=torch.bfloat16))
+    m, lv = (torch.empty(2, 4, 40, 40, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    z, kl = kernels.gaussian_sample_kl(m, lv, None, m.detach(), lv.detach(), impl="triton")
+    torch.autograd.backward((z, kl), (torch.empty_like(z), torch.empty_like(kl)))
+
+
+def compile_check(archs: tuple[int, ...] = (80, 90, 100)) -> list[dict[str, Any]]:
+    """One row per (architecture, kernel): registers, spills, shared memory, NaN-dropping min/max."""
+    by_arch = {80: "A100", 90: "H100", 100: "B200"}
+    rows = []
+    for arch in archs:
+        with compile_only(TARGETS[by_arch[arch]]) as launches:
+            _check_case()
+        seen = {}
+        for launch in launches:
+            c = launch.compiled
+            seen.setdefault(launch.kernel, {
+                "arch": f"sm_{arch}", "kernel": launch.kernel, "regs": c.n_regs, "spill_bytes": c.local_bytes,
+                "spill_instructions": c.spill_instructions, "smem": c.shared,
+                "nan_dropping_minmax": nan_dropping_minmax(c.ptx),
+            })  # fmt: skip
+        rows += seen.values()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`--check`: the compile check as JSON on stdout (for the test suite)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compile every kernel for sm_80/90/100, print JSON")
+    args = p.parse_args(argv)
+    if args.check:
+        print(json.dumps(compile_check()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
