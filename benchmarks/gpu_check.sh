@@ -1,59 +1,84 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (one device-tool call):
-#   1. nvidia-smi and the versions of python, torch, CUDA and triton;
-#   2. the machine's two ceilings: a 1 GiB device-to-device copy (GB/s, bytes read + written) and a bf16
-#      8192^3 matmul (TFLOP/s), medians of CUDA-event timings after warm-up, on random data;
-#   3. the gpu-marked tests: the kernels' first, stopping at the first failure (`pytest -m gpu -x -q`),
-#      then those of the whole suite (modules whose imports are missing on the GPU machine are reported
-#      and skipped, not fatal);
-#   4. the benchmark suite in GPU mode (`python -m benchmarks.run --full`): the training step (ours against
-#      diffusers' AutoencoderKL, eager and compiled, with each toggle), the kernels, the data loader and
-#      scaling, as one JSON + markdown.
-# Everything it prints is also written under $OUT (default benchmarks/results): env.txt, ceilings.json,
-# pytest-gpu-kernels.txt, pytest-gpu-all.txt, bench.log, <gpu>-<date>.json/.md (7 files: the device tool
-# brings back at most 8).
+# Everything that needs a GPU, in one command (one device-tool call), most important first, and under
+# 8 minutes on one H100/H200: BUDGET_S (default 450) seconds from the start, each step cut off at its cap
+# (seconds, below) or the time left, whichever comes first, so a slow step shortens the later ones and
+# never the call:
+#   1. nvidia-smi and the versions of python, torch, CUDA and triton
+#   2. the kernel tests on the GPU, stopping at the first failure (`pytest -m gpu -x`)              (200)
+#   3. the kernel benchmarks, measured, beside the static report's prediction for this GPU:
+#      `python -m benchmarks.kernels --quick --only <op>`, one op at a time                     (80, 100)
+#   4. where impl="auto" should switch to Triton: `python -m benchmarks.kernels --crossover`,
+#      fused against eager over sizes (kernels.AUTO_MIN_NUMEL is set from it)                        (60)
+#   5. the machine's two ceilings: a 1 GiB device-to-device copy (GB/s, bytes read + written) and
+#      a bf16 8192^3 matmul (TFLOP/s), medians of CUDA-event timings after warm-up                   (20)
+#   6. the other gpu-marked tests (modules whose imports are missing here are reported, not fatal)
+#   7. the rest of the benchmark suite (`python -m benchmarks.run`, BENCH_ARGS, default --quick
+#      without the kernels, already measured)
+# What it prints is also written under $OUT (default benchmarks/results): env.txt, pytest-gpu-kernels.txt,
+# kernels-*.json/.md, kernels-crossover-*.json/.md, ceilings.json, pytest-gpu-all.txt, bench.log and the
+# suite's <gpu>-<date>.json/.md.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
-#   BENCH_ARGS="--quick" ...                      # the shorter benchmark (default --full)
-#   BENCH_ARGS="--full --only train_step" ...     # one subject; SKIP_TESTS=1 skips step 3
+#   BUDGET_S=1200 BENCH_ARGS="--full" ...        # a longer session: the full suite at the end
+#   SKIP_TESTS=1 ...                              # benchmarks only
 #
 # Packages missing on the GPU machine (diffusers, for the comparison; webdataset and braceexpand, for the
 # data benchmark) are installed from wheels in .whl/ when that folder is there (carry it; see GPU.md).
 #
-# It exits non-zero if a test or the benchmark failed. It changes no clock, power or other card setting.
+# It exits non-zero if a test or a benchmark failed or ran out of time. It changes no clock, power or other
+# card setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 PY="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-450}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real kernels, not the interpreter
+START=$(date +%s)
 status=0
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
-echo "== 1. machine and versions"
-{
-  nvidia-smi
-  "$PY" - <<'EOF'
-import sys
+# step NAME MIN_SECONDS MAX_SECONDS FUNCTION: runs the function for at most MAX_SECONDS and the time left
+# (skipped when under MIN_SECONDS are left)
+step() {
+  local name=$1 min=$2 max=$3 fn=$4 t rc
+  t=$(left)
+  [ "$t" -gt "$max" ] && t=$max
+  if [ "$t" -lt "$min" ]; then
+    echo "== $name: skipped, ${t}s left of ${BUDGET_S}s"
+    status=1
+    return
+  fi
+  echo "== $name (at $(($(date +%s) - START))s, ${t}s left)"
+  timeout --signal=INT --kill-after=10 "$t" bash -c "$fn"
+  rc=$?
+  [ $rc -eq 124 ] && echo "== $name: out of time"
+  [ $rc -ne 0 ] && status=1
+}
 
-import torch
-import triton
+kernel_tests() {
+  "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
+    tests/test_kernels_gaussian.py tests/test_kernels_group_norm.py tests/test_kernels_model.py 2>&1 |
+    tee "$OUT/pytest-gpu-kernels.txt"
+  return "${PIPESTATUS[0]}"
+}
 
-print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}  "
-      f"triton {triton.__version__}")
-p = torch.cuda.get_device_properties(0)
-print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
-      f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
-EOF
-} 2>&1 | tee "$OUT/env.txt"
+kernel_bench() { # $1: the op; results in kernels-<gpu>-<op>.json/.md, with the static prediction beside
+  "$PY" -m benchmarks.kernels --quick --only "$1" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+posterior_bench() { kernel_bench gaussian_sample_kl; }
+group_norm_bench() { kernel_bench group_norm_silu; }
 
-echo "== 2. ceilings"
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/ceilings.json"
+crossover() {
+  "$PY" -m benchmarks.kernels --crossover --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+
+ceilings() {
+  "$PY" - <<'EOF' 2>&1 | tee "$OUT/ceilings.json"
 import json
 
 import torch
@@ -89,20 +114,57 @@ print(json.dumps({
     "bf16_matmul_8192_tflop_per_s": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
 }, indent=2))
 EOF
+  return "${PIPESTATUS[0]}"
+}
 
-echo "== 3. gpu tests"
-if [ -z "${SKIP_TESTS:-}" ]; then
-"$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
-  tests/test_kernels_gaussian.py tests/test_kernels_group_norm.py tests/test_kernels_model.py 2>&1 \
-  | tee "$OUT/pytest-gpu-kernels.txt" || status=1
-"$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 \
-  | tee "$OUT/pytest-gpu-all.txt" || status=1
+other_tests() {
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+    --ignore=tests/test_kernels_gaussian.py --ignore=tests/test_kernels_group_norm.py \
+    --ignore=tests/test_kernels_model.py 2>&1 | tee "$OUT/pytest-gpu-all.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+suite() {
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+  "$PY" -m benchmarks.run ${BENCH_ARGS:---quick} --only train_step,data,scaling --out "$OUT" 2>&1 |
+    tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+
+export PY OUT BENCH_ARGS
+export -f kernel_tests kernel_bench posterior_bench group_norm_bench crossover ceilings other_tests suite
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-echo "== 4. benchmark suite"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-"$PY" -m benchmarks.run ${BENCH_ARGS:---full} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "== 1. machine and versions"
+{
+  nvidia-smi
+  "$PY" - <<'EOF'
+import sys
 
-echo "== done (status $status): files under $OUT"
+import torch
+import triton
+
+print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}  "
+      f"triton {triton.__version__}")
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
+      f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+# the caps keep each step from starving the ones after it; together they fit the default budget
+[ -z "${SKIP_TESTS:-}" ] && step "2. kernel tests on the GPU" 60 200 kernel_tests
+step "3a. kernel benchmark: posterior" 30 80 posterior_bench
+step "3b. kernel benchmark: GroupNorm+SiLU" 30 100 group_norm_bench
+step "4. AUTO_MIN_NUMEL crossover" 30 60 crossover
+step "5. ceilings" 10 20 ceilings
+[ -z "${SKIP_TESTS:-}" ] && step "6. other gpu tests" 30 "$BUDGET_S" other_tests
+step "7. benchmark suite" 60 "$BUDGET_S" suite
+
+echo "== done (status $status) in $(($(date +%s) - START))s: files under $OUT"
 ls -l "$OUT"
 exit $status

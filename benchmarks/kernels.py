@@ -19,19 +19,26 @@ input sets so that small sizes do not run out of L2, and times with CUDA events.
 compile run, at small sizes: Triton timings need a GPU (the interpreter measures Python, not the kernel).
 
     python -m benchmarks.kernels [--quick] [--device cuda|cpu] [--out DIR]
+    python -m benchmarks.kernels --static [--baseline main] [--gpus A100,H100,H200,B200] [--out DIR]
+
+--static needs no GPU: every kernel at these shapes compiled for sm_80, sm_90 and sm_100 and read
+(registers, occupancy, waves, instructions per element, predicted time); see benchmarks/kernels_static.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import kernels
-from benchmarks.harness import environment, measure, result_row, write_results
+from benchmarks.harness import RESULTS_DIR, device_slug, environment, measure, result_row, write_results
 from kernels.gaussian import gaussian_sample_kl_reference
 from kernels.group_norm import group_norm_silu_reference
 
@@ -69,6 +76,8 @@ COLUMNS = [
     "peak_mb",
     "x_eager",
     "x_compile",
+    "predicted_ms",
+    "x_predicted",
 ]
 
 
@@ -270,8 +279,8 @@ def _rows(subject, label, layout, shape, dtype, results, moved, env) -> list[dic
 # Entry points
 
 
-def run(quick: bool = False, device: str | None = None) -> list[dict[str, Any]]:
-    """Benchmark both ops on the first GPU (bf16) or on this CPU (fp32, small sizes); returns result rows."""
+def run(quick: bool = False, device: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
+    """Benchmark both ops (or `only` one) on the first GPU (bf16) or on this CPU (fp32, small sizes)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -285,24 +294,142 @@ def run(quick: bool = False, device: str | None = None) -> list[dict[str, Any]]:
         repeats = 3 if quick else 7
     torch.manual_seed(0)
     env = environment(dev)
-    rows = bench_posterior(posterior, dtype, dev, repeats, env) + bench_group_norm(
-        group_norm, dtype, dev, repeats, env
-    )
+    rows = []
+    if only in (None, "gaussian_sample_kl"):
+        rows += bench_posterior(posterior, dtype, dev, repeats, env)
+    if only in (None, "group_norm_silu"):
+        rows += bench_group_norm(group_norm, dtype, dev, repeats, env)
     if gpu:
         copy = copy_bandwidth_gb_per_s(dev)
         for r in rows:
             r["copy_gb_per_s"], r["pct_of_copy"] = copy, 100 * r["gb_per_s"] / copy
+        attach_predictions(rows, env["device"])
+    return rows
+
+
+def attach_predictions(rows: list[dict], device: str, results: Path = RESULTS_DIR) -> None:
+    """Beside each Triton row, the static report's predicted time for this GPU (the newest
+    kernels-static-*.json): `predicted_ms` and `x_predicted` (measured / predicted). Nothing where none
+    matches."""
+    reports = sorted(results.glob("kernels-static-*.json"))
+    if not reports:
+        return
+    static = json.loads(reports[-1].read_text())
+    family = next((f for f in ("A100", "H100", "H200", "B200") if f in device), None)
+    predicted: dict[tuple, float] = {}
+    for r in static:
+        if family is None or family not in r["gpu"] or r.get("predicted_us") is None:
+            continue
+        for p in (r["pass"], "fwd+bwd"):
+            key = (r["op"], r["size"], r["layout"], p)
+            predicted[key] = predicted.get(key, 0.0) + r["predicted_us"] / 1e3
+    for r in rows:
+        key = (r["subject"].split()[0], r["size"], r["layout"], r["pass"])
+        if r["variant"] == "triton" and key in predicted:
+            r["predicted_ms"] = predicted[key]
+            r["x_predicted"] = r["median_ms"] / predicted[key]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Where impl="auto" should switch: fused against eager over sizes
+
+
+CROSSOVER_SHAPES = {
+    # (B, C, H, W), 16k to 16.8M elements, C and (NCHW) H * W >= 1024 fixed so the tiles stay the same
+    "group_norm_silu": [(1, 64, 16, 16), (1, 64, 16, 32)] + [(b, 64, 32, 32) for b in (1, 4, 16, 64, 256)],
+    "gaussian_sample_kl": [(b, 16, 32, 32) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)],
+}
+
+
+def _fwd_bwd(op: str, shape: tuple, layout: str, impl: str, dev: torch.device) -> Callable[[], Any]:
+    """One forward + backward of the op with `impl`, bf16, on inputs made once."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    dtype = torch.bfloat16
+    if op == "group_norm_silu":
+        x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+        w, b = (torch.randn(shape[1], device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+        grad_y = torch.randn_like(x)
+
+        def call():
+            return torch.autograd.grad(kernels.group_norm_silu(x, 32, w, b, impl=impl), (x, w, b), grad_y)
+
+        return call
+    m, lv = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad_z, grad_kl = torch.randn_like(m), torch.randn(shape[0], device=dev, dtype=dtype)
+
+    def call():
+        return torch.autograd.grad(kernels.gaussian_sample_kl(m, lv, impl=impl), (m, lv), (grad_z, grad_kl))
+
+    return call
+
+
+def crossover(device: str | None = None, repeats: int = 20) -> list[dict[str, Any]]:
+    """Fused (impl="triton") against eager (impl="torch") forward + backward, bf16, over sizes: the time of
+    one call with the host included (each call is timed alone, so a host slower than the GPU shows). The
+    last row per op and layout holds `crossover_numel`: the smallest size from which fused is faster at
+    every larger size measured, what kernels.AUTO_MIN_NUMEL should be."""
+    dev = torch.device(device or "cuda")
+    env = environment(dev)
+    rows = []
+    for op, shapes in CROSSOVER_SHAPES.items():
+        for layout in ("NCHW", "channels_last") if op == "group_norm_silu" else ("-",):
+            faster = []
+            for shape in shapes:
+                times = {
+                    impl: measure(
+                        _fwd_bwd(op, shape, layout, impl, dev), device=dev, warmup=3, repeats=repeats
+                    )
+                    for impl in ("torch", "triton")
+                }
+                n = math.prod(shape)
+                faster.append((n, times["triton"].median_ms <= times["torch"].median_ms))
+                rows.append(result_row(
+                    f"crossover {op}", "triton vs torch", times["triton"], env, layout=layout,
+                    shape="x".join(map(str, shape)), numel=n, eager_ms=times["torch"].median_ms,
+                    x_eager=times["torch"].median_ms / times["triton"].median_ms,
+                ))  # fmt: skip
+            rows[-1]["crossover_numel"] = next(
+                (n for i, (n, _) in enumerate(faster) if all(f for _, f in faster[i:])), None
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure on this machine's GPU (or CPU), or with --static write the compiled-kernel report."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:
+        from benchmarks import kernels_static
+
+        return kernels_static.main([a for a in argv if a != "--static"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 minutes on a CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--only", choices=("gaussian_sample_kl", "group_norm_silu"), help="one op")
+    p.add_argument("--crossover", action="store_true", help="fused against eager over sizes (GPU)")
     args = p.parse_args(argv)
-    rows = run(quick=args.quick, device=args.device)
-    name = f"kernels-{rows[0]['device'].split()[0].lower()}" if rows else "kernels"
+    if args.crossover:
+        if not torch.cuda.is_available():
+            p.error("--crossover needs a GPU: impl='auto' only picks Triton on CUDA")
+        rows = crossover(args.device)
+        name = f"kernels-crossover-{device_slug(rows[0]['device'])}"
+        columns = [
+            "subject",
+            "layout",
+            "shape",
+            "numel",
+            "eager_ms",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "x_eager",
+        ]
+        path = write_results(rows, name, columns + ["crossover_numel", "device", "commit"], args.out)
+        print(path.with_suffix(".md").read_text())
+        return 0
+    rows = run(quick=args.quick, device=args.device, only=args.only)
+    name = f"kernels-{device_slug(rows[0]['device'])}" if rows else "kernels"
+    name += f"-{args.only}" if args.only else ""
     path = write_results(rows, name, COLUMNS + ["device", "torch", "triton", "commit"], args.out)
     print(path.with_suffix(".md").read_text())
     if not any(r["variant"] == "triton" for r in rows):

@@ -243,8 +243,9 @@ class Instr:
 
     @property
     def load_bytes(self) -> int:
-        """Bytes a global load moves per thread; constant-table lookups (libdevice's) are not streams."""
-        if not self.op.startswith("LDG") or ".CONSTANT" in self.op:
+        """Bytes a global load moves per thread. Constant-table lookups (libdevice's) and L2-coherent reads
+        of partial sums (.STRONG) are not the streams a main loop reads."""
+        if not self.op.startswith("LDG") or ".CONSTANT" in self.op or ".STRONG" in self.op:
             return 0
         return next((_WIDTH[p] for p in self.op.split(".")[1:] if p in _WIDTH), 4)
 
@@ -262,14 +263,15 @@ def parse_sass(sass: str) -> tuple[list[Instr], dict[str, int]]:
             labels[m.group(1)] = len(instrs)
         elif m := _INSTR.match(line):
             text = m.group(2)
-            predicated = text.startswith("@")
-            words = text.split()[1:] if predicated else text.split()
+            predicated = text.startswith("@") and not text.startswith("@PT ")
+            words = text.split()[1:] if text.startswith("@") else text.split()
             if not words or words[0] == "NOP":
                 continue
-            target = _TARGET.search(text)
-            instrs.append(
-                Instr(words[0], predicated, target.group(1) if target and words[0] == "BRA" else None)
-            )
+            target = _TARGET.search(text) if words[0].startswith("BRA") else None
+            # sm_100's uniform branches take their predicate as an operand: BRA.U !UP0, `(.L_x_1)
+            if target and len(words) > 2 and re.fullmatch(r"!?U?P\d,", words[1]):
+                predicated = True
+            instrs.append(Instr(words[0], predicated, target.group(1) if target else None))
     return instrs, labels
 
 
@@ -340,20 +342,22 @@ def profile(sass: str) -> SassProfile:
         head = labels.get(ins.target) if ins.is_branch else None
         if head is not None and head <= i:
             loops.append((sum(x.load_bytes for x in instrs[head : i + 1]), head, i))
+    # (most load bytes first, then the longest body, for max())
+    loops = [(b, i - h, h, i) for b, h, i in loops]
     streaming = [lp for lp in loops if lp[0] > 0]
     # the main loop: of the loops that load and hold no other such loop, the one loading the most
     innermost = [
-        lp for lp in streaming if not any(o is not lp and lp[1] <= o[1] and o[2] <= lp[2] for o in streaming)
+        lp for lp in streaming if not any(o is not lp and lp[2] <= o[2] and o[3] <= lp[3] for o in streaming)
     ]
     main = max(innermost, default=None)
     path = _shortest(instrs, labels, blocks, 0, lambda b: instrs[b[1] - 1].op == "EXIT", need_store=True)
     loop = outer = None
     if main is not None:
-        _, head, back = main
+        _, _, head, back = main
         loop = _shortest(instrs, labels, blocks, head, lambda b: b[0] <= back < b[1])
-        around = [lp for lp in loops if lp[1] <= head and back <= lp[2] and lp is not main]
+        around = [lp for lp in loops if lp[2] <= head and back <= lp[3] and lp is not main]
         if around:
-            _, o_head, o_back = min(around, key=lambda lp: lp[2] - lp[1])
+            _, _, o_head, o_back = min(around, key=lambda lp: lp[1])
             outer = _shortest(instrs, labels, blocks, o_head, lambda b: b[0] <= o_back < b[1])
     return SassProfile(
         total=len(instrs),
@@ -369,6 +373,19 @@ def profile(sass: str) -> SassProfile:
 
 # --------------------------------------------------------------------------------------------------------
 # The report
+
+
+@functools.cache
+def current_common():
+    """This tree's kernels/common.py (occupancy rule, waves), also when `kernels` is an older version of the
+    package (the baseline run): loaded from its file, it imports nothing from the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kernels_common_current", ROOT / "kernels" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _bytes_per_element(kernel: str, meta: dict, s: int) -> tuple[int, int] | None:
@@ -405,18 +422,17 @@ def _work(launch: Launch, shape: tuple[int, ...]) -> tuple[int, int]:
 
 def analyse(launch: Launch, target: Target, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
     """One report row: resources, occupancy, waves, instructions per element and the predicted time."""
-    from kernels.common import GPU, blocks_per_sm, wave_fill
-
+    common = current_common()
     c = launch.compiled
-    gpu = GPU(name=target.name, arch=target.arch, sms=target.sms, smem_per_sm=target.smem_per_sm)
-    per_sm = blocks_per_sm(c.n_regs, c.shared, c.num_warps, gpu)
+    gpu = common.GPU(name=target.name, arch=target.arch, sms=target.sms, smem_per_sm=target.smem_per_sm)
+    per_sm = common.blocks_per_sm(c.n_regs, c.shared, c.num_warps, gpu)
     slots = per_sm * target.sms
-    waves, fill = wave_fill(launch.programs, slots)
+    waves, fill = common.wave_fill(launch.programs, slots)
     row = {
         "gpu": target.name, "arch": f"sm_{target.arch}", "kernel": launch.kernel, "regs": c.n_regs,
         "spill_bytes": c.local_bytes, "spill_instructions": c.spill_instructions, "smem": c.shared,
-        "warps": c.num_warps, "blocks_per_sm": per_sm, "programs": launch.programs, "waves": waves,
-        "last_wave_fill": round(fill, 3),
+        "warps": c.num_warps, "blocks_per_sm": per_sm, "slots": slots, "programs": launch.programs,
+        "waves": waves, "last_wave_fill": round(fill, 3),
     }  # fmt: skip
     s = torch.finfo(dtype).bits // 8
     per_element = _bytes_per_element(launch.kernel, launch.meta, s)
@@ -425,6 +441,7 @@ def analyse(launch: Launch, target: Target, shape: tuple[int, ...], dtype: torch
     moved, loaded = per_element
     n = math.prod(shape)
     total_tiles, longest = _work(launch, shape)
+    row["tiles"] = total_tiles
     efficiency = total_tiles / (waves * slots * longest) if launch.programs >= slots else None
     p = profile(c.sass)
     threads = 32 * c.num_warps
@@ -536,7 +553,9 @@ def _check_case() -> None:
     x = torch.empty(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w, b = torch.empty(64).requires_grad_(), torch.empty(64).requires_grad_()
-    kernels.group_norm_silu(x, 32, w, b, impl="triton").backward(torch.empty(2, 64, 40, 40, dtype=torch.bfloat16))
+    kernels.group_norm_silu(x, 32, w, b, impl="triton").backward(
+        torch.empty(2, 64, 40, 40, dtype=torch.bfloat16)
+    )
     m, lv = (torch.empty(2, 4, 40, 40, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     z, kl = kernels.gaussian_sample_kl(m, lv, None, m.detach(), lv.detach(), impl="triton")
     torch.autograd.backward((z, kl), (torch.empty_like(z), torch.empty_like(kl)))
@@ -561,15 +580,190 @@ def compile_check(archs: tuple[int, ...] = (80, 90, 100)) -> list[dict[str, Any]
     return rows
 
 
+# --------------------------------------------------------------------------------------------------------
+# Before and after, JSON and markdown
+
+KEY = ("gpu", "op", "size", "layout", "kernel")
+BEFORE = ("regs", "blocks_per_sm", "programs", "waves", "last_wave_fill", "instr_per_element", "predicted_us",
+          "tiles", "slots")  # fmt: skip
+COLUMNS = [
+    "gpu", "op", "size", "layout", "pass", "kernel", "regs", "spill_bytes", "smem", "blocks_per_sm",
+    "programs", "waves", "last_wave_fill", "before_last_wave_fill", "grid_efficiency", "instr_per_element",
+    "before_instr_per_element", "mufu_per_element", "t_bytes_us", "t_issue_us", "predicted_us",
+    "before_predicted_us", "bound",
+]  # fmt: skip
+
+
+def baseline_rows(rev: str, gpus: list[str]) -> list[dict[str, Any]]:
+    """static_rows for the kernels as they are at git revision `rev` (in a process that imports them)."""
+    import tarfile
+
+    archive = subprocess.run(["git", "archive", rev, "kernels"], cwd=ROOT, capture_output=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.kernels_static", "--rows", "--gpus", ",".join(gpus)],
+            cwd=tmp, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"baseline at {rev} failed:\n{out.stderr[-3000:]}")
+        payload = json.loads(out.stdout)
+    if not payload["kernels"].startswith(tmp):
+        raise RuntimeError(f"baseline imported {payload['kernels']}, not the kernels at {rev}")
+    return payload["rows"]
+
+
+def merge(rows: list[dict], before: list[dict]) -> list[dict]:
+    """rows with before_<field> from the baseline row of the same GPU, op, size, layout and kernel."""
+    old = {tuple(r[k] for k in KEY): r for r in before}
+    for r in rows:
+        b = old.get(tuple(r[k] for k in KEY), {})
+        r.update({f"before_{f}": b.get(f) for f in BEFORE})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _where(r: dict) -> str:
+    return f"{r['kernel'].strip('_')}, {r['size']}" + (f" {r['layout']}" if r["layout"] != "-" else "")
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Per GPU: the lowest last-wave fill among launches with at least one wave of tiles, and instructions
+    per element and predicted fwd + bwd time at the largest shapes, before and after."""
+    lines = []
+    for gpu in dict.fromkeys(r["gpu"] for r in rows):
+        mine = [r for r in rows if r["gpu"] == gpu and r.get("instr_per_element") is not None]
+        text = f"- **{gpu}**: "
+        for prefix, label in (("", "last wave at least"), ("before_", "before")):
+            full = [r for r in mine if r.get(prefix + "tiles") and r[prefix + "tiles"] >= r[prefix + "slots"]]
+            if full:
+                worst = min(full, key=lambda r: r[prefix + "last_wave_fill"])
+                text += f"{label} {worst[prefix + 'last_wave_fill']:.0%} full ({_where(worst)}); "
+        largest = {}
+        for r in mine:
+            key = (r["op"], r["layout"])
+            if (
+                key not in largest
+                or r["shape"] == largest[key][0]["shape"]
+                or _numel(r) > _numel(largest[key][0])
+            ):
+                largest[key] = [x for x in largest.get(key, []) if x["shape"] == r["shape"]] + [r]
+        parts = []
+        for (op, layout), rs in largest.items():
+            ipe = ", ".join(
+                f"{r['kernel'].strip('_')} {_fmt(r.get('before_instr_per_element'))} -> "
+                f"{_fmt(r['instr_per_element'])}"
+                for r in rs
+            )
+            now = sum(r["predicted_us"] for r in rs)
+            old = sum(r.get("before_predicted_us") or 0 for r in rs)
+            where = f"{op} {rs[0]['shape']}" + (f" {layout}" if layout != "-" else "")
+            parts.append(
+                f"{where}: predicted fwd+bwd {old:,.0f} -> {now:,.0f} us; instructions/element {ipe}"
+            )
+        lines.append(text.rstrip("; ") + ".")
+        lines += [f"  - {p}" for p in parts]
+    return lines
+
+
+def _numel(r: dict) -> int:
+    return math.prod(int(d) for d in r["shape"].split("x"))
+
+
+def _tool_release(tool: str) -> str:
+    out = subprocess.run([str(tools_dir() / tool), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def write_report(rows: list[dict], out_dir: Path | None, baseline: str | None) -> Path:
+    """benchmarks/results/kernels-static-<date>.json (every row) and .md (method, headline, tables)."""
+    import datetime
+
+    import triton
+
+    from benchmarks.harness import RESULTS_DIR, git_commit
+
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"kernels-static-{datetime.date.today().isoformat()}"
+    meta = {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "baseline": baseline,
+    }
+    meta["ptxas"] = {
+        arch: _tool_release(tool) for arch, tool in (("sm_80", "ptxas"), ("sm_90+", "ptxas-blackwell"))
+    }
+    for r in rows:
+        r.update(meta)
+    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        f"# {name}",
+        "",
+        f"Compiled without a GPU: triton {meta['triton']}, ptxas {meta['ptxas']['sm_80']} (sm_80) and "
+        f"{meta['ptxas']['sm_90+']} (sm_90, sm_100), commit {meta['commit']}; `before` is the kernels at "
+        f"{baseline}. bf16, the shapes of `python -m benchmarks.kernels`. Method: benchmarks/kernels_static.py",
+        "",
+        "| GPU | arch | SMs | bandwidth GB/s | clock GHz |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t.name} | sm_{t.arch} | {t.sms} | {t.bandwidth_gb_s:,.0f} | {t.clock_ghz} |"
+        for t in TARGETS.values()
+    ]
+    lines += ["", "## Headline", "", *headline(rows), ""]
+    for gpu in dict.fromkeys(r["gpu"] for r in rows):
+        lines += [f"## {gpu}", "", "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+        lines += [
+            "| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS[1:]) + " |" for r in rows if r["gpu"] == gpu
+        ]
+        lines.append("")
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    return out_dir / f"{name}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`--check`: the compile check as JSON on stdout (for the test suite)."""
+    """The static report (`python -m benchmarks.kernels --static` calls this); --check and --rows print JSON
+    for the test suite and for the baseline run."""
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", default=",".join(TARGETS), help=f"of {', '.join(TARGETS)}")
+    p.add_argument("--baseline", default=None, help="git revision whose kernels are `before` (e.g. main)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--check", action="store_true", help="compile every kernel for sm_80/90/100, print JSON")
+    p.add_argument("--rows", action="store_true", help="print the rows as JSON instead of writing the report")
     args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET"):
+        p.error("unset TRITON_INTERPRET: the static report compiles the kernels")
     if args.check:
         print(json.dumps(compile_check()))
+        return 0
+    gpus = args.gpus.split(",")
+    unknown = [g for g in gpus if g not in TARGETS]
+    if unknown:
+        p.error(f"unknown GPU {unknown[0]!r}; choose from {', '.join(TARGETS)}")
+    rows = static_rows(gpus)
+    if args.rows:
+        import kernels
+
+        print(json.dumps({"kernels": kernels.__file__, "rows": rows}))
+        return 0
+    if args.baseline:
+        rows = merge(rows, baseline_rows(args.baseline, gpus))
+    path = write_report(rows, args.out, args.baseline)
+    print(path.with_suffix(".md").read_text())
     return 0
 
 

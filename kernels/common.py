@@ -155,26 +155,33 @@ def blocks_per_sm(n_regs: int, shared_bytes: int, num_warps: int, gpu: GPU) -> i
     return max(1, min(by_regs, by_threads, by_smem, gpu.max_blocks_per_sm))
 
 
-_SLOTS: dict[tuple, int] = {}
+_BLOCKS_PER_SM: dict[tuple, int] = {}
 
 
-def slots(kernel, args: tuple, meta: dict, device: torch.device) -> int:
-    """How many programs of `kernel`, compiled for these arguments, run at once on `device`.
+def occupancy(kernel, args: tuple, meta: dict, device: torch.device) -> tuple[int, GPU | None]:
+    """(blocks per SM, GPU) of `kernel` compiled for these arguments on `device`; (1, None) on CPU tensors.
 
-    The first call per (kernel, GPU, compile-time arguments, dtypes) compiles the kernel (triton.warmup, which
-    fills the cache the launch then hits) and reads its registers and shared memory.
+    The first call per (kernel, GPU, compile-time arguments, dtypes) compiles the kernel (triton's warmup,
+    which fills the cache the launch then hits) and reads its registers and shared memory.
     """
     gpu = gpu_of(device)
     if gpu is None:
-        return INTERPRETER_SLOTS
+        return 1, None
     dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
     key = (kernel.fn.__name__, gpu, tuple(sorted(meta.items())), dtypes)
-    if key not in _SLOTS:
+    if key not in _BLOCKS_PER_SM:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         compiled._init_handles()
-        per_sm = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, gpu)
-        _SLOTS[key] = per_sm * gpu.sms
-    return _SLOTS[key]
+        n_regs, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+        _BLOCKS_PER_SM[key] = blocks_per_sm(n_regs, shared, warps, gpu)
+    return _BLOCKS_PER_SM[key], gpu
+
+
+def slots(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """How many programs of `kernel`, compiled for these arguments, run at once on `device` (SMs x blocks
+    per SM); INTERPRETER_SLOTS under the interpreter."""
+    per_sm, gpu = occupancy(kernel, args, meta, device)
+    return INTERPRETER_SLOTS if gpu is None else per_sm * gpu.sms
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,10 @@ from kernels.common import clamp_nan, tl, triton
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
-# Elements per tile: 1024 is 8 per thread with 4 warps (16-byte loads in bf16); a launch with too little work
-# to fill the GPU in whole tiles of 1024 takes smaller ones (the grid rule decides, see _grid). Each sample's
-# noise counters are laid out for the largest tile, so the noise does not depend on the tile size.
+# Elements per tile, 8 per thread (BLOCK // 256 warps; 16-byte loads in bf16): a launch with too little work
+# to fill the GPU in tiles of 1024 takes smaller ones (see _grid). Each sample's noise counters are laid out
+# for the largest tile, so the noise does not depend on the tile size.
 BLOCKS = (1024, 512, 256)
-NUM_WARPS = 4
 
 # --------------------------------------------------------------------------------------------------------
 # Eager reference (the specification)
@@ -431,25 +430,35 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _grid(kernel, args, meta: dict, device: torch.device, B: int, N: int) -> tuple[int, common.Grid]:
     """(tile size, grid) of `kernel` on `device`; args(block, grid) builds its arguments.
 
-    The grid rule of kernels/common.py for each tile size in BLOCKS, the cheapest in elements (ties to the
-    largest tile). Slots are counted for the largest tile, whose kernel holds the most registers: a smaller
-    tile's kernel fits at least as many blocks per SM.
+    Every tile size runs 8 elements per thread (BLOCK // 256 warps), so the cost of an element does not
+    depend on it: the grid rule of kernels/common.py for each size in BLOCKS, and the cheapest in elements
+    wins (ties to the largest). A smaller tile's blocks per SM are estimated from the largest's (fewer warps
+    with the same registers per thread), and counted for real once it is chosen.
     """
-    block = BLOCKS[0]
-    probe = common.Grid(1, triton.cdiv(N, block), 1, B)  # grid-derived arguments are not specialised on
-    slots = common.slots(kernel, args(block, probe), dict(meta, BLOCK=block), device)
+    largest = BLOCKS[0]
+
+    def occupancy(block: int):
+        probe = common.Grid(1, triton.cdiv(N, block), 1, B)  # grid-derived arguments are not specialised on
+        return common.occupancy(
+            kernel, args(block, probe), dict(meta, BLOCK=block, num_warps=block // 256), device
+        )
+
+    per_sm, gpu = occupancy(largest)
     best = None
     for block in BLOCKS:
+        if gpu is None:
+            slots = common.INTERPRETER_SLOTS
+        else:
+            slots = min(per_sm * largest // block, gpu.max_blocks_per_sm) * gpu.sms
         g = common.grid(B, triton.cdiv(N, block), slots)
-        waves = triton.cdiv(g.programs, slots)
-        cost = (
-            waves
-            * g.runs_per_program
-            * (g.tiles_per_split * block + common.PROGRAM_OVERHEAD_TILES * BLOCKS[0])
-        )
+        overhead = common.PROGRAM_OVERHEAD_TILES * largest
+        cost = triton.cdiv(g.programs, slots) * g.runs_per_program * (g.tiles_per_split * block + overhead)
         if best is None or cost < best[0]:
             best = (cost, block, g)
-    return best[1], best[2]
+    _, block, g = best
+    if block != largest and gpu is not None:
+        g = common.grid(B, triton.cdiv(N, block), occupancy(block)[0] * gpu.sms)
+    return block, g
 
 
 def _grid_args(block: int, g: common.Grid, B: int, N: int) -> tuple[int, ...]:
@@ -475,7 +484,6 @@ def _launch_forward(mean, logvar, eps, seed, prior_mean, prior_logvar):
         prior_mean, prior_logvar = _rows(prior_mean), _rows(prior_logvar)
     dummy = mean
     meta = dict(LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX, HAS_EPS=eps is not None, HAS_PRIOR=has_prior)
-    meta["num_warps"] = NUM_WARPS
 
     def args(block, g, partial=kl, count=kl):
         return (
@@ -493,7 +501,9 @@ def _launch_forward(mean, logvar, eps, seed, prior_mean, prior_logvar):
         count = torch.zeros(B, dtype=torch.int32, device=mean.device)
     else:
         partial = count = kl  # unused
-    _gaussian_fwd_kernel[(g.programs,)](*args(block, g, partial, count), **meta, BLOCK=block)
+    _gaussian_fwd_kernel[(g.programs,)](
+        *args(block, g, partial, count), **meta, BLOCK=block, num_warps=block // 256
+    )
     return z, kl
 
 
@@ -512,7 +522,6 @@ def _launch_backward(grad_z, grad_kl, mean, logvar, eps, seed, prior_mean, prior
         prior_mean, prior_logvar = _rows(prior_mean), _rows(prior_logvar)
     dummy = mean
     meta = dict(LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX, HAS_EPS=eps is not None, HAS_PRIOR=has_prior)
-    meta["num_warps"] = NUM_WARPS
 
     def args(block, g):
         return (
@@ -526,7 +535,7 @@ def _launch_backward(grad_z, grad_kl, mean, logvar, eps, seed, prior_mean, prior
         )  # fmt: skip
 
     block, g = _grid(_gaussian_bwd_kernel, args, meta, mean.device, B, N)
-    _gaussian_bwd_kernel[(g.programs,)](*args(block, g), **meta, BLOCK=block)
+    _gaussian_bwd_kernel[(g.programs,)](*args(block, g), **meta, BLOCK=block, num_warps=block // 256)
     return grads
 
 
