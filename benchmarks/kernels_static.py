@@ -713,7 +713,8 @@ def write_report(rows: list[dict], out_dir: Path | None, baseline: str | None) -
         "",
         f"Compiled without a GPU: triton {meta['triton']}, ptxas {meta['ptxas']['sm_80']} (sm_80) and "
         f"{meta['ptxas']['sm_90+']} (sm_90, sm_100), commit {meta['commit']}; `before` is the kernels at "
-        f"{baseline}. bf16, the shapes of `python -m benchmarks.kernels`. Method: benchmarks/kernels_static.py",
+        f"{baseline}. bf16, the shapes of `python -m benchmarks.kernels`; the method is in the docstring of",
+        "benchmarks/kernels_static.py.",
         "",
         "| GPU | arch | SMs | bandwidth GB/s | clock GHz |",
         "|---|---|---|---|---|",
