@@ -20,9 +20,22 @@ from kernels.group_norm import group_norm_silu_reference
 IMPLS = ("auto", "triton", "torch")
 HAS_TRITON = common.HAS_TRITON
 
-# Below these sizes (elements of mean / x), impl="auto" keeps the eager reference even on a GPU: a fused
-# GroupNorm is 3 + 3 launches against aten's ~2 + ~3 and launch overhead decides at small sizes. The fused
-# posterior replaces ~22 eager kernels with 2, so it wins at any size. Re-check with benchmarks/kernels.py.
+# Below these sizes (elements of mean / x), impl="auto" keeps the eager reference even on a GPU.
+#
+# The model: a forward + backward call costs t(n) = a + b * n, a the fixed cost (the host's dispatch of the
+# op and its launches, and each launch's latency on the GPU), b the bytes moved per element over the
+# bandwidth. Fused wins above n* = (a_fused - a_eager) / (b_eager - b_fused).
+# - GroupNorm+SiLU: fused is 3 + 3 launches and 8 s bytes per element (s bytes a value); eager (aten
+#   group_norm, silu and their backward) is about 4 + 5 launches and 13 s (channels_last adds a copy each
+#   way). On the GPU's side fused is cheaper at every n; what it adds is host time (a torch.library op and
+#   six Triton launches against aten's calls), which costs only while the GPU waits for the host, i.e. for
+#   tensors whose whole op takes a few microseconds. 2**16 elements (128 KiB in bf16, 0.04 us of H100
+#   bandwidth, under 1 us per kernel) is the size below which the kernels are all launch latency and the
+#   host decides; it is a model's estimate, not yet a measurement.
+# - The posterior replaces ~22 eager kernels with 2 and saves ~40 s bytes per element: fused at every n.
+# Where it is re-measured: `python -m benchmarks.kernels --crossover` (run by benchmarks/gpu_check.sh)
+# times both paths, host included, over 16k to 17M elements and writes
+# benchmarks/results/kernels-crossover-<gpu>.json with `crossover_numel`, the value these should take.
 AUTO_MIN_NUMEL = {"gaussian_sample_kl": 0, "group_norm_silu": 1 << 16}
 
 __all__ = ["IMPLS", "HAS_TRITON", "AUTO_MIN_NUMEL", "gaussian_sample_kl", "group_norm_silu", "auto_backend"]

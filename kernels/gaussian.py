@@ -12,7 +12,13 @@ The Triton path is one kernel each way:
   backward reads mean, logvar (, eps) (, prior), grad_z and grad_kl, writes grad_mean, grad_logvar
            (, grad_prior_mean, grad_prior_logvar).
 With eps=None, eps is drawn in the kernel from Philox with a seed taken from torch's generator, and the
-backward regenerates it from the same seed: only mean, logvar and the seed are kept for backward.
+backward regenerates it from the same seed: only mean, logvar and the seed are kept for backward. Each
+program walks runs of tiles of a sample, as many programs as the compiled kernel's occupancy fits in whole
+waves (kernels/common.py).
+
+NaN and Inf behave as in the reference: the clamps keep a NaN (a NaN logvar makes z and its sample's KL
+NaN; its gradient is 0, as torch.clamp gives outside its range), an infinite logvar is clamped, a NaN or
+Inf in mean or the prior reaches z, the KL and the gradients as the reference's arithmetic takes it.
 
 Bytes per latent element (s = bytes of the input dtype), with the count spelled out:
   eps=None,  N(0, I): forward 3 s (mean, logvar in; z out), backward 5 s (mean, logvar, grad_z in;

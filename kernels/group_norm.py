@@ -17,7 +17,12 @@ Bytes per element of x (s bytes each), the partial sums (B * splits * C floats) 
   forward 3 s (x read by stats, x read and y written by apply);
   backward 5 s (x, dy read by reduce; x, dy read and dx written by apply): 8 s in all.
 Variance: per-group sums of (x - shift) and (x - shift)^2 in fp32, shift being the group's first element,
-which keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std.
+which keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std. Its floor at zero keeps a NaN, so a NaN or
+an Inf anywhere in a group makes the whole group NaN (y and every gradient), as in the reference; a NaN or
+Inf weight or bias spoils its channel as the reference's arithmetic does.
+
+The streaming kernels' grids come from the compiled kernel's occupancy (kernels/common.py): programs walk
+runs of spatial tiles, as many as fill whole waves of the GPU.
 """
 
 from __future__ import annotations
