@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-import kernels
 from benchmarks.harness import RESULTS_DIR, device_slug, environment, measure, result_row, write_results
-from kernels.gaussian import gaussian_sample_kl_reference
-from kernels.group_norm import group_norm_silu_reference
+from vae_scale import kernels
+from vae_scale.kernels.gaussian import gaussian_sample_kl_reference
+from vae_scale.kernels.group_norm import group_norm_silu_reference
 
 # (label, shape) of the posterior's mean / logvar
 POSTERIOR_SIZES = [

@@ -179,7 +179,7 @@ def compile_only(target: Target):
     """
     import triton.runtime.jit as jit
 
-    import kernels
+    from vae_scale import kernels
 
     if not isinstance(kernels.gaussian._gaussian_fwd_kernel, jit.JITFunction):
         raise RuntimeError("compile_only needs the real triton JIT: run with TRITON_INTERPRET unset")
@@ -200,7 +200,7 @@ def compile_only(target: Target):
     with patches:
         _patch(patches, jit.JITFunction, "run", run)
         try:
-            from kernels import common
+            from vae_scale.kernels import common
         except ImportError:  # kernels from before the occupancy rule: grids of 4 programs per SM
             for module in (kernels.gaussian, kernels.group_norm):
                 _patch(patches, module, "_target_programs", lambda device: 4 * target.sms)
@@ -495,7 +495,7 @@ def cases() -> list[dict[str, Any]]:
 
 def _run_case(case: dict, dtype: torch.dtype) -> None:
     """Forward and backward of the op, on tensors whose memory is never touched (only shapes matter)."""
-    import kernels
+    from vae_scale import kernels
 
     shape = case["shape"]
     if case["op"] == "gaussian_sample_kl":
@@ -548,7 +548,7 @@ def nan_dropping_minmax(ptx: str) -> int:
 def _check_case() -> None:
     """Both ops forward and backward, every kernel once: channels_last bf16 GroupNorm+SiLU with fp32
     weights, and the posterior with in-kernel noise and a learned prior."""
-    import kernels
+    from vae_scale import kernels
 
     x = torch.empty(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -594,6 +594,19 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def use_kernels_from(folder: Path) -> None:
+    """Make `vae_scale.kernels` the `kernels/` package in `folder` (as a git revision had it; older trees
+    import it as the top-level `kernels`, so it is imported under that name and aliased)."""
+    import importlib
+
+    import vae_scale
+
+    sys.path.insert(0, str(folder))
+    module = importlib.import_module("kernels")
+    sys.modules["vae_scale.kernels"] = module
+    vae_scale.kernels = module
+
+
 def baseline_rows(rev: str, gpus: list[str]) -> list[dict[str, Any]]:
     """static_rows for the kernels as they are at git revision `rev` (in a process that imports them)."""
     import tarfile
@@ -604,7 +617,8 @@ def baseline_rows(rev: str, gpus: list[str]) -> list[dict[str, Any]]:
             tar.extractall(tmp, filter="data")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.kernels_static", "--rows", "--gpus", ",".join(gpus)],
+            [sys.executable, "-m", "benchmarks.kernels_static", "--rows", "--gpus", ",".join(gpus),
+             "--kernels-from", tmp],
             cwd=tmp, env=env, capture_output=True, text=True,
         )  # fmt: skip
         if out.returncode != 0:
@@ -745,7 +759,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--check", action="store_true", help="compile every kernel for sm_80/90/100, print JSON")
     p.add_argument("--rows", action="store_true", help="print the rows as JSON instead of writing the report")
+    p.add_argument("--kernels-from", default=None, help="a folder holding another `kernels/` to measure")
     args = p.parse_args(argv)
+    if args.kernels_from:  # the baseline: an older tree's kernels stand in for the installed ones
+        use_kernels_from(Path(args.kernels_from))
     if os.environ.get("TRITON_INTERPRET"):
         p.error("unset TRITON_INTERPRET: the static report compiles the kernels")
     if args.check:
@@ -757,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown GPU {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     rows = static_rows(gpus)
     if args.rows:
-        import kernels
+        from vae_scale import kernels
 
         print(json.dumps({"kernels": kernels.__file__, "rows": rows}))
         return 0

@@ -121,7 +121,7 @@ class Variant:
         return " ".join([self.model, *[f for f in flags if f]])
 
     def fields(self, device: torch.device) -> dict[str, Any]:
-        import kernels
+        from vae_scale import kernels
 
         backend = self.kernels if self.kernels != "auto" else kernels.auto_backend(device)
         return {

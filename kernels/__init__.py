@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels import common, gaussian, group_norm
-from kernels.gaussian import gaussian_sample_kl_reference
-from kernels.group_norm import group_norm_silu_reference
+from . import common, gaussian, group_norm
+from .gaussian import gaussian_sample_kl_reference
+from .group_norm import group_norm_silu_reference
 
 IMPLS = ("auto", "triton", "torch")
 HAS_TRITON = common.HAS_TRITON

@@ -34,8 +34,8 @@ import functools
 
 import torch
 
-from kernels import common
-from kernels.common import clamp_nan, tl, triton
+from . import common
+from .common import clamp_nan, tl, triton
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0

@@ -32,8 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import common
-from kernels.common import silu_parts, tl, triton
+from . import common
+from .common import silu_parts, tl, triton
 
 # Elements per tile of the streaming kernels (a (BLOCK_S, BLOCK_C) block) with 8 warps: 16 per thread in
 # the forward, 8 in the backward, which holds x, dy and two accumulators per element (16 would take 160-plus

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-import kernels
-from kernels import common, gaussian
-from kernels.gaussian import LOGVAR_MAX, LOGVAR_MIN, gaussian_sample_kl_reference
+from vae_scale import kernels
+from vae_scale.kernels import common, gaussian
+from vae_scale.kernels.gaussian import LOGVAR_MAX, LOGVAR_MIN, gaussian_sample_kl_reference
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 

@@ -8,9 +8,9 @@ Every buffer a kernel must fill starts as NaN, so an element it misses fails the
 import pytest
 import torch
 
-import kernels
-from kernels import common, group_norm
-from kernels.group_norm import group_norm_silu_reference
+from vae_scale import kernels
+from vae_scale.kernels import common, group_norm
+from vae_scale.kernels.group_norm import group_norm_silu_reference
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 

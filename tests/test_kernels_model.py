@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
+from vae_scale import kernels
 from vae_scale.config import ModelConfig
 from vae_scale.model import VAE, DiagonalGaussian, GroupNorm
 from vae_scale.parallel import apply_channels_last, to_channels_last

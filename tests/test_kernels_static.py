@@ -7,7 +7,7 @@ import random
 import pytest
 
 from benchmarks.kernels_static import nan_dropping_minmax, profile
-from kernels.common import GPU, blocks_per_sm, grid, wave_fill
+from vae_scale.kernels.common import GPU, blocks_per_sm, grid, wave_fill
 
 H100 = GPU(name="H100", arch=90, sms=132)
 A100 = GPU(name="A100", arch=80, sms=108, smem_per_sm=164 * 1024)

@@ -128,7 +128,7 @@ def info_main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="vae-scale info", description=info_main.__doc__).parse_args(argv)
     import torch
 
-    import kernels
+    from vae_scale import kernels
     from vae_scale.model import count_parameters
 
     print(f"python       {platform.python_version()} ({platform.machine()}, {platform.system()})")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from vae_scale import kernels
 from vae_scale.config import ModelConfig, load_config
 
 # --------------------------------------------------------------------------------------------------------

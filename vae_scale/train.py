@@ -365,7 +365,7 @@ class Trainer:
         self.ema = EMA(vae_names(self.vae), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
         self.loader = build_loader(cfg, acc.process_index, acc.num_processes)
-        import kernels
+        from vae_scale import kernels
 
         lines = preflight(
             cfg,
