@@ -113,3 +113,60 @@ def test_will_not_fit_stops_with_a_suggestion(monkeypatch):
             batches_per_epoch=1,
             fsdp=False,
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# What can fail at step N, found before step 1
+
+
+def _empty_tar(path):
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tarfile.open(path, "w").close()
+    return path
+
+
+def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
+    from vae_scale.preflight import problems_before_start
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login on this machine
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached VGG16 / Inception
+    empty_val = _empty_tar(tmp_path / "shards" / "val-000000.tar")
+    cfg = load_config(
+        "demo",
+        [
+            "eval.every=5",
+            f"data.val={empty_val}",
+            "log.wandb=online",
+            "loss.perceptual_weight=1",
+            "eval.metrics=[psnr,rfid]",
+            f"model.init_from={tmp_path / 'no-such-vae'}",
+        ],
+    )
+    problems = problems_before_start(cfg)
+    assert len(problems) == 5, problems
+    val, wandb, lpips, rfid, init = problems
+    assert "data.val" in val and "holds no samples" in val and "eval.every=0" in val
+    assert "log.wandb=online" in wandb and "WANDB_API_KEY" in wandb
+    assert "loss.lpips_path" in lpips
+    assert "rfid" in rfid and "--inception-path" in rfid
+    assert "model.init_from" in init and "no-such-vae" in init
+
+
+def test_nothing_is_named_when_everything_is_there(tmp_path, monkeypatch):
+    from support import write_photo_like_images
+
+    from vae_scale.preflight import problems_before_start
+    from vae_scale.shards import write_shards
+
+    write_photo_like_images(tmp_path / "photos", 8)
+    write_shards(str(tmp_path / "photos"), tmp_path / "shards", size=32, val_fraction=0.25, progress=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # checked on this machine only, never sent
+    cfg = load_config("demo", ["eval.every=5", f"data.val={tmp_path / 'shards'}", "log.wandb=online"])
+    assert problems_before_start(cfg) == []
+    # Without eval, an empty data.val is nobody's problem.
+    cfg = load_config("demo", ["eval.every=0", "data.val=", "log.wandb=disabled"])
+    assert problems_before_start(cfg) == []

@@ -226,8 +226,9 @@ class InceptionFeatures(nn.Module):
         return self.net(images, **self.kwargs).double().flatten(1)
 
 
-def load_inception(path: str = "") -> InceptionFeatures:
-    """The rFID feature extractor from `path` (or the torch hub cache), or MetricError; never downloads."""
+def find_inception(path: str = "") -> Path:
+    """The rFID feature extractor's file: `path` (a file, or a folder holding it), else the torch hub cache;
+    MetricError naming where it looked. Never downloads."""
     candidates = [Path(path).expanduser()] if path else []
     candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     files = [c / INCEPTION_FILE if c.is_dir() else c for c in candidates]
@@ -239,6 +240,12 @@ def load_inception(path: str = "") -> InceptionFeatures:
             f"{where}; looked in {', '.join(map(str, files))}. Use NVIDIA's {INCEPTION_FILE} (the one "
             f"StyleGAN2-ADA, StyleGAN3 and clean-fid use) and pass --inception-path FILE"
         )
+    return found
+
+
+def load_inception(path: str = "") -> InceptionFeatures:
+    """The rFID feature extractor from `path` (or the torch hub cache), or MetricError; never downloads."""
+    found = find_inception(path)
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated, but the FID network ships in it
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -16,11 +16,13 @@ The memory estimate counts, per process:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config
+from vae_scale.config import Config, ConfigError
 from vae_scale.model import VAE
 
 OVERHEAD = 1.10
@@ -196,3 +198,87 @@ def preflight(
                 f"{total / gib:.1f} GiB; try {', or '.join(hints)}"
             )
     return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# What can fail at step N, checked before step 1
+
+
+class NotReady(ConfigError):
+    """Something the run will need at some step is missing; the message lists every such thing."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "".join(f"\n  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) found before step 1:{lines}")
+
+
+def _val_problem(cfg: Config) -> str | None:
+    """data.val must hold at least one sample when in-loop evaluation is on (local shards are counted;
+    remote ones are read at the first evaluation)."""
+    from vae_scale.shards import DataError, count_samples, expand_shards
+
+    if not cfg.data.val:
+        return f"eval.every={cfg.eval.every} evaluates on data.val, which is empty (set it, or eval.every=0)"
+    try:
+        urls = expand_shards(cfg.data.val, "val")
+    except DataError as e:
+        return f"eval.every={cfg.eval.every}: data.val: {e}"
+    if count_samples(urls) == 0:
+        return (
+            f"eval.every={cfg.eval.every}: data.val={cfg.data.val} holds no samples ({len(urls)} empty "
+            "shards); write some with `vae-scale shards --val-fraction`, or set eval.every=0"
+        )
+    return None
+
+
+def _wandb_problem(cfg: Config) -> str | None:
+    """log.wandb=online needs W&B credentials on this machine (checked without the network)."""
+    if cfg.log.wandb != "online":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        return "log.wandb=online needs the wandb package (pip install wandb), or log.wandb=disabled"
+    mode = os.environ.pop("WANDB_MODE", None)  # log.wandb=online is what the run will use, whatever it says
+    try:
+        wandb.login(verify=False)
+    except Exception as e:  # wandb's UsageError: no key, and no terminal to ask for one
+        return (
+            f"log.wandb=online cannot log in to W&B ({e}): run `wandb login` or set WANDB_API_KEY, or use "
+            "log.wandb=offline (and `wandb sync` the run folder later)"
+        )
+    finally:
+        if mode is not None:
+            os.environ["WANDB_MODE"] = mode
+    return None
+
+
+def _weights_problems(cfg: Config) -> list[str]:
+    """Weight files the losses and the in-loop metrics need, found (not loaded) on local disk."""
+    from vae_scale.losses import LossConfigError, find_lpips_weights
+
+    problems = []
+    lpips_metric = cfg.eval.every and "lpips" in cfg.eval.metrics
+    if cfg.loss.perceptual_weight > 0 or lpips_metric:
+        try:
+            find_lpips_weights(cfg.loss)
+        except LossConfigError as e:
+            problems.append(str(e) if cfg.loss.perceptual_weight > 0 else f"eval.metrics has lpips: {e}")
+    if cfg.eval.every and "rfid" in cfg.eval.metrics:
+        from vae_scale.evaluate import MetricError, find_inception
+
+        try:
+            find_inception(cfg.eval.inception_path)
+        except MetricError as e:
+            problems.append(f"eval.metrics has rfid: {e}")
+    if cfg.model.init_from and not Path(cfg.model.init_from).expanduser().exists():
+        problems.append(f"model.init_from={cfg.model.init_from} does not exist")
+    return problems
+
+
+def problems_before_start(cfg: Config) -> list[str]:
+    """Everything a run needs later that is missing now: validation samples when eval is on, the W&B login
+    when online, LPIPS / Inception weights, the weights to start from. Empty when all is there."""
+    problems = [p for p in (_val_problem(cfg) if cfg.eval.every else None, _wandb_problem(cfg)) if p]
+    return problems + _weights_problems(cfg)

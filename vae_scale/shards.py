@@ -259,6 +259,13 @@ def shard_counts(urls: list[str], scan: bool) -> dict[str, float] | None:
     return counts
 
 
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in `urls` (index.json, else member names scanned); None when some are remote (not read)."""
+    if not all(_is_local(u) for u in urls):
+        return None
+    return int(sum((shard_counts(urls, scan=True) or {}).values()))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Reading shards: raw samples, with cheap problems counted
 
