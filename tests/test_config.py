@@ -93,3 +93,78 @@ def test_cli_usage_errors_exit_2_with_one_line(argv, named, capsys):
     err = capsys.readouterr().err.strip()
     assert named in err and "Traceback" not in err
     assert len(err.splitlines()) <= 2  # argparse prints its usage line before the error
+
+
+def _numeric_keys() -> list[tuple[str, type]]:
+    """Every int or float key of the tree (list items included, e.g. optim.betas), with its item type."""
+    import dataclasses
+    import typing
+
+    from vae_scale.config import Config
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            item = typing.get_args(args[0])[0] if typing.get_origin(args[0]) is list else args[0]
+            if item in (int, float):
+                keys.append((f"{section.name}.{f.name}", item))
+    return keys
+
+
+# Keys whose range has no lower end: a shift or mean, a log-scale.
+UNBOUNDED_BELOW = {"model.shift_factor", "model.latents_mean", "loss.logvar_init", "loss.log_scale_init"}
+
+
+def _override(key: str, value: str) -> str:
+    """`key=value`, written as a list where the key holds one (4 items for per-latent-channel keys)."""
+    list_keys = {
+        "model.block_out_channels": 1,
+        "optim.betas": 2,
+        "model.latents_mean": 4,
+        "model.latents_std": 4,
+    }
+    if key in list_keys:
+        value = "[" + ",".join([value] * list_keys[key]) + "]"
+    return f"{key}={value}"
+
+
+@pytest.mark.parametrize("key, item", _numeric_keys(), ids=lambda k: k if isinstance(k, str) else "")
+def test_every_numeric_key_has_a_range_and_errors_name_it(key, item, capsys):
+    assert len(_numeric_keys()) > 40  # the walk found the tree
+    values = ["-1000000000" if item is int else "-1.0e+9"]
+    if item is float:
+        values += [".inf", "-.inf", ".nan"]
+    for value in values:
+        override = _override(key, value)
+        if value.startswith("-1") and key in UNBOUNDED_BELOW:
+            load_config(None, [override])
+            continue
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert key in str(e.value), (override, str(e.value))
+        # Through the command line: exit 2 and one line naming the key, no traceback.
+        assert main(["config", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+        ("optim.weight_decay=-5", "optim.weight_decay must be >= 0"),
+        ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be > 0"),
+        ("log.images_every=-1", "log.images_every must be >= 0"),
+        ("train.time_budget_s=-10", "train.time_budget_s must be >= 0"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("train.rollback_lr_scale=2", "train.rollback_lr_scale must be <= 1"),
+        ("train.max_rollbacks=-1", "train.max_rollbacks must be >= 0"),
+    ],
+)
+def test_values_that_cannot_train_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("demo", [override])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -118,6 +119,15 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{key} has {len(v)} entries, model.latent_channels is {self.latent_channels}"
                 )
+        _check_range("model.norm_eps", self.norm_eps, low=0, low_open=True)
+        _check_range("model.scaling_factor", self.scaling_factor, low=0, low_open=True)
+        _check_positive("model.sample_size", self.sample_size)
+        if self.shift_factor is not None:
+            _check_range("model.shift_factor", self.shift_factor)
+        for v in self.latents_mean or []:
+            _check_range("model.latents_mean", v)
+        for v in self.latents_std or []:
+            _check_range("model.latents_std", v, low=0, low_open=True)
 
     @property
     def downsample_factor(self) -> int:
@@ -155,8 +165,7 @@ class DataConfig:
             _check_positive(f"data.{key}", getattr(self, key))
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ConfigError(f"data.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        _check_range("data.max_error_fraction", self.max_error_fraction, low=0, high=1)
         for key in ("shuffle_buffer", "batches_per_epoch"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
@@ -203,8 +212,9 @@ class LossConfig:
         _check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
         nonnegative = ("kl_weight", "kl_warmup_steps", "free_bits", "perceptual_weight", "disc_weight")
         for key in (*nonnegative, "disc_start", "disc_lr"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+            _check_range(f"loss.{key}", getattr(self, key), low=0)
+        for key in ("logvar_init", "log_scale_init"):
+            _check_range(f"loss.{key}", getattr(self, key))
         for key in ("disc_layers", "disc_channels"):
             _check_positive(f"loss.{key}", getattr(self, key))
 
@@ -233,8 +243,11 @@ class OptimConfig:
         _check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check_range("optim.ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        _check_range("optim.weight_decay", self.weight_decay, low=0)
+        _check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        _check_range("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        _check_range("optim.grad_clip", self.grad_clip, low=0)
 
 
 @dataclass
@@ -256,9 +269,11 @@ class TrainConfig:
     time_budget_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 is no limit."""
     max_consecutive_skips: int = 5
-    """Non-finite steps in a row before rolling back to the newest checkpoint."""
+    """Non-finite steps in a row before rolling back to the newest healthy checkpoint."""
     rollback_lr_scale: float = 0.5
-    """LR scale after a rollback; 0 stops the run instead."""
+    """LR scale after a rollback (multiplies the current one); 0 stops the run instead."""
+    max_rollbacks: int = 3
+    """Rollbacks in a row (no new healthy checkpoint in between) before the run stops; 0 never rolls back."""
     sample_posterior: bool = True
     """Decode a reparameterised sample (a VAE); false decodes the posterior mean (KL still applies)."""
     debug_nonfinite_step: int = -1
@@ -272,6 +287,13 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
         _check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
         _check_choice("train.reduce_dtype", self.reduce_dtype, ("fp32", "compute"))
+        _check_range("train.seed", self.seed, low=0)
+        _check_range("train.time_budget_s", self.time_budget_s, low=0)
+        _check_positive("train.max_consecutive_skips", self.max_consecutive_skips)
+        _check_range("train.rollback_lr_scale", self.rollback_lr_scale, low=0, high=1)
+        _check_range("train.max_rollbacks", self.max_rollbacks, low=0)
+        _check_range("train.debug_nonfinite_step", self.debug_nonfinite_step, low=-1)
+        _check_range("train.debug_nonfinite_rank", self.debug_nonfinite_rank, low=0)
 
 
 @dataclass
@@ -305,6 +327,7 @@ class LogConfig:
     def __post_init__(self):
         _check_choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
         _check_positive("log.every", self.every)
+        _check_range("log.images_every", self.images_every, low=0)
 
 
 @dataclass
@@ -361,8 +384,25 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+    _check_range(key, value, low=0, low_open=True)
+
+
+def _check_range(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise naming `key` unless `value` is finite and within [low, high] (an open end excludes it)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low:g}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high:g}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -445,6 +485,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key} expects an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan never mean anything a run can use
+                raise ConfigError(f"{key} must be a finite number, got {value}")
             return float(value)
         raise ConfigError(f"{key} expects a number, got {value!r}")
     if tp is str:
