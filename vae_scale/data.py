@@ -24,6 +24,12 @@ data within an epoch, and the stream is a pure function of the shards, the confi
 degenerate cases: a lane whose shards are all unreadable borrows from all shards, with a warning; a lane
 that finds no decodable image in a whole pass stops the run with DataError.)
 
+Signals. A cluster stops a job by signalling every process of it (SIGTERM, SIGUSR1; Ctrl-C and `timeout`
+signal the whole process group with SIGINT / SIGTERM): workers ignore those and leave them to the trainer,
+which finishes its step, saves and closes the loader. Workers are started with the stop signals blocked,
+so not even one sent while they start can kill them, and the main process receives any that arrived in
+that moment once they are started.
+
 Workers. The DataLoader (batch_size=None, pinned memory when CUDA is available, persistent workers,
 in_order) round-robins its workers, so the k-th batch of an iteration comes from worker k % W: worker w
 makes the global batches g0 + w, g0 + w + W, ..., g0 being where the iteration starts (the position, put
@@ -62,14 +68,18 @@ at the end; never run a collective per batch.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import heapq
 import io
 import logging
 import os
 import random
+import signal
+import weakref
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -362,6 +372,55 @@ class _TrainStream(IterableDataset):
             g += n
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""What ends a run cleanly: the trainer handles them; loader workers ignore them."""
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: the stop signals are the trainer's (workers start with them blocked)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def _stop_signals_blocked():
+    """Block the stop signals while workers are forked (they inherit the mask), deliver them afterwards."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """iter(loader), with workers that cannot be killed by a stop signal meant for the trainer."""
+    with _stop_signals_blocked():
+        it = iter(loader)
+    if hasattr(it, "_shutdown_workers"):
+        _live_iterators.add(it)
+    return it
+
+
+def _stop_workers(it: Any) -> None:
+    """Stop an iterator's workers now: asked to finish, then SIGKILL for one that does not (they ignore
+    SIGTERM, which is what DataLoader and multiprocessing send)."""
+    it._shutdown_workers()
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+@atexit.register  # runs before multiprocessing's own exit handler, which would wait on them forever
+def _stop_all_workers() -> None:
+    for it in list(_live_iterators):
+        _stop_workers(it)
+
+
 def _dataloader(dataset: IterableDataset, workers: int, persistent: bool, seed: int) -> DataLoader:
     return DataLoader(
         dataset,
@@ -371,6 +430,7 @@ def _dataloader(dataset: IterableDataset, workers: int, persistent: bool, seed: 
         persistent_workers=persistent and workers > 0,
         prefetch_factor=2 if workers else None,
         in_order=True,
+        worker_init_fn=_ignore_stop_signals if workers else None,
         # Its own generator: DataLoader would otherwise draw worker seeds from (and advance) the global RNG.
         generator=torch.Generator().manual_seed(seed),
     )
@@ -465,7 +525,7 @@ class TrainLoader:
         """From the position on: {"images": float32 (B, 3, R, R) in [-1, 1], "keys": ["shard#key", ...]}."""
         self._start[0] = self.epoch * self.batches_per_epoch + self.batch
         self._start[1:] = torch.tensor(self._cursors)
-        for item in self._loader:
+        for item in _iterate(self._loader):
             if "_error" in item:
                 raise DataError(f"data.train (rank {self.rank}): {item['_error']}")
             meta = item.pop("_meta")
@@ -542,7 +602,7 @@ class TrainLoader:
         """Stop the worker processes now rather than at garbage collection."""
         it = getattr(self._loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+            _stop_workers(it)
         self._loader._iterator = None
 
 
@@ -604,7 +664,7 @@ class ValLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._bad = _BadLog(self.cfg, f"data.val (rank {self.rank})")
-        for item in self._loader:
+        for item in _iterate(self._loader):
             self._bad.add(item.pop("_meta"))
             if item["count"]:
                 yield item
