@@ -18,31 +18,56 @@ previous checkpoint loadable. Inside one (the weights stored once):
                          sharded under FSDP, written once under DDP; it reshards on load, so a run may
                          resume on another number of processes or switch between DDP and FSDP
     random_states_<r>.pkl, scaler.pt   accelerate's RNG state of every rank, fp16 loss scale
-    trainer_state.json   step, samples seen, LR scale, skip counters, world size
+    trainer_state.json   step, samples seen, LR scale, skip counters, world size, whether it is healthy
     rank-<r>.json        each rank's data-loader position and bad-data counters
     config.yaml          the resolved config
+    manifest.json        size and CRC-32 of every other file in the folder, at any depth
 
 Checkpoints written before this layout (accelerate's save_state: model.safetensors, optimizer.bin, ...)
 still load.
+
+The manifest is written before the marker and checked before a checkpoint is used: a resume skips a
+damaged checkpoint (naming the file) for the previous intact one; the inference commands refuse it in one
+line. A checkpoint is *healthy* when no step since the previous checkpoint was skipped as non-finite;
+rollback only goes back to healthy ones, and rotation always keeps the newest healthy one.
+
+Checkpoints that the run will not continue from (newer than the one a run resumes or rolls back to, or all
+of them when a run starts fresh with checkpoint.resume=never) are moved, never deleted, to
+`checkpoints/set-aside-<time>/`. The run folder is locked while a run uses it (`run.lock`, see RunLock).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
+import time
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from vae_scale.outputs import OutputError
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+SET_ASIDE = "set-aside-"
+LOCK = "run.lock"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files do not match its manifest (or cannot be read); the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,6 +133,156 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         log.warning("checkpoints/latest names %s, which is not complete; scanning", candidate.name)
     found = complete_checkpoints(ckpt_dir)
     return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder was taken at, from its name."""
+    return int(Path(path).name[len(PREFIX) :])
+
+
+def is_healthy(path: Path) -> bool:
+    """Whether a checkpoint is marked healthy (no skipped step since the previous checkpoint)."""
+    try:
+        return bool(json.loads((Path(path) / "trainer_state.json").read_text()).get("healthy", True))
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifest: sizes and checksums of every file
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and CRC-32 of every file under `folder` (any depth) in its manifest.json."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in (MANIFEST, MARKER):
+            files[rel] = {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+    write_atomic(folder / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+
+
+_unverified: set[Path] = set()  # checkpoints without a manifest, warned about once
+
+
+def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> None:
+    """Check a checkpoint's files (all, or the named ones that it lists) against its manifest.
+
+    DamagedCheckpoint names the first file that is missing, has another size, or another checksum. A
+    checkpoint without a manifest is accepted unchecked (a warning says so).
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        if folder.resolve() not in _unverified:
+            _unverified.add(folder.resolve())
+            log.warning("%s has no %s: its files are not verified", folder, MANIFEST)
+        return
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpoint(f"{folder}: {MANIFEST} cannot be read ({type(e).__name__})") from None
+    names = sorted(listed) if files is None else [f for f in files if f in listed]
+    for name in names:
+        p, want = folder / name, listed[name]
+        if not p.is_file():
+            raise DamagedCheckpoint(f"{folder}: {name} is missing")
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise DamagedCheckpoint(
+                f"{folder}: {name} has {size} bytes, its manifest says {want['bytes']} "
+                "(truncated or replaced)"
+            )
+        if _crc32(p) != want["crc32"]:
+            raise DamagedCheckpoint(f"{folder}: {name} does not match its checksum (the file is corrupted)")
+
+
+def _earlier(ckpt: Path) -> str:
+    older = [p for p in complete_checkpoints(Path(ckpt).parent) if p.name < Path(ckpt).name]
+    return f"; the previous complete checkpoint is {older[-1]}" if older else ""
+
+
+def read_checkpoint_file(ckpt: Path, name: str) -> dict[str, torch.Tensor] | str:
+    """A .safetensors file (its tensors) or a text file of a checkpoint, checked against its manifest first.
+
+    DamagedCheckpoint names the file (and the previous complete checkpoint) when it does not match or
+    cannot be read.
+    """
+    ckpt = Path(ckpt)
+    try:
+        verify_checkpoint(ckpt, [name])
+        if name.endswith(".safetensors"):
+            return load_file(ckpt / name)
+        return (ckpt / name).read_text()
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"{e}{_earlier(ckpt)}") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # no manifest to tell, and the reader fails (SafetensorError, bad bytes)
+        raise DamagedCheckpoint(f"{ckpt / name} cannot be read ({e}){_earlier(ckpt)}") from None
+
+
+def checkpoints_newest_first(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first; the one `latest` names leads."""
+    found = complete_checkpoints(ckpt_dir)[::-1]
+    pointer = Path(ckpt_dir) / LATEST
+    if pointer.is_file():
+        named = Path(ckpt_dir) / pointer.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def newest_intact(run_dir: Path, healthy_only: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint of a run folder that passes verification (and is healthy, if asked),
+    with the damaged ones passed over on the way as (path, why)."""
+    damaged = []
+    for p in checkpoints_newest_first(Path(run_dir) / "checkpoints"):
+        if healthy_only and not is_healthy(p):
+            continue
+        try:
+            verify_checkpoint(p)
+        except DamagedCheckpoint as e:
+            damaged.append((p, str(e)))
+            continue
+        return p, damaged
+    return None, damaged
+
+
+def set_aside(ckpt_dir: Path, keep: Path | None) -> tuple[list[str], Path | None]:
+    """Move the complete checkpoints newer than `keep` out of the way, to checkpoints/set-aside-<time>/, and
+    point `latest` at `keep`. All of them move when `keep` is None or another run's checkpoint. Returns the
+    names moved and where to."""
+    ckpt_dir = Path(ckpt_dir)
+    ours = keep is not None and keep.resolve().parent == ckpt_dir.resolve()
+    found = complete_checkpoints(ckpt_dir)
+    moved = [p for p in found if checkpoint_step(p) > checkpoint_step(keep)] if ours else found
+    dest = None
+    if moved:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = ckpt_dir / f"{SET_ASIDE}{stamp}", 1
+        while dest.exists():
+            dest, n = ckpt_dir / f"{SET_ASIDE}{stamp}-{n}", n + 1
+        dest.mkdir()
+        for p in moved:
+            os.replace(p, dest / p.name)
+        _fsync_dir(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if ours:
+        write_atomic(pointer, keep.name + "\n")
+    elif pointer.exists():
+        pointer.unlink()
+    return [p.name for p in moved], dest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -183,6 +358,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         if acc.is_main_process:
             _fsync_tree(tmp)
+            write_manifest(tmp)
             write_atomic(tmp / MARKER, f"{step}\n")
             if final.exists():  # the same step saved again (after a rollback): replace it
                 shutil.rmtree(final)
@@ -195,8 +371,66 @@ class CheckpointManager:
 
     def _rotate(self, keep_name: str) -> None:
         found = [p for p in complete_checkpoints(self.dir) if p.name != keep_name]
+        if not is_healthy(self.dir / keep_name):  # rollback needs one healthy checkpoint to go back to
+            healthy = [p for p in found if is_healthy(p)]
+            found = [p for p in found if not healthy or p != healthy[-1]]
         for old in found[: max(0, len(found) + 1 - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def select(self, resume: str, healthy_only: bool = False) -> Path | None:
+        """The checkpoint to continue from, agreed on every rank; newer ones of this run are set aside.
+
+        resume: "auto" (the newest intact checkpoint of this run, passing over damaged ones with a warning
+        that names them), "never" (none: every existing checkpoint is set aside), or a checkpoint or run
+        folder. healthy_only: only healthy checkpoints (rollback). DamagedCheckpoint, on every rank, when
+        the named checkpoint is damaged or every candidate is. The main process verifies and moves; the
+        choice is broadcast.
+        """
+        acc = self.acc
+        choice: list[str | None] = [None, None]  # (path, error)
+        if acc.is_main_process:
+            try:
+                path = self._select(resume, healthy_only)
+                choice = [None if path is None else str(path), None]
+            except DamagedCheckpoint as e:
+                choice = [None, str(e)]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice)
+        if choice[1] is not None:
+            raise DamagedCheckpoint(choice[1])
+        return None if choice[0] is None else Path(choice[0])
+
+    def _select(self, resume: str, healthy_only: bool) -> Path | None:
+        path, damaged = None, []
+        if resume == "auto":
+            path, damaged = newest_intact(self.run_dir, healthy_only)
+        elif resume != "never":
+            given = Path(resume)
+            if is_complete(given):
+                verify_checkpoint(given)
+                path = given
+            else:
+                path, damaged = newest_intact(given, healthy_only)
+        for _, why in damaged:
+            log.warning("skipping a damaged checkpoint: %s", why)
+        if damaged and path is None and not healthy_only:
+            raise DamagedCheckpoint(
+                f"no intact checkpoint to resume from ({len(damaged)} damaged, the newest: {damaged[0][1]}); "
+                "move them away or give checkpoint.resume=never to start afresh"
+            )
+        moved, dest = set_aside(self.dir, path)
+        if moved:
+            if resume == "never":
+                why = "checkpoint.resume=never starts afresh"
+            elif path is None:
+                why = "no healthy checkpoint"
+            else:
+                why = f"continuing from {path}"
+            names = ", ".join(moved)
+            log.warning("%s: moved %d checkpoint(s) (%s) to %s, not deleted", why, len(moved), names, dest)
+        return path
 
     def load(
         self,
@@ -269,3 +503,106 @@ def _load_legacy_optimizers(
     for (_, opt), file in zip(optimizers.values(), ("optimizer.bin", "optimizer_1.bin")):
         if (path / file).is_file():
             opt.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run folder's lock
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by the main process for the run's life.
+
+    `run.lock` carries a POSIX record lock (fcntl), which the kernel (or the NFS lock manager) releases when
+    the holding process dies, so a lock left by a killed run is stale by construction, and forked children
+    (data-loader workers) never hold it. The file also names the holder (host, pid, start time, command)
+    for the message a second run gets. A requeued SLURM job (same SLURM_JOB_ID as the holder's) waits up to
+    `requeue_wait_s` for its previous incarnation's lock to be released (a dead node's lock lease).
+    """
+
+    def __init__(self, run_dir: str | Path, requeue_wait_s: float = 120.0):
+        self.path = Path(run_dir) / LOCK
+        self.requeue_wait_s = requeue_wait_s
+        self.fd: int | None = None
+
+    @staticmethod
+    def _holder(fd: int) -> dict[str, Any]:
+        # Read through our descriptor: opening and closing another one would drop a POSIX lock we hold.
+        try:
+            holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        except ValueError:  # a holder killed while writing it
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise OutputError naming the holder's host and pid."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputError(f"run.dir {self.path.parent} is not writable ({e.strerror})") from None
+        start = time.time()
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._without_locks(fd)
+                    break
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+            holder = self._holder(fd)  # held by a live process
+            job = os.environ.get("SLURM_JOB_ID")
+            if job and holder.get("slurm_job_id") == job and time.time() - start < self.requeue_wait_s:
+                time.sleep(1.0)
+                continue
+            os.close(fd)
+            raise self._in_use(holder)
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def _in_use(self, holder: dict[str, Any]) -> OutputError:
+        return OutputError(
+            f"run.dir {self.path.parent} is in use by another run: pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')} (since {holder.get('started', '?')}); stop that run or give another "
+            "run.dir"
+        )
+
+    def _without_locks(self, fd: int) -> None:
+        """A file system without locks: refuse a live holder on this host, warn that others go unseen."""
+        holder = self._holder(fd)
+        if holder.get("host") == socket.gethostname() and holder.get("pid") not in (None, os.getpid()):
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                pass  # a dead holder's leftover file
+            except PermissionError:  # alive, someone else's
+                holder["alive"] = True
+            else:
+                holder["alive"] = True
+            if holder.get("alive"):
+                os.close(fd)
+                raise self._in_use(holder)
+        log.warning(
+            "%s: the file system has no locks; a second run on this folder from another host would go unseen",
+            self.path,
+        )
+
+    def release(self) -> None:
+        """Give the lock up (emptying the holder's info first); also happens when the process ends."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from vae_scale.config import ConfigError, load_config, preset_names
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 # command -> (module:function, one-line help). Modules are imported only when their command runs, so
 # `vae-scale info` or `config` start fast and need nothing beyond the core.
@@ -52,6 +53,8 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
         ("vae_scale.diffusers_io", "DiffusersFormatError"),
         ("vae_scale.shards", "DataError"),
         ("vae_scale.commands", "InputError"),
+        ("vae_scale.outputs", "OutputError"),
+        ("vae_scale.checkpoint", "DamagedCheckpoint"),
     ):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(_resolve(COMMANDS[command][0])(rest) or 0)
     except SystemExit as e:  # argparse exits 2 on bad flags after printing its one-line usage error
         return e.code if isinstance(e.code, int) else USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C where nothing handles it (training saves and returns instead)
+        print(f"vae-scale {command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:
         if isinstance(e, _usage_errors()):
             print(f"vae-scale {command}: error: {e}", file=sys.stderr)

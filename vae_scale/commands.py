@@ -86,7 +86,7 @@ def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = Fals
     """
     import yaml
 
-    from vae_scale.checkpoint import is_complete, resolve_checkpoint
+    from vae_scale.checkpoint import is_complete, read_checkpoint_file, resolve_checkpoint
     from vae_scale.model import VAE
 
     flag = "--run" if run else "--ckpt"
@@ -104,14 +104,22 @@ def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = Fals
         checkpoint = resolve_checkpoint(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{flag} {e}") from None
-    cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
     try:
-        vae = VAE.from_checkpoint(checkpoint, ema=ema)
+        vae = VAE.from_checkpoint(checkpoint, ema=ema)  # checks its files against the manifest
     except FileNotFoundError as e:
         raise InputError(f"--ema: {e}" if ema else str(e)) from None
-    state = checkpoint / "trainer_state.json"
-    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    step = None
+    if (checkpoint / "trainer_state.json").is_file():
+        step = json.loads(read_checkpoint_file(checkpoint, "trainer_state.json")).get("step")
     return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint)
+
+
+def check_resolution(vae, resolution: int, flag: str) -> None:
+    """InputError naming `flag` unless `resolution` is a positive multiple of the model's downsampling."""
+    f = vae.downsample_factor
+    if resolution <= 0 or resolution % f:
+        raise InputError(f"{flag}={resolution} is not a positive multiple of the model's downsampling {f}")
 
 
 def iter_batches(

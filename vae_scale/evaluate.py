@@ -57,6 +57,7 @@ from vae_scale.commands import (
     LoadedModel,
     add_model_args,
     add_tiling_args,
+    check_resolution,
     iter_batches,
     load_model,
     processes,
@@ -64,6 +65,7 @@ from vae_scale.commands import (
     tiling_from_args,
 )
 from vae_scale.config import Config, EvalConfig, LossConfig
+from vae_scale.outputs import check_writable_file
 
 log = logging.getLogger(__name__)
 
@@ -550,8 +552,7 @@ def load_criterion(loaded: LoadedModel):
     """
     import dataclasses
 
-    from safetensors.torch import load_file
-
+    from vae_scale.checkpoint import read_checkpoint_file
     from vae_scale.losses import VAELoss
 
     cfg = loaded.config.loss
@@ -566,9 +567,9 @@ def load_criterion(loaded: LoadedModel):
     ckpt = loaded.checkpoint
     value = None
     if ckpt is not None and (ckpt / "loss.safetensors").is_file():
-        value = load_file(ckpt / "loss.safetensors").get(name)
+        value = read_checkpoint_file(ckpt, "loss.safetensors").get(name)
     if value is None and ckpt is not None and (ckpt / "model.safetensors").is_file():
-        value = load_file(ckpt / "model.safetensors").get("loss_params.0")
+        value = read_checkpoint_file(ckpt, "model.safetensors").get("loss_params.0")
     if value is not None and value.numel() == param.numel():
         value = value.reshape(param.shape)  # the Gaussian logvar was once saved 0-dim
     if value is None or value.shape != param.shape:
@@ -648,7 +649,8 @@ def eval_main(argv: list[str]) -> int:
         "eval.metrics, plus lpips / rfid when their weights are given)",
     )
     p.add_argument("--iw", type=int, default=None, help="importance samples for bpd_iw (default eval.iw)")
-    p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument("--out", help="write the results as JSON to this new file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
         "--shape",
         default="square",
@@ -671,6 +673,8 @@ def eval_main(argv: list[str]) -> int:
         if (getattr(args, flag) or 0) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.out:  # before the evaluation, not after it
+        check_writable_file(args.out, "--out", overwrite=args.overwrite)
 
     loaded = load_model(args.run, args.ckpt, args.ema)
     cfg = loaded.config
@@ -712,6 +716,7 @@ def eval_main(argv: list[str]) -> int:
             world=procs.world,
         )
     else:
+        check_resolution(vae, resolution, "--resolution")
         batches = iter_batches(
             data,
             split=args.split,

@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
 from vae_scale.config import ConfigError, load_config
 from vae_scale.evaluate import key_noise
+from vae_scale.outputs import check_writable_dir, check_writable_file
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,15 @@ def export_main(argv: list[str]) -> int:
         p.error("--n must be > 0")
     if args.measure_latents and args.no_stats:
         p.error("--measure-latents and --no-stats contradict each other")
+    out = Path(args.out)
+    if args.format == "diffusers":
+        if out.suffix == ".safetensors" or out.is_file():
+            raise ExportError(f"--out {out}: --format diffusers writes a folder")
+        check_writable_dir(out, "--out")
+    elif out.suffix == ".safetensors":
+        check_writable_file(out, "--out")
+    else:
+        check_writable_dir(out, "--out")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_model(args.run, args.ckpt, args.ema)
     cfg, vae = loaded.config, loaded.vae
@@ -360,10 +370,7 @@ def export_main(argv: list[str]) -> int:
         measured = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
         config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
 
-    out = Path(args.out)
     if args.format == "diffusers":
-        if out.suffix == ".safetensors" or out.is_file():
-            raise ExportError(f"--out {out}: --format diffusers writes a folder")
         save_diffusers(vae, out, config)
         if stats is not None:
             (out / "latent_statistics.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -35,12 +35,14 @@ from vae_scale.commands import (
     InputError,
     add_model_args,
     add_tiling_args,
+    check_resolution,
     load_model,
     processes,
     tiling_from_args,
 )
 from vae_scale.evaluate import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
+from vae_scale.outputs import check_writable_dir, check_writable_file
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,10 @@ def sample_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.n <= 0 or args.temperature < 0 or args.batch_size <= 0:
         p.error("--n and --batch-size must be > 0, --temperature >= 0")
+    check_writable_file(args.out, "--out")
     loaded = load_model(args.run, args.ckpt, args.ema)
     resolution = args.resolution or loaded.config.data.resolution
-    _check_resolution(loaded.vae, resolution, "--resolution")
+    check_resolution(loaded.vae, resolution, "--resolution")
     device = processes().device
     images = sample_images(
         loaded.vae.to(device), args.n, resolution, args.temperature, args.seed, args.batch_size, device
@@ -102,12 +105,6 @@ def sample_main(argv: list[str]) -> int:
     save_png(image_grid([images[i : i + nrow] for i in range(0, args.n, nrow)]), out)
     print(f"wrote {out}: {args.n} samples at {resolution} px, temperature {args.temperature:g}")
     return 0
-
-
-def _check_resolution(vae, resolution: int, flag: str) -> None:
-    f = vae.downsample_factor
-    if resolution <= 0 or resolution % f:
-        raise InputError(f"{flag}={resolution} is not a positive multiple of the model's downsampling {f}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -175,10 +172,11 @@ def reconstruct_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     add_tiling_args(p)
     args = p.parse_args(argv)
+    check_writable_dir(args.out, "--out")
     loaded = load_model(args.run, args.ckpt, args.ema)
     vae = loaded.vae
     if args.resolution:
-        _check_resolution(vae, args.resolution, "--resolution")
+        check_resolution(vae, args.resolution, "--resolution")
     tiling = tiling_from_args(args, vae)
     files = _image_files(args.images)
     device = processes().device
@@ -383,13 +381,14 @@ def encode_main(argv: list[str]) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
         p.error("--prefix may hold letters, digits, '_' and '.' only")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    check_writable_dir(args.out, "--out")
     loaded = load_model(args.run, args.ckpt, args.ema)
     cfg, vae = loaded.config, loaded.vae
     data = args.data or cfg.data.train
     if not data:
         raise InputError(f"--data is needed: {loaded.source} has no data.train")
     resolution = args.resolution or cfg.data.resolution
-    _check_resolution(vae, resolution, "--resolution")
+    check_resolution(vae, resolution, "--resolution")
     tiling = tiling_from_args(args, vae)
 
     procs = processes()

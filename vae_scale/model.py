@@ -375,20 +375,21 @@ class VAE(nn.Module):
         import dataclasses
 
         import yaml
-        from safetensors.torch import load_file
 
-        from vae_scale.checkpoint import resolve_checkpoint
+        from vae_scale.checkpoint import read_checkpoint_file, resolve_checkpoint
         from vae_scale.config import config_from_dict
 
         ckpt = resolve_checkpoint(path)
-        cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).model
         weights = ckpt / ("ema.safetensors" if ema else "vae.safetensors")
         if not weights.is_file():
             raise FileNotFoundError(
                 f"{ckpt}: no {weights.name}" + (" (optim.ema_decay was 0)" if ema else "")
             )
+        # Both files checked against the checkpoint's manifest: DamagedCheckpoint names a damaged one.
+        cfg = config_from_dict(yaml.safe_load(read_checkpoint_file(ckpt, "config.yaml"))).model
+        state = read_checkpoint_file(ckpt, weights.name)
         vae = cls(dataclasses.replace(cfg, **config_overrides))
-        vae.load_state_dict(load_file(weights))
+        vae.load_state_dict(state)
         return vae
 
     def save_diffusers(self, path: str | Path) -> None:

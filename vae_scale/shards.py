@@ -48,6 +48,8 @@ from braceexpand import braceexpand
 from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from vae_scale.outputs import check_writable_dir
+
 # webdataset re-exports the function gopen under the module's name; the scheme table needs the module.
 wds_gopen = importlib.import_module("webdataset.gopen")
 
@@ -817,6 +819,7 @@ def shards_main(argv: list[str]) -> int:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.keep_small and args.size is None:
         p.error("--keep-small needs --size (without it every image keeps its own size)")
+    check_writable_dir(args.out, "OUT")
     index = write_shards(
         args.src,
         args.out,
