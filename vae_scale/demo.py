@@ -112,6 +112,9 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     summary = train(cfg)
     wall = time.time() - t0
+    if summary["stopped_by"] not in ("", "time budget"):  # Ctrl-C or another stop signal: no scoring
+        print(f"stopped by {summary['stopped_by']} after {summary['step']} steps; checkpoint in {run_dir}")
+        return 0
 
     vae = VAE.from_checkpoint(run_dir, ema=cfg.optim.ema_decay > 0)
     crops = heldout_crops(data, EVAL_RESOLUTION)

@@ -5,14 +5,18 @@
 Per step: grad_accum micro-batches of encode -> fused sample+KL -> decode -> loss -> backward (and the
 discriminator's step on detached reconstructions once it is active); then the ranks agree in one small
 all-reduce whether every loss and gradient is finite and whether anyone was asked to stop; then clip,
-optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1.
-Re-running the same command resumes from the newest complete checkpoint of the run folder.
+optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT.
+Re-running the same command resumes from the newest intact checkpoint of the run folder.
+
+Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the run
+folder writable and not in use by another run (rank 0 locks it for the run's life).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -25,8 +29,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vae_scale.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
-from vae_scale.config import Config, ConfigError, load_config
+from vae_scale.checkpoint import (
+    CheckpointManager,
+    RunLock,
+    is_complete,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
+from vae_scale.config import Config, ConfigError, config_from_dict, load_config
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE, DiagonalGaussian
@@ -113,6 +123,12 @@ class EMA:
     def update(self) -> None:
         torch._foreach_lerp_(self.shadow, [_local(p).detach().float() for p in self.params], 1.0 - self.decay)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average afresh from the current weights."""
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(_local(p).detach().float())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) EMA weights on the CPU; a collective under FSDP: call it on every rank."""
         out = {}
@@ -189,6 +205,79 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
 
 
+# Model keys that change the weights or what they compute; the others (kernels, memory format, latent
+# statistics for export, ...) may change between a checkpoint and its resumption.
+RESUME_MODEL_KEYS = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "norm_eps",
+    "mid_block_attention",
+    "quant_convs",
+)
+
+
+def check_resume(cfg: Config) -> None:
+    """Refuse, before anything is written, to resume a checkpoint trained with another model.
+
+    The checkpoint is the one checkpoint.resume names (auto: the run folder's newest complete one).
+    ConfigError names every differing key with both values.
+    """
+    import yaml
+
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return
+    path = latest_checkpoint(cfg.run.dir) if resume == "auto" else resolve_checkpoint(resume)
+    if path is None or not is_complete(path):
+        return
+    try:
+        saved = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    except (OSError, ValueError, yaml.YAMLError):  # a damaged config.yaml: the manifest check names it
+        return
+    pairs = [(f"model.{k}", getattr(saved.model, k), getattr(cfg.model, k)) for k in RESUME_MODEL_KEYS]
+    # The loss's saved state: learned likelihood parameters, the discriminator and its optimizer.
+    old, new = saved.loss, cfg.loss
+    pairs.append(("loss.recon", old.recon, new.recon))
+    if old.recon == new.recon == "logistic":
+        pairs.append(("loss.logistic_per_channel", old.logistic_per_channel, new.logistic_per_channel))
+    if old.disc_weight > 0 and new.disc_weight > 0:
+        pairs += [(f"loss.{k}", getattr(old, k), getattr(new, k)) for k in ("disc_layers", "disc_channels")]
+    differ = [f"{key} {a} -> {b}" for key, a, b in pairs if a != b]
+    if (old.disc_weight > 0) != (new.disc_weight > 0):  # the discriminator comes or goes
+        differ.append(f"loss.disc_weight {old.disc_weight:g} -> {new.disc_weight:g}")
+    if differ:
+        raise ConfigError(
+            f"{path} was trained with another model than this config ({'; '.join(differ)}): give the "
+            "checkpoint's values, another run.dir, or checkpoint.resume=never to start afresh (existing "
+            "checkpoints are then moved aside, not deleted)"
+        )
+
+
+def prepare_run_dir(cfg: Config) -> RunLock | None:
+    """Check that the run folder and its checkpoints can be written; rank 0 locks the folder and returns
+    the lock. OutputError (one line naming the place or the run holding it) otherwise."""
+    from vae_scale.outputs import check_writable_dir, check_writable_file
+
+    run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    for sub in ("checkpoints", "images"):
+        check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = RunLock(run_dir).acquire()
+    try:
+        for name in ("config.yaml", "metrics.jsonl", "report.html"):
+            if (run_dir / name).exists():
+                check_writable_file(run_dir / name, f"run.dir's {name}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def build_loader(cfg: Config, rank: int, world: int):
     """The training batches of this rank: shard loader, or synthetic images for `data.train=synthetic`."""
     if cfg.data.train == SYNTHETIC:
@@ -263,22 +352,57 @@ def replicate(module: nn.Module, acc) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
 
 
+class LogWindow:
+    """The steps since the last metrics row: averages come from its finite steps (a skipped step's values
+    are not a measurement), throughput from every step it ran."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals: dict[str, torch.Tensor] = {}
+        self.finite = self.ran = 0
+        self.start = time.time()
+
+    def add(self, logs: dict[str, torch.Tensor], finite: bool) -> None:
+        self.ran += 1
+        if finite:
+            self.finite += 1
+            for k, v in logs.items():
+                self.totals[k] = self.totals.get(k, 0) + v
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; the ranks agree on it at the next step boundary."""
+    """Set by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); the ranks agree on it in the step in flight.
+
+    Every repeat only sets it again: a launcher that forwards the signal it got, or SLURM signalling every
+    process, must not break the save that the first one started.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
+        return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. an embedding app): signals stay as they were
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum  # a second signal during the save only sets it again
+        self.signal = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -389,6 +513,8 @@ class Trainer:
         self.skipped = 0
         self.consecutive_skips = 0
         self.rollbacks = 0
+        self.rollbacks_in_a_row = 0  # since the last healthy checkpoint
+        self._skipped_at_save = 0  # self.skipped when the last checkpoint was saved or restored
         self.preview: torch.Tensor | None = None
         self._val = None
         self._eval_nets = {}
@@ -400,12 +526,15 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------------
 
     def trainer_state(self) -> dict[str, Any]:
+        healthy = self.skipped == self._skipped_at_save  # no skipped step since the last checkpoint
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "lr_scale": self.lr_scale,
             "skipped": self.skipped,
             "rollbacks": self.rollbacks,
+            "rollbacks_in_a_row": 0 if healthy else self.rollbacks_in_a_row,
+            "healthy": healthy,
             "world_size": self.acc.num_processes,
             "parallel": "fsdp" if self.fsdp else "ddp",
         }
@@ -440,7 +569,14 @@ class Trainer:
             scaler=self.acc.scaler,
         )
         self.last_saved = self.step
+        self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
         return path
+
+    def _after_save_or_restore(self, healthy: bool) -> None:
+        """A healthy checkpoint is progress: rollbacks count again from zero."""
+        self._skipped_at_save = self.skipped
+        if healthy:
+            self.rollbacks_in_a_row = 0
 
     @torch.no_grad()
     def weights_fingerprint(self) -> list[float]:
@@ -462,6 +598,7 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.lr_scale, self.skipped = state["lr_scale"], state["skipped"]
         self.rollbacks = state.get("rollbacks", 0)
+        self.rollbacks_in_a_row = state.get("rollbacks_in_a_row", 0)
         if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
             log.warning(
                 "%s was written by %d processes, this run has %d: weights and optimizer state resharded; "
@@ -474,15 +611,16 @@ class Trainer:
             self.loader.load_state_dict(rank_state["data"])
         if self.ema is not None and "ema" in weights:
             self.ema.load_state_dict(weights["ema"])
+        elif self.ema is not None:  # switched on at resume: average from here, not from initial weights
+            self.ema.reset()
+            if self.acc.is_main_process:
+                log.info("EMA on: %s has no EMA weights; the EMA starts from its weights", path)
         self.last_saved = self.step
+        self._after_save_or_restore(healthy=False)
 
     def resume_path(self) -> Path | None:
-        r = self.cfg.checkpoint.resume
-        if r == "never":
-            return None
-        if r == "auto":
-            return latest_checkpoint(self.run_dir)
-        return resolve_checkpoint(r)
+        """The intact checkpoint checkpoint.resume leads to (see CheckpointManager.select), or None."""
+        return self.ckpt.select(self.cfg.checkpoint.resume)
 
     # -- one step ----------------------------------------------------------------------------------------
 
@@ -508,8 +646,11 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         return _full(torch.nn.utils.clip_grad_norm_(params, clip)).detach().float()
 
-    def train_step(self, stop_requested: bool, over_budget: bool) -> tuple[dict[str, torch.Tensor], bool]:
-        """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop)."""
+    def train_step(self, stop: StopFlag, over_budget: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop).
+
+        `stop` is read at the agreement, so a signal that arrives before it stops the run after this step.
+        """
         cfg, acc = self.cfg, self.acc
         accum = cfg.train.grad_accum
         disc_on = self.disc is not None and self.criterion.disc_active(self.step)
@@ -555,7 +696,7 @@ class Trainer:
         flags = torch.stack(
             [
                 1 - finite,
-                torch.tensor(float(stop_requested), device=self.device),
+                torch.tensor(float(stop.requested), device=self.device),
                 torch.tensor(float(over_budget), device=self.device),
             ]
         ).float()
@@ -595,23 +736,54 @@ class Trainer:
     # -- rollback --------------------------------------------------------------------------------------
 
     def rollback(self) -> None:
-        """After too many non-finite steps in a row: back to the newest checkpoint with a lower LR."""
+        """After too many non-finite steps in a row: back to the newest healthy checkpoint with a lower LR.
+
+        TrainingStopped, naming the step, the LR scale and what to try, when rollback is off, there is no
+        healthy checkpoint, or train.max_rollbacks rollbacks came in a row without a healthy checkpoint
+        in between (rolling back again would only repeat them).
+        """
         cfg = self.cfg.train
-        path = latest_checkpoint(self.run_dir)
-        if cfg.rollback_lr_scale == 0 or path is None:
-            why = "train.rollback_lr_scale is 0" if path else "there is no checkpoint to roll back to"
+        stuck = (
+            f"{self.consecutive_skips} non-finite steps in a row (train.max_consecutive_skips="
+            f"{cfg.max_consecutive_skips}) at step {self.step}"
+        )
+        if cfg.rollback_lr_scale == 0:
+            raise TrainingStopped(f"{stuck}, and train.rollback_lr_scale is 0. {self._advice()}")
+        if self.rollbacks_in_a_row >= cfg.max_rollbacks:
             raise TrainingStopped(
-                f"{self.consecutive_skips} non-finite steps in a row (train.max_consecutive_"
-                f"skips={cfg.max_consecutive_skips}) at step {self.step}, and {why}"
+                f"{stuck} after {self.rollbacks_in_a_row} rollbacks in a row with no healthy checkpoint in "
+                f"between (train.max_rollbacks={cfg.max_rollbacks}); {self._advice()}"
+            )
+        path = self.ckpt.select("auto", healthy_only=True)  # newer (unhealthy) ones are moved aside
+        if path is None:
+            raise TrainingStopped(
+                f"{stuck}, and there is no healthy checkpoint to roll back to. {self._advice()}"
             )
         scale = self.lr_scale * cfg.rollback_lr_scale
-        skipped, rollbacks = self.skipped, self.rollbacks + 1
+        skipped, rollbacks, in_a_row = self.skipped, self.rollbacks + 1, self.rollbacks_in_a_row + 1
         self.restore(path)
-        self.lr_scale, self.skipped, self.rollbacks = scale, skipped, rollbacks
+        self.lr_scale, self.skipped = scale, skipped
+        self.rollbacks, self.rollbacks_in_a_row = rollbacks, in_a_row
+        self._skipped_at_save = skipped
         self.consecutive_skips = 0
         self._it = iter(self.loader)
         self.monitor.write(
-            f"rolled back to {path.name} after repeated non-finite steps; LR scale now {scale:g}"
+            f"rolled back to {path.name} after repeated non-finite steps; LR scale now {scale:g} "
+            f"(rollback {in_a_row} of at most {cfg.max_rollbacks} in a row)"
+        )
+
+    def _advice(self) -> str:
+        """The LR scale, the LR and what to try, for the message that stops a diverging run."""
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.step, self.lr_scale)
+        tips = [f"a lower optim.lr (now {cfg.optim.lr:g})", "more optim.warmup_steps"]
+        if cfg.optim.grad_clip == 0:
+            tips.append("optim.grad_clip=1 (clipping is off)")
+        if self.acc.mixed_precision == "fp16":
+            tips.append("train.mixed_precision=bf16 instead of fp16")
+        return (
+            f"LR scale {self.lr_scale:g} (LR {lr:g}). Try {', '.join(tips)}, or look for bad data around "
+            f"step {self.step}"
         )
 
     # -- logging -----------------------------------------------------------------------------------------
@@ -698,7 +870,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, stop: StopFlag | None = None) -> dict[str, float]:
+        """Train to train.steps, a stop signal or the time budget; returns the last logged metrics.
+
+        `stop`: an installed StopFlag (train() installs one before the Trainer is built); else one is
+        installed here for the loop.
+        """
         cfg, acc = self.cfg, self.acc
         self.ckpt.clean_partial()
         path = self.resume_path()
@@ -709,61 +886,78 @@ class Trainer:
         self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
         if path is not None:
             self.monitor.write(f"resumed from {path} at step {self.step}")
-        stop = StopFlag()
-        stop.install()
+        own_stop = stop is None
+        if own_stop:
+            stop = StopFlag()
+            stop.install()
         self._it = iter(self.loader)
-        self.data_wait, t_start, t_log, steps_at_log = 0.0, time.time(), time.time(), self.step
-        totals: dict[str, torch.Tensor] = {}
+        self.data_wait, t_start = 0.0, time.time()
+        window = LogWindow()
         last: dict[str, float] = {}
         stopped_by = None
         self.ae.train()
         try:
             while self.step < cfg.train.steps:
+                if stop.requested and acc.num_processes == 1:  # came after the last step's agreement
+                    stopped_by = stop.name
+                    break
                 over = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
-                logs, should_stop = self.train_step(stop.signal is not None, over)
+                logs, should_stop = self.train_step(stop, over)
                 if self.preview is None:
                     self.preview = self.last_x[:PREVIEW_IMAGES].detach().clone()
-                for k, v in logs.items():
-                    totals[k] = totals.get(k, 0) + v
-                if self.consecutive_skips >= cfg.train.max_consecutive_skips:
+                window.add(logs, finite=self.consecutive_skips == 0)
+                if should_stop:
+                    stopped_by = stop.name or ("time budget" if over else "signal")
+                # A stop wins over a rollback: it saves this state (marked unhealthy), and the resumed run
+                # rolls back if its steps are still non-finite.
+                if self.consecutive_skips >= cfg.train.max_consecutive_skips and not should_stop:
+                    last = self._log(window) or last  # the steps that led to it, at their own step
                     self.rollback()
                     continue
                 if self.step % cfg.log.every == 0 or should_stop or self.step == cfg.train.steps:
-                    last = self._log(totals, self.step - steps_at_log, time.time() - t_log)
-                    totals, t_log, steps_at_log, self.data_wait = {}, time.time(), self.step, 0.0
+                    last = self._log(window) or last
                 if cfg.log.images_every and self.step % cfg.log.images_every == 0:
                     self.log_images()
                     self.monitor.report()
                 if should_stop:
-                    stopped_by = "signal" if stop.signal is not None or not over else "time budget"
                     break
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
+            last = self._log(window) or last  # steps not logged yet (a stop that came between steps)
             if self.last_saved != self.step:
                 self.save()
             if stopped_by:
                 self.monitor.write(f"stopped by {stopped_by} at step {self.step}; checkpoint saved")
         finally:
-            stop.restore()
+            if own_stop:
+                stop.restore()
             self.loader.close()
             self.monitor.close()
         return {**last, "step": self.step, "stopped_by": stopped_by or ""}
 
-    def _log(self, totals: dict[str, torch.Tensor], steps: int, seconds: float) -> dict[str, float]:
+    def _log(self, window: LogWindow) -> dict[str, float]:
+        """One metrics row from the window's steps (then emptied); {} when it has none."""
         acc = self.acc
-        if steps == 0:
+        if window.ran == 0:
             return {}
-        keys = sorted(totals)
-        mean = torch.stack([torch.as_tensor(totals[k], device=self.device).float() / steps for k in keys])
-        mean = acc.reduce(mean, reduction="mean")
-        values = dict(zip(keys, mean.tolist()))
-        values.update({k: float(v) for k, v in self.latent_stats().items()})
+        totals, finite, ran, seconds = window.totals, window.finite, window.ran, time.time() - window.start
+        window.reset()
+        keys = sorted(totals)  # the same on every rank: the ranks skip the same steps
+        values = {}
+        if keys and finite:
+            mean = torch.stack(
+                [torch.as_tensor(totals[k], device=self.device).float() / finite for k in keys]
+            )
+            mean = acc.reduce(mean, reduction="mean")
+            values = dict(zip(keys, mean.tolist()))
+        if self.consecutive_skips == 0:  # the latest batch's latents, unless that step was skipped
+            values.update({k: float(v) for k, v in self.latent_stats().items()})
         counters = torch.tensor([float(v) for v in self.loader.counters().values()], device=self.device)
         counters = acc.reduce(counters, reduction="sum").tolist() if len(counters) else []
         values.update({f"data/{k}": v for k, v in zip(self.loader.counters(), counters)})
-        images = steps * self.cfg.data.batch_size * self.cfg.train.grad_accum * acc.num_processes
+        images = ran * self.cfg.data.batch_size * self.cfg.train.grad_accum * acc.num_processes
         values.update(
             {
                 "images_per_s": images / max(seconds, 1e-9),
@@ -782,6 +976,7 @@ class Trainer:
         values[key] = float(acc.gather(torch.tensor([peak], device=self.device)).max())
         self.monitor.scalars(self.step, values)
         self.monitor.progress(self.step, loss=values.get("loss", float("nan")), img_s=values["images_per_s"])
+        self.data_wait = 0.0
         return values
 
 
@@ -790,9 +985,22 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Train with a resolved config; returns the last logged metrics plus the final step."""
+    """Train with a resolved config; returns the last logged metrics plus the final step.
+
+    Checks everything that can be checked before a process group starts or a file is written; a stop
+    signal from then on ends the run with a checkpoint at the end of the step in flight.
+    """
     check_trainable(cfg)
-    return Trainer(cfg).fit()
+    check_resume(cfg)
+    lock = prepare_run_dir(cfg)
+    stop = StopFlag()
+    stop.install()
+    try:
+        return Trainer(cfg).fit(stop)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,338 @@
+"""Faults around the run folder and the commands' outputs: damaged checkpoints, wrong or unwritable output
+places, two runs on one folder. Each ends in one clear line (exit 2) and loses nothing."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_scale.checkpoint import (
+    DamagedCheckpoint,
+    complete_checkpoints,
+    latest_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
+from vae_scale.cli import main as cli_main
+from vae_scale.config import load_config
+from vae_scale.model import VAE
+from vae_scale.monitor import read_metrics
+from vae_scale.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.train=synthetic",
+    "optim.lr=1e-3",
+    "log.wandb=disabled",
+    "log.every=1",
+    "log.images_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny run with EMA and two checkpoints (steps 2 and 4), never modified by the tests."""
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    train(
+        load_config(
+            None, [*TINY, f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "optim.ema_decay=0.5"]
+        )
+    )
+    return run_dir
+
+
+@pytest.fixture
+def copy_of(run, tmp_path) -> Path:
+    """A copy of the run folder this test may damage."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def one_line_error(capsys, *names: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(tmp_path):
+    ckpt = tmp_path / "step-000000010"
+    (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
+    files = {
+        "vae.safetensors": os.urandom(5000),
+        "pytorch_model_fsdp_0/__0_0.distcp": os.urandom(3000),
+        "pytorch_model_fsdp_0/__1_0.distcp": os.urandom(3000),
+        "pytorch_model_fsdp_0/.metadata": b"meta",
+        "trainer_state.json": b"{}",
+    }
+    for name, data in files.items():
+        (ckpt / name).write_bytes(data)
+    write_manifest(ckpt)
+    listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert set(listed) == set(files) and listed["vae.safetensors"]["bytes"] == 5000
+    verify_checkpoint(ckpt)
+
+    shard = ckpt / "pytorch_model_fsdp_0/__1_0.distcp"
+    shard.write_bytes(files["pytorch_model_fsdp_0/__1_0.distcp"][:1000])  # truncated
+    with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp has 1000 bytes, its manifest says 3000"):
+        verify_checkpoint(ckpt)
+    verify_checkpoint(ckpt, ["vae.safetensors"])  # a file not asked about is not read
+    flipped = bytearray(files["pytorch_model_fsdp_0/__1_0.distcp"])
+    flipped[1234] ^= 0x01  # same size, one bit off
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp does not match its checksum"):
+        verify_checkpoint(ckpt)
+    shard.unlink()
+    with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp is missing"):
+        verify_checkpoint(ckpt)
+
+
+def test_every_saved_checkpoint_has_a_manifest_of_all_its_files(run):
+    for ckpt in complete_checkpoints(run / "checkpoints"):
+        listed = set(json.loads((ckpt / "manifest.json").read_text())["files"])
+        on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+        assert listed == on_disk - {"manifest.json", "COMPLETE"}
+        assert {"vae.safetensors", "ema.safetensors", "model.safetensors", "trainer_state.json"} <= listed
+        verify_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Damaged checkpoints in the inference commands
+
+
+def _commands(run_dir: Path, tmp: Path) -> dict[str, list[str]]:
+    r = ["--run", str(run_dir)]
+    return {
+        "eval": ["eval", *r, "--data", "synthetic", "--n", "8", "--metrics", "psnr"],
+        "export": ["export", *r, "--out", str(tmp / "exported"), "--no-stats"],
+        "sample": ["sample", *r, "--n", "4", "--out", str(tmp / "grid.png")],
+        "reconstruct": ["reconstruct", *r, str(ROOT / "README.md"), "--out", str(tmp / "recon")],
+        "encode": ["encode", *r, "--data", "synthetic", "--n", "8", "--out", str(tmp / "latents")],
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_a_damaged_checkpoint_is_one_line_from_every_command(copy_of, tmp_path, capsys, damage):
+    newest = latest_checkpoint(copy_of)
+    weights = newest / "vae.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    for name, argv in _commands(copy_of, tmp_path).items():
+        assert cli_main(argv) == 2, name
+        err = one_line_error(capsys, "vae.safetensors", newest.name)
+        assert "step-000000002" in err, err  # the previous complete one, to use instead
+    assert not (tmp_path / "exported" / "config.json").exists()
+    # --ema reads ema.safetensors, which is intact: it works.
+    assert (
+        cli_main(["sample", "--run", str(copy_of), "--ema", "--n", "4", "--out", str(tmp_path / "e.png")])
+        == 0
+    )
+
+
+def test_a_damaged_checkpoint_without_a_manifest_is_still_one_line(copy_of, tmp_path, capsys):
+    newest = latest_checkpoint(copy_of)
+    (newest / "manifest.json").unlink()
+    (newest / "ema.safetensors").write_bytes((newest / "ema.safetensors").read_bytes()[:300])
+    assert (
+        cli_main(["sample", "--run", str(copy_of), "--ema", "--n", "4", "--out", str(tmp_path / "g.png")])
+        == 2
+    )
+    one_line_error(capsys, "ema.safetensors", "cannot be read")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output places
+
+
+def test_wrong_output_places_are_one_line_before_any_work(run, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    r = ["--run", str(run)]
+    cases = {
+        "train run.dir": ["train", *TINY, f"run.dir={a_file}"],
+        "train run.dir below a file": ["train", *TINY, f"run.dir={a_file}/run"],
+        "reconstruct": ["reconstruct", *r, str(ROOT / "README.md"), "--out", str(a_file)],
+        "encode": ["encode", *r, "--data", "synthetic", "--out", str(a_file)],
+        "shards": ["shards", "sample", str(a_file)],
+        "export": ["export", *r, "--out", str(a_file), "--no-stats"],
+        "eval --out a folder": ["eval", *r, "--data", "synthetic", "--out", str(tmp_path)],
+        "sample --out a folder": ["sample", *r, "--out", str(tmp_path)],
+    }
+    for what, argv in cases.items():
+        assert cli_main(argv) == 2, what
+        one_line_error(capsys, str(a_file) if "folder" not in what else str(tmp_path))
+    assert a_file.read_text() == "not a folder"
+
+
+def test_eval_never_overwrites_its_out_silently_and_checks_the_resolution(run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    out.write_text("earlier results")
+    argv = [
+        "eval",
+        "--run",
+        str(run),
+        "--data",
+        "synthetic",
+        "--n",
+        "8",
+        "--metrics",
+        "psnr",
+        "--out",
+        str(out),
+    ]
+    assert cli_main(argv) == 2
+    one_line_error(capsys, str(out), "--overwrite")
+    assert out.read_text() == "earlier results"
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["metrics"]["samples"] == 8
+    capsys.readouterr()
+    assert cli_main(["eval", "--run", str(run), "--data", "synthetic", "--n", "8", "--resolution", "31"]) == 2
+    one_line_error(capsys, "--resolution=31", "downsampling 2")
+
+
+# The probes run in a child process without CAP_DAC_OVERRIDE (or as the non-root user the suite runs as),
+# so that a folder's permission bits apply as they do for a user: CI runs as root.
+READ_ONLY_PROBES = """
+    import contextlib, io, json, os, sys
+    from pathlib import Path
+    from vae_scale.cli import main
+    ro = Path(sys.argv[1])
+    try:
+        (ro / "probe").write_text("x")
+        print(json.dumps({"setup": "the read-only folder is writable: the capability drop did not work"}))
+        sys.exit(0)
+    except PermissionError:
+        pass
+    results = {}
+    for name, argv in json.loads(sys.argv[2]).items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(argv)
+        results[name] = [rc, err.getvalue()]
+    print(json.dumps(results))
+"""
+
+
+def _drop_dac_override() -> None:
+    """preexec_fn: as root, lose the capabilities that ignore file permissions, for the exec'd program."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, out of the bounding set
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_output_places_are_found_at_start(run, tmp_path):
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    run_in_ro = tmp_path / "checkpoints-read-only"
+    (run_in_ro / "checkpoints").mkdir(parents=True)
+    r = ["--run", str(run)]
+    cases = {
+        "run.dir": ["train", *TINY, f"run.dir={ro}"],
+        "run.dir's checkpoints/": ["train", *TINY, f"run.dir={run_in_ro}"],
+        "reconstruct --out": ["reconstruct", *r, str(ROOT / "README.md"), "--out", str(ro)],
+        "encode --out": ["encode", *r, "--data", "synthetic", "--out", str(ro / "latents")],
+        "shards OUT": ["shards", "sample", str(ro)],
+        "eval --out": ["eval", *r, "--data", "synthetic", "--out", str(ro / "eval.json")],
+    }
+    for p in (ro, run_in_ro / "checkpoints"):
+        p.chmod(0o555)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("TRITON_INTERPRET", None)
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(READ_ONLY_PROBES), str(ro), json.dumps(cases)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=_drop_dac_override,
+        )
+    finally:
+        for p in (ro, run_in_ro / "checkpoints"):
+            p.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "setup" not in results, results["setup"]
+    for name, (rc, err) in results.items():
+        lines = [line for line in err.strip().splitlines() if line.startswith("vae-scale")]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (name, rc, err)
+        assert "not writable" in lines[0], (name, lines[0])
+    assert "checkpoints" in results["run.dir's checkpoints/"][1]
+    assert not any(ro.iterdir()) and not (run_in_ro / "config.yaml").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Two runs on one folder
+
+
+def _env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "vae_scale", "train", *TINY, f"run.dir={run_dir}", "checkpoint.every=0"]
+    first = subprocess.Popen(
+        [*args, "train.steps=100000"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 120
+        while len(read_metrics(run_dir)) < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(
+            [*args, "train.steps=5"], env=_env(), capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 2
+        err = second.stderr.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and str(run_dir) in err
+        # The first run goes on undisturbed: every step logged once, in order.
+        steps_before = len(read_metrics(run_dir))
+        while len(read_metrics(run_dir)) < steps_before + 2 and time.time() < deadline:
+            time.sleep(0.05)
+        first.kill()  # dies holding the lock: the lock must not outlive it
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    logged = [r["step"] for r in read_metrics(run_dir)]
+    assert logged == list(range(1, len(logged) + 1))
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid  # its leftover note
+    third = subprocess.run([*args, "train.steps=2"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert latest_checkpoint(run_dir).name == "step-000000002"
+    assert VAE.from_checkpoint(run_dir) is not None
+    assert torch.isfinite(
+        torch.cat([t.flatten() for t in VAE.from_checkpoint(run_dir).state_dict().values()])
+    ).all()
