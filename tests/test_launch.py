@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from vae_scale.checkpoint import latest_checkpoint
@@ -341,6 +342,112 @@ def test_sbatch_does_not_requeue_a_step_that_failed(tmp_path):
     proc, log = run_sbatch(tmp_path, ["--config", "sd-f8", "run.name=x"], FAKE_PREEMPT="1", FAKE_RC="3")
     assert proc.returncode == 3
     assert not (log / "requeue").exists()
+
+
+def start_sbatch_cpu(tmp_path: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """The real train.sbatch, as SLURM would run it for a one-node job of 2 processes, with the real
+    accelerate launch (on gloo) under the fake srun; `name` keeps each job's files apart."""
+    bin_dir, log = tmp_path / f"bin-{name}", tmp_path / f"log-{name}"
+    bin_dir.mkdir()
+    log.mkdir()
+    for tool, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / tool).write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+        (bin_dir / tool).chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "gpu-07",
+        "SLURM_NODEID": "0",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_CPUS_ON_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "FAKE_LOG": str(log),
+        "MAIN_PROCESS_IP": "127.0.0.1",
+        "MAIN_PROCESS_PORT": str(free_port()),
+        "VAE_SCALE_ACCELERATE_CONFIG": str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+        "VAE_SCALE_PREEMPT_FLAG": str(tmp_path / f".preempt-{name}"),
+    }
+    e = {**env(**slurm), "PATH": f"{bin_dir}{os.pathsep}{env()['PATH']}"}
+    e.pop("OMP_NUM_THREADS")  # the script sets it: 2 CPUs / 2 processes
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), *args],
+        env=e,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return proc, log
+
+
+SBATCH_RUN = ["--config", "demo", *TINY, "train.steps=40", "checkpoint.every=0", "optim.ema_decay=0.5"]
+
+
+@pytest.fixture(scope="module")
+def sbatch_straight(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process job of SBATCH_RUN through train.sbatch: what interrupted ones must equal."""
+    tmp = tmp_path_factory.mktemp("sbatch-straight")
+    proc, _ = start_sbatch_cpu(tmp, "straight", [*SBATCH_RUN, f"run.dir={tmp / 'run'}"])
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
+    return tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_to_every_process_of_a_two_process_job_saves_once_and_exits_0(
+    tmp_path, sbatch_straight, sig
+):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    proc, log = start_sbatch_cpu(tmp_path, "interrupted", [*SBATCH_RUN, f"run.dir={run_dir}"])
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not any(r["step"] >= 3 for r in read_metrics(run_dir)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        trainers = [
+            p for p in tree if "vae_scale" in p.cmdline() and {"bash", "launch"}.isdisjoint(p.cmdline())
+        ]
+        assert len(trainers) == 2, [p.cmdline()[:6] for p in tree]
+        # Every process of the job as SLURM signals them: --signal=USR1@120 reaches the job step (the node
+        # shell, the launcher, the trainers), SIGTERM/SIGINT the batch shell as well. The fake srun aside:
+        # the real one is SLURM's own.
+        step = [p for p in tree[1:] if not p.cmdline()[1].endswith("srun")]
+        for p in step if sig == signal.SIGUSR1 else [tree[0], *step]:
+            p.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    requeued = (log / "requeue").read_text() if (log / "requeue").exists() else ""
+    assert requeued == ("4242\n" if sig == signal.SIGUSR1 else "")  # only "save and come back" requeues
+    (saved,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and 3 <= state["step"] < 40
+    ranks = [json.loads((saved / f"rank-{r}.json").read_text())["weights_fingerprint"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    if sig != signal.SIGUSR1:
+        return
+    # The requeued job: the same command again resumes and ends where an uninterrupted job does.
+    proc, _ = start_sbatch_cpu(tmp_path, "requeued", [*SBATCH_RUN, f"run.dir={run_dir}"])
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert latest_checkpoint(run_dir).name == "step-000000040"
+    for file in ("vae.safetensors", "ema.safetensors"):
+        a = load_file(latest_checkpoint(sbatch_straight) / file)
+        b = load_file(latest_checkpoint(run_dir) / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
 
 
 # --------------------------------------------------------------------------------------------------------
