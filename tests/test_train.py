@@ -529,7 +529,7 @@ def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(tmp_path, cap
 
 def test_resuming_with_another_model_is_refused_before_anything_is_written(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train(tiny_cfg(run_dir, "synthetic", "train.steps=2", "checkpoint.every=0"))
+    train(tiny_cfg(run_dir, "synthetic", "train.steps=2", "checkpoint.every=1"))
     config = (run_dir / "config.yaml").read_bytes()
     argv = ["train", *TINY, "data.train=synthetic", f"run.dir={run_dir}", "train.steps=4"]
     wider = ["model.block_out_channels=[16,32]", "model.latent_channels=8"]
@@ -538,13 +538,20 @@ def test_resuming_with_another_model_is_refused_before_anything_is_written(tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "model.block_out_channels [8, 16] -> [16, 32]" in err and "model.latent_channels 4 -> 8" in err
-    assert "checkpoint.resume=never" in err
+    assert "step-000000002" in err and "checkpoint.resume=never" in err
+    # With the newest checkpoint's config.yaml damaged, the one a resume would fall back to is compared.
+    (run_dir / "checkpoints" / "step-000000002" / "config.yaml").write_text("model: [")
+    assert cli_main([*argv, *wider]) == 2
+    assert "step-000000001 was trained with another model" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_bytes() == config
-    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-000000002"]
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [
+        "step-000000001",
+        "step-000000002",
+    ]
     assert cli_main([*argv, *wider, "model.kernels=torch", "checkpoint.resume=never"]) == 0  # start afresh
     assert VAE.from_checkpoint(run_dir).config.latent_channels == 8
     (aside,) = (run_dir / "checkpoints").glob("set-aside-*")
-    assert [p.name for p in aside.iterdir()] == ["step-000000002"]  # kept, not deleted
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000000001", "step-000000002"]  # not deleted
 
 
 def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, caplog):

@@ -31,10 +31,11 @@ import torch.nn as nn
 
 from vae_scale.checkpoint import (
     CheckpointManager,
+    DamagedCheckpoint,
     RunLock,
+    checkpoints_newest_first,
     is_complete,
-    latest_checkpoint,
-    resolve_checkpoint,
+    verify_checkpoint,
 )
 from vae_scale.config import Config, ConfigError, config_from_dict, load_config
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
@@ -223,20 +224,25 @@ RESUME_MODEL_KEYS = (
 def check_resume(cfg: Config) -> None:
     """Refuse, before anything is written, to resume a checkpoint trained with another model.
 
-    The checkpoint is the one checkpoint.resume names (auto: the run folder's newest complete one).
-    ConfigError names every differing key with both values.
+    The checkpoint is the one checkpoint.resume names (auto, or a run folder: its newest complete checkpoint
+    whose config.yaml is intact). ConfigError names the checkpoint and every differing key with both values.
     """
     import yaml
 
     resume = cfg.checkpoint.resume
     if resume == "never":
         return
-    path = latest_checkpoint(cfg.run.dir) if resume == "auto" else resolve_checkpoint(resume)
-    if path is None or not is_complete(path):
-        return
-    try:
-        saved = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    except (OSError, ValueError, yaml.YAMLError):  # a damaged config.yaml: the manifest check names it
+    given = Path(cfg.run.dir if resume == "auto" else resume)
+    candidates = [given] if is_complete(given) else checkpoints_newest_first(given / "checkpoints")
+    # The newest whose config.yaml is intact and reads: a damaged checkpoint is passed over at resume too.
+    for path in candidates:
+        try:
+            verify_checkpoint(path, ["config.yaml"])
+            saved = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+            break
+        except (DamagedCheckpoint, OSError, ValueError, yaml.YAMLError):  # ConfigError is a ValueError
+            continue
+    else:
         return
     pairs = [(f"model.{k}", getattr(saved.model, k), getattr(cfg.model, k)) for k in RESUME_MODEL_KEYS]
     # The loss's saved state: learned likelihood parameters, the discriminator and its optimizer.
