@@ -577,16 +577,23 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, caplo
     assert latest_checkpoint(run_dir).name == "step-000000004"
 
 
-def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, caplog, capsys):
+def test_damaged_newest_checkpoints_are_named_and_the_previous_intact_one_resumed(tmp_path, caplog, capsys):
     run_dir = tmp_path / "run"
-    train(tiny_cfg(run_dir, "synthetic", "train.steps=4", "checkpoint.every=2"))
-    model = run_dir / "checkpoints" / "step-000000004" / "model.safetensors"
-    model.write_bytes(model.read_bytes()[:1000])
+    train(tiny_cfg(run_dir, "synthetic", "train.steps=6", "checkpoint.every=2"))
+    ckpt = run_dir / "checkpoints"
+    # What a resume reads: the weights, and the optimizer state (torch.distributed.checkpoint's files).
+    for damaged in (
+        ckpt / "step-000000006" / "vae.safetensors",
+        ckpt / "step-000000004/optimizer/__0_0.distcp",
+    ):
+        damaged.write_bytes(damaged.read_bytes()[:1000])
     capsys.readouterr()
     caplog.set_level("WARNING")
-    train(tiny_cfg(run_dir, "synthetic", "train.steps=6", "checkpoint.every=2"))
-    assert "step-000000004: model.safetensors has 1000 bytes" in caplog.text
-    assert f"resumed from {run_dir}/checkpoints/step-000000002 at step 2" in capsys.readouterr().out
-    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")][-1] == "step-000000006"
-    (aside,) = (run_dir / "checkpoints").glob("set-aside-*")
-    assert [p.name for p in aside.iterdir()] == ["step-000000004"]
+    train(tiny_cfg(run_dir, "synthetic", "train.steps=4", "checkpoint.every=2"))
+    assert "step-000000006: vae.safetensors has 1000 bytes" in caplog.text
+    assert "step-000000004: optimizer/__0_0.distcp has 1000 bytes" in caplog.text
+    assert f"resumed from {ckpt}/step-000000002 at step 2" in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(ckpt)] == ["step-000000002", "step-000000004"]
+    assert torch.isfinite(torch.cat([t.flatten() for t in weights(run_dir).values()])).all()
+    (aside,) = ckpt.glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000000004", "step-000000006"]  # kept
