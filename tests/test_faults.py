@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT, TINY, accelerate_launch, env
 
 from vae_scale.checkpoint import (
     DamagedCheckpoint,
@@ -27,21 +28,7 @@ from vae_scale.model import VAE
 from vae_scale.monitor import read_metrics
 from vae_scale.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "data.resolution=32",
-    "data.batch_size=4",
-    "data.workers=0",
-    "data.train=synthetic",
-    "optim.lr=1e-3",
-    "log.wandb=disabled",
-    "log.every=1",
-    "log.images_every=0",
-]
+SYNTHETIC = [*TINY, "data.train=synthetic"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +37,8 @@ def run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("faults") / "run"
     train(
         load_config(
-            None, [*TINY, f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "optim.ema_decay=0.5"]
+            None,
+            [*SYNTHETIC, f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "optim.ema_decay=0.5"],
         )
     )
     return run_dir
@@ -76,12 +64,12 @@ def one_line_error(capsys, *names: str) -> str:
 
 def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(tmp_path):
     ckpt = tmp_path / "step-000000010"
-    (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (ckpt / "optimizer").mkdir(parents=True)
     files = {
         "vae.safetensors": os.urandom(5000),
-        "pytorch_model_fsdp_0/__0_0.distcp": os.urandom(3000),
-        "pytorch_model_fsdp_0/__1_0.distcp": os.urandom(3000),
-        "pytorch_model_fsdp_0/.metadata": b"meta",
+        "optimizer/__0_0.distcp": os.urandom(3000),
+        "optimizer/__1_0.distcp": os.urandom(3000),
+        "optimizer/.metadata": b"meta",
         "trainer_state.json": b"{}",
     }
     for name, data in files.items():
@@ -91,12 +79,12 @@ def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(t
     assert set(listed) == set(files) and listed["vae.safetensors"]["bytes"] == 5000
     verify_checkpoint(ckpt)
 
-    shard = ckpt / "pytorch_model_fsdp_0/__1_0.distcp"
-    shard.write_bytes(files["pytorch_model_fsdp_0/__1_0.distcp"][:1000])  # truncated
+    shard = ckpt / "optimizer/__1_0.distcp"
+    shard.write_bytes(files["optimizer/__1_0.distcp"][:1000])  # truncated
     with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp has 1000 bytes, its manifest says 3000"):
         verify_checkpoint(ckpt)
     verify_checkpoint(ckpt, ["vae.safetensors"])  # a file not asked about is not read
-    flipped = bytearray(files["pytorch_model_fsdp_0/__1_0.distcp"])
+    flipped = bytearray(files["optimizer/__1_0.distcp"])
     flipped[1234] ^= 0x01  # same size, one bit off
     shard.write_bytes(bytes(flipped))
     with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp does not match its checksum"):
@@ -111,7 +99,11 @@ def test_every_saved_checkpoint_has_a_manifest_of_all_its_files(run):
         listed = set(json.loads((ckpt / "manifest.json").read_text())["files"])
         on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
         assert listed == on_disk - {"manifest.json", "COMPLETE"}
-        assert {"vae.safetensors", "ema.safetensors", "model.safetensors", "trainer_state.json"} <= listed
+        # The weights once, the optimizer state as torch.distributed.checkpoint writes it, accelerate's RNG
+        # state, the trainer's and the rank's state, the config.
+        layout = {"vae.safetensors", "ema.safetensors", "optimizer/.metadata", "random_states_0.pkl"}
+        assert layout | {"trainer_state.json", "rank-0.json", "config.yaml"} <= listed
+        assert any(name.startswith("optimizer/") and name.endswith(".distcp") for name in listed)
         verify_checkpoint(ckpt)
 
 
@@ -171,8 +163,8 @@ def test_wrong_output_places_are_one_line_before_any_work(run, tmp_path, capsys)
     a_file.write_text("not a folder")
     r = ["--run", str(run)]
     cases = {
-        "train run.dir": ["train", *TINY, f"run.dir={a_file}"],
-        "train run.dir below a file": ["train", *TINY, f"run.dir={a_file}/run"],
+        "train run.dir": ["train", *SYNTHETIC, f"run.dir={a_file}"],
+        "train run.dir below a file": ["train", *SYNTHETIC, f"run.dir={a_file}/run"],
         "reconstruct": ["reconstruct", *r, str(ROOT / "README.md"), "--out", str(a_file)],
         "encode": ["encode", *r, "--data", "synthetic", "--out", str(a_file)],
         "shards": ["shards", "sample", str(a_file)],
@@ -235,6 +227,13 @@ READ_ONLY_PROBES = """
 """
 
 
+def _can_drop_capabilities() -> bool:
+    """Whether this process may take capabilities out of its bounding set (CAP_SETPCAP is effective)."""
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    return bool(cap_eff & (1 << 8))  # CAP_SETPCAP
+
+
 def _drop_dac_override() -> None:
     """preexec_fn: as root, lose the capabilities that ignore file permissions, for the exec'd program."""
     if os.geteuid() != 0:
@@ -248,14 +247,16 @@ def _drop_dac_override() -> None:
 
 
 def test_read_only_output_places_are_found_at_start(run, tmp_path):
+    if os.geteuid() == 0 and not _can_drop_capabilities():
+        pytest.skip("root without CAP_SETPCAP: CAP_DAC_OVERRIDE cannot be dropped, so no folder is read-only")
     ro = tmp_path / "read-only"
     ro.mkdir()
     run_in_ro = tmp_path / "checkpoints-read-only"
     (run_in_ro / "checkpoints").mkdir(parents=True)
     r = ["--run", str(run)]
     cases = {
-        "run.dir": ["train", *TINY, f"run.dir={ro}"],
-        "run.dir's checkpoints/": ["train", *TINY, f"run.dir={run_in_ro}"],
+        "run.dir": ["train", *SYNTHETIC, f"run.dir={ro}"],
+        "run.dir's checkpoints/": ["train", *SYNTHETIC, f"run.dir={run_in_ro}"],
         "reconstruct --out": ["reconstruct", *r, str(ROOT / "README.md"), "--out", str(ro)],
         "encode --out": ["encode", *r, "--data", "synthetic", "--out", str(ro / "latents")],
         "shards OUT": ["shards", "sample", str(ro)],
@@ -264,11 +265,9 @@ def test_read_only_output_places_are_found_at_start(run, tmp_path):
     for p in (ro, run_in_ro / "checkpoints"):
         p.chmod(0o555)
     try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        env.pop("TRITON_INTERPRET", None)
         proc = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(READ_ONLY_PROBES), str(ro), json.dumps(cases)],
-            env=env,
+            env=env(),
             capture_output=True,
             text=True,
             timeout=300,
@@ -292,17 +291,19 @@ def test_read_only_output_places_are_found_at_start(run, tmp_path):
 # Two runs on one folder
 
 
-def _env() -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    e.pop("TRITON_INTERPRET", None)
-    return e
-
-
 def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "vae_scale", "train", *TINY, f"run.dir={run_dir}", "checkpoint.every=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "vae_scale",
+        "train",
+        *SYNTHETIC,
+        f"run.dir={run_dir}",
+        "checkpoint.every=0",
+    ]
     first = subprocess.Popen(
-        [*args, "train.steps=100000"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*args, "train.steps=100000"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         deadline = time.time() + 120
@@ -310,12 +311,13 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(tmp_path
             time.sleep(0.05)
         assert first.poll() is None, "the first run ended early"
         second = subprocess.run(
-            [*args, "train.steps=5"], env=_env(), capture_output=True, text=True, timeout=120
+            [*args, "train.steps=5"], env=env(), capture_output=True, text=True, timeout=120
         )
         assert second.returncode == 2
         err = second.stderr.strip()
         assert len(err.splitlines()) == 1, err
         assert f"pid {first.pid} on host {socket.gethostname()}" in err and str(run_dir) in err
+        assert "steps: 100000" in (run_dir / "config.yaml").read_text()  # the first run's, untouched
         # The first run goes on undisturbed: every step logged once, in order.
         steps_before = len(read_metrics(run_dir))
         while len(read_metrics(run_dir)) < steps_before + 2 and time.time() < deadline:
@@ -329,10 +331,44 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(tmp_path
     logged = [r["step"] for r in read_metrics(run_dir)]
     assert logged == list(range(1, len(logged) + 1))
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid  # its leftover note
-    third = subprocess.run([*args, "train.steps=2"], env=_env(), capture_output=True, text=True, timeout=120)
+    third = subprocess.run([*args, "train.steps=2"], env=env(), capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-3000:]
     assert latest_checkpoint(run_dir).name == "step-000000002"
     assert VAE.from_checkpoint(run_dir) is not None
     assert torch.isfinite(
         torch.cat([t.flatten() for t in VAE.from_checkpoint(run_dir).state_dict().values()])
     ).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rollback on two processes
+
+
+def test_two_processes_roll_back_together_and_stop_together_when_rollbacks_run_out(tmp_path):
+    # Step 3 is non-finite on rank 1 only, each time it is taken: both ranks skip it, roll back to step 2
+    # together, take it again, and stop together at train.max_rollbacks=1; neither rank is left waiting.
+    run_dir = tmp_path / "run"
+    args = [
+        *SYNTHETIC,
+        f"run.dir={run_dir}",
+        "train.steps=10",
+        "checkpoint.every=1",
+        "train.debug_nonfinite_step=2",
+        "train.debug_nonfinite_rank=1",
+        "train.max_consecutive_skips=1",
+        "train.max_rollbacks=1",
+    ]
+    proc = subprocess.run(
+        accelerate_launch("cpu-2proc.yaml", 2, args), env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("rolled back to step-000000002") == 1
+    # The first rank to stop ends the launch (torchrun then ends the other and prints its own report).
+    stops = [line for line in proc.stderr.splitlines() if "train.max_rollbacks=1" in line]
+    assert stops and all("at step 3" in line and "LR scale 0.5" in line for line in stops), stops
+    assert f'File "{ROOT / "vae_scale"}' not in proc.stderr  # no traceback through the trainer's code
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt.name == "step-000000002"  # the healthy one; step 3 was never saved
+    ranks = [json.loads((ckpt / f"rank-{r}.json").read_text())["weights_fingerprint"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    verify_checkpoint(ckpt)
