@@ -261,6 +261,8 @@ def test_read_only_output_places_are_found_at_start(run, tmp_path):
         "encode --out": ["encode", *r, "--data", "synthetic", "--out", str(ro / "latents")],
         "shards OUT": ["shards", "sample", str(ro)],
         "eval --out": ["eval", *r, "--data", "synthetic", "--out", str(ro / "eval.json")],
+        "sample --out": ["sample", *r, "--n", "4", "--out", str(ro / "grid.png")],
+        "export --out": ["export", *r, "--out", str(ro / "exported"), "--no-stats"],
     }
     for p in (ro, run_in_ro / "checkpoints"):
         p.chmod(0o555)
