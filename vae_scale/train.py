@@ -8,8 +8,9 @@ all-reduce whether every loss and gradient is finite and whether anyone was aske
 optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT.
 Re-running the same command resumes from the newest intact checkpoint of the run folder.
 
-Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the run
-folder writable and not in use by another run (rank 0 locks it for the run's life).
+Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the
+sharding the launch asks for, the run folder writable and not in use by another run (rank 0 locks it for the
+run's life).
 """
 
 from __future__ import annotations
@@ -422,13 +423,14 @@ class StopFlag:
 class Trainer:
     """Holds the prepared model, optimizers, loader and counters of one run."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, plan: FSDPPlan | None = None):
         from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        # What the launch asks for is checked before the process group starts (one line, exit 2).
-        self.plan: FSDPPlan = fsdp_plan(cfg, cuda=torch.cuda.is_available())
+        # What the launch asks for is checked before the process group starts (one line, exit 2); train()
+        # checks it before the run folder is touched and passes the plan on.
+        self.plan: FSDPPlan = plan if plan is not None else fsdp_plan(cfg, cuda=torch.cuda.is_available())
         self.fsdp = self.plan.enabled
         self.acc = acc = build_accelerator(cfg, self.run_dir)
         self.device = acc.device
@@ -998,11 +1000,12 @@ def train(cfg: Config) -> dict[str, float]:
     """
     check_trainable(cfg)
     check_resume(cfg)
+    plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
     lock = prepare_run_dir(cfg)
     stop = StopFlag()
     stop.install()
     try:
-        return Trainer(cfg).fit(stop)
+        return Trainer(cfg, plan).fit(stop)
     finally:
         stop.restore()
         if lock is not None:
