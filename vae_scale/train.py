@@ -44,7 +44,7 @@ from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE, DiagonalGaussian
 from vae_scale.monitor import Monitor, image_grid
 from vae_scale.parallel import prepare_model, to_channels_last
-from vae_scale.preflight import WillNotFit, preflight
+from vae_scale.preflight import NotReady, WillNotFit, preflight, problems_before_start
 from vae_scale.synthetic import SYNTHETIC, SyntheticLoader
 
 log = logging.getLogger(__name__)
@@ -264,11 +264,23 @@ def check_resume(cfg: Config) -> None:
         )
 
 
-def prepare_run_dir(cfg: Config) -> RunLock | None:
+def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:
     """Check that the run folder and its checkpoints can be written; rank 0 locks the folder and returns
-    the lock. OutputError (one line naming the place or the run holding it) otherwise."""
+    the lock. OutputError (one line naming the place or the run holding it) otherwise.
+
+    dry_run: the same checks, creating and locking nothing (a missing run folder: its nearest existing
+    parent must be writable).
+    """
     from vae_scale.outputs import check_writable_dir, check_writable_file
 
+    if dry_run:
+        run_dir = Path(cfg.run.dir)
+        existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor))
+        what = "run.dir" if existing == run_dir else f"run.dir {run_dir}: its parent"
+        check_writable_dir(existing, what, create=False)
+        for sub in ("checkpoints", "images"):
+            check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
+        return None
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     for sub in ("checkpoints", "images"):
         check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
@@ -420,13 +432,27 @@ class StopFlag:
 # The trainer
 
 
+SUMMARY_LOSSES = ("loss", "rec", "kl", "perceptual", "g_loss", "d_loss", "se_loss", "eq_loss")
+"""Logged losses the end-of-run summary repeats, in this order, when the run has them."""
+HEADLINE_METRICS = ("psnr", "ssim", "lpips", "rfid", "bpd", "kl", "active_units", "latent_hf_share")
+"""Evaluation results the console line and the summary show, in this order (all are in metrics.jsonl)."""
+
+
+def headline(results: dict[str, float]) -> str:
+    """The evaluation results worth a console line: `psnr 27.31, ssim 0.8123, ...`."""
+    return ", ".join(f"{k} {results[k]:.4g}" for k in HEADLINE_METRICS if k in results) or "no metrics"
+
+
 class Trainer:
     """Holds the prepared model, optimizers, loader and counters of one run."""
 
-    def __init__(self, cfg: Config, plan: FSDPPlan | None = None):
+    def __init__(self, cfg: Config, plan: FSDPPlan | None = None, dry_run: bool = False):
+        """Everything a run needs, built and checked. dry_run: the same, but nothing is written (no
+        config.yaml, no evaluation networks loaded); `plan_lines` say what the launch does."""
         from accelerate.utils import set_seed
 
         self.cfg = cfg
+        self.dry_run = dry_run
         self.run_dir = Path(cfg.run.dir)
         # What the launch asks for is checked before the process group starts (one line, exit 2); train()
         # checks it before the run folder is touched and passes the plan on.
@@ -436,7 +462,7 @@ class Trainer:
         self.device = acc.device
         cfg.train.mixed_precision = str(acc.mixed_precision)  # "auto" resolved: what the run really uses
         set_seed(cfg.train.seed, device_specific=True)  # different noise per rank, repeatable per rank
-        if acc.is_main_process:
+        if acc.is_main_process and not dry_run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         acc.wait_for_everyone()
@@ -512,6 +538,7 @@ class Trainer:
             disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
             strategy=strategy,
         )
+        self.plan_lines = lines
         if acc.is_main_process:
             print("\n".join(lines), flush=True)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, acc)
@@ -526,7 +553,10 @@ class Trainer:
         self.preview: torch.Tensor | None = None
         self._val = None
         self._eval_nets = {}
-        if cfg.eval.every:  # missing LPIPS / Inception weights stop the run here, before any step
+        self.started = time.time()
+        self.last_path: Path | None = None
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        if cfg.eval.every and not dry_run:  # missing LPIPS / Inception weights stop the run here
             from vae_scale.evaluate import load_eval_nets
 
             self._eval_nets = load_eval_nets(cfg, cfg.eval.metrics)
@@ -576,8 +606,12 @@ class Trainer:
             config_yaml=self.cfg.to_yaml(),
             scaler=self.acc.scaler,
         )
-        self.last_saved = self.step
+        self.last_saved, self.last_path = self.step, path
         self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
+        if self.acc.is_main_process:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            self.monitor.write(f"checkpoint  step {self.step} -> {path} ({size})")
         return path
 
     def _after_save_or_restore(self, healthy: bool) -> None:
@@ -866,6 +900,8 @@ class Trainer:
                 **self._eval_nets,
             )
         self.monitor.scalars(self.step, {f"val/{k}": v for k, v in results.items()})
+        self.last_eval = (self.step, results)
+        self.monitor.write(f"eval        step {self.step}: {headline(results)}")
         return results
 
     def _image_shape(self) -> tuple[int, int, int]:
@@ -943,7 +979,37 @@ class Trainer:
                 stop.restore()
             self.loader.close()
             self.monitor.close()
-        return {**last, "step": self.step, "stopped_by": stopped_by or ""}
+        result = {**last, "step": self.step, "stopped_by": stopped_by or ""}
+        if acc.is_main_process:
+            print("\n".join(self.summary(result)), flush=True)
+        return result
+
+    def summary(self, result: dict[str, Any]) -> list[str]:
+        """The end-of-run lines: steps and time, the last logged losses, the last evaluation, and where the
+        report, the checkpoint and the W&B run are."""
+        cfg, monitor = self.cfg, self.monitor
+        seconds = time.time() - self.started
+        how = f", stopped by {result['stopped_by']}" if result["stopped_by"] else ""
+        lines = [
+            "",
+            f"done        step {result['step']} of {cfg.train.steps} in {seconds / 60:.1f} min{how}",
+        ]
+        losses = {k: result[k] for k in SUMMARY_LOSSES if k in result}
+        if losses:
+            lines.append("losses      " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+        if self.last_eval is not None:
+            step, results = self.last_eval
+            lines.append(f"eval        step {step}: {headline(results)}")
+        lines.append(f"report      {self.run_dir / 'report.html'}")
+        if self.last_path is not None:
+            lines.append(f"checkpoint  {self.last_path}")
+        if monitor.wandb is not None:
+            url = getattr(monitor.wandb, "url", None)
+            where = Path(monitor.wandb.dir).parent  # wandb/offline-run-*/files -> the run's own folder
+            lines.append(
+                f"W&B         {url}" if url else f"W&B         offline: upload with `wandb sync {where}`"
+            )
+        return lines
 
     def _log(self, window: LogWindow) -> dict[str, float]:
         """One metrics row from the window's steps (then emptied); {} when it has none."""
@@ -992,16 +1058,27 @@ class Trainer:
 # Entry points
 
 
-def train(cfg: Config) -> dict[str, float]:
+def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     """Train with a resolved config; returns the last logged metrics plus the final step.
 
-    Checks everything that can be checked before a process group starts or a file is written; a stop
-    signal from then on ends the run with a checkpoint at the end of the step in flight.
+    Checks everything that can be checked before a process group starts or a file is written (NotReady
+    lists every missing thing at once); a stop signal from then on ends the run with a checkpoint at the end
+    of the step in flight. dry_run: the checks, then the Trainer built as the run would build it and its
+    plan printed; nothing is trained or written. Returns {} then.
     """
     check_trainable(cfg)
     check_resume(cfg)
     plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
-    lock = prepare_run_dir(cfg)
+    problems = problems_before_start(cfg)
+    if problems:
+        raise NotReady(problems)
+    lock = prepare_run_dir(cfg, dry_run=dry_run)
+    if dry_run:
+        trainer = Trainer(cfg, plan, dry_run=True)
+        trainer.loader.close()
+        if trainer.acc.is_main_process:
+            print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
+        return {}
     stop = StopFlag()
     stop.install()
     try:
@@ -1013,15 +1090,22 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    """`vae-scale train --config NAME|PATH [key=value ...]`."""
+    """`vae-scale train --config NAME|PATH [--dry-run] [key=value ...]`."""
     from vae_scale.cli import config_parser
 
-    args = config_parser("vae-scale train", "Train a VAE.").parse_args(argv)
+    p = config_parser("vae-scale train", "Train a VAE.")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything a run needs (data, validation samples, weights, W&B login, the checkpoint to "
+        "resume, writable outputs), print the plan (processes, batch, precision, sharding, memory) and exit",
+    )
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
-        train(cfg)
+        train(cfg, dry_run=args.dry_run)
     except WillNotFit as e:
         log.error("%s", e)
         return 2
