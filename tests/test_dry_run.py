@@ -25,7 +25,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 def test_dry_run_names_every_missing_thing_at_once(tmp_path, capsys, monkeypatch):
+    import wandb
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # An earlier in-process run leaves wandb's settings offline, where login asks for no key; a fresh
+    # process (what the check is for) starts without them.
+    wandb.teardown()
     monkeypatch.setenv("HOME", str(tmp_path))  # no W&B login on this machine
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached VGG16 / Inception
     write_photo_like_images(tmp_path / "photos", 4)
