@@ -50,6 +50,7 @@ def shards(tmp_path_factory):
     return root / "out"
 
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_end_with_the_same_weights_when_the_decoder_runs_three_times(tmp_path, shards):
     common = [
         *TINY,

@@ -168,6 +168,7 @@ def test_bf16_autocast_matches_fp32():
         assert values[torch.bfloat16][k] == pytest.approx(v, rel=3e-2), k
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_batch(tmp_path):
     """batch 2 x 2 micro-batches = batch 4 with the term on every micro-batch (synthetic data gives both
     the same images); and the term changes the weights."""
