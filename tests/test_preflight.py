@@ -128,11 +128,16 @@ def _empty_tar(path):
 
 
 def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
+    import wandb
+
     from vae_scale.preflight import problems_before_start
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login on this machine
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached VGG16 / Inception
+    # An earlier run in this process leaves wandb's settings singleton in conftest's WANDB_MODE=offline, in
+    # which login() asks for no key; a fresh process (what the check is for) has none.
+    wandb.teardown()
     empty_val = _empty_tar(tmp_path / "shards" / "val-000000.tar")
     cfg = load_config(
         "demo",

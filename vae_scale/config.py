@@ -174,6 +174,9 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    SE_FACTORS: typing.ClassVar[tuple[int, ...]] = (2, 4)
+    EQ_TRANSFORMS: typing.ClassVar[tuple[str, ...]] = ("scale", "rotate", "flip")
+
     recon: str = "l1"
     """Reconstruction term: l1 | l2 | gaussian (learned log-variance) | logistic (discretised, bits/dim)."""
     kl_weight: float = 1e-6
@@ -206,17 +209,42 @@ class LossConfig:
     """PatchGAN discriminator width of its first layer (taming's ndf)."""
     disc_lr: float = 0.0
     """Discriminator learning rate; 0 means optim.lr."""
+    se_weight: float = 0.0
+    """Scale equivariance: weight of decode(down(z)) against down(x), down = 2x/4x box average; 0 is off."""
+    se_prob: float = 1.0
+    """Scale equivariance: probability that a micro-batch gets the term."""
+    se_factors: list[int] = field(default_factory=lambda: [2, 4])
+    """Scale equivariance: downsampling factors (from 2, 4), one drawn per micro-batch."""
+    eq_weight: float = 0.0
+    """EQ-VAE: weight of decode(T(z)) against T(x), T a random scale, rotation or flip; 0 is off."""
+    eq_prob: float = 0.5
+    """EQ-VAE: probability that a micro-batch gets the term."""
+    eq_transforms: list[str] = field(default_factory=lambda: ["scale", "rotate", "flip"])
+    """EQ-VAE: transform families drawn from (scale | rotate | flip), one drawn per micro-batch."""
+    eq_scale_min: float = 0.25
+    """EQ-VAE: scale factors are drawn uniformly from [eq_scale_min, 1)."""
 
     def __post_init__(self):
         _check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
         _check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
         nonnegative = ("kl_weight", "kl_warmup_steps", "free_bits", "perceptual_weight", "disc_weight")
-        for key in (*nonnegative, "disc_start", "disc_lr"):
+        for key in (*nonnegative, "disc_start", "disc_lr", "se_weight", "eq_weight"):
             _check_range(f"loss.{key}", getattr(self, key), low=0)
         for key in ("logvar_init", "log_scale_init"):
             _check_range(f"loss.{key}", getattr(self, key))
         for key in ("disc_layers", "disc_channels"):
             _check_positive(f"loss.{key}", getattr(self, key))
+        for key in ("se_prob", "eq_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"loss.{key} must be in [0, 1], got {getattr(self, key)}")
+        if not self.se_factors or any(f not in self.SE_FACTORS for f in self.se_factors):
+            raise ConfigError(f"loss.se_factors must list factors from {{2, 4}}, got {self.se_factors}")
+        if not self.eq_transforms:
+            raise ConfigError("loss.eq_transforms must list at least one of scale | rotate | flip")
+        for t in self.eq_transforms:
+            _check_choice("loss.eq_transforms", t, self.EQ_TRANSFORMS)
+        if not 0.0 < self.eq_scale_min < 1.0:
+            raise ConfigError(f"loss.eq_scale_min must be in (0, 1), got {self.eq_scale_min}")
 
 
 @dataclass
@@ -332,14 +360,24 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    METRICS: typing.ClassVar[tuple[str, ...]] = ("psnr", "ssim", "bpd", "kl", "active_units", "lpips", "rfid")
+    METRICS: typing.ClassVar[tuple[str, ...]] = (
+        "psnr",
+        "ssim",
+        "bpd",
+        "kl",
+        "active_units",
+        "lpips",
+        "rfid",
+        "spectrum",
+        "equivariance",
+    )
 
     every: int = 0
     """Evaluate on data.val every N steps; 0 is off."""
     max_batches: int = 0
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
-    """Metrics to compute: psnr ssim bpd kl active_units lpips (LPIPS weights on disk) rfid (Inception)."""
+    """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
     iw: int = 0

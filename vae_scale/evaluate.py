@@ -22,6 +22,14 @@ reconstruction from the posterior mean (clamped to [-1, 1]); bits/dim and KL are
 - active_units: latent channels whose posterior mean varies across images, Var(E_q[z_c]) > 0.01 (Burda et
   al.'s A_u; for convolutional latents pooled over positions, which are close to stationary).
 - lpips: LPIPS-VGG v0.1 (vae_scale.losses.LPIPS) from weights on local disk, never downloaded.
+- spectrum: how much high-frequency energy the latents (posterior means) carry next to the images
+  (vae_scale/spectrum.py): `latent_hf_share` (and per channel, `latent_hf_share/<c>`) and `rgb_hf_share`,
+  the share of the 2D-DCT energy in the upper half of the radial frequencies, and the radially averaged
+  spectra `spectrum/latent/<k>` and `spectrum/rgb/<k>` (bin k of 16, empty bins left out), normalised so
+  that white noise is 1 everywhere.
+- equivariance: `equivariance/<family>`, PSNR (dB) of decode(T(z)) against T(x), z the posterior mean, for
+  one transform per family (vae_scale/equivariance.py EVAL_TRANSFORMS: down2, down4, scale, rotate, flip).
+  A decoder that commutes with T scores its plain reconstruction PSNR.
 - rfid: the Frechet distance between Inception features of the inputs and of their reconstructions, with a
   TorchScript Inception read from disk (NVIDIA's inception-2015-12-05.pt, as used by StyleGAN2-ADA,
   StyleGAN3, EDM and clean-fid, called on uint8 images with return_features=True). Reference numbers
@@ -65,12 +73,14 @@ from vae_scale.commands import (
     tiling_from_args,
 )
 from vae_scale.config import Config, EvalConfig, LossConfig
+from vae_scale.equivariance import EVAL_TRANSFORMS
 from vae_scale.outputs import check_writable_file
+from vae_scale.spectrum import BINS, hf_share, radial_spectrum, spectrum_sums
 
 log = logging.getLogger(__name__)
 
 METRICS = EvalConfig.METRICS
-"""Metric names: psnr ssim bpd kl active_units lpips rfid."""
+"""Metric names: psnr ssim bpd kl active_units lpips rfid spectrum equivariance."""
 ACTIVE_THRESHOLD = 0.01
 """A latent channel is active when the variance of its posterior mean across images exceeds this."""
 SSIM_WINDOW = 7
@@ -388,7 +398,8 @@ def evaluate(
     larger than a tile tile by tile (batches may then hold images of any size, e.g. one native-size image
     each).
     Returns floats: samples, mse (always), and those asked for of psnr, ssim, bpd, bpd_iw, kl and
-    kl_channel/<c>, active_units, lpips, rfid.
+    kl_channel/<c>, active_units, lpips, rfid, latent_hf_share[/<c>], rgb_hf_share, spectrum/latent|rgb/<k>
+    and equivariance/<family>.
     """
     metrics = check_metrics(metrics)
     device = torch.device(device)
@@ -424,6 +435,12 @@ def evaluate(
         )
     ]
     sum_shapes += [(name, (C,)) for name in ("kl_channel", "mu", "mu2")]
+    if "spectrum" in metrics:
+        sum_shapes += [("latent_energy", (C, BINS)), ("latent_count", (BINS,))]
+        sum_shapes += [("latent_hf", (C,)), ("latent_total", (C,))]
+        sum_shapes += [("rgb_energy", (BINS,)), ("rgb_count", (BINS,)), ("rgb_hf", ()), ("rgb_total", ())]
+    if "equivariance" in metrics:
+        sum_shapes += [(f"equivariance/{name}", ()) for name in EVAL_TRANSFORMS]
     if "rfid" in metrics:
         inception = inception.to(device)
         D = inception.dim
@@ -483,6 +500,19 @@ def evaluate(
                 if iw:
                     log_px = torch.logsumexp(torch.stack(log_w), 0) - math.log(iw)
                     sums["iw"] -= log_px.sum()
+            if "spectrum" in metrics:
+                for side, t in (("latent", mean), ("rgb", x)):
+                    parts = spectrum_sums(t)
+                    sums[f"{side}_energy"] += parts["energy"] if side == "latent" else parts["energy"].sum(0)
+                    sums[f"{side}_count"] += parts["count"]
+                    for name in ("hf", "total"):
+                        sums[f"{side}_{name}"] += parts[name] if side == "latent" else parts[name].sum()
+            if "equivariance" in metrics:
+                f, z = vae.config.downsample_factor, post.mode()
+                for name, t in EVAL_TRANSFORMS.items():
+                    z_t = t.apply(z)
+                    x_t = (vae.decode(z_t, tiled=tiled) if tiled else vae.decode(z_t)).float().clamp(-1, 1)
+                    sums[f"equivariance/{name}"] += psnr(x_t, t.apply(x, f)).double().sum()
             if lpips is not None:
                 sums["lpips"] += lpips(x_rec, x).double().sum()
             if "rfid" in metrics:
@@ -522,6 +552,18 @@ def evaluate(
         positions = float(total["positions"])
         activity = total["mu2"] / positions - (total["mu"] / positions).square()
         out["active_units"] = float((activity > ACTIVE_THRESHOLD).sum())
+    if "spectrum" in metrics:
+        out["latent_hf_share"] = float(hf_share(total["latent_hf"].sum(), total["latent_total"].sum()))
+        per_channel = hf_share(total["latent_hf"], total["latent_total"])
+        out.update({f"latent_hf_share/{c}": float(v) for c, v in enumerate(per_channel)})
+        out["rgb_hf_share"] = float(hf_share(total["rgb_hf"], total["rgb_total"]))
+        for side in ("latent", "rgb"):
+            curve = radial_spectrum(total[f"{side}_energy"], total[f"{side}_count"])
+            out.update({f"spectrum/{side}/{k}": float(v) for k, v in enumerate(curve) if not math.isnan(v)})
+    if "equivariance" in metrics:
+        out.update(
+            {f"equivariance/{name}": float(total[f"equivariance/{name}"]) / n for name in EVAL_TRANSFORMS}
+        )
     if "lpips" in metrics:
         out["lpips"] = float(total["lpips"]) / n
     if "rfid" in metrics:
@@ -627,6 +669,16 @@ def format_table(
     if "active_units" in results:
         of = f" / {latent_channels}" if latent_channels else ""
         rows.append(("active latent channels", f"{int(results['active_units'])}{of}"))
+    if "latent_hf_share" in results:
+        rows.append(("high-frequency share, latent", f"{results['latent_hf_share']:.4f}"))
+        per = _indexed(results, "latent_hf_share/")
+        rows.append(("  per latent channel", " ".join(f"{v:.3f}" for v in per)))
+        rows.append(("high-frequency share, RGB", f"{results['rgb_hf_share']:.4f}"))
+        for side in ("latent", "rgb"):
+            curve = _indexed(results, f"spectrum/{side}/")
+            rows.append((f"spectrum, {side} (by frequency)", " ".join(f"{v:.3g}" for v in curve)))
+    for key in sorted(k for k in results if k.startswith("equivariance/")):
+        rows.append((f"equivariance PSNR, {key.split('/', 1)[1]} (dB)", f"{results[key]:.2f}"))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = [f"| {'metric':<{width}} | {'value':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
@@ -634,6 +686,12 @@ def format_table(
     if likelihood and "bpd" in results:
         lines.append(f"\nbits/dim likelihood: {likelihood}")
     return "\n".join(lines)
+
+
+def _indexed(results: dict[str, float], prefix: str) -> list[float]:
+    """The values of prefix<i> keys in the order of i."""
+    keys = [k for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    return [results[k] for k in sorted(keys, key=lambda k: int(k[len(prefix) :]))]
 
 
 def eval_main(argv: list[str]) -> int:

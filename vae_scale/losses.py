@@ -6,6 +6,8 @@ scale of a per-pixel mean (what gradient clipping and learning rates are tuned a
 
     loss = mean_b( nll_sum_b + w_kl(step) * kl_b ) / P  +  perceptual_weight * mean_b(lpips_b)
            + d_weight * disc_factor(step) * g_loss
+           + sum over T drawn this micro-batch: weight_T * [the first line's reconstruction terms for
+                                                             decode(T(z)) against T(x)]
 
 nll_sum_b is the reconstruction NLL summed over the P pixels of image b (so mean_b(nll_sum_b) / P is simply
 the mean over every element), kl_b the KL of its posterior summed over the latent (or the free-bits form),
@@ -13,7 +15,9 @@ w_kl(step) = kl_weight * min(1, step / kl_warmup_steps). LDM adds LPIPS to every
 which summed and divided by P is perceptual_weight * lpips_b: the same thing, except that LDM also divides it
 by exp(logvar), and here the likelihood stays a pure likelihood (identical for l1/l2, whose logvar is 0 as in
 LDM's trained models). d_weight is LDM's adaptive weight, from the gradients of the first two terms (LDM's
-`nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last layer.
+`nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last layer. The last line holds the
+diffusability regularisers (vae_scale/equivariance.py): scale equivariance (T a 2x/4x downsampling, weight
+se_weight) and EQ-VAE (T a scaling, rotation or flip, weight eq_weight), each at its own image size.
 
 With recon=logistic, kl_weight=1 and no warm-up/free bits, loss / ln 2 is exactly the negative ELBO in bits
 per dimension of the 8-bit images; `bits_per_dim` is logged with the unweighted KL whatever the schedule.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from vae_scale.config import ConfigError, LossConfig
 
 if TYPE_CHECKING:
+    from vae_scale.equivariance import TransformedDecode
     from vae_scale.model import DiagonalGaussian
 
 
@@ -54,6 +60,8 @@ BIN_HALF_WIDTH = 1.0 / 255.0
 """8-bit value k sits at k / 127.5 - 1 in [-1, 1]; bins are 2/255 wide."""
 LOG_SCALE_MIN = -7.0
 """Floor of the logistic's log-scale, as in PixelCNN++ (keeps the finest bin probability representable)."""
+LPIPS_MIN_SIZE = 16
+"""Smallest image side LPIPS-VGG takes: its fifth block sees 1/16 of the input's size."""
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -488,13 +496,13 @@ class VAELoss(nn.Module):
         return rec, nll
 
     def _reconstruction_loss(
-        self, x: torch.Tensor, x_hat: torch.Tensor, logs: dict[str, torch.Tensor]
+        self, x: torch.Tensor, x_hat: torch.Tensor, logs: dict[str, torch.Tensor], perceptual: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(LDM's nll_loss: NLL mean plus the perceptual term, the NLL mean, the distance mean)."""
         rec, nll = self._reconstruction(x.float(), x_hat.float())
         nll_loss = nll.mean()  # = mean_b(nll summed over the image) / P
         rec_loss = nll_loss
-        if self.perceptual is not None:
+        if self.perceptual is not None and perceptual:
             perceptual = self.perceptual(x_hat, x).mean()
             rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
             logs["perceptual"] = perceptual.detach()
@@ -522,6 +530,32 @@ class VAELoss(nn.Module):
         weight = rec_w.norm() / (g_w.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
+    def transformed_loss(
+        self, x: torch.Tensor, transformed: Sequence[TransformedDecode], logs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The scale-equivariance and EQ-VAE terms: sum of weight * (NLL mean + perceptual) of each decode
+        of a transformed latent against the image under the same transform, at its size (0-dim, float32).
+
+        The perceptual term applies to targets of at least LPIPS_MIN_SIZE px a side (VGG16 pools four times).
+        Logs se_loss / eq_loss, the weighted term, for each term that is on (0 when not drawn this time).
+        """
+        weights = {"se": self.cfg.se_weight, "eq": self.cfg.eq_weight}
+        for term, weight in weights.items():
+            if weight > 0:
+                logs[f"{term}_loss"] = torch.zeros((), device=x.device)
+        total = torch.zeros((), device=x.device)
+        for d in transformed:
+            if not weights.get(d.term, 0.0) > 0:
+                raise ValueError(f"a transformed decode for term {d.term!r}, whose loss.{d.term}_weight is 0")
+            target = d.target(x.float())
+            rec_loss, _, _ = self._reconstruction_loss(
+                target, d.x_hat, {}, perceptual=min(target.shape[-2:]) >= LPIPS_MIN_SIZE
+            )
+            term = weights[d.term] * rec_loss
+            total = total + term
+            logs[f"{d.term}_loss"] = term.detach()
+        return total
+
     # -- the two steps -------------------------------------------------------------------------------------
 
     def autoencoder_loss(
@@ -532,6 +566,7 @@ class VAELoss(nn.Module):
         kl: torch.Tensor,
         step: int,
         last_layer: LastLayer | None = None,
+        transformed: Sequence[TransformedDecode] = (),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss (0-dim, float32) and logs (0-dim detached tensors, no host sync).
 
@@ -540,7 +575,8 @@ class VAELoss(nn.Module):
         decoder's last convolution with the input of this forward, for the adaptive adversarial weight
         (None: loss.disc_weight). Logs: loss, rec, nll (nats per pixel for gaussian/logistic), kl (per
         image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight, disc_factor], [bits_per_dim],
-        [logvar | log_scale].
+        [logvar | log_scale], [se_loss], [eq_loss]. transformed: decodes of transformed latents from this
+        forward, for the scale-equivariance and EQ-VAE terms (transformed_loss), added as ordinary terms.
 
         With the adversarial term on and gradients enabled, the terms that depend on x_hat are computed on a
         detached copy, their gradients w.r.t. it taken there, weighted, and sent into the model through x_hat
@@ -585,6 +621,8 @@ class VAELoss(nn.Module):
                 "d_weight": d_weight.detach(),
                 "disc_factor": torch.tensor(factor, device=x.device),
             }
+        if self.cfg.se_weight > 0 or self.cfg.eq_weight > 0 or transformed:
+            loss = loss + self.transformed_loss(x, transformed, logs)
 
         logs |= {
             "loss": loss.detach(),

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from vae_scale.checkpoint import write_atomic
+from vae_scale.spectrum import bin_centres
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
@@ -109,6 +110,26 @@ class Monitor:
                 {f"images/{k}": wandb.Image(str(self.images_dir / v)) for k, v in self.latest_images.items()},
                 step=step,
             )
+
+    def spectrum(self, step: int, results: dict[str, float]) -> None:
+        """Plot the latent's and the images' radially averaged spectra (evaluate's spectrum/<side>/<k>) into
+        spectrum.svg, which report.html shows, and to W&B as a line plot."""
+        if not self.main:
+            return
+        curves = spectrum_curves(results)
+        write_atomic(self.run_dir / SPECTRUM_FILE, spectrum_svg(curves, step))
+        if self.wandb is not None:
+            import wandb
+
+            names = sorted(curves)
+            plot = wandb.plot.line_series(
+                xs=[[f for f, _ in curves[n]] for n in names],
+                ys=[[v for _, v in curves[n]] for n in names],
+                keys=names,
+                title="radially averaged spectrum (1 = white noise)",
+                xname="radial frequency / Nyquist",
+            )
+            self.wandb.log({"spectrum": plot}, step=step)
 
     def progress(self, step: int, **postfix: float) -> None:
         """Advance the bar to `step` with a short postfix (loss, img/s)."""
@@ -393,6 +414,9 @@ def write_report(run_dir: Path, config_yaml: str, latest_images: dict[str, str])
         ("Images", grids or "<p>No images yet.</p>"),
         ("Config", f"<pre>{html.escape(config_yaml)}</pre>"),
     ]
+    spectrum = spectrum_figure(run_dir)
+    if spectrum:
+        sections.insert(-1, ("Latent spectrum", spectrum))
     body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;vertical-align:top}}
@@ -405,3 +429,82 @@ td,th{{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}}td:nth-chi
     path = run_dir / "report.html"
     write_atomic(path, page)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# The latent spectrum plot (evaluation's `spectrum` metric)
+
+SPECTRUM_FILE = "spectrum.svg"
+"""The newest evaluation's spectrum plot in the run folder; report.html includes it when present."""
+
+
+def spectrum_curves(results: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
+    """{"latent": [(frequency, value)], "rgb": [...]} from spectrum/<side>/<k> keys (bin centres as x)."""
+    centres = bin_centres()
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for key, value in results.items():
+        _, side, k = key.split("/")
+        curves.setdefault(side, []).append((centres[int(k)], float(value)))
+    return {side: sorted(points) for side, points in curves.items()}
+
+
+def spectrum_svg(curves: dict[str, list[tuple[float, float]]], step: int, w: int = 420, h: int = 240) -> str:
+    """An SVG plot of spectra on a log axis: relative power (1 = white noise) against radial frequency."""
+    colours = {"latent": "#1f77b4", "rgb": "#ff7f0e"}
+    values = [v for pts in curves.values() for _, v in pts if v > 0]
+    lo = math.floor(math.log10(min(values))) if values else -1
+    hi = math.ceil(math.log10(max(values))) if values else 1
+    hi = max(hi, lo + 1)
+    left, right, top, bottom = 48, 90, 12, 34
+
+    def sx(f: float) -> float:
+        return left + f * (w - left - right)
+
+    def sy(v: float) -> float:
+        return top + (hi - math.log10(max(v, 10.0**lo))) / (hi - lo) * (h - top - bottom)
+
+    parts = [
+        f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" '
+        'fill="#fafafa" stroke="#bbb"/>'
+    ]
+    for e in range(lo, hi + 1):
+        y = sy(10.0**e)
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" font-size="10" text-anchor="end">1e{e}</text>')
+    for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(
+            f'<text x="{sx(f):.1f}" y="{h - bottom + 13}" font-size="10" text-anchor="middle">{f:g}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + w - right) / 2:.0f}" y="{h - 4}" font-size="10" text-anchor="middle">'
+        "radial frequency / Nyquist</text>"
+    )
+    for i, (side, pts) in enumerate(sorted(curves.items())):
+        colour = colours.get(side, "#2ca02c")
+        path = " ".join(f"{sx(f):.1f},{sy(v):.1f}" for f, v in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        parts += [f'<circle cx="{sx(f):.1f}" cy="{sy(v):.1f}" r="2" fill="{colour}"/>' for f, v in pts]
+        parts.append(
+            f'<text x="{w - right + 6}" y="{top + 12 + 14 * i}" font-size="11" fill="{colour}">'
+            f"{html.escape(side)}</text>"
+        )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">'
+        + "".join(parts)
+        + "</svg>\n"
+        + f"<!-- step {step}: mean energy per DCT coefficient over the mean of all, DC left out -->\n"
+    )
+
+
+def spectrum_figure(run_dir: Path) -> str:
+    """The newest spectrum.svg inline as a figure for the report, or "" before the first evaluation."""
+    path = Path(run_dir) / SPECTRUM_FILE
+    if not path.is_file():
+        return ""
+    return (
+        "<figure>"
+        + path.read_text()
+        + "<figcaption>radially averaged DCT spectrum of the latents (posterior means) and of the images "
+        "at the newest evaluation; 1 = white noise</figcaption>"
+        "</figure>"
+    )

@@ -39,6 +39,7 @@ from vae_scale.checkpoint import (
     verify_checkpoint,
 )
 from vae_scale.config import Config, ConfigError, config_from_dict, load_config
+from vae_scale.equivariance import Transform, TransformedDecode, draw_transforms
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE, DiagonalGaussian
@@ -82,13 +83,28 @@ class Autoencoder(nn.Module):
         """(C, h, w) of the latent of an image of that size."""
         return self.vae.latent_shape(height, width)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, transforms: dict[str, Transform] | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode]]:
+        """(x_hat, posterior, KL per image, decodes of the transformed latents).
+
+        transforms: this micro-batch's {term: Transform} (equivariance.draw_transforms), decoded from the
+        same latent as x_hat. They run here, inside the one forward, because under FSDP every unit's forward
+        is a collective that all ranks must enter together.
+        """
         posterior = self.vae.encode(x)
         if self.sample_posterior:
             z, kl = posterior.sample_kl()
         else:
             z, kl = posterior.mode(), posterior.kl()
-        return self.vae.decode(z), posterior, kl
+        f = self.vae.downsample_factor
+        # Before the main decode: LastLayer keeps the decoder's latest input, and the adversarial weight
+        # must read the main reconstruction's.
+        extra = [
+            TransformedDecode(term, t, self.vae.decode(t.apply(z)), f)
+            for term, t in (transforms or {}).items()
+        ]
+        return self.vae.decode(z), posterior, kl, extra
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """The posterior of x, (B, 3, H, W) in [-1, 1]."""
@@ -703,11 +719,19 @@ class Trainer:
             x = self._images()
             self.data_wait += time.perf_counter() - t0
             sync = micro == accum - 1
+            # The same draw on every rank (FSDP needs the same forwards) and again after a resume.
+            transforms = draw_transforms(cfg.loss, cfg.train.seed, self.step, micro)
             with self._accumulating(self.ae, sync):
                 with acc.autocast():
-                    x_hat, posterior, kl = self.ae(x)
+                    x_hat, posterior, kl, transformed = self.ae(x, transforms)
                     loss, logs = self.criterion.autoencoder_loss(
-                        x, x_hat, posterior, kl, self.step, last_layer=self.last_layer
+                        x,
+                        x_hat,
+                        posterior,
+                        kl,
+                        self.step,
+                        last_layer=self.last_layer,
+                        transformed=transformed,
                     )
                 if (
                     cfg.train.debug_nonfinite_step == self.step
@@ -899,7 +923,11 @@ class Trainer:
                 lockstep=Lockstep(self._any_rank, self._image_shape()) if self.fsdp else None,
                 **self._eval_nets,
             )
+        # The spectra are a plot (latent against RGB), not a curve per frequency bin.
+        curves = {k: results.pop(k) for k in list(results) if k.startswith("spectrum/")}
         self.monitor.scalars(self.step, {f"val/{k}": v for k, v in results.items()})
+        if curves:
+            self.monitor.spectrum(self.step, curves)
         self.last_eval = (self.step, results)
         self.monitor.write(f"eval        step {self.step}: {headline(results)}")
         return results

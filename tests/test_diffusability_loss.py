@@ -1,0 +1,243 @@
+"""The scale-equivariance and EQ-VAE loss terms: by hand, through the trainer's Autoencoder (its extra
+decodes are decode(T(z)) and run before the main one), with the adversarial weight, LPIPS, bf16 autocast,
+gradient accumulation, and a short run that logs the terms, evaluates the spectrum and plots it."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from support import write_photo_like_images
+from test_losses import lpips_dir  # noqa: F401  (the fixture: LPIPS weights in the real file formats)
+
+from vae_scale.checkpoint import latest_checkpoint
+from vae_scale.config import LossConfig, ModelConfig, load_config
+from vae_scale.equivariance import Transform, TransformedDecode
+from vae_scale.losses import LastLayer, VAELoss
+from vae_scale.model import VAE
+from vae_scale.monitor import SPECTRUM_FILE, read_metrics
+from vae_scale.shards import write_shards
+from vae_scale.train import Autoencoder, train
+
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.layers_per_block=1",
+    "model.latent_channels=4",
+    "model.norm_num_groups=4",
+    "model.mid_block_attention=false",
+    "data.resolution=32",
+    "data.workers=0",
+    "optim.lr=1e-3",
+    "log.wandb=disabled",
+    "log.every=1",
+    "log.images_every=0",
+    "checkpoint.every=0",
+]
+
+
+def tiny_model(seed: int = 0) -> Autoencoder:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        mid_block_attention=False,
+    )
+    return Autoencoder(VAE(cfg), None, sample_posterior=False)
+
+
+def images(B: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 3, size, size, generator=g) * 2 - 1).clamp(-1, 1)
+
+
+SE2 = Transform("down", factor=2)
+ROT = Transform("rotate", turns=1)
+
+
+def test_the_terms_by_hand():
+    crit = VAELoss(LossConfig(recon="l1", kl_weight=0.0, se_weight=0.5, eq_weight=2.0))
+    x = images(size=16)
+    x_hat = x + 0.1
+    d_se = TransformedDecode("se", SE2, torch.randn(2, 3, 8, 8, requires_grad=True), unit=2)
+    d_eq = TransformedDecode("eq", ROT, torch.randn(2, 3, 16, 16, requires_grad=True), unit=2)
+    loss, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0, transformed=[d_se, d_eq])
+    se = 0.5 * (d_se.x_hat - F.avg_pool2d(x, 2)).abs().mean()
+    eq = 2.0 * (d_eq.x_hat - torch.rot90(x, 1, (2, 3))).abs().mean()
+    assert logs["se_loss"].item() == pytest.approx(se.item(), rel=1e-6)
+    assert logs["eq_loss"].item() == pytest.approx(eq.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 + se.item() + eq.item(), rel=1e-6)
+    assert logs["loss"].item() == pytest.approx(loss.item())
+    loss.backward()
+    torch.testing.assert_close(
+        d_se.x_hat.grad, 0.5 * torch.sign(d_se.x_hat - F.avg_pool2d(x, 2)).detach() / 384
+    )
+    # A step where neither term was drawn still logs both (0), so every step has the same keys on every rank.
+    loss, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0)
+    assert logs["se_loss"].item() == logs["eq_loss"].item() == 0.0
+    assert loss.item() == pytest.approx(0.1, rel=1e-6)
+    with pytest.raises(ValueError, match="loss.eq_weight is 0"):
+        VAELoss(LossConfig(se_weight=1.0)).autoencoder_loss(
+            x, x_hat, None, torch.zeros(2), 0, transformed=[d_eq]
+        )
+
+
+def test_the_autoencoder_decodes_transformed_latents_before_the_main_one():
+    model = tiny_model()
+    x = images(size=16)
+    last = LastLayer(model.vae.decoder.conv_out)
+    model(x, {"se": SE2})
+    assert last.input.shape[-2:] == (16, 16)  # conv_out last saw the main decode (16 px), not the 8 px one
+    x_hat, post, kl, extra = model(x, {"se": SE2, "eq": ROT})
+    z = post.mode()
+    with torch.no_grad():
+        torch.testing.assert_close(x_hat, model.vae.decode(z))
+        assert [d.term for d in extra] == ["se", "eq"] and all(d.unit == 2 for d in extra)
+        torch.testing.assert_close(extra[0].x_hat, model.vae.decode(F.avg_pool2d(z, 2)))
+        torch.testing.assert_close(extra[1].x_hat, model.vae.decode(torch.rot90(z, 1, (2, 3))))
+        assert extra[0].target(x).shape == extra[0].x_hat.shape == (2, 3, 8, 8)
+    assert model(x)[3] == []
+    last.remove()
+
+
+def test_the_adversarial_weight_reads_the_main_reconstruction():
+    """The adaptive weight is computed from the main decode's last-layer input, whatever else is decoded."""
+    cfg = LossConfig(recon="l1", disc_weight=0.5, disc_start=0, disc_layers=1, disc_channels=8, se_weight=1.0)
+    x = images(size=16)
+    out = {}
+    for name, transforms in (("plain", {}), ("with_se", {"se": SE2})):
+        torch.manual_seed(1)
+        crit = VAELoss(cfg)
+        model = tiny_model()
+        last = LastLayer(model.vae.decoder.conv_out)
+        x_hat, post, kl, extra = model(x, transforms)
+        loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, last_layer=last, transformed=extra)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out[name] = (logs, grads, extra)
+        last.remove()
+    plain, with_se = out["plain"][0], out["with_se"][0]
+    assert with_se["d_weight"].item() == plain["d_weight"].item() != 0.5
+    assert with_se["loss"].item() == pytest.approx(plain["loss"].item() + with_se["se_loss"].item(), rel=1e-6)
+    # and the gradient difference is exactly that of the extra term
+    model = tiny_model()
+    (d,) = out["with_se"][2]
+    z = model.vae.encode(x).mode()
+    se = (model.vae.decode(F.avg_pool2d(z, 2)) - F.avg_pool2d(x, 2)).abs().mean()
+    se.backward()
+    for n, p in model.named_parameters():
+        want = out["plain"][1][n] + p.grad
+        torch.testing.assert_close(out["with_se"][1][n], want, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_perceptual_applies_to_the_transformed_reconstruction(lpips_dir):  # noqa: F811
+    cfg = LossConfig(
+        recon="l1", perceptual_weight=0.5, lpips_path=str(lpips_dir), se_weight=1.0, eq_weight=1.0
+    )
+    crit = VAELoss(cfg)
+    x = images(size=16)
+    d_eq = TransformedDecode("eq", ROT, torch.rand(2, 3, 16, 16) * 2 - 1, unit=2)
+    d_se = TransformedDecode("se", SE2, torch.rand(2, 3, 8, 8) * 2 - 1, unit=2)  # 8 px: under LPIPS' 16
+    _, logs = crit.autoencoder_loss(x, x, None, torch.zeros(2), step=0, transformed=[d_eq, d_se])
+    target = torch.rot90(x, 1, (2, 3))
+    with torch.no_grad():
+        lpips = crit.perceptual(d_eq.x_hat, target).mean()
+    want = (d_eq.x_hat - target).abs().mean() + 0.5 * lpips
+    assert lpips > 0 and logs["eq_loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    want_se = (d_se.x_hat - F.avg_pool2d(x, 2)).abs().mean()
+    assert logs["se_loss"].item() == pytest.approx(want_se.item(), rel=1e-5)
+
+
+def test_bf16_autocast_matches_fp32():
+    cfg = LossConfig(recon="logistic", se_weight=0.5, eq_weight=0.5)
+    x = images(size=16)
+    transforms = {"se": Transform("down", factor=4), "eq": Transform("scale", scale=0.6)}
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, crit = tiny_model(), VAELoss(cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            x_hat, post, kl, extra = model(x, transforms)
+            loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, transformed=extra)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        values[dtype] = {k: logs[k].item() for k in ("loss", "se_loss", "eq_loss")}
+    for k, v in values[torch.float32].items():
+        assert values[torch.bfloat16][k] == pytest.approx(v, rel=3e-2), k
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_equal_one_batch(tmp_path):
+    """batch 2 x 2 micro-batches = batch 4 with the term on every micro-batch (synthetic data gives both
+    the same images); and the term changes the weights."""
+    common = [*TINY, "data.train=synthetic", "train.sample_posterior=false", "train.steps=3"]
+    se = ["loss.se_weight=1.0", "loss.se_factors=[2]"]
+    train(
+        load_config(
+            None, [*common, *se, f"run.dir={tmp_path / 'accum'}", "data.batch_size=2", "train.grad_accum=2"]
+        )
+    )
+    train(load_config(None, [*common, *se, f"run.dir={tmp_path / 'one'}", "data.batch_size=4"]))
+    train(load_config(None, [*common, f"run.dir={tmp_path / 'off'}", "data.batch_size=4"]))
+    w = {
+        name: load_file(latest_checkpoint(tmp_path / name) / "vae.safetensors")
+        for name in ("accum", "one", "off")
+    }
+    for k in w["one"]:
+        torch.testing.assert_close(w["accum"][k], w["one"][k], rtol=1e-4, atol=2e-5, msg=k)
+    assert max((w["one"][k] - w["off"][k]).abs().max().item() for k in w["one"]) > 1e-4
+    rows = read_metrics(tmp_path / "accum")
+    assert all(r["se_loss"] > 0 for r in rows if "loss" in r)
+
+
+def test_a_run_logs_the_terms_evaluates_the_spectrum_and_plots_it(tmp_path):
+    write_photo_like_images(tmp_path / "src", 8)
+    write_shards(
+        str(tmp_path / "src"), tmp_path / "shards", image_format="png", val_fraction=0.25, progress=False
+    )
+    run_dir = tmp_path / "run"
+    train(
+        load_config(
+            None,
+            [
+                *TINY,
+                "data.train=synthetic",
+                f"data.val={tmp_path / 'shards'}",
+                "data.batch_size=2",
+                "train.steps=4",
+                "loss.se_weight=0.5",
+                "loss.se_prob=0.5",
+                "loss.eq_weight=0.5",
+                "loss.eq_prob=0.5",
+                "eval.every=2",
+                "eval.max_batches=1",
+                "eval.metrics=[psnr,spectrum,equivariance]",
+                "log.wandb=offline",  # the plot goes to W&B too
+                f"run.dir={run_dir}",
+            ],
+        )
+    )
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == 4 and all("se_loss" in r and "eq_loss" in r for r in train_rows)
+    assert any(r["se_loss"] == 0 for r in train_rows) or any(r["eq_loss"] == 0 for r in train_rows)
+    val = [r for r in rows if "val/psnr" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    for key in (
+        "val/latent_hf_share",
+        "val/latent_hf_share/3",
+        "val/rgb_hf_share",
+        "val/equivariance/rotate",
+    ):
+        assert key in val[-1], key
+    assert 0 < val[-1]["val/latent_hf_share"] < 1 and val[-1]["val/equivariance/down2"] > 0
+    assert not any(k.startswith("val/spectrum/") for k in val[-1])  # a plot, not a curve per bin
+    svg = (run_dir / SPECTRUM_FILE).read_text()
+    assert "step 4" in svg and svg.count("<polyline") == 2
+    assert "Latent spectrum" in (run_dir / "report.html").read_text()
+    tables = sorted(run_dir.glob("wandb/offline-run-*/files/media/table/spectrum_table_*.table.json"))
+    assert len(tables) == 2  # one W&B line plot per evaluation
+    logged = json.loads(tables[-1].read_text())
+    assert {row[1] for row in logged["data"]} == {"latent", "rgb"}  # (frequency, line, value)
