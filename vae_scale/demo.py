@@ -240,7 +240,7 @@ def report_section(run_dir: Path, rows: list[Row], shown: dict[str, torch.Tensor
 def main(argv: list[str]) -> int:
     """`vae-scale demo [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
     from vae_scale.model import VAE
-    from vae_scale.monitor import latest_images, write_report
+    from vae_scale.monitor import write_report
     from vae_scale.shards import write_shards
     from vae_scale.train import train
 
@@ -307,9 +307,8 @@ def main(argv: list[str]) -> int:
     print(format_rows(rows, pixel_values))
     print(verdict(rows))
     section = report_section(run_dir, rows, shown, pixel_values)
-    report = write_report(
-        run_dir, cfg.to_yaml(), latest_images(run_dir), sections=[("Held-out photographs", section)]
-    )
+    # the run's own grids are found in its images/ folder
+    report = write_report(run_dir, cfg.to_yaml(), {}, sections=[("Held-out photographs", section)])
     print(f"\nreport      {report}")
     print(f"grids       {run_dir / 'images'}/")
     print(
