@@ -126,7 +126,7 @@ def equal_values_size(values: int, height: int, width: int, channels: int = 3) -
 
 
 def compression(values: float, pixel_values: float) -> str:
-    """How many times fewer numbers than the pixels: '64x', '41.0x' (one decimal unless whole)."""
+    """How many times fewer numbers than the pixels: '64x', '2.8x' (one decimal unless near a whole)."""
     ratio = pixel_values / values
     return f"{ratio:.0f}x" if abs(ratio - round(ratio)) < 0.05 else f"{ratio:.1f}x"
 
