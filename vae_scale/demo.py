@@ -29,9 +29,9 @@ from vae_scale.config import load_config
 from vae_scale.evaluate import bicubic_round_trip, compression, equal_values_size, psnr
 
 DEFAULT_TIME_GUARD_S = 1800.0
-"""Stops training after this many seconds: about 6x the preset's steps on 2 CPU cores, so it fires only on
-a machine that stalls. The figures then come from fewer steps, and the demo says they are not the
-reference run's."""
+"""Stops training after this many seconds: several times what the preset's 1000 steps take on 2 CPU cores
+(about 10 minutes even on one busy core), so it fires only on a machine that stalls. The figures then come
+from fewer steps, and the demo says they are not the reference run's."""
 DATA_SOURCE = "sample-color"  # vae_scale.shards.SAMPLE_COLOR_IMAGES; a quarter held out
 SHARD_SIZE = 256  # short side of the photographs in the demo shards
 EVAL_RESOLUTION = 64
