@@ -1,7 +1,8 @@
 """`vae-scale demo` end to end on scikit-image's photographs: shards, training, held-out PSNR, report.
 
 The real preset trains for minutes; here a tiny model trains a few steps through the very same path (the
-demo's overrides go after its own), so what is checked is the pipeline and the report it prints.
+demo's overrides go after its own), so what is checked is the pipeline and the report it prints. The
+verdict is checked on given numbers, both ways.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import json
 import re
 
 import pytest
+import torch
 
 from vae_scale import demo
+from vae_scale.demo import Row, format_rows, verdict
+from vae_scale.evaluate import bicubic_round_trip, psnr
+from vae_scale.model import VAE
 from vae_scale.shards import SAMPLE_COLOR_IMAGES
-
-pytest.importorskip("skimage")
 
 TINY = [
     "model.block_out_channels=[8,16,16]",
@@ -27,9 +30,90 @@ TINY = [
     "log.every=1",
     "log.images_every=3",
 ]
+TABLE_ROW = re.compile(
+    r"^\| (?P<name>[^|]+?) +\| (?P<kept>\d+ x \d+ x \d+ (?:latent|thumbnail)) +\| +(?P<values>[\d,]+) "
+    r"\| +(?P<factor>[\d.]+)x fewer \| +(?P<psnr>[\d.]+) dB \|$",
+    re.M,
+)
+
+
+def rows_of(vae_psnr: float, latent_channels: int = 4) -> list[Row]:
+    """The table of an f8 VAE on 64 px crops with the bicubic figures measured on the demo's crops."""
+    equal = (8, 192, 25.51) if latent_channels == 3 else (10, 300, 26.63)
+    rows = [
+        Row(
+            f"VAE (f8, {latent_channels} latent channels)",
+            f"8 x 8 x {latent_channels} latent",
+            64 * latent_channels,
+            vae_psnr,
+        ),
+        Row(
+            "bicubic, equal values", f"{equal[0]} x {equal[0]} x 3 thumbnail", equal[1], equal[2], equal=True
+        ),
+    ]
+    if latent_channels != 3:
+        rows.append(Row("bicubic 8x", "8 x 8 x 3 thumbnail", 192, 25.51))
+    rows.append(Row("bicubic 4x", "16 x 16 x 3 thumbnail", 768, 29.17))
+    return rows
+
+
+def test_the_verdict_follows_the_table():
+    # the VAE loses to the thumbnail with more numbers, and even to bicubic 8x, which keeps fewer
+    line = verdict(rows_of(24.0))
+    assert line.startswith("verdict: bicubic at equal values beats the VAE, 26.63 against 24.00 dB")
+    assert "the thumbnail keeps 300 numbers per crop, the latent 256" in line
+    assert "so does bicubic 8x with fewer numbers (192, 25.51 dB)" in line
+    # it loses to the equal one only: no baseline with fewer numbers is named
+    line = verdict(rows_of(26.0))
+    assert line.startswith("verdict: bicubic at equal values beats the VAE") and "so does" not in line
+    # it wins: bicubic 4x (more numbers, higher PSNR) does not change the verdict
+    line = verdict(rows_of(26.90))
+    assert line.startswith("verdict: the VAE beats bicubic at equal values, 26.90 against 26.63 dB")
+    # exactly as many numbers (f8 with 3 channels against the 8x thumbnail), both ways
+    assert "both keep 192 numbers per crop" in verdict(rows_of(25.60, latent_channels=3))
+    assert verdict(rows_of(25.60, latent_channels=3)).startswith("verdict: the VAE beats")
+    assert verdict(rows_of(25.40, latent_channels=3)).startswith("verdict: bicubic at equal values beats")
+    # a tie is no win
+    assert verdict(rows_of(26.63)).startswith("verdict: bicubic at equal values beats")
+
+
+def test_every_row_states_its_numbers_and_compression():
+    table = format_rows(rows_of(24.0), pixel_values=64 * 64 * 3)
+    got = {m["name"]: m for m in TABLE_ROW.finditer(table)}
+    assert list(got) == ["VAE (f8, 4 latent channels)", "bicubic, equal values", "bicubic 8x", "bicubic 4x"]
+    assert [(m["values"], m["factor"]) for m in got.values()] == [
+        ("256", "48"),
+        ("300", "41"),  # 40.96
+        ("192", "64"),
+        ("768", "16"),
+    ]
+    assert got["VAE (f8, 4 latent channels)"]["psnr"] == "24.00"
+
+
+@torch.no_grad()
+def test_heldout_rows_give_the_baseline_at_least_the_latents_numbers():
+    torch.manual_seed(0)
+    crops = torch.rand(5, 3, 64, 64) * 2 - 1
+    for latent_channels, equal in ((4, (10, 10)), (3, (8, 8))):
+        tiny_f8 = ["model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"]
+        vae = VAE.from_preset("demo", [*tiny_f8, f"model.latent_channels={latent_channels}"])
+        rows, shown = demo.heldout_rows(vae, crops, batch=2)
+        vae_row, base = rows[0], rows[1]
+        assert (
+            vae_row.values == 8 * 8 * latent_channels and vae_row.kept == f"8 x 8 x {latent_channels} latent"
+        )
+        assert base.equal and base.values >= vae_row.values and base.values == 3 * equal[0] * equal[1]
+        assert base.psnr == pytest.approx(psnr(bicubic_round_trip(crops, size=equal), crops).mean().item())
+        want = psnr(vae.decode(vae.encode(crops).mode()).clamp(-1, 1), crops).mean().item()
+        assert vae_row.psnr == pytest.approx(want, abs=1e-4)
+        names = [r.name for r in rows]
+        # the 8x thumbnail is the equal-values one for 3 channels: it is not listed twice
+        assert names.count("bicubic 8x") == (latent_channels != 3) and "bicubic 4x" in names
+        assert shown["input"].shape == shown["vae"].shape == shown["bicubic"].shape == (5, 3, 64, 64)
 
 
 def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, capsys):
+    pytest.importorskip("skimage")
     data, out = tmp_path / "data", tmp_path / "run"
     assert demo.main(["--data", str(data), "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
@@ -38,20 +122,39 @@ def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, cap
     assert index["source"] == "sample-color" and index["totals"]["written"] == len(SAMPLE_COLOR_IMAGES)
     assert index["splits"]["val"]["samples"] == 2  # a quarter of the 8 colour photographs, never trained on
     crops = demo.heldout_crops(data, demo.EVAL_RESOLUTION)
-    assert crops.shape[1:] == (3, 64, 64) and crops.min() >= -1 and crops.max() <= 1
+    r = demo.EVAL_RESOLUTION
+    assert crops.shape[1:] == (3, r, r) and crops.min() >= -1 and crops.max() <= 1
 
-    assert "trained 3 steps" in text
-    # held-out crops are 64 px whatever the training crop (the demo preset trains on 32 px crops)
-    assert f"held-out PSNR on {len(crops)} crops of 64 px" in text
-    rows = re.findall(r"^  (vae|bicubic 4x|bicubic 8x)\s+([\d.]+) dB$", text, re.M)
-    scores = {k: float(v) for k, v in rows}
-    assert set(scores) == {"vae", "bicubic 4x", "bicubic 8x"}
-    assert scores["bicubic 4x"] > scores["bicubic 8x"] > scores["vae"] > 0  # 3 steps of a tiny model
-    assert "does not beat the bicubic 8x baseline" in text
-    assert (out / "report.html").is_file() and any((out / "images").iterdir())
+    assert "trained 3 steps" in text and "NOTE" not in text
+    assert f"held-out PSNR on {len(crops)} crops of {r} px from unseen photographs ({3 * r * r:,}" in text
+    rows = {m["name"]: m for m in TABLE_ROW.finditer(text)}
+    f4 = r // 4  # the tiny model has 3 levels: f4
+    assert rows["VAE (f4, 4 latent channels)"]["kept"] == f"{f4} x {f4} x 4 latent"
+    base = rows["bicubic, equal values"]
+    assert int(base["values"].replace(",", "")) >= f4 * f4 * 4
+    scores = {k: float(v["psnr"]) for k, v in rows.items()}
+    assert scores["bicubic 4x"] > scores["bicubic 8x"] > scores["VAE (f4, 4 latent channels)"] > 0  # 3 steps
+    # the tiny model loses, and the verdict line says so with the table's own figures
+    vae_psnr, base_psnr = rows["VAE (f4, 4 latent channels)"]["psnr"], base["psnr"]
+    assert float(base_psnr) > float(vae_psnr)
+    assert re.search(
+        rf"^verdict: bicubic at equal values beats the VAE, {base_psnr} against {vae_psnr} dB ", text, re.M
+    )
+
+    report = (out / "report.html").read_text()
+    assert "Held-out photographs" in report and "bicubic, equal values" in report
+    shown = sorted(p.name for p in (out / "images" / "heldout").iterdir())
+    assert len(shown) == 3 * demo.REPORT_CROPS and all(f"images/heldout/{n}" in report for n in shown)
+    assert "reconstruction-000000003.png" in report  # the training grids are still there
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / latest / "COMPLETE").is_file()
 
-    # a second demo reuses the shards and starts a fresh run folder beside the first
-    assert demo.main(["--data", str(data), "--out", str(out), *TINY]) == 0
+    # a second demo reuses the shards and starts a fresh run folder beside the first; a time guard that
+    # fires stops it early, and the output says its figures are not the reference run's
+    assert demo.main(["--data", str(data), "--out", str(out), "--time-guard", "1e-9", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "writing shards" not in text
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run")]) == 2
+    assert re.search(
+        r"NOTE: the time guard \(1e-09 s\) stopped training after [12] of 3 steps: these figures", text
+    )

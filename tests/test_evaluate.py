@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,8 +18,12 @@ from vae_scale.config import load_config
 from vae_scale.evaluate import (
     InceptionFeatures,
     MetricError,
+    baseline_verdict,
+    bicubic_round_trip,
+    equal_values_size,
     eval_main,
     evaluate,
+    format_table,
     frechet_distance,
     load_inception,
     psnr,
@@ -233,6 +238,46 @@ def test_sums_are_reduced_once_and_exactly(run):
         assert split[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
 
 
+def test_the_bicubic_baseline_keeps_at_least_the_latents_numbers(run):
+    # the smallest thumbnail of the image's shape with as many numbers; exactly as many when they divide
+    assert equal_values_size(192, 64, 64) == (8, 8)  # f8, 3 channels: the 8x thumbnail
+    assert equal_values_size(256, 64, 64) == (10, 10)  # f8, 4 channels: 300 (9 x 9 x 3 would be 243)
+    assert equal_values_size(4096, 256, 256) == (37, 37)
+    assert equal_values_size(100, 32, 64) == (5, 10)  # 4 x 8 x 3 = 96 is too few
+    assert equal_values_size(10**6, 16, 16) == (16, 16)  # never above the image itself
+    run_dir, _ = run
+    vae = VAE.from_checkpoint(run_dir)  # f2, 4 latent channels: 16 x 16 x 4 = 1,024 numbers per 32 px image
+    x = images_8bit(6, 32, seed=7).float()
+    got = evaluate(
+        vae,
+        [{"images": x[:4], "count": 4}, {"images": x[4:], "count": 2}],
+        metrics=["psnr"],
+        device="cpu",
+        baseline=True,
+    )
+    assert (got["latent_values"], got["pixel_values"], got["bicubic_values"]) == (1024, 3072, 3 * 19 * 19)
+    assert got["psnr_bicubic"] == pytest.approx(psnr(bicubic_round_trip(x, size=(19, 19)), x).mean().item())
+    assert "psnr_bicubic" not in evaluate(vae, [{"images": x, "count": 6}], metrics=["psnr"], device="cpu")
+
+    table = format_table(got)
+    assert re.search(r"^\| numbers kept per image: latent +\| +1,024 \(3x fewer\) \|$", table, re.M)
+    assert re.search(
+        r"^\| numbers kept per image: bicubic thumbnail \| +1,083 \(2.8x fewer\) \|$", table, re.M
+    )
+    assert re.search(rf"^\| PSNR \(dB\), bicubic thumbnail +\| +{got['psnr_bicubic']:.2f} \|$", table, re.M)
+    assert table.splitlines()[-1] == baseline_verdict(got)
+
+
+def test_the_baseline_verdict_follows_the_numbers():
+    base = {"latent_values": 256.0, "bicubic_values": 300.0, "pixel_values": 12288.0, "psnr_bicubic": 26.63}
+    line = baseline_verdict({**base, "psnr": 24.0})
+    assert "bicubic beats the VAE (26.63 against 24.00 dB)" in line
+    assert "300 numbers per image against the latent's 256 (41x fewer than the pixels)" in line
+    assert "the VAE beats bicubic (27.00 against 26.63 dB)" in baseline_verdict({**base, "psnr": 27.0})
+    same = {**base, "bicubic_values": 256.0, "psnr": 26.0}
+    assert "keeping the same 256 numbers per image (48x fewer than the pixels)" in baseline_verdict(same)
+
+
 class _Features(torch.nn.Module):
     """A stand-in feature extractor with the calling convention of NVIDIA's inception-2015-12-05.pt."""
 
@@ -323,6 +368,9 @@ def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys)
         "| KL per latent",
         "| active latent channels",
         "discretised logistic, learned scale",
+        "| numbers kept per image: latent ",
+        "| PSNR (dB), bicubic thumbnail ",
+        "baseline: bicubic down to a thumbnail and back up",
     ):
         assert row in table, row
     out, err = proc.communicate(timeout=240)
@@ -335,4 +383,4 @@ def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys)
         assert two["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     m = one["metrics"]
     assert m["bpd_iw"] < m["bpd"] and 0 < m["ssim"] < 1 and m["kl"] > 0
-    assert out.count("| PSNR (dB)") == 1  # only the main process prints
+    assert out.count("| PSNR (dB) ") == 1  # only the main process prints

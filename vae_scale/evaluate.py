@@ -107,13 +107,40 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
-def bicubic_round_trip(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Downsample by `factor` (antialiased bicubic) and back up (bicubic): the baseline a VAE must beat."""
+def bicubic_round_trip(
+    x: torch.Tensor, factor: int | None = None, *, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Downsample (antialiased bicubic) by `factor` or to a `size` (h, w) thumbnail, and back up (bicubic).
+
+    The baseline a VAE must beat: the thumbnail keeps 3 * h * w numbers per image, its latent C * h' * w'.
+    """
     h, w = x.shape[-2:]
-    small = F.interpolate(
-        x.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False
-    )
+    if size is None:
+        if factor is None:
+            raise ValueError("bicubic_round_trip needs a factor or a size")
+        size = (h // factor, w // factor)
+    small = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def equal_values_size(values: int, height: int, width: int, channels: int = 3) -> tuple[int, int]:
+    """The smallest thumbnail (h, w) of an image's aspect ratio that keeps at least `values` numbers.
+
+    channels * h * w >= values, so a baseline at this size never keeps fewer numbers than the latent it is
+    compared with (exactly as many when they divide: 8 x 8 x 3 for an f8 latent of 3 channels). Capped at
+    the image's own size.
+    """
+    for h in range(1, height + 1):
+        w = max(1, round(h * width / height))
+        if channels * h * w >= values:
+            return h, min(w, width)
+    return height, width
+
+
+def compression(values: float, pixel_values: float) -> str:
+    """How many times fewer numbers than the pixels: '64x', '2.8x' (one decimal unless near a whole)."""
+    ratio = pixel_values / values
+    return f"{ratio:.0f}x" if abs(ratio - round(ratio)) < 0.05 else f"{ratio:.1f}x"
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -384,6 +411,7 @@ def evaluate(
     seed: int = 0,
     lockstep: Lockstep | None = None,
     tiled: Any = False,
+    baseline: bool = False,
 ) -> dict[str, float]:
     """Metrics of `vae` over every sample of `batches`, the same on every rank (see the module docstring).
 
@@ -397,9 +425,12 @@ def evaluate(
     counted nowhere) until every rank is done. tiled: True or a model.Tiling encodes and decodes images
     larger than a tile tile by tile (batches may then hold images of any size, e.g. one native-size image
     each).
+    baseline: also measure, per image, the numbers the latent keeps (latent_values), the image's own
+    (pixel_values), and the PSNR of bicubic through a thumbnail that keeps at least as many numbers
+    (psnr_bicubic, bicubic_values; see equal_values_size).
     Returns floats: samples, mse (always), and those asked for of psnr, ssim, bpd, bpd_iw, kl and
-    kl_channel/<c>, active_units, lpips, rfid, latent_hf_share[/<c>], rgb_hf_share, spectrum/latent|rgb/<k>
-    and equivariance/<family>.
+    kl_channel/<c>, active_units, lpips, rfid, latent_hf_share[/<c>], rgb_hf_share, spectrum/latent|rgb/<k>,
+    equivariance/<family>, and the baseline's.
     """
     metrics = check_metrics(metrics)
     device = torch.device(device)
@@ -434,6 +465,10 @@ def evaluate(
             "positions",
         )
     ]
+    if baseline:
+        sum_shapes += [
+            (name, ()) for name in ("psnr_bicubic", "latent_values", "bicubic_values", "pixel_values")
+        ]
     sum_shapes += [(name, (C,)) for name in ("kl_channel", "mu", "mu2")]
     if "spectrum" in metrics:
         sum_shapes += [("latent_energy", (C, BINS)), ("latent_count", (BINS,))]
@@ -482,6 +517,13 @@ def evaluate(
             sums["mu"] += mean.double().sum((0, 2, 3))
             sums["mu2"] += mean.double().square().sum((0, 2, 3))
             sums["positions"] += n * mean.shape[2] * mean.shape[3]
+            if baseline:
+                values, (H, W) = mean[0].numel(), x.shape[-2:]
+                size = equal_values_size(values, H, W, x.shape[1])
+                sums["psnr_bicubic"] += psnr(bicubic_round_trip(x, size=size), x).double().sum()
+                sums["latent_values"] += n * values
+                sums["bicubic_values"] += n * x.shape[1] * size[0] * size[1]
+                sums["pixel_values"] += n * x[0].numel()
             if need_sample:
                 std = torch.exp(0.5 * logvar)
                 log_w = []
@@ -566,6 +608,9 @@ def evaluate(
         )
     if "lpips" in metrics:
         out["lpips"] = float(total["lpips"]) / n
+    if baseline:
+        out.update({k: float(total[k]) / n for k in ("latent_values", "pixel_values", "bicubic_values")})
+        out["psnr_bicubic"] = float(total["psnr_bicubic"]) / n
     if "rfid" in metrics:
         stats = []
         for side in ("real", "fake"):
@@ -640,8 +685,21 @@ def likelihood_name(criterion) -> str:
 def format_table(
     results: dict[str, float], likelihood: str = "", latent_channels: int | None = None, iw: int = 0
 ) -> str:
-    """The results as a markdown table (what `vae-scale eval` prints), the likelihood of bits/dim below."""
+    """The results as a markdown table (what `vae-scale eval` prints), the likelihood of bits/dim below.
+
+    With the baseline's results (evaluate(..., baseline=True)) the table says how many numbers the latent
+    and the bicubic thumbnail keep per image against the pixels, and a line below says which reconstructs
+    better.
+    """
     rows = [("samples", f"{int(results['samples'])}")]
+    base = "latent_values" in results and "psnr_bicubic" in results
+    if base:
+        pixels = results["pixel_values"]
+        for name, key in (("latent", "latent_values"), ("bicubic thumbnail", "bicubic_values")):
+            values = results[key]
+            rows.append(
+                (f"numbers kept per image: {name}", f"{values:,.0f} ({compression(values, pixels)} fewer)")
+            )
     fmt = {
         "psnr": ("PSNR (dB)", "{:.2f}"),
         "ssim": ("SSIM", "{:.4f}"),
@@ -652,6 +710,8 @@ def format_table(
     for key in ("psnr", "ssim", "mse", "lpips", "rfid"):
         if key in results:
             rows.append((fmt[key][0], fmt[key][1].format(results[key])))
+        if key == "psnr" and base:
+            rows.append(("PSNR (dB), bicubic thumbnail", f"{results['psnr_bicubic']:.2f}"))
     if "bpd" in results:
         rows.append(("bits/dim (ELBO)", f"{results['bpd']:.4f}"))
     if "bpd_iw" in results:
@@ -685,6 +745,8 @@ def format_table(
     lines += [f"| {name:<{width}} | {value:>{vwidth}} |" for name, value in rows]
     if likelihood and "bpd" in results:
         lines.append(f"\nbits/dim likelihood: {likelihood}")
+    if base and "psnr" in results:
+        lines.append("\n" + baseline_verdict(results))
     return "\n".join(lines)
 
 
@@ -692,6 +754,23 @@ def _indexed(results: dict[str, float], prefix: str) -> list[float]:
     """The values of prefix<i> keys in the order of i."""
     keys = [k for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()]
     return [results[k] for k in sorted(keys, key=lambda k: int(k[len(prefix) :]))]
+
+
+def baseline_verdict(results: dict[str, float]) -> str:
+    """One line: which has the higher PSNR, the VAE or bicubic through a thumbnail of at least its numbers."""
+    vae, bic = results["psnr"], results["psnr_bicubic"]
+    latent, thumb, pixels = results["latent_values"], results["bicubic_values"], results["pixel_values"]
+    same = (
+        f"the same {latent:,.0f} numbers per image"
+        if round(thumb) == round(latent)
+        else f"{thumb:,.0f} numbers per image against the latent's {latent:,.0f}"
+    )
+    # the winner's figure first, as the demo's verdict says it
+    who = f"the VAE beats bicubic ({vae:.2f}" if vae > bic else f"bicubic beats the VAE ({bic:.2f}"
+    return (
+        f"baseline: bicubic down to a thumbnail and back up, keeping {same} "
+        f"({compression(thumb, pixels)} fewer than the pixels): {who} against {min(vae, bic):.2f} dB)"
+    )
 
 
 def eval_main(argv: list[str]) -> int:
@@ -797,6 +876,7 @@ def eval_main(argv: list[str]) -> int:
         iw=iw,
         seed=args.seed,
         tiled=tiling,
+        baseline="psnr" in metrics,
         **nets,
     )
     if procs.is_main:

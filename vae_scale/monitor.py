@@ -12,6 +12,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -369,11 +370,17 @@ def _grid_figure(run_dir: Path, name: str, file: str, ema: bool) -> str:
     )
 
 
-def write_report(run_dir: Path, config_yaml: str, latest_images: dict[str, str]) -> Path:
+def write_report(
+    run_dir: Path,
+    config_yaml: str,
+    latest_images: dict[str, str],
+    sections: Sequence[tuple[str, str]] = (),
+) -> Path:
     """A self-contained report.html (inline SVG charts, no scripts) for a run folder.
 
-    Sections: latest values of every metric (losses first), the curves in the same order, the metrics that
-    never changed as values, the latest image grids (labelled, scaled to a readable size), the config.
+    Sections: the caller's own `sections` first ((heading, HTML body) pairs, e.g. the demo's results), then
+    latest values of every metric (losses first), the curves in the same order, the metrics that never
+    changed as values, the latest image grids (labelled, scaled to a readable size), the config.
     """
     import yaml
 
@@ -407,7 +414,8 @@ def write_report(run_dir: Path, config_yaml: str, latest_images: dict[str, str])
     images = {**_latest_images(run_dir), **latest_images}
     grids = "".join(_grid_figure(run_dir, k, v, ema) for k, v in sorted(images.items()))
     step = f", step {rows[-1]['step']}" if rows else ""
-    sections = [
+    parts = [
+        *sections,
         ("Latest values", latest if varying else "<p>No metrics yet.</p>"),
         ("Curves", charts or "<p>No curves yet.</p>"),
         ("Constant values", constants if constant else "<p>None.</p>"),
@@ -416,8 +424,8 @@ def write_report(run_dir: Path, config_yaml: str, latest_images: dict[str, str])
     ]
     spectrum = spectrum_figure(run_dir)
     if spectrum:
-        sections.insert(-1, ("Latent spectrum", spectrum))
-    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
+        parts.insert(-1, ("Latent spectrum", spectrum))
+    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in parts)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;vertical-align:top}}
 figcaption{{font-size:13px;max-width:640px}}table{{border-collapse:collapse}}
