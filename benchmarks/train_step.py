@@ -52,7 +52,7 @@ from benchmarks.harness import (
 from vae_scale.config import Config, load_config
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE
-from vae_scale.parallel import apply_activation_checkpointing, apply_channels_last, to_channels_last
+from vae_scale.transforms import apply_activation_checkpointing, apply_channels_last, to_channels_last
 
 SUBJECT = "train_step"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -16,9 +16,9 @@ from vae_scale.fsdp import UNIT_CLASSES, fsdp_plan, fsdp_units, shard
 from vae_scale.losses import VAELoss
 from vae_scale.model import VAE, count_parameters
 from vae_scale.monitor import read_metrics
-from vae_scale.parallel import prepare_model
 from vae_scale.shards import write_shards
 from vae_scale.train import Autoencoder
+from vae_scale.transforms import prepare_model
 
 FSDP = "fsdp.yaml"
 DDP = "cpu-2proc.yaml"

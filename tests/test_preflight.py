@@ -19,7 +19,7 @@ MEASURE = textwrap.dedent("""
     torch.set_num_threads(1)
     from vae_scale.config import load_config
     from vae_scale.model import VAE
-    from vae_scale.parallel import prepare_model
+    from vae_scale.transforms import prepare_model
     from vae_scale.preflight import estimate_memory
     cfg = load_config("demo", sys.argv[1:])
     est = estimate_memory(cfg).total

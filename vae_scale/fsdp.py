@@ -9,7 +9,7 @@ launches and silently runs DDP over gloo otherwise, so the trainer reads the req
 variables `accelerate launch` exports) and applies torch's `fully_shard` on every backend, GPU or gloo.
 
 Units: one FSDP unit per encoder and decoder level (DownBlock, UpBlock) and per mid block, the places where
-activation checkpointing also cuts the model (vae_scale/parallel.py), plus the root for the rest (conv_in,
+activation checkpointing also cuts the model (vae_scale/transforms.py), plus the root for the rest (conv_in,
 conv_out, the final norms, quant convs and the loss's learned likelihood scale). A level is the natural
 unit: its blocks run back to back, so one all-gather per level overlaps with the previous level's compute,
 and it is correct for every preset because it never wraps a container (nn.ModuleList has no forward, which

@@ -2,8 +2,8 @@
 
 The architecture is the KL autoencoder of latent diffusion (Stable Diffusion, SDXL, FLUX), with module
 names equal to diffusers' AutoencoderKL so weights move between the two by name. The model is written for
-one device: activation checkpointing, channels_last, compile and sharding are applied from outside
-(vae_scale/parallel.py).
+one device: activation checkpointing, channels_last and compile are applied from outside, in one ordered
+place (vae_scale/transforms.py), and FSDP sharding after them (vae_scale/fsdp.py).
 """
 
 from __future__ import annotations

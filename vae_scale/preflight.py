@@ -71,7 +71,7 @@ def saved_activation_bytes(vae: VAE, resolution: int, batch: int = 1) -> tuple[i
 
 
 def _meta_vae(cfg: Config, checkpointing: bool) -> VAE:
-    from vae_scale.parallel import apply_activation_checkpointing
+    from vae_scale.transforms import apply_activation_checkpointing
 
     with torch.device("meta"):
         vae = VAE(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
@@ -81,7 +81,7 @@ def _meta_vae(cfg: Config, checkpointing: bool) -> VAE:
 def _largest_block_bytes(cfg: Config) -> int:
     """Saved bytes of the most expensive checkpointed block (recomputed one at a time in backward)."""
     vae = _meta_vae(cfg, checkpointing=False)
-    from vae_scale.parallel import checkpointed_blocks
+    from vae_scale.transforms import checkpointed_blocks
 
     shapes: dict[int, torch.Size] = {}
     blocks = [parent[int(n)] if n.isdigit() else getattr(parent, n) for parent, n in checkpointed_blocks(vae)]
@@ -114,7 +114,7 @@ def estimate_memory(
     per_param = ADAMW_BYTES + (4 if cfg.optim.ema_decay > 0 else 0)
     params = n_params * per_param + disc_params * ADAMW_BYTES
     if fsdp and world_size > 1:
-        from vae_scale.parallel import checkpointed_blocks
+        from vae_scale.transforms import checkpointed_blocks
 
         # Sharding units are about one level each: one is gathered, the next prefetched.
         blocks = [

@@ -44,9 +44,9 @@ from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, s
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE, DiagonalGaussian
 from vae_scale.monitor import Monitor, image_grid
-from vae_scale.parallel import prepare_model, to_channels_last
 from vae_scale.preflight import NotReady, WillNotFit, preflight, problems_before_start
 from vae_scale.synthetic import SYNTHETIC, SyntheticLoader
+from vae_scale.transforms import prepare_model, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ class Trainer:
             from vae_scale.export import load_init_weights
 
             load_init_weights(vae, cfg.model.init_from)
-        vae = prepare_model(vae, sharded=self.fsdp)
+        vae = prepare_model(vae, sharded=self.fsdp, compile=cfg.train.compile)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
@@ -498,9 +498,6 @@ class Trainer:
         # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
         self.disc = self.criterion.discriminator
         self.last_layer = LastLayer(vae.decoder.conv_out) if self.disc is not None else None
-        if cfg.train.compile:
-            vae.encoder.compile()
-            vae.decoder.compile()
         if self.fsdp:
             ensure_process_group(acc)
             units = fsdp_units(model, self.plan.unit_classes)

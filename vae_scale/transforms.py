@@ -1,4 +1,5 @@
-"""Transforms applied to a single-device model from outside: activation checkpointing, memory format.
+"""Transforms applied to a single-device model from outside: activation checkpointing, memory format,
+compilation. prepare_model applies them in their one order; FSDP shards the result (vae_scale/fsdp.py).
 
 The model code never knows about these (see vae_scale/model.py); the trainer and the tests apply them.
 """
@@ -48,14 +49,20 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def prepare_model(vae: VAE, sharded: bool = False) -> VAE:
-    """Apply what the model config asks for: activation checkpointing and channels_last.
+def prepare_model(vae: VAE, sharded: bool = False, compile: bool = False) -> VAE:
+    """Apply what the config asks for, in this order: activation checkpointing (wraps the levels), then
+    channels_last (the weights' memory format), then torch.compile of the encoder and the decoder (which
+    traces the two above).
 
     sharded: the model is about to be sharded with FSDP, which shards contiguous weights only, so
     channels_last then applies to the activations alone (convolutions still run NHWC when their input is).
+    compile: train.compile (refused with FSDP before this is reached).
     """
     if vae.config.gradient_checkpointing:
         apply_activation_checkpointing(vae)
     if vae.config.channels_last and not sharded:
         apply_channels_last(vae)
+    if compile:
+        vae.encoder.compile()
+        vae.decoder.compile()
     return vae
