@@ -53,6 +53,7 @@ from vae_scale.config import Config, load_config
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE
 from vae_scale.transforms import apply_activation_checkpointing, apply_channels_last, to_channels_last
+from vae_scale.weights import plain_name
 
 SUBJECT = "train_step"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,16 +168,12 @@ def diffusers_model(vae: VAE) -> nn.Module:
     """diffusers' AutoencoderKL with the same config and weights as `vae`."""
     from diffusers import AutoencoderKL
 
-    from vae_scale.diffusers_io import config_to_diffusers
+    from vae_scale.weights import config_to_diffusers
 
     cfg = {k: v for k, v in config_to_diffusers(vae.config).items() if not k.startswith("_")}
     ref = AutoencoderKL(**cfg)
     ref.load_state_dict(vae.state_dict())
     return ref
-
-
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def config_for(setting: Setting, variant: Variant) -> Config:
@@ -325,7 +322,7 @@ class TrainStep:
             values["d_loss"] = float(d_loss.detach())
             self.disc_opt.zero_grad(set_to_none=True)
         grads = {
-            _clean(n): p.grad.detach().float().flatten()
+            plain_name(n): p.grad.detach().float().flatten()
             for n, p in self.ae.vae.named_parameters()
             if p.grad is not None
         }

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from vae_scale.commands import iter_batches
 from vae_scale.config import ConfigError, load_config
-from vae_scale.export import ExportError, export_main, import_main, load_init_weights
+from vae_scale.export import ExportError, export_main, import_main
 from vae_scale.generate import encode_main, read_latent, reconstruct_main, sample_main
 from vae_scale.model import VAE
 from vae_scale.shards import write_shards
 from vae_scale.train import train
+from vae_scale.weights import WeightsError, load_init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -197,7 +198,7 @@ def test_import_starts_a_run_from_a_diffusers_folder(run, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="missing-vae"):
         import_main(["--diffusers", str(tmp_path / "missing-vae"), "--out", str(tmp_path / "x")])
     wrong = VAE(load_config(None, [*TINY, "model.latent_channels=8"]).model)
-    with pytest.raises(ExportError, match="model.init_from"):
+    with pytest.raises(WeightsError, match="model.init_from"):
         load_init_weights(wrong, cfg.model.init_from)
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         load_init_weights(wrong, str(tmp_path / "nothing.safetensors"))

@@ -50,7 +50,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     # FileNotFoundError: every command names the flag and the path in its message.
     errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError]
     for mod, name in (
-        ("vae_scale.diffusers_io", "DiffusersFormatError"),
+        ("vae_scale.weights", "WeightsError"),
         ("vae_scale.shards", "DataError"),
         ("vae_scale.commands", "InputError"),
         ("vae_scale.outputs", "OutputError"),

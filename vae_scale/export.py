@@ -32,7 +32,7 @@ with the diffusers config (statistics included) in its metadata under "config".
 
 Import starts a run folder from a diffusers VAE (SD, SDXL, FLUX, any AutoencoderKL vae-scale represents):
 RUN/config.yaml (the model section from the VAE's config.json, the rest from --config, default sd-f8) with
-model.init_from pointing at RUN/init/vae.safetensors, which the trainer loads (load_init_weights) when
+model.init_from pointing at RUN/init/vae.safetensors, which the trainer loads (weights.load_init_weights) when
 there is no checkpoint to resume; RUN/init/config.json is the VAE's config.json, the contract export
 keeps. The discriminator, which diffusers folders do not hold, starts afresh.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
 from vae_scale.config import ConfigError, load_config
@@ -202,7 +202,7 @@ def imported_config(source: str | Path) -> dict[str, Any] | None:
     source: model.init_from (a .safetensors file, with `vae-scale import`'s config.json beside it) or a
     diffusers folder (also a pipeline folder, whose vae/ it takes).
     """
-    from vae_scale.diffusers_io import CONFIG_NAME
+    from vae_scale.weights import CONFIG_NAME
 
     if not source:
         return None
@@ -223,7 +223,7 @@ def imported_config(source: str | Path) -> dict[str, Any] | None:
 
 def _describes(config: dict[str, Any], model) -> bool:
     """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
-    from vae_scale.diffusers_io import DiffusersFormatError, config_from_diffusers
+    from vae_scale.weights import DiffusersFormatError, config_from_diffusers
 
     try:
         theirs = config_from_diffusers(config)
@@ -273,8 +273,8 @@ def _factors(scaling_factor: float, shift_factor: float | None) -> str:
 
 def export_main(argv: list[str]) -> int:
     """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--measure-latents]`."""
-    from vae_scale.diffusers_io import config_to_diffusers, save_diffusers
     from vae_scale.shards import DataError
+    from vae_scale.weights import config_to_diffusers
 
     p = argparse.ArgumentParser(
         prog="vae-scale export",
@@ -371,7 +371,7 @@ def export_main(argv: list[str]) -> int:
         config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
 
     if args.format == "diffusers":
-        save_diffusers(vae, out, config)
+        vae.save_diffusers(out, config)
         if stats is not None:
             (out / "latent_statistics.json").write_text(json.dumps(stats, indent=2) + "\n")
         written = out
@@ -416,40 +416,11 @@ def export_main(argv: list[str]) -> int:
 # import
 
 
-def load_init_weights(vae, path: str | Path) -> None:
-    """Load model.init_from into `vae` in place: a diffusers folder or a .safetensors file (our names).
-
-    FileNotFoundError or ExportError naming model.init_from when the file is missing or does not fit.
-    """
-    from vae_scale.diffusers_io import _read_weights, state_dict_from_diffusers
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model.init_from={str(path)!r}: no such file or folder")
-    if path.is_dir():
-        if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
-            path = path / "vae"
-        sd = state_dict_from_diffusers(_read_weights(path))
-    else:
-        try:
-            sd = state_dict_from_diffusers(load_file(path))
-        except Exception as e:
-            raise ExportError(f"model.init_from={str(path)!r}: not a safetensors file ({e})") from None
-    try:
-        result = vae.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise ExportError(f"model.init_from={str(path)!r} does not fit the model config: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(
-            f"model.init_from={str(path)!r} does not fit the model config: missing "
-            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
-
-
 def import_main(argv: list[str]) -> int:
     """`vae-scale import --diffusers DIR --out RUN [--config PRESET] [key=value ...]`: a run to fine-tune."""
     from vae_scale.checkpoint import latest_checkpoint
-    from vae_scale.diffusers_io import CONFIG_NAME, load_diffusers
+    from vae_scale.model import VAE
+    from vae_scale.weights import CONFIG_NAME
 
     p = argparse.ArgumentParser(
         prog="vae-scale import", description="Start a run folder from a diffusers AutoencoderKL."
@@ -474,7 +445,7 @@ def import_main(argv: list[str]) -> int:
     if (run / "config.yaml").exists() and not args.force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
-    vae = load_diffusers(src)  # validates the folder: config mapping and every weight
+    vae = VAE.from_diffusers(src)  # validates the folder: config mapping and every weight
     cfg = load_config(args.config, [*args.overrides, f"run.dir={run}"])
     if not any(o.split("=", 1)[0].strip() == "run.name" for o in args.overrides):
         cfg.run.name = run.name

@@ -8,6 +8,7 @@ place (vae_scale/transforms.py), and FSDP sharding after them (vae_scale/fsdp.py
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae_scale import kernels
+from vae_scale import kernels, weights
 from vae_scale.config import ModelConfig, load_config
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,10 +361,14 @@ class VAE(nn.Module):
 
     @classmethod
     def from_diffusers(cls, path: str | Path, **config_overrides) -> VAE:
-        """Load a folder written by diffusers' AutoencoderKL.save_pretrained (config.json + safetensors)."""
-        from vae_scale.diffusers_io import load_diffusers
-
-        return load_diffusers(path, **config_overrides)
+        """Load a folder written by diffusers' AutoencoderKL.save_pretrained (config.json + safetensors), or
+        a pipeline folder's vae/; config_overrides set ModelConfig fields that do not change the weights."""
+        cfg, sd = weights.read_diffusers(path)
+        vae = cls(dataclasses.replace(cfg, **config_overrides))
+        weights.load_weights(
+            vae, sd, f"{path}:", weights.DiffusersFormatError, "weights do not match config.json"
+        )
+        return vae
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = False, **config_overrides) -> VAE:
@@ -372,8 +377,6 @@ class VAE(nn.Module):
         ema=True takes the EMA weights (an error if the run kept none). config_overrides set ModelConfig
         fields that do not change the weights (kernels, channels_last, ...).
         """
-        import dataclasses
-
         import yaml
 
         from vae_scale.checkpoint import read_checkpoint_file, resolve_checkpoint
@@ -392,11 +395,14 @@ class VAE(nn.Module):
         vae.load_state_dict(state)
         return vae
 
-    def save_diffusers(self, path: str | Path) -> None:
-        """Write a folder that diffusers' AutoencoderKL.from_pretrained loads unchanged."""
-        from vae_scale.diffusers_io import save_diffusers
+    def save_diffusers(self, path: str | Path, config: dict | None = None) -> None:
+        """Write a folder that diffusers' AutoencoderKL.from_pretrained loads unchanged.
 
-        save_diffusers(self, path)
+        config: the config.json to write (default: this model's, in diffusers' keys), e.g. the one a
+        fine-tune was imported from, kept key for key.
+        """
+        config = weights.config_to_diffusers(self.config) if config is None else config
+        weights.write_diffusers(self.state_dict(), config, path)
 
     def set_kernels(self, impl: str) -> None:
         """Choose the fused-op backend for every GroupNorm and the posterior: auto | triton | torch."""

@@ -47,6 +47,7 @@ from vae_scale.monitor import Monitor, image_grid
 from vae_scale.preflight import NotReady, WillNotFit, preflight, problems_before_start
 from vae_scale.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.transforms import prepare_model, to_channels_last
+from vae_scale.weights import load_init_weights, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +200,7 @@ def learning_rate(cfg: Config, step: int, scale: float = 1.0) -> float:
 
 def vae_names(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters with state-dict names (wrapper prefixes removed)."""
-    return [
-        (n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), p)
-        for n, p in module.named_parameters()
-        if p.requires_grad
-    ]
+    return [(plain_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def check_trainable(cfg: Config) -> None:
@@ -486,8 +483,6 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         vae = VAE(cfg.model)
         if cfg.model.init_from:  # fine-tuning; a checkpoint to resume from overrides it in fit()
-            from vae_scale.export import load_init_weights
-
             load_init_weights(vae, cfg.model.init_from)
         vae = prepare_model(vae, sharded=self.fsdp, compile=cfg.train.compile)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)

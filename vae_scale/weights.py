@@ -1,14 +1,18 @@
-"""Weights in and out of diffusers' AutoencoderKL folders (config.json + diffusion_pytorch_model.safetensors).
+"""Weight files, read and written: diffusers' AutoencoderKL folders (config.json +
+diffusion_pytorch_model.safetensors), the weights a fine-tune starts from (model.init_from), and the names
+of parameters under the wrappers that training puts around a model.
 
 Our module names equal diffusers' current ones, so the state-dict mapping is the identity for folders
 written by recent diffusers; older folders with the deprecated attention names (query/key/value/proj_attn,
 sometimes stored as 1x1 convs) are mapped on load. Configs this architecture cannot represent are refused
 with a message naming the field. diffusers itself is not needed at run time.
+
+This module sits below the model (it reads and writes tensors and configs, never builds a VAE):
+VAE.from_diffusers and VAE.save_diffusers are built on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vae_scale.config import ConfigError, ModelConfig
-from vae_scale.model import VAE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -30,8 +33,23 @@ LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-class DiffusersFormatError(ValueError):
+class WeightsError(ValueError):
+    """Weights that cannot be read, or do not fit the model they are for; the message names the source."""
+
+
+class DiffusersFormatError(WeightsError):
     """A diffusers folder that is missing a file or describes a model this VAE cannot represent."""
+
+
+# The wrappers training puts around modules, and the prefixes they add to parameter names.
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the prefixes of torch.compile and activation checkpointing."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,11 +160,7 @@ def state_dict_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in diffusers' current names: contiguous tensors, wrapper prefixes removed."""
-    out = {}
-    for name, t in sd.items():
-        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
-        out[name] = t.detach().contiguous()
-    return out
+    return {plain_name(name): t.detach().contiguous() for name, t in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,11 +186,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise DiffusersFormatError(f"{path}: no weights file ({WEIGHTS_NAME}) in the folder")
 
 
-def load_diffusers(path: str | Path, **config_overrides: Any) -> VAE:
-    """Build a VAE from a diffusers AutoencoderKL folder; config_overrides set ModelConfig fields."""
+def _folder(path: str | Path) -> Path:
+    """A diffusers VAE folder: `path`, or its vae/ when it is a whole pipeline's folder."""
     path = Path(path)
     if path.is_dir() and (path / "vae" / CONFIG_NAME).is_file() and not (path / CONFIG_NAME).is_file():
         path = path / "vae"  # a whole pipeline folder: take its VAE
+    return path
+
+
+def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+    path = _folder(path)
     if not path.is_dir():
         raise DiffusersFormatError(f"{path}: not a folder")
     if not (path / CONFIG_NAME).is_file():
@@ -186,30 +206,55 @@ def load_diffusers(path: str | Path, **config_overrides: Any) -> VAE:
     except json.JSONDecodeError as e:
         raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
     cfg = config_from_diffusers(raw, str(path / CONFIG_NAME))
-    vae = VAE(dataclasses.replace(cfg, **config_overrides))
-    sd = state_dict_from_diffusers(_read_weights(path))
+    return cfg, state_dict_from_diffusers(_read_weights(path))
+
+
+def load_weights(
+    module: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    source: str,
+    error: type = WeightsError,
+    mismatch: str = "does not fit the model config",
+) -> None:
+    """Load `sd` into `module` in place, every tensor and no other; else error("SOURCE MISMATCH: why")."""
     try:
-        result = vae.load_state_dict(sd, strict=False)
+        result = module.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise DiffusersFormatError(f"{path}: weights do not match config.json: {e}") from None
+        raise error(f"{source} {mismatch}: {e}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise DiffusersFormatError(
-            f"{path}: weights do not match config.json: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
+        raise error(
+            f"{source} {mismatch}: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
-    return vae
 
 
-def save_diffusers(vae: VAE, path: str | Path, config: dict[str, Any] | None = None) -> None:
-    """Write `vae` as a diffusers AutoencoderKL folder; files appear complete or not at all.
+def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict (our names) of model.init_from: a diffusers folder or a .safetensors file.
 
-    config: the config.json to write (default: config_to_diffusers(vae.config)), e.g. the one a fine-tune
-    was imported from, kept key for key.
+    FileNotFoundError or WeightsError naming model.init_from when it is missing or unreadable.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model.init_from={str(path)!r}: no such file or folder")
+    if path.is_dir():
+        return state_dict_from_diffusers(_read_weights(_folder(path)))
+    try:
+        return state_dict_from_diffusers(load_file(path))
+    except Exception as e:
+        raise WeightsError(f"model.init_from={str(path)!r}: not a safetensors file ({e})") from None
+
+
+def load_init_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load model.init_from into `module` in place (see read_init_weights); WeightsError when it does not
+    fit the model config."""
+    load_weights(module, read_init_weights(path), f"model.init_from={str(path)!r}")
+
+
+def write_diffusers(sd: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> None:
+    """Write a diffusers AutoencoderKL folder from a state dict (our names) and its config.json dict;
+    files appear complete or not at all."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = config_to_diffusers(vae.config) if config is None else config
-    sd = state_dict_to_diffusers(vae.state_dict())
+    sd = state_dict_to_diffusers(sd)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path))
     try:
         save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
