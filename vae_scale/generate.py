@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -233,10 +232,10 @@ class LatentShardWriter:
     """Latents of one rank into `<prefix>-<rank:03d>-<shard:06d>.tar`, `shard_size` per shard, atomically."""
 
     def __init__(self, out: Path, prefix: str, rank: int, shard_size: int, fmt: str):
-        self.out, self.prefix, self.rank, self.size, self.fmt = out, prefix, rank, shard_size, fmt
-        self.counts: dict[str, int] = {}
-        self.writer = None
-        self.tmp: Path | None = None
+        from vae_scale.shards import ShardWriter
+
+        self.fmt = fmt
+        self.shards = ShardWriter(out, lambda i: f"{prefix}-{rank:03d}-{i:06d}.tar", shard_size)
 
     def write(
         self,
@@ -247,35 +246,17 @@ class LatentShardWriter:
         image_size: tuple[int, int] | None = None,
     ) -> None:
         """One sample: the latent, its metadata (`latent.json`) and the source's sidecars, as they were."""
-        import webdataset as wds
-
-        if self.writer is None or self.counts[self.tmp.name[:-4]] == self.size:
-            self._close()
-            name = f"{self.prefix}-{self.rank:03d}-{len(self.counts):06d}.tar"
-            self.tmp = self.out / f"{name}.tmp"
-            self.writer = wds.TarWriter(
-                str(self.tmp), encoder=False, mtime=0, user="vae-scale", group="vae-scale"
-            )
-            self.counts[name] = 0
         meta = {"source": source, "key": key, "shape": list(z.shape), "dtype": str(z.dtype).split(".")[-1]}
         if image_size is not None:
             meta["image_size"] = list(image_size)  # (width, height) of what was encoded
         ours = {self.fmt: latent_bytes(z, self.fmt), META_EXT: json.dumps(meta, sort_keys=True).encode()}
         # a sidecar that would collide with our own members keeps its bytes under a "source." name
         kept = {(f"source.{ext}" if ext in ours else ext): data for ext, data in (sidecars or {}).items()}
-        self.writer.write({"__key__": key, **kept, **ours})
-        self.counts[self.tmp.name[:-4]] += 1
-
-    def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            os.replace(self.tmp, self.tmp.with_suffix(""))
-            self.writer = None
+        self.shards.write({"__key__": key, **kept, **ours})
 
     def close(self) -> dict[str, int]:
         """Finish the last shard; the samples per shard this writer wrote."""
-        self._close()
-        return dict(self.counts)
+        return self.shards.close()
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -579,33 +579,31 @@ def _encoded(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
 # Writing
 
 
-class _ShardSink:
-    """Writes one split's samples into `<split>-NNNNNN.tar`, `max_per_shard` per shard, atomically."""
+class ShardWriter:
+    """Samples into numbered tar shards, `per_shard` each: `name(i)` names shard i; each is written as
+    `<name>.tmp` and renamed when full or closed, so a shard that exists is complete. Tar metadata is fixed
+    (TAR_MTIME, owner vae-scale): the same samples give byte-identical shards."""
 
-    def __init__(self, out: Path, split: str, max_per_shard: int):
-        self.out, self.split, self.max = out, split, max_per_shard
-        self.counts: list[int] = []
+    def __init__(self, out: Path, name, per_shard: int):
+        self.out, self.name, self.per_shard = Path(out), name, per_shard
+        self.counts: dict[str, int] = {}  # shard name -> samples, in order
         self.writer = None
         self.tmp: Path | None = None
-        self.total = 0
 
-    def write(self, data: bytes, ext: str, meta: dict[str, Any], caption: bytes | None = None) -> None:
+    def write(self, sample: dict[str, Any]) -> None:
+        """One sample: {"__key__": key, extension: bytes, ...}."""
         import webdataset as wds
 
-        if self.writer is None or self.counts[-1] == self.max:
+        if self.writer is None or self.counts[self.tmp.name[: -len(".tmp")]] == self.per_shard:
             self._close()
-            self.tmp = self.out / f"{self.split}-{len(self.counts):06d}.tar.tmp"
+            shard = self.name(len(self.counts))
+            self.tmp = self.out / f"{shard}.tmp"
             self.writer = wds.TarWriter(
                 str(self.tmp), encoder=False, mtime=TAR_MTIME, user="vae-scale", group="vae-scale"
             )
-            self.counts.append(0)
-        key = f"{self.split}-{self.total:08d}"
-        sample = {"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
-        if caption is not None:
-            sample["txt"] = caption
+            self.counts[shard] = 0
         self.writer.write(sample)
-        self.counts[-1] += 1
-        self.total += 1
+        self.counts[self.tmp.name[: -len(".tmp")]] += 1
 
     def _close(self) -> None:
         if self.writer is not None:
@@ -613,10 +611,33 @@ class _ShardSink:
             os.replace(self.tmp, self.tmp.with_suffix(""))
             self.writer = None
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> dict[str, int]:
+        """Finish the last shard; the samples per shard."""
         self._close()
-        names = [f"{self.split}-{i:06d}.tar" for i in range(len(self.counts))]
-        return {"samples": self.total, "shards": dict(zip(names, self.counts, strict=True))}
+        return dict(self.counts)
+
+
+class _ShardSink:
+    """One split's images into `<split>-NNNNNN.tar`, `max_per_shard` per shard, keys numbered in order."""
+
+    def __init__(self, out: Path, split: str, max_per_shard: int):
+        self.split = split
+        self.shards = ShardWriter(out, lambda i: f"{split}-{i:06d}.tar", max_per_shard)
+        self.total = 0
+
+    def write(self, data: bytes, ext: str, meta: dict[str, Any], caption: bytes | None = None) -> None:
+        sample = {
+            "__key__": f"{self.split}-{self.total:08d}",
+            ext: data,
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        }
+        if caption is not None:
+            sample["txt"] = caption
+        self.shards.write(sample)
+        self.total += 1
+
+    def close(self) -> dict[str, Any]:
+        return {"samples": self.total, "shards": self.shards.close()}
 
 
 def _resolution_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
