@@ -4,7 +4,7 @@
   median with p20/p80 in milliseconds. Rotate inputs inside `fn` (pass a list and index by call) when
   caches would otherwise flatter.
 - `measure_interleaved(fns)`: several variants timed in alternation, so drift in machine load hits them alike.
-- `check_close(...)`: the correctness gate a variant passes before it is timed (CorrectnessError if not).
+- `CorrectnessError`: what a benchmark's correctness gate raises for a variant that is not timed.
 - `matmul_rate(device)`: the machine's measured matmul rate, the denominator of MFU.
 - `environment()`: device name, versions, git commit and load average recorded with each result row.
 - `result_row(...)` / `error_row(...)`: one row of results, or the record of a variant or subject that failed.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -184,16 +183,6 @@ def error_row(subject: str, variant: str, error: str, env: dict[str, str], **fie
 
 class CorrectnessError(AssertionError):
     """A variant's result disagrees with the reference beyond tolerance, so it is not timed."""
-
-
-def check_close(what: str, got: float, want: float, rtol: float, atol: float = 0.0) -> float:
-    """Relative error |got - want| / |want|; CorrectnessError naming `what` when over rtol (and atol)."""
-    err = abs(got - want) / max(abs(want), 1e-30)
-    if not (math.isfinite(got) and (err <= rtol or abs(got - want) <= atol)):
-        raise CorrectnessError(
-            f"{what}: {got:.6g} vs reference {want:.6g} (relative error {err:.2e} > {rtol:g})"
-        )
-    return err
 
 
 def matmul_rate(device: torch.device | str = "cpu", target_s: float = 1.0) -> dict[str, Any]:

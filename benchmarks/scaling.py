@@ -80,6 +80,27 @@ COLUMNS = [
 ]
 
 
+def job_args(preset: str, batch: int, resolution: int, steps: int, mixed_precision: str) -> list[str]:
+    """`vae-scale train` arguments of the measured job: synthetic images, no checkpoint, eval or images."""
+    args = [
+        "--config",
+        preset,
+        "data.train=synthetic",
+        f"data.batch_size={batch}",
+        f"data.resolution={resolution}",
+        "data.workers=0",
+        f"train.steps={steps}",
+        "checkpoint.every=0",
+        "log.every=1",
+        "log.images_every=0",
+        "log.wandb=disabled",
+        "eval.every=0",
+    ]
+    if mixed_precision != "no":  # "no" is the default (and YAML would read a bare no as false)
+        args.append(f"train.mixed_precision={mixed_precision}")
+    return args
+
+
 def launch_command(nproc: int, train_args: list[str]) -> list[str]:
     """One process: the trainer itself. Several: torchrun on this node with its own free port."""
     if nproc == 1:
@@ -166,22 +187,7 @@ def run(
     rounds = rounds or (1 if quick else 2)
     mixed_precision = mixed_precision or ("bf16" if cuda else "no")
     cores = os.cpu_count() or 1
-    train_args = [
-        "--config",
-        preset,
-        "data.train=synthetic",
-        f"data.batch_size={batch}",
-        f"data.resolution={resolution}",
-        "data.workers=0",
-        f"train.steps={warmup + steps}",
-        "checkpoint.every=0",
-        "log.every=1",
-        "log.images_every=0",
-        "log.wandb=disabled",
-        "eval.every=0",
-    ]
-    if mixed_precision != "no":  # "no" is the default (and YAML would read a bare no as false)
-        train_args.append(f"train.mixed_precision={mixed_precision}")
+    train_args = job_args(preset, batch, resolution, warmup + steps, mixed_precision)
 
     samples: dict[int, list[dict]] = {n: [] for n in nprocs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,20 +256,7 @@ def compare_sharding(
     batch, resolution = (8, 256) if cuda else (2, 32)
     steps = 6 if quick else 12
     t = threads or max(1, (os.cpu_count() or 1) // nproc)
-    common = [
-        "--config",
-        preset,
-        "data.train=synthetic",
-        f"data.batch_size={batch}",
-        f"data.resolution={resolution}",
-        "data.workers=0",
-        f"train.steps={warmup + steps}",
-        "checkpoint.every=0",
-        "log.every=1",
-        "log.images_every=0",
-        "log.wandb=disabled",
-        "eval.every=0",
-    ] + ([f"train.mixed_precision={mixed_precision}"] if mixed_precision != "no" else [])
+    common = job_args(preset, batch, resolution, warmup + steps, mixed_precision)
     env, out = environment(device), []
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in ("ddp", "fsdp"):
