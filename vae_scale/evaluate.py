@@ -82,7 +82,17 @@ log = logging.getLogger(__name__)
 METRICS = EvalConfig.METRICS
 """Metric names: psnr ssim bpd kl active_units lpips rfid spectrum equivariance."""
 ACTIVE_THRESHOLD = 0.01
-"""A latent channel is active when the variance of its posterior mean across images exceeds this."""
+"""A latent channel is active when its posterior mean's variance over images and positions exceeds this."""
+
+
+def active_units(mu_sum: torch.Tensor, mu2_sum: torch.Tensor, count: float) -> torch.Tensor:
+    """Latent channels whose posterior mean varies over images and positions together (variance above
+    ACTIVE_THRESHOLD), from per-channel sums of the mean and its square over `count` images x positions.
+    The one definition: the trainer's logged `active_units` and eval's `val/active_units` both use it."""
+    activity = mu2_sum / count - (mu_sum / count).square()
+    return (activity > ACTIVE_THRESHOLD).sum()
+
+
 SSIM_WINDOW = 7
 INCEPTION_FILE = "inception-2015-12-05.pt"
 """NVIDIA's TorchScript Inception-v3 (the TF FID network), looked for in the torch hub cache."""
@@ -511,7 +521,7 @@ def evaluate(
             sums["mse"] += ((x_rec - x) / 2).double().square().flatten(1).mean(1).sum()
             if "ssim" in metrics:
                 sums["ssim"] += ssim(x_rec, x).sum()
-            kl_c = 0.5 * (mean.double().square() + logvar.double().exp() - 1 - logvar.double()).sum((2, 3))
+            kl_c = post.kl_per_channel().double()
             sums["kl"] += kl_c.sum()
             sums["kl_channel"] += kl_c.sum(0)
             sums["mu"] += mean.double().sum((0, 2, 3))
@@ -591,9 +601,7 @@ def evaluate(
         out["kl"] = float(total["kl"]) / n
         out.update({f"kl_channel/{c}": float(v) / n for c, v in enumerate(total["kl_channel"])})
     if "active_units" in metrics:
-        positions = float(total["positions"])
-        activity = total["mu2"] / positions - (total["mu"] / positions).square()
-        out["active_units"] = float((activity > ACTIVE_THRESHOLD).sum())
+        out["active_units"] = float(active_units(total["mu"], total["mu2"], float(total["positions"])))
     if "spectrum" in metrics:
         out["latent_hf_share"] = float(hf_share(total["latent_hf"].sum(), total["latent_total"].sum()))
         per_channel = hf_share(total["latent_hf"], total["latent_total"])

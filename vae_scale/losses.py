@@ -107,20 +107,12 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> t
 # KL terms
 
 
-def kl_per_channel(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) summed over h, w: (B, C, h, w) -> (B, C), float32.
-
-    diffusers' math: logvar clamped to [-30, 20] (zero gradient outside), 0.5 * (m^2 + var - 1 - logvar).
-    """
-    mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
-    return 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar).sum((2, 3))
-
-
 def free_bits_kl(kl_channels: torch.Tensor, free_bits: float) -> torch.Tensor:
     """Free-bits KL of Kingma et al. 2016 (IAF): sum_c max(mean_b KL[b, c], free_bits), a 0-dim tensor.
 
-    kl_channels: (B, C) per-channel KL in nats (kl_per_channel). The max is taken on the minibatch mean of
-    each channel, so a channel whose mean KL is below free_bits costs a constant and gets no gradient at all.
+    kl_channels: (B, C) per-channel KL in nats (DiagonalGaussian.kl_per_channel). The max is taken on the
+    minibatch mean of each channel, so a channel whose mean KL is below free_bits costs a constant and gets
+    no gradient at all.
     """
     return torch.clamp(kl_channels.mean(0), min=free_bits).sum()
 
@@ -594,7 +586,7 @@ class VAELoss(nn.Module):
         if self.cfg.free_bits > 0:
             if posterior is None:
                 raise ValueError("loss.free_bits > 0 needs the posterior (its mean and logvar), got None")
-            kl_term = free_bits_kl(kl_per_channel(posterior.mean, posterior.logvar), self.cfg.free_bits)
+            kl_term = free_bits_kl(posterior.kl_per_channel(), self.cfg.free_bits)
             logs["kl_free_bits"] = kl_term.detach()
         else:
             kl_term = kl_mean

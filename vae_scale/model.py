@@ -251,9 +251,17 @@ class DiagonalGaussian:
         """Reparameterised sample z = mean + std * eps."""
         return self.sample_kl(eps)[0]
 
+    def kl_per_channel(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample and latent channel, summed over positions: (B, C), float32.
+
+        The eager math of the fused op's KL (logvar clamped as above), without drawing or computing z.
+        """
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar).sum((2, 3))
+
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, shape (B,)."""
-        return self.sample_kl(torch.zeros_like(self.mean))[1]
+        """KL(q || N(0, I)) per sample, shape (B,), float32."""
+        return self.kl_per_channel().sum(1)
 
 
 # --------------------------------------------------------------------------------------------------------

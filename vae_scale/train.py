@@ -848,15 +848,16 @@ class Trainer:
 
     @torch.no_grad()
     def latent_stats(self) -> dict[str, torch.Tensor]:
-        """KL per latent channel and active units (channels whose posterior mean varies over the batch)."""
+        """KL per latent channel and active units of the latest batch (evaluate.active_units: channels whose
+        posterior mean varies over the batch's images and positions)."""
+        from vae_scale.evaluate import active_units
+
         post = self.last_posterior
-        mean, logvar = post.mean.float(), post.logvar.float()
-        kl_c = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(2, 3)).mean(0)  # (C,)
-        activity = (
-            mean.var(dim=0, unbiased=False).mean(dim=(1, 2)) if mean.shape[0] > 1 else torch.zeros_like(kl_c)
-        )
+        mean = post.mean.float()
+        kl_c = post.kl_per_channel().mean(0)  # (C,)
         out = {f"kl_channel/{c}": v for c, v in enumerate(kl_c)}
-        out["active_units"] = (activity > 0.01).float().sum()
+        count = mean.shape[0] * mean.shape[2] * mean.shape[3]
+        out["active_units"] = active_units(mean.sum((0, 2, 3)), mean.square().sum((0, 2, 3)), count).float()
         return out
 
     @contextmanager
