@@ -12,7 +12,7 @@ import platform
 import sys
 from collections.abc import Callable
 
-from vae_scale.config import ConfigError, load_config, preset_names
+from vae_scale.config import ConfigError, config_parser, load_config, preset_names
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
@@ -95,16 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vae-scale {command}: error: {e}", file=sys.stderr)
             return USAGE_ERROR
         raise
-
-
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with the shared `--config NAME|PATH` option and trailing `key.sub=value` overrides."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", "-c", default=None, help=f"preset ({', '.join(preset_names())}) or YAML path")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="config overrides (CLI > YAML > defaults)"
-    )
-    return p
 
 
 # --------------------------------------------------------------------------------------------------------

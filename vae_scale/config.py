@@ -8,6 +8,7 @@ a message that names the key (and the nearest valid key), before any process gro
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -618,3 +619,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (as saved in a run folder or checkpoint)."""
     return _build(_flatten(data, "saved config"))
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the shared `--config NAME|PATH` option and trailing `key.sub=value` overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", default=None, help=f"preset ({', '.join(preset_names())}) or YAML path")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides (CLI > YAML > defaults)"
+    )
+    return p

@@ -38,7 +38,7 @@ from vae_scale.checkpoint import (
     is_complete,
     verify_checkpoint,
 )
-from vae_scale.config import Config, ConfigError, config_from_dict, load_config
+from vae_scale.config import Config, ConfigError, config_from_dict, config_parser, load_config
 from vae_scale.equivariance import Transform, TransformedDecode, draw_transforms
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
@@ -1112,8 +1112,6 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """`vae-scale train --config NAME|PATH [--dry-run] [key=value ...]`."""
-    from vae_scale.cli import config_parser
-
     p = config_parser("vae-scale train", "Train a VAE.")
     p.add_argument(
         "--dry-run",
