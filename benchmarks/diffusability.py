@@ -7,7 +7,7 @@ A small f8 VAE with 16 latent channels is first trained on scikit-image's colour
 preset's data, optimiser and schedule; f8 from a fourth level). Then, from that checkpoint and with the same
 seed and steps, it is fine-tuned three ways (the papers' use: a short fine-tune of a trained autoencoder):
 without a regulariser, with scale equivariance and with EQ-VAE. Each is evaluated on every 64 px crop of the
-held-out photographs with `vae_scale.evaluate.evaluate` (psnr, spectrum, equivariance): the latent's and the
+held-out photographs with `vae_scale.metrics.evaluate` (psnr, spectrum, equivariance): the latent's and the
 images' high-frequency share, PSNR of decode(T(z)) against T(x) per transform family, and PSNR.
 
 Writes benchmarks/results/diffusability-<device>-<date>.json (every metric of every variant, the commands'
@@ -31,7 +31,7 @@ import torch
 from benchmarks.harness import RESULTS_DIR, device_name, device_slug, environment
 from vae_scale.config import load_config
 from vae_scale.demo import DATA_SOURCE, EVAL_RESOLUTION, SHARD_SIZE, heldout_crops
-from vae_scale.evaluate import evaluate
+from vae_scale.metrics import evaluate
 from vae_scale.model import VAE
 from vae_scale.train import train
 

@@ -15,7 +15,7 @@ import torch
 
 from vae_scale import demo
 from vae_scale.demo import Row, format_rows, verdict
-from vae_scale.evaluate import bicubic_round_trip, psnr
+from vae_scale.metrics import bicubic_round_trip, psnr
 from vae_scale.model import VAE
 from vae_scale.shards import SAMPLE_COLOR_IMAGES
 

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from vae_scale.config import load_config
-from vae_scale.evaluate import eval_main, psnr
+from vae_scale.evaluate import eval_main
 from vae_scale.generate import encode_main, read_latent
 from vae_scale.image_reader import aspect_buckets, cover_crop, nearest_bucket
+from vae_scale.metrics import psnr
 from vae_scale.model import VAE, Tiling
 
 # (width, height) of the source images; 12x10 is too small for any 16 px bucket

@@ -15,21 +15,19 @@ import torch
 from PIL import Image
 
 from vae_scale.config import load_config
-from vae_scale.evaluate import (
+from vae_scale.evaluate import baseline_verdict, eval_main, format_table
+from vae_scale.losses import VAELoss
+from vae_scale.metrics import (
     InceptionFeatures,
     MetricError,
-    baseline_verdict,
     bicubic_round_trip,
     equal_values_size,
-    eval_main,
     evaluate,
-    format_table,
     frechet_distance,
     load_inception,
     psnr,
     ssim,
 )
-from vae_scale.losses import VAELoss
 from vae_scale.model import VAE
 from vae_scale.shards import write_shards
 from vae_scale.train import train

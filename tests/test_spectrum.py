@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from vae_scale.config import ModelConfig
-from vae_scale.evaluate import Lockstep, evaluate, format_table
+from vae_scale.evaluate import format_table
+from vae_scale.metrics import Lockstep, evaluate
 from vae_scale.model import VAE
 from vae_scale.monitor import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
 from vae_scale.spectrum import (

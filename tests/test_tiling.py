@@ -148,7 +148,7 @@ def test_tiling_a_trained_vae_stays_close_to_untiled(tmp_path):
     pytest.importorskip("skimage")
     from vae_scale.commands import iter_batches
     from vae_scale.demo import DATA_SOURCE, SHARD_SIZE
-    from vae_scale.evaluate import psnr
+    from vae_scale.metrics import psnr
     from vae_scale.shards import write_shards
     from vae_scale.train import train
 

@@ -53,6 +53,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
         ("vae_scale.weights", "WeightsError"),
         ("vae_scale.shards", "DataError"),
         ("vae_scale.commands", "InputError"),
+        ("vae_scale.metrics", "MetricError"),
         ("vae_scale.outputs", "OutputError"),
         ("vae_scale.checkpoint", "DamagedCheckpoint"),
     ):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from vae_scale.config import load_config
-from vae_scale.evaluate import bicubic_round_trip, compression, equal_values_size, psnr
+from vae_scale.metrics import bicubic_round_trip, compression, equal_values_size, psnr
 
 DEFAULT_TIME_GUARD_S = 1800.0
 """Stops training after this many seconds: several times what the preset's 1000 steps take on 2 CPU cores

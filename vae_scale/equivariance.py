@@ -1,6 +1,6 @@
 """Spatial transforms applied alike to a latent and to its image, for the diffusability regularisers.
 
-Two loss terms (vae_scale/losses.py) and one metric (vae_scale/evaluate.py) decode a transformed latent
+Two loss terms (vae_scale/losses.py) and one metric (vae_scale/metrics.py) decode a transformed latent
 T(z) and compare it with the equally transformed image T(x):
 
 - scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"): T is a 2x or

@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 
 from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
 from vae_scale.config import ConfigError, load_config
-from vae_scale.evaluate import key_noise
+from vae_scale.metrics import key_noise
 from vae_scale.outputs import check_writable_dir, check_writable_file
 
 log = logging.getLogger(__name__)

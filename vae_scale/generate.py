@@ -39,7 +39,7 @@ from vae_scale.commands import (
     processes,
     tiling_from_args,
 )
-from vae_scale.evaluate import key_noise, psnr
+from vae_scale.metrics import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
 from vae_scale.outputs import check_writable_dir, check_writable_file
 

@@ -266,7 +266,7 @@ def _weights_problems(cfg: Config) -> list[str]:
         except LossConfigError as e:
             problems.append(str(e) if cfg.loss.perceptual_weight > 0 else f"eval.metrics has lpips: {e}")
     if cfg.eval.every and "rfid" in cfg.eval.metrics:
-        from vae_scale.evaluate import MetricError, find_inception
+        from vae_scale.metrics import MetricError, find_inception
 
         try:
             find_inception(cfg.eval.inception_path)

@@ -565,7 +565,7 @@ class Trainer:
         self.last_path: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None
         if cfg.eval.every and not dry_run:  # missing LPIPS / Inception weights stop the run here
-            from vae_scale.evaluate import load_eval_nets
+            from vae_scale.metrics import load_eval_nets
 
             self._eval_nets = load_eval_nets(cfg, cfg.eval.metrics)
 
@@ -848,9 +848,9 @@ class Trainer:
 
     @torch.no_grad()
     def latent_stats(self) -> dict[str, torch.Tensor]:
-        """KL per latent channel and active units of the latest batch (evaluate.active_units: channels whose
+        """KL per latent channel and active units of the latest batch (metrics.active_units: channels whose
         posterior mean varies over the batch's images and positions)."""
-        from vae_scale.evaluate import active_units
+        from vae_scale.metrics import active_units
 
         post = self.last_posterior
         mean = post.mean.float()
@@ -896,7 +896,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
         from vae_scale.data import build_val_loader
-        from vae_scale.evaluate import Lockstep, evaluate
+        from vae_scale.metrics import Lockstep, evaluate
 
         cfg, acc = self.cfg, self.acc
         if self._val is None:
