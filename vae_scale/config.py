@@ -62,6 +62,20 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    WEIGHT_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "latent_channels",
+        "norm_num_groups",
+        "norm_eps",
+        "mid_block_attention",
+        "quant_convs",
+    )
+    """The fields that shape the weights or what they compute; the others (kernels, memory format, latent
+    statistics, ...) may differ between a checkpoint and the model that loads it."""
+
     preset: str = ""
     """Preset this architecture comes from; overriding it swaps in that preset's whole model section."""
     in_channels: int = 3

@@ -52,7 +52,7 @@ import torch
 from safetensors.torch import save_file
 
 from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
-from vae_scale.config import ConfigError, load_config
+from vae_scale.config import ConfigError, ModelConfig, load_config
 from vae_scale.metrics import key_noise
 from vae_scale.outputs import check_writable_dir, check_writable_file
 
@@ -61,18 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STATS_SAMPLES = 1024
 INIT_WEIGHTS = "init/vae.safetensors"
 # Model fields an import takes from the diffusers config.json; an override of one would not fit the weights.
-ARCHITECTURE = (
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "layers_per_block",
-    "latent_channels",
-    "norm_num_groups",
-    "norm_eps",
-    "mid_block_attention",
-    "quant_convs",
-    "preset",
-)
+ARCHITECTURE = (*ModelConfig.WEIGHT_KEYS, "preset")
 
 
 class ExportError(InputError):

@@ -38,7 +38,7 @@ from vae_scale.checkpoint import (
     is_complete,
     verify_checkpoint,
 )
-from vae_scale.config import Config, ConfigError, config_from_dict, config_parser, load_config
+from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict, config_parser, load_config
 from vae_scale.equivariance import Transform, TransformedDecode, draw_transforms
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
@@ -220,19 +220,7 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
 
 
-# Model keys that change the weights or what they compute; the others (kernels, memory format, latent
-# statistics for export, ...) may change between a checkpoint and its resumption.
-RESUME_MODEL_KEYS = (
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "layers_per_block",
-    "latent_channels",
-    "norm_num_groups",
-    "norm_eps",
-    "mid_block_attention",
-    "quant_convs",
-)
+RESUME_MODEL_KEYS = ModelConfig.WEIGHT_KEYS
 
 
 def check_resume(cfg: Config) -> None:
