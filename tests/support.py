@@ -93,3 +93,22 @@ def run(cmd: list[str], timeout: int = 300, ok: bool = True) -> subprocess.Compl
 def checkpoint_file(run_dir: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
     """A safetensors file of a run's newest complete checkpoint."""
     return load_file(latest_checkpoint(run_dir) / name)
+
+
+def uneven_val_shards(root: Path) -> Path:
+    """Real PNG shards of 20 photo-like images, 5 of them validation: with batch 2 on two ranks, one rank
+    has a validation batch more (what the lockstep of sharded evaluation is for)."""
+    from vae_scale.shards import write_shards
+
+    write_photo_like_images(root / "src", 20)
+    index = write_shards(
+        str(root / "src"),
+        root / "out",
+        max_per_shard=4,
+        image_format="png",
+        val_fraction=0.25,
+        seed=0,
+        progress=False,
+    )
+    assert index["splits"]["val"]["samples"] == 5
+    return root / "out"

@@ -4,13 +4,12 @@ stopped and resumed sharded run redraws the same transforms and ends bit-identic
 
 import pytest
 import torch
-from support import TINY, accelerate_launch, checkpoint_file, run, write_photo_like_images
+from support import TINY, accelerate_launch, checkpoint_file, run, uneven_val_shards
 
 from vae_scale.config import load_config
 from vae_scale.equivariance import draw_transforms
 from vae_scale.model import VAE
 from vae_scale.monitor import read_metrics
-from vae_scale.shards import write_shards
 
 FSDP = "fsdp.yaml"
 DDP = "cpu-2proc.yaml"
@@ -35,19 +34,7 @@ TERMS = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Real shards with 5 validation images: with batch 2 on two ranks, one rank has a batch more."""
-    root = tmp_path_factory.mktemp("diffusability-shards")
-    write_photo_like_images(root / "src", 20)
-    index = write_shards(
-        str(root / "src"),
-        root / "out",
-        max_per_shard=4,
-        image_format="png",
-        val_fraction=0.25,
-        seed=0,
-        progress=False,
-    )
-    assert index["splits"]["val"]["samples"] == 5
-    return root / "out"
+    return uneven_val_shards(tmp_path_factory.mktemp("diffusability-shards"))
 
 
 @pytest.mark.slow

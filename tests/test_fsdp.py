@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from support import TINY, accelerate_launch, checkpoint_file, run, write_photo_like_images
+from support import TINY, accelerate_launch, checkpoint_file, run, uneven_val_shards
 
 from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.config import ConfigError, load_config
@@ -16,7 +16,6 @@ from vae_scale.fsdp import UNIT_CLASSES, fsdp_plan, fsdp_units, shard
 from vae_scale.losses import VAELoss
 from vae_scale.model import VAE, count_parameters
 from vae_scale.monitor import read_metrics
-from vae_scale.shards import write_shards
 from vae_scale.train import Autoencoder
 from vae_scale.transforms import prepare_model
 
@@ -27,19 +26,7 @@ DDP = "cpu-2proc.yaml"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Real shards with 5 validation images: with batch 2 on two ranks, one rank has a batch more."""
-    root = tmp_path_factory.mktemp("fsdp-shards")
-    write_photo_like_images(root / "src", 20)
-    index = write_shards(
-        str(root / "src"),
-        root / "out",
-        max_per_shard=4,
-        image_format="png",
-        val_fraction=0.25,
-        seed=0,
-        progress=False,
-    )
-    assert index["splits"]["val"]["samples"] == 5
-    return root / "out"
+    return uneven_val_shards(tmp_path_factory.mktemp("fsdp-shards"))
 
 
 # --------------------------------------------------------------------------------------------------------
