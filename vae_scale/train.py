@@ -42,6 +42,7 @@ from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict,
 from vae_scale.equivariance import Transform, TransformedDecode, draw_transforms
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
+from vae_scale.metrics import Lockstep, active_units, evaluate, load_eval_nets
 from vae_scale.model import VAE, DiagonalGaussian
 from vae_scale.monitor import Monitor, image_grid
 from vae_scale.preflight import NotReady, WillNotFit, preflight, problems_before_start
@@ -553,8 +554,6 @@ class Trainer:
         self.last_path: Path | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None
         if cfg.eval.every and not dry_run:  # missing LPIPS / Inception weights stop the run here
-            from vae_scale.metrics import load_eval_nets
-
             self._eval_nets = load_eval_nets(cfg, cfg.eval.metrics)
 
     # -- state -----------------------------------------------------------------------------------------
@@ -838,8 +837,6 @@ class Trainer:
     def latent_stats(self) -> dict[str, torch.Tensor]:
         """KL per latent channel and active units of the latest batch (metrics.active_units: channels whose
         posterior mean varies over the batch's images and positions)."""
-        from vae_scale.metrics import active_units
-
         post = self.last_posterior
         mean = post.mean.float()
         kl_c = post.kl_per_channel().mean(0)  # (C,)
@@ -884,7 +881,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
         from vae_scale.data import build_val_loader
-        from vae_scale.metrics import Lockstep, evaluate
 
         cfg, acc = self.cfg, self.acc
         if self._val is None:
