@@ -6,6 +6,7 @@ run folder, a checkpoint or a diffusers folder, finite batches of shards, and th
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -196,13 +197,26 @@ class Processes:
             self.acc.wait_for_everyone()
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter tears down: a gloo group left to the C++
+    destructors at exit can abort the process ("terminate called without an active exception")
+    after the command itself has succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def processes() -> Processes:
-    """Join the process group when launched with several processes (gloo on CPU, NCCL on GPUs)."""
+    """Join the process group when launched with several processes (gloo on CPU, NCCL on GPUs).
+
+    The group is left again when the process exits."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
         # cpu=True without a GPU makes accelerate-launched CPU processes join over gloo, as in the trainer
         acc = Accelerator(cpu=not torch.cuda.is_available())
+        atexit.register(_leave_process_group)
         return Processes(acc.device, acc.process_index, acc.num_processes, acc)
     return Processes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
