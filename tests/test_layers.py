@@ -28,6 +28,7 @@ LAYERS = {
     "metrics": 3,
     "monitor": 3,
     "preflight": 3,
+    "shard_reader": 3,
     "shards": 3,
     "spectrum": 3,
     "synthetic": 3,

@@ -51,7 +51,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError]
     for mod, name in (
         ("vae_scale.weights", "WeightsError"),
-        ("vae_scale.shards", "DataError"),
+        ("vae_scale.shard_reader", "DataError"),
         ("vae_scale.commands", "InputError"),
         ("vae_scale.metrics", "MetricError"),
         ("vae_scale.outputs", "OutputError"),

@@ -143,7 +143,7 @@ def iter_batches(
     """
     from vae_scale.config import DataConfig
     from vae_scale.data import ValLoader
-    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.shard_reader import expand_shards, shard_counts
     from vae_scale.synthetic import SYNTHETIC, synthetic_image
 
     if spec == SYNTHETIC:

@@ -88,7 +88,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vae_scale.config import DataConfig
-from vae_scale.shards import (
+from vae_scale.shard_reader import (
     BadTally,
     DataError,
     RawSample,
@@ -97,9 +97,9 @@ from vae_scale.shards import (
     expand_shards,
     read_unit,
     shard_counts,
-    shards_main,
     to_rgb,
 )
+from vae_scale.shards import shards_main
 
 __all__ = ["DataError", "TrainLoader", "ValLoader", "build_train_loader", "build_val_loader", "shards_main"]
 

@@ -251,7 +251,7 @@ def eval_main(argv: list[str]) -> int:
         if data == "synthetic":
             raise InputError("--shape native: --data synthetic has square images only")
         from vae_scale.image_reader import ImageReader
-        from vae_scale.shards import expand_shards, shard_counts
+        from vae_scale.shard_reader import expand_shards, shard_counts
 
         urls = expand_shards(data, args.split)
         batches = ImageReader(

@@ -262,7 +262,7 @@ def _factors(scaling_factor: float, shift_factor: float | None) -> str:
 
 def export_main(argv: list[str]) -> int:
     """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--measure-latents]`."""
-    from vae_scale.shards import DataError
+    from vae_scale.shard_reader import DataError
     from vae_scale.weights import config_to_diffusers
 
     p = argparse.ArgumentParser(

@@ -111,7 +111,7 @@ def sample_main(argv: list[str]) -> int:
 
 
 def _image_files(items: list[str]) -> list[Path]:
-    from vae_scale.shards import IMAGE_EXTENSIONS
+    from vae_scale.shard_reader import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     for item in items:
@@ -131,7 +131,7 @@ def _image_files(items: list[str]) -> list[Path]:
 def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
     """(3, H, W) in [-1, 1]: RGB, the short side resized to `resolution` (when given) and center-cropped
     to that square, else center-cropped to multiples of `multiple`."""
-    from vae_scale.shards import to_rgb
+    from vae_scale.shard_reader import to_rgb
 
     try:
         img = to_rgb(Image.open(path))
@@ -270,7 +270,7 @@ def encode_batches(args, cfg, vae, procs, data: str):
     sidecars and only square images)."""
     from vae_scale.commands import iter_batches
     from vae_scale.image_reader import ImageReader
-    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.shard_reader import expand_shards, shard_counts
     from vae_scale.synthetic import SYNTHETIC
 
     batch_size = args.batch_size or cfg.data.batch_size
@@ -477,7 +477,7 @@ def encode_main(argv: list[str]) -> int:
 
 def _expected_samples(data: str, split: str, limit: int, world: int) -> int | None:
     """This rank's approximate sample count, for the progress bar (None when unknown)."""
-    from vae_scale.shards import expand_shards, shard_counts
+    from vae_scale.shard_reader import expand_shards, shard_counts
     from vae_scale.synthetic import SYNTHETIC
 
     if data == SYNTHETIC:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # The validation reader's dealing and square crop, so square mode reads exactly its samples and pixels.
 from vae_scale.data import _Bad, _decode, _plan_lanes
-from vae_scale.shards import BadTally, describe_error, read_unit, to_rgb
+from vae_scale.shard_reader import BadTally, describe_error, read_unit, to_rgb
 
 SHAPES = ("square", "native", "buckets")
 
@@ -160,7 +160,8 @@ def _batch(items: list[dict[str, Any]]) -> dict[str, Any]:
 class ImageReader:
     """Finite batches of whole images from shards for one rank (see the module docstring).
 
-    urls, counts: the shards (shards.expand_shards) and their sample counts (shards.shard_counts, or None).
+    urls, counts: the shards (shard_reader.expand_shards) and their sample counts (shard_reader.shard_counts,
+    or None).
     limit > 0 stops after that many images on this rank. `skipped` counts what was left out, by kind, and
     `first_skipped` describes the first one.
     """

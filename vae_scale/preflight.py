@@ -216,7 +216,7 @@ class NotReady(ConfigError):
 def _val_problem(cfg: Config) -> str | None:
     """data.val must hold at least one sample when in-loop evaluation is on (local shards are counted;
     remote ones are read at the first evaluation)."""
-    from vae_scale.shards import DataError, count_samples, expand_shards
+    from vae_scale.shard_reader import DataError, count_samples, expand_shards
 
     if not cfg.data.val:
         return f"eval.every={cfg.eval.every} evaluates on data.val, which is empty (set it, or eval.every=0)"
