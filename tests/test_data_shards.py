@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vae_scale.cli.shards import shards_main
 from vae_scale.config import DataConfig
-from vae_scale.data import DataError, build_train_loader, build_val_loader, shards_main
+from vae_scale.data import DataError, build_train_loader, build_val_loader
 from vae_scale.shards import SAMPLE_IMAGES
 
 

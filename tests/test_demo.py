@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vae_scale import demo
+from vae_scale.cli.train import demo_main
 from vae_scale.demo import Row, format_rows, verdict
 from vae_scale.metrics import bicubic_round_trip, psnr
 from vae_scale.model import VAE
@@ -115,7 +116,7 @@ def test_heldout_rows_give_the_baseline_at_least_the_latents_numbers():
 def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, capsys):
     pytest.importorskip("skimage")
     data, out = tmp_path / "data", tmp_path / "run"
-    assert demo.main(["--data", str(data), "--out", str(out), *TINY]) == 0
+    assert demo_main(["--data", str(data), "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
 
     index = json.loads((data / "index.json").read_text())
@@ -151,7 +152,7 @@ def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, cap
 
     # a second demo reuses the shards and starts a fresh run folder beside the first; a time guard that
     # fires stops it early, and the output says its figures are not the reference run's
-    assert demo.main(["--data", str(data), "--out", str(out), "--time-guard", "1e-9", *TINY]) == 0
+    assert demo_main(["--data", str(data), "--out", str(out), "--time-guard", "1e-9", *TINY]) == 0
     text = capsys.readouterr().out
     assert "writing shards" not in text
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run")]) == 2

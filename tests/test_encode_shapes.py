@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from vae_scale.cli.evaluate import eval_main
+from vae_scale.cli.generate import encode_main
 from vae_scale.config import load_config
-from vae_scale.evaluate import eval_main
-from vae_scale.generate import encode_main, read_latent
+from vae_scale.generate import read_latent
 from vae_scale.image_reader import aspect_buckets, cover_crop, nearest_bucket
 from vae_scale.metrics import psnr
 from vae_scale.model import VAE, Tiling

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vae_scale.cli.evaluate import eval_main
 from vae_scale.config import load_config
-from vae_scale.evaluate import baseline_verdict, eval_main, format_table
+from vae_scale.evaluate import baseline_verdict, format_table
 from vae_scale.losses import VAELoss
 from vae_scale.metrics import (
     InceptionFeatures,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from vae_scale.cli.export import export_main, import_main
 from vae_scale.config import load_config
-from vae_scale.export import export_main, import_main
 from vae_scale.model import VAE
 from vae_scale.shards import write_shards
 from vae_scale.train import train

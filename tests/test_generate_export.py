@@ -15,10 +15,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vae_scale.cli.export import export_main, import_main
+from vae_scale.cli.generate import encode_main, reconstruct_main, sample_main
 from vae_scale.commands import iter_batches
 from vae_scale.config import ConfigError, load_config
-from vae_scale.export import ExportError, export_main, import_main
-from vae_scale.generate import encode_main, read_latent, reconstruct_main, sample_main
+from vae_scale.export import ExportError
+from vae_scale.generate import read_latent
 from vae_scale.model import VAE
 from vae_scale.shards import write_shards
 from vae_scale.train import train
@@ -339,7 +341,7 @@ def test_encode_with_two_processes_writes_every_sample_once(run, tmp_path):
     out = tmp_path / "latents"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    code = "import sys; from vae_scale.generate import encode_main; sys.exit(encode_main(sys.argv[1:]))"
+    code = "import sys; from vae_scale.cli.generate import encode_main; sys.exit(encode_main(sys.argv[1:]))"
     script = tmp_path / "encode.py"
     script.write_text(code)
     proc = subprocess.run(

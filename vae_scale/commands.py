@@ -1,11 +1,11 @@
 """What the inference commands (eval, sample, reconstruct, encode, export) share: the model they load from a
-run folder, a checkpoint or a diffusers folder, finite batches of shards, and the processes they run on
-(one, or several under `accelerate launch` / torchrun).
+run folder, a checkpoint or a diffusers folder, the data they read (DataOptions) as finite batches, and the
+processes they run on (one, or several under `accelerate launch` / torchrun). Their flags are parsed in
+vae_scale/cli/.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vae_scale.config import Config, config_from_dict
+from vae_scale.config import Config, DataConfig, config_from_dict
 
 
 class InputError(ValueError):
@@ -32,48 +32,8 @@ class LoadedModel:
     source: str
     step: int | None = None
     checkpoint: Path | None = None
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--run RUN | --ckpt PATH (required, exclusive) and --ema."""
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--run", help="run folder: its newest complete checkpoint")
-    g.add_argument("--ckpt", help="a checkpoint folder (runs/x/checkpoints/step-...) or a diffusers folder")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
-
-
-def add_tiling_args(p: argparse.ArgumentParser) -> None:
-    """--tile PX and --tile-overlap F: tiled encode/decode of images larger than a tile."""
-    p.add_argument(
-        "--tile",
-        type=int,
-        default=None,
-        help="encode/decode images larger than this many pixels tile by tile, blended as diffusers' "
-        "enable_tiling() does (default: the model's sample_size; 0: never tile)",
-    )
-    p.add_argument(
-        "--tile-overlap",
-        type=float,
-        default=0.25,
-        help="fraction of a tile its neighbour shares (default 0.25)",
-    )
-
-
-def tiling_from_args(args: argparse.Namespace, vae) -> Any:
-    """The Tiling --tile / --tile-overlap ask for, its tile resolved (False for --tile 0); InputError for a
-    bad geometry."""
-    from vae_scale.model import Tiling
-
-    if args.tile == 0:
-        return False
-    if args.tile is not None and args.tile < 0:
-        raise InputError(f"--tile must be >= 0, got {args.tile}")
-    tiling = Tiling(tile=args.tile or vae.config.sample_size, overlap=args.tile_overlap)
-    try:
-        tiling.geometry(vae.downsample_factor, vae.config.sample_size)
-    except ValueError as e:
-        raise InputError(f"--tile / --tile-overlap: {e}") from None
-    return tiling
+    ema: bool = False
+    """Whether `vae` holds the checkpoint's EMA weights."""
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -113,7 +73,7 @@ def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = Fals
     step = None
     if (checkpoint / "trainer_state.json").is_file():
         step = json.loads(read_checkpoint_file(checkpoint, "trainer_state.json")).get("step")
-    return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint)
+    return LoadedModel(vae, cfg, str(checkpoint), step, checkpoint, ema)
 
 
 def check_resolution(vae, resolution: int, flag: str) -> None:
@@ -165,6 +125,62 @@ def iter_batches(
             yield batch
         if limit and taken >= limit:
             return
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What a command reads, and how: shards (or `synthetic`), the split of a folder, the center-crop size,
+    images per process per batch, loader workers per process.
+
+    The same five for every command that reads data; `from_config` takes what is not given from a config's
+    data section (the command line passes the loaded run's)."""
+
+    data: str
+    split: str = "val"
+    # the config system's defaults, as for a run that sets none of them
+    resolution: int = DataConfig.resolution
+    batch_size: int = DataConfig.batch_size
+    workers: int = DataConfig.workers
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        split: str,
+        *,
+        data: str | None = None,
+        resolution: int | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> DataOptions:
+        """`cfg`'s data.<split> (the shards), resolution, batch_size and workers, each unless given."""
+
+        def pick(given, default):
+            return default if given is None else given
+
+        return cls(
+            data=pick(data, getattr(cfg, split)),
+            split=split,
+            resolution=pick(resolution, cfg.resolution),
+            batch_size=pick(batch_size, cfg.batch_size),
+            workers=pick(workers, cfg.workers),
+        )
+
+    def batches(
+        self, *, rank: int = 0, world: int = 1, limit: int = 0, seed: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """This rank's finite center-crop batches (`iter_batches`)."""
+        return iter_batches(
+            self.data,
+            split=self.split,
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            rank=rank,
+            world=world,
+            limit=limit,
+            seed=seed,
+        )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`vae-scale compare RUN...`: several runs side by side, from their run folders' metrics.jsonl.
+"""`vae-scale compare RUN...`: several runs side by side, from their run folders' metrics.jsonl (its flags:
+vae_scale/cli/compare.py).
 
     vae-scale compare runs/sd-ft-a runs/sd-ft-b --out compare.html
     vae-scale compare runs/* --metrics loss val/psnr val/lpips
@@ -11,7 +12,6 @@ runs in report order (losses first); constants and data/bad/* counters are left 
 
 from __future__ import annotations
 
-import argparse
 import html
 from pathlib import Path
 
@@ -41,28 +41,24 @@ def _label(run: Path, runs: list[Path]) -> str:
     return run.name if names.count(run.name) == 1 else str(run)
 
 
-def compare_main(argv: list[str]) -> int:
-    """`vae-scale compare RUN... [--metrics M ...] [--out compare.html]`."""
-    p = argparse.ArgumentParser(
-        prog="vae-scale compare", description="Latest and best metrics of runs, and their curves overlaid."
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
-    p.add_argument("--metrics", nargs="+", help="metrics to compare (default: every varying one)")
-    p.add_argument("--out", default="compare.html", help="the HTML page (default compare.html)")
-    args = p.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
+def compare_runs(
+    runs: list[str | Path], metrics: list[str] | None = None, out: str | Path = "compare.html"
+) -> str:
+    """`vae-scale compare`: the table of the runs' latest (best) metrics, returned; their curves, overlaid
+    metric by metric, written to the HTML page `out`. metrics None: every metric that varies in a run."""
+    runs = [Path(r) for r in runs]
     data = {}
     for run in runs:
         if not (run / "metrics.jsonl").is_file():
             raise InputError(f"{run}: no metrics.jsonl (not a run folder, or a run that logged nothing yet)")
         data[run] = metric_series(read_metrics(run))
     names = set().union(*(d.keys() for d in data.values()))
-    if args.metrics:
-        unknown = [m for m in args.metrics if m not in names]
+    if metrics:
+        unknown = [m for m in metrics if m not in names]
         if unknown:
             have = ", ".join(sorted(names, key=metric_order)[:12])
             raise InputError(f"--metrics {' '.join(unknown)}: in none of the runs (they have {have}, ...)")
-        metrics = list(args.metrics)
+        metrics = list(metrics)
     else:
         metrics = [
             m
@@ -91,7 +87,6 @@ def compare_main(argv: list[str]) -> int:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(lines))
 
     charts = "".join(
         svg_chart(m, [(label, data[run].get(m, [])) for run, label in zip(runs, labels, strict=True)])
@@ -106,8 +101,7 @@ figcaption{{font-size:13px}}pre{{font-size:13px}}</style></head><body>
 <h2>Latest (best)</h2><pre>{html.escape(chr(10).join(lines))}</pre>
 <h2>Curves</h2>{charts or "<p>No metric to chart.</p>"}</body></html>
 """
-    out = Path(args.out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, page)
-    print(f"wrote {out}")
-    return 0
+    return "\n".join(lines)

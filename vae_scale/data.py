@@ -99,9 +99,8 @@ from vae_scale.shard_reader import (
     shard_counts,
     to_rgb,
 )
-from vae_scale.shards import shards_main
 
-__all__ = ["DataError", "TrainLoader", "ValLoader", "build_train_loader", "build_val_loader", "shards_main"]
+__all__ = ["DataError", "TrainLoader", "ValLoader", "build_train_loader", "build_val_loader"]
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import json
-import logging
 import tarfile
 import time
 from dataclasses import dataclass
@@ -237,36 +235,26 @@ def report_section(run_dir: Path, rows: list[Row], shown: dict[str, torch.Tensor
     )
 
 
-def main(argv: list[str]) -> int:
-    """`vae-scale demo [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
+def run_demo(
+    out: str = "runs/demo",
+    data: str = "runs/demo-data",
+    time_guard: float = DEFAULT_TIME_GUARD_S,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> int:
+    """`vae-scale demo`: sample shards into `data` (reused when present), a run in `out` (a fresh one beside
+    it when it holds checkpoints) stopped after `time_guard` seconds at the latest, `overrides` over the
+    preset; returns the exit code."""
     from vae_scale.model import VAE
     from vae_scale.monitor import write_report
     from vae_scale.shards import write_shards
     from vae_scale.train import train
 
-    p = argparse.ArgumentParser(prog="vae-scale demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument(
-        "--time-guard",
-        type=float,
-        default=DEFAULT_TIME_GUARD_S,
-        help=f"stop training after this many seconds (default {DEFAULT_TIME_GUARD_S:.0f}): a stall guard",
-    )
-    p.add_argument(
-        "--data", default="runs/demo-data", help="where the sample shards go (reused when present)"
-    )
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = p.parse_args(argv)
-    if args.time_guard <= 0:
-        p.error(f"--time-guard must be > 0 seconds, got {args.time_guard}")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    data = Path(args.data)
+    data = Path(data)
     index = data / "index.json"
     if not index.is_file() or json.loads(index.read_text()).get("source") != DATA_SOURCE:
         print(f"writing shards of scikit-image's colour photographs to {data}/")
         write_shards(DATA_SOURCE, data, size=SHARD_SIZE, val_fraction=0.25, seed=0, progress=False)
-    run_dir = Path(args.out)
+    run_dir = Path(out)
     if (run_dir / "checkpoints").exists():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = run_dir.with_name(f"{run_dir.name}-{stamp}")  # a demo always starts fresh
@@ -276,8 +264,8 @@ def main(argv: list[str]) -> int:
             f"run.dir={run_dir}",
             f"data.train={data}",
             f"data.val={data}",
-            f"train.time_budget_s={args.time_guard}",
-            *args.overrides,
+            f"train.time_budget_s={time_guard}",
+            *overrides,
         ],
     )
     print(f"training the demo preset ({cfg.train.steps} steps) into {run_dir}/")
@@ -295,7 +283,7 @@ def main(argv: list[str]) -> int:
     print(f"\ntrained {summary['step']} steps in {wall:.0f} s")
     if summary["step"] < cfg.train.steps:
         why = (
-            f"the time guard ({args.time_guard:g} s)"
+            f"the time guard ({time_guard:g} s)"
             if summary["stopped_by"] == "time budget"
             else summary["stopped_by"] or "an early stop"
         )

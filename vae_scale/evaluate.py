@@ -1,4 +1,5 @@
-"""`vae-scale eval`: the metrics of vae_scale/metrics.py over a dataset, as a table and JSON.
+"""`vae-scale eval`: the metrics of vae_scale/metrics.py over a dataset, as a table and JSON (its flags:
+vae_scale/cli/evaluate.py).
 
     vae-scale eval --run runs/sd-ft --data '/data/val-{000..003}.tar' --out eval.json
     accelerate launch -m vae_scale eval --run runs/sd-ft --metrics psnr ssim bpd lpips --iw 64
@@ -8,36 +9,31 @@ What each metric means, and how the pass stays exact across processes: vae_scale
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from vae_scale.commands import (
+    DataOptions,
     InputError,
     LoadedModel,
-    add_model_args,
-    add_tiling_args,
+    Processes,
     check_resolution,
-    iter_batches,
-    load_model,
     processes,
     progress,
-    tiling_from_args,
 )
+from vae_scale.image_reader import ImageReader
 from vae_scale.metrics import (
-    INCEPTION_FILE,
-    METRICS,
     check_metrics,
     compression,
     evaluate,
     has_likelihood,
     load_eval_nets,
 )
-from vae_scale.outputs import check_writable_file
+from vae_scale.shard_reader import expand_shards, shard_counts
+from vae_scale.synthetic import SYNTHETIC
 
 log = logging.getLogger(__name__)
 
@@ -184,144 +180,115 @@ def baseline_verdict(results: dict[str, float]) -> str:
     )
 
 
-def eval_main(argv: list[str]) -> int:
-    """`vae-scale eval --run RUN | --ckpt PATH [--data P] [--metrics ...] [--iw K] [--ema] [--out F]`."""
-    p = argparse.ArgumentParser(prog="vae-scale eval", description="Evaluate a VAE on held-out shards.")
-    add_model_args(p)
-    p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.val)")
-    p.add_argument("--split", default="val", choices=("train", "val"), help="which shards of a folder (val)")
-    p.add_argument(
-        "--metrics",
-        nargs="+",
-        help=f"any of {' '.join(METRICS)} (default: the run's "
-        "eval.metrics, plus lpips / rfid when their weights are given)",
-    )
-    p.add_argument("--iw", type=int, default=None, help="importance samples for bpd_iw (default eval.iw)")
-    p.add_argument("--out", help="write the results as JSON to this new file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--shape",
-        default="square",
-        choices=("square", "native"),
-        help="square: short side resized to --resolution and center-cropped (default); native: each image "
-        "at its own size, cropped to a multiple of the downsampling factor, tiled when larger than a tile",
-    )
-    p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
-    add_tiling_args(p)
-    p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers per process (default 0)")
-    p.add_argument("--max-batches", type=int, default=0, help="batches per process; 0 is all")
-    p.add_argument("--n", type=int, default=0, help="with --data synthetic: how many images (default 256)")
-    p.add_argument("--lpips-path", default="", help="folder with LPIPS' vgg.pth and vgg16-397923af.pth")
-    p.add_argument("--vgg-path", default="", help="torchvision's vgg16-397923af.pth, if not beside vgg.pth")
-    p.add_argument("--inception-path", default="", help=f"TorchScript Inception for rfid ({INCEPTION_FILE})")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampled latents (per sample key)")
-    args = p.parse_args(argv)
-    for flag in ("iw", "max_batches", "n", "workers"):
-        if (getattr(args, flag) or 0) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be >= 0")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.out:  # before the evaluation, not after it
-        check_writable_file(args.out, "--out", overwrite=args.overwrite)
+def run_metrics(cfg, metrics: list[str] | None, lpips_path: str = "", inception_path: str = "") -> list[str]:
+    """The metrics asked for, checked; by default the run's eval.metrics, plus lpips / rfid when their weights
+    are given (here or in the run's config)."""
+    if metrics:
+        return check_metrics(metrics)
+    chosen = check_metrics(cfg.eval.metrics)
+    if (lpips_path or cfg.loss.lpips_path) and "lpips" not in chosen:
+        chosen.append("lpips")
+    if (inception_path or cfg.eval.inception_path) and "rfid" not in chosen:
+        chosen.append("rfid")
+    return chosen
 
-    loaded = load_model(args.run, args.ckpt, args.ema)
+
+def evaluate_model(
+    loaded: LoadedModel,
+    data: DataOptions,
+    *,
+    metrics: list[str] | None = None,
+    iw: int | None = None,
+    shape: str = "square",
+    tiling: Any = False,
+    max_batches: int = 0,
+    n: int = 0,
+    seed: int = 0,
+    lpips_path: str = "",
+    vgg_path: str = "",
+    inception_path: str = "",
+    procs: Processes | None = None,
+    progress_bar: bool = False,
+) -> dict[str, Any]:
+    """`vae-scale eval`: the metrics of a loaded VAE over `data`, summed exactly across `procs`.
+
+    metrics None: run_metrics' default; iw None: the run's eval.iw. shape "square": center crops of
+    data.resolution; "native": each image at its own size (tiled by `tiling`, a model.Tiling or False).
+    n: how many images `synthetic` data has (default 256); seed: the sampled latents' noise (per sample key).
+    Returns the report `--out` writes: {"metrics": {...}, "source", "step", "ema", "data", ...}.
+    """
     cfg = loaded.config
-    data = args.data or cfg.data.val
-    if not data:
-        raise InputError(f"--data is needed: {loaded.source} has no data.val")
-    if args.metrics:
-        metrics = check_metrics(args.metrics)
-    else:
-        metrics = check_metrics(cfg.eval.metrics)
-        if (args.lpips_path or cfg.loss.lpips_path) and "lpips" not in metrics:
-            metrics.append("lpips")
-        if (args.inception_path or cfg.eval.inception_path) and "rfid" not in metrics:
-            metrics.append("rfid")
-    iw = cfg.eval.iw if args.iw is None else args.iw
+    if not data.data:
+        raise InputError(f"--data is needed: {loaded.source} has no data.{data.split}")
+    metrics = run_metrics(cfg, metrics, lpips_path, inception_path)
+    iw = cfg.eval.iw if iw is None else iw
     nets = load_eval_nets(
-        cfg, metrics, lpips_path=args.lpips_path, vgg_path=args.vgg_path, inception_path=args.inception_path
+        cfg, metrics, lpips_path=lpips_path, vgg_path=vgg_path, inception_path=inception_path
     )
     criterion = load_criterion(loaded) if "bpd" in metrics or iw else None
 
-    procs = processes()
+    procs = procs or processes()
     vae = loaded.vae.to(procs.device)
-    resolution = args.resolution or cfg.data.resolution
-    tiling = tiling_from_args(args, vae)
-    if args.shape == "native":
-        if data == "synthetic":
+    if shape == "native":
+        if data.data == SYNTHETIC:
             raise InputError("--shape native: --data synthetic has square images only")
-        from vae_scale.image_reader import ImageReader
-        from vae_scale.shard_reader import expand_shards, shard_counts
-
-        urls = expand_shards(data, args.split)
+        urls = expand_shards(data.data, data.split)
         batches = ImageReader(
             urls,
             shard_counts(urls, scan=False),
             shape="native",
             multiple=vae.downsample_factor,
-            workers=args.workers,
+            workers=data.workers,
             rank=procs.rank,
             world=procs.world,
         )
     else:
-        check_resolution(vae, resolution, "--resolution")
-        batches = iter_batches(
-            data,
-            split=args.split,
-            resolution=resolution,
-            batch_size=args.batch_size or cfg.data.batch_size,
-            workers=args.workers,
-            rank=procs.rank,
-            world=procs.world,
-            limit=args.n if data == "synthetic" else 0,
-            seed=cfg.train.seed + 1,
-        )
+        check_resolution(vae, data.resolution, "--resolution")
+        # synthetic images seeded apart from the training ones (train.seed), as held-out data is
+        limit = n if data.data == SYNTHETIC else 0
+        batches = data.batches(rank=procs.rank, world=procs.world, limit=limit, seed=cfg.train.seed + 1)
     results = evaluate(
         vae,
-        progress(batches, enabled=procs.is_main and sys.stderr.isatty(), desc="eval"),
+        progress(batches, enabled=procs.is_main and progress_bar, desc="eval"),
         metrics=metrics,
         device=procs.device,
         reduce=procs.reduce_sum,
         criterion=criterion,
-        max_batches=args.max_batches,
+        max_batches=max_batches,
         iw=iw,
-        seed=args.seed,
+        seed=seed,
         tiled=tiling,
         baseline="psnr" in metrics,
         **nets,
     )
-    if procs.is_main:
-        how = likelihood_name(criterion) if "bpd" in metrics else ""
-        print(
-            f"{loaded.source}"
-            + (f" (step {loaded.step})" if loaded.step is not None else "")
-            + (" EMA" if args.ema else "")
-            + f" on {data}, {procs.world} process(es), "
-            + ("native size" if args.shape == "native" else f"center crops of {resolution} px")
-        )
-        print(format_table(results, how, cfg.model.latent_channels, iw))
-        if args.out:
-            report = {
-                "metrics": results,
-                "source": loaded.source,
-                "step": loaded.step,
-                "ema": args.ema,
-                "data": data,
-                "shape": args.shape,
-                "resolution": resolution if args.shape == "square" else None,
-                "tile": tiling.tile if tiling else None,
-                "likelihood": how or None,
-                "iw": iw,
-                "seed": args.seed,
-                "world_size": procs.world,
-            }
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {out}")
-    procs.barrier()
-    return 0
+    return {
+        "metrics": results,
+        "source": loaded.source,
+        "step": loaded.step,
+        "ema": loaded.ema,
+        "data": data.data,
+        "shape": shape,
+        "resolution": data.resolution if shape == "square" else None,
+        "tile": tiling.tile if tiling else None,
+        "likelihood": (likelihood_name(criterion) if "bpd" in metrics else "") or None,
+        "iw": iw,
+        "seed": seed,
+        "world_size": procs.world,
+    }
+
+
+def eval_heading(report: dict[str, Any]) -> str:
+    """The line above `vae-scale eval`'s table: what was evaluated, on what, how."""
+    return (
+        f"{report['source']}"
+        + (f" (step {report['step']})" if report["step"] is not None else "")
+        + (" EMA" if report["ema"] else "")
+        + f" on {report['data']}, {report['world_size']} process(es), "
+        + ("native size" if report["shape"] == "native" else f"center crops of {report['resolution']} px")
+    )
 
 
 if __name__ == "__main__":  # `python -m vae_scale.evaluate ...` is `vae-scale eval ...`
-    sys.exit(eval_main(sys.argv[1:]))
+    from vae_scale.cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

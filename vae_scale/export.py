@@ -1,4 +1,5 @@
-"""Weights out to diffusion pipelines and in from existing VAEs: `vae-scale export` and `vae-scale import`.
+"""Weights out to diffusion pipelines and in from existing VAEs: `vae-scale export` and `vae-scale import`
+(their flags: vae_scale/cli/export.py).
 
     vae-scale export --run runs/sd-ft --out sd-ft-vae/ [--ema] [--measure-latents [--n 1024] [--no-shift]]
     vae-scale export --run runs/sd-ft --out sd-ft-vae.safetensors --format safetensors
@@ -39,7 +40,6 @@ keeps. The discriminator, which diffusers folders do not hold, starts afresh.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vae_scale.commands import InputError, add_model_args, iter_batches, load_model, processes
+from vae_scale.commands import DataOptions, InputError, LoadedModel
 from vae_scale.config import ConfigError, ModelConfig, load_config
 from vae_scale.metrics import key_noise
-from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.shard_reader import DataError
 
 log = logging.getLogger(__name__)
 
@@ -223,33 +223,24 @@ def _describes(config: dict[str, Any], model) -> bool:
     )
 
 
-def _measure(args, loaded, vae, device) -> dict[str, Any]:
-    """Latent statistics on --n samples of --data (default data.train); ExportError when there is no data."""
-    cfg = loaded.config
-    data = args.data or cfg.data.train
-    if not data:
-        raise ExportError(f"--data is needed for the latent statistics: {loaded.source} has no data.train")
-    resolution = args.resolution or cfg.data.resolution
+def _measure(loaded, vae, device, data: DataOptions, n: int, sample: bool, seed: int) -> dict[str, Any]:
+    """Latent statistics on n samples of `data`; ExportError when there is no data."""
+    if not data.data:
+        raise ExportError(
+            f"--data is needed for the latent statistics: {loaded.source} has no data.{data.split}"
+        )
     f = vae.downsample_factor
-    if resolution % f:
-        raise ExportError(f"--resolution={resolution} is not a multiple of the downsampling factor {f}")
-    batches = iter_batches(
-        data,
-        split=args.split,
-        resolution=resolution,
-        batch_size=args.batch_size or cfg.data.batch_size,
-        workers=args.workers,
-        limit=args.n,
-        seed=cfg.train.seed,
-    )
-    stats = latent_statistics(vae, batches, device=device, n=args.n, sample=args.sample, seed=args.seed)
+    if data.resolution % f:
+        raise ExportError(f"--resolution={data.resolution} is not a multiple of the downsampling factor {f}")
+    batches = data.batches(limit=n, seed=loaded.config.train.seed)
+    stats = latent_statistics(vae, batches, device=device, n=n, sample=sample, seed=seed)
     stats.update(
         {
-            "data": data,
-            "resolution": resolution,
+            "data": data.data,
+            "resolution": data.resolution,
             "source": loaded.source,
             "step": loaded.step,
-            "ema": args.ema,
+            "ema": loaded.ema,
         }
     )
     return stats
@@ -260,95 +251,55 @@ def _factors(scaling_factor: float, shift_factor: float | None) -> str:
     return f"scaling_factor {scaling_factor:.6g}, shift_factor {shift}"
 
 
-def export_main(argv: list[str]) -> int:
-    """`vae-scale export --run RUN --out DIR [--format diffusers|safetensors] [--ema] [--measure-latents]`."""
-    from vae_scale.shard_reader import DataError
+def export_vae(
+    loaded: LoadedModel,
+    out: str | Path,
+    data: DataOptions,
+    *,
+    fmt: str = "diffusers",
+    n: int = DEFAULT_STATS_SAMPLES,
+    sample: bool = False,
+    seed: int = 0,
+    measure_latents: bool = False,
+    no_stats: bool = False,
+    shift: bool = True,
+    channel_stats: bool = True,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """`vae-scale export`: write a loaded VAE as a diffusers folder (fmt "diffusers") or one single-file
+    .safetensors (fmt "safetensors"; a folder `out` gets vae.safetensors); the lines to report.
+
+    A fine-tune of imported weights keeps the imported config.json (its latent contract) and gets the
+    statistics measured on n samples of `data` as advice; a VAE trained from scratch, or measure_latents,
+    gets them in its config (shift: shift_factor, channel_stats: latents_mean / latents_std). no_stats
+    measures nothing. `out` is checked by the caller (outputs.check_writable_*).
+    """
     from vae_scale.weights import config_to_diffusers
 
-    p = argparse.ArgumentParser(
-        prog="vae-scale export",
-        description="Write a diffusers AutoencoderKL. A fine-tune of imported weights keeps the imported "
-        "config.json (scaling_factor, shift_factor, latents_mean/std, sample_size) and prints the measured "
-        "latent statistics as advice; a VAE trained from scratch gets measured ones.",
-    )
-    add_model_args(p)
-    p.add_argument(
-        "--out",
-        required=True,
-        help="diffusers: a folder; safetensors: a .safetensors file "
-        "(or a folder, which gets vae.safetensors)",
-    )
-    p.add_argument("--format", default="diffusers", choices=("diffusers", "safetensors"))
-    p.add_argument(
-        "--measure-latents",
-        action="store_true",
-        help="write measured statistics into config.json even for a fine-tune of imported weights (for a "
-        "new diffusion model trained on these latents; the imported one expects the kept values)",
-    )
-    p.add_argument(
-        "--no-stats",
-        action="store_true",
-        help="measure nothing: keep scaling_factor, shift_factor and latents_mean/std as the model "
-        "(or the imported config.json) has them",
-    )
-    p.add_argument(
-        "--no-shift", action="store_true", help="measured: shift_factor null (SD style: scale only)"
-    )
-    p.add_argument(
-        "--no-channel-stats",
-        action="store_true",
-        help="measured: latents_mean / latents_std null (for pipelines that pair them with scaling_factor)",
-    )
-    p.add_argument("--data", help="samples for the statistics: shards or 'synthetic' (default: data.train)")
-    p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
-    p.add_argument("--n", type=int, default=DEFAULT_STATS_SAMPLES, help="samples measured (default 1024)")
-    p.add_argument("--sample", action="store_true", help="measure sampled latents, not posterior means")
-    p.add_argument("--resolution", type=int, help="center-crop size (default: the run's data.resolution)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default data.batch_size)")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seeds --sample's noise (per sample key)")
-    args = p.parse_args(argv)
-    if args.n <= 0:
-        p.error("--n must be > 0")
-    if args.measure_latents and args.no_stats:
-        p.error("--measure-latents and --no-stats contradict each other")
-    out = Path(args.out)
-    if args.format == "diffusers":
-        if out.suffix == ".safetensors" or out.is_file():
-            raise ExportError(f"--out {out}: --format diffusers writes a folder")
-        check_writable_dir(out, "--out")
-    elif out.suffix == ".safetensors":
-        check_writable_file(out, "--out")
-    else:
-        check_writable_dir(out, "--out")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    loaded = load_model(args.run, args.ckpt, args.ema)
+    out = Path(out)
     cfg, vae = loaded.config, loaded.vae
     # Weights that came from a diffusers VAE carry its latent contract; a diffusion model relies on it.
-    origin = cfg.model.init_from if loaded.checkpoint is not None else args.ckpt
+    origin = cfg.model.init_from if loaded.checkpoint is not None else loaded.source
     imported = bool(origin)
     contract = imported_config(origin) if imported else None
     if contract is not None and not _describes(contract, vae.config):
         log.warning("%s's config.json does not describe this model; writing the model config instead", origin)
         contract = None
-    into_config = not args.no_stats and (args.measure_latents or not imported)
-    if (args.no_shift or args.no_channel_stats) and not into_config:
-        why = "--no-stats" if args.no_stats else "a fine-tune of imported weights keeps the imported values"
-        p.error(
+    into_config = not no_stats and (measure_latents or not imported)
+    if not (shift and channel_stats) and not into_config:
+        why = "--no-stats" if no_stats else "a fine-tune of imported weights keeps the imported values"
+        raise ExportError(
             f"--no-shift / --no-channel-stats shape measured statistics, and {why}: add --measure-latents"
         )
 
-    device = processes().device
     vae.to(device)
     stats, advice_error = None, None
     if into_config:
-        stats = _measure(args, loaded, vae, device)
-        vae.config = with_statistics(
-            vae.config, stats, shift=not args.no_shift, channel_stats=not args.no_channel_stats
-        )
-    elif not args.no_stats:  # advice only: an export without data still keeps the contract
+        stats = _measure(loaded, vae, device, data, n, sample, seed)
+        vae.config = with_statistics(vae.config, stats, shift=shift, channel_stats=channel_stats)
+    elif not no_stats:  # advice only: an export without data still keeps the contract
         try:
-            stats = _measure(args, loaded, vae, device)
+            stats = _measure(loaded, vae, device, data, n, sample, seed)
         except (ExportError, DataError, FileNotFoundError) as e:
             advice_error = str(e)
     if loaded.checkpoint is not None and not imported:  # diffusers' sample_size is the training resolution
@@ -359,7 +310,7 @@ def export_main(argv: list[str]) -> int:
         measured = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
         config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
 
-    if args.format == "diffusers":
+    if fmt == "diffusers":
         vae.save_diffusers(out, config)
         if stats is not None:
             (out / "latent_statistics.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -375,7 +326,7 @@ def export_main(argv: list[str]) -> int:
         save_file(sd, tmp, metadata=meta)
         tmp.replace(written)
 
-    scale, shift = config["scaling_factor"], config.get("shift_factor")
+    scale, shift_factor = config["scaling_factor"], config.get("shift_factor")
     if into_config:
         how = f"measured on {stats['samples']} samples ({stats['latent']})"
     elif imported:
@@ -384,12 +335,15 @@ def export_main(argv: list[str]) -> int:
         )
     else:
         how = "from the model config"
-    kind = f"{args.format}{', EMA' if args.ema else ''}"
-    print(f"wrote {written} ({kind}): {_factors(scale, shift)}, sample_size {config['sample_size']}, {how}")
+    kind = f"{fmt}{', EMA' if loaded.ema else ''}"
+    lines = [
+        f"wrote {written} ({kind}): {_factors(scale, shift_factor)}, "
+        f"sample_size {config['sample_size']}, {how}"
+    ]
     if stats is not None and not into_config:
         measured_scale, measured_shift = 1.0 / stats["std"], stats["mean"]
-        kept_mean = (stats["mean"] - (shift or 0.0)) * scale
-        print(
+        kept_mean = (stats["mean"] - (shift_factor or 0.0)) * scale
+        lines.append(
             f"measured on {stats['samples']} samples ({stats['latent']}): "
             f"{_factors(measured_scale, measured_shift)}; with the kept factors the latents have mean "
             f"{kept_mean:.3f} and std {stats['std'] * scale:.3f}. A diffusion model trained on the original "
@@ -397,33 +351,31 @@ def export_main(argv: list[str]) -> int:
             "--measure-latents"
         )
     elif advice_error is not None:
-        print(f"latent statistics not measured ({advice_error}); the contract is kept all the same")
-    return 0
+        lines.append(f"latent statistics not measured ({advice_error}); the contract is kept all the same")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------
 # import
 
 
-def import_main(argv: list[str]) -> int:
-    """`vae-scale import --diffusers DIR --out RUN [--config PRESET] [key=value ...]`: a run to fine-tune."""
+def import_vae(
+    diffusers: str | Path, run: str | Path, config: str | None = "sd-f8", overrides=(), force: bool = False
+) -> list[str]:
+    """`vae-scale import`: start run folder `run` from a diffusers AutoencoderKL folder, to fine-tune it.
+
+    config (a preset or YAML) and `key.sub=value` overrides give the rest of the run's config; the model
+    section comes from the folder's config.json. force replaces an existing config.yaml / init weights.
+    Returns the lines to report.
+    """
     from vae_scale.checkpoint import latest_checkpoint
     from vae_scale.model import VAE
     from vae_scale.weights import CONFIG_NAME
 
-    p = argparse.ArgumentParser(
-        prog="vae-scale import", description="Start a run folder from a diffusers AutoencoderKL."
-    )
-    p.add_argument("--diffusers", required=True, help="an AutoencoderKL folder (or a pipeline folder)")
-    p.add_argument("--out", required=True, help="the new run folder")
-    p.add_argument("--config", "-c", default="sd-f8", help="preset or YAML for the rest (default sd-f8)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config.yaml / init weights")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = p.parse_args(argv)
-    src, run = Path(args.diffusers), Path(args.out)
+    src, run, overrides = Path(diffusers), Path(run), list(overrides)
     if not src.exists():
         raise FileNotFoundError(f"--diffusers {src}: no such folder")
-    for item in args.overrides:
+    for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith("model.") and key[len("model.") :] in ARCHITECTURE:
             raise ConfigError(f"{key} comes from {src}/{CONFIG_NAME} on import and cannot be overridden")
@@ -431,12 +383,12 @@ def import_main(argv: list[str]) -> int:
         raise ExportError(
             f"--out {run} already holds checkpoints: training would resume them, not the import"
         )
-    if (run / "config.yaml").exists() and not args.force:
+    if (run / "config.yaml").exists() and not force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
     vae = VAE.from_diffusers(src)  # validates the folder: config mapping and every weight
-    cfg = load_config(args.config, [*args.overrides, f"run.dir={run}"])
-    if not any(o.split("=", 1)[0].strip() == "run.name" for o in args.overrides):
+    cfg = load_config(config, [*overrides, f"run.dir={run}"])
+    if not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         cfg.run.name = run.name
     weights = run / INIT_WEIGHTS
     keep = {k: getattr(cfg.model, k) for k in ("kernels", "gradient_checkpointing", "channels_last")}
@@ -452,18 +404,15 @@ def import_main(argv: list[str]) -> int:
     (run / "config.yaml").write_text(cfg.to_yaml())
     m = cfg.model
     n_params = sum(t.numel() for t in vae.state_dict().values())
-    print(
-        f"imported {src} into {run}: {n_params:,} parameters, {m.latent_channels} latent channels, "
-        f"f{m.downsample_factor}, scaling_factor {m.scaling_factor:g}"
-    )
     disc = (
         "loss.disc_weight=0, so there is none until you set it"
         if cfg.loss.disc_weight == 0
         else f"loss.disc_weight={cfg.loss.disc_weight:g}"
     )
-    print(
-        f"the discriminator is freshly initialised: a diffusers folder holds no discriminator weights "
-        f"({disc})"
-    )
-    print(f"train with: vae-scale train --config {run / 'config.yaml'} data.train=PATTERN")
-    return 0
+    return [
+        f"imported {src} into {run}: {n_params:,} parameters, {m.latent_channels} latent channels, "
+        f"f{m.downsample_factor}, scaling_factor {m.scaling_factor:g}",
+        "the discriminator is freshly initialised: a diffusers folder holds no discriminator weights "
+        f"({disc})",
+        f"train with: vae-scale train --config {run / 'config.yaml'} data.train=PATTERN",
+    ]

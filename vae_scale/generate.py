@@ -1,4 +1,5 @@
-"""Images and latents from a trained VAE: `vae-scale sample`, `reconstruct` and `encode`.
+"""Images and latents from a trained VAE: `vae-scale sample`, `reconstruct` and `encode` (their flags:
+vae_scale/cli/generate.py).
 
     vae-scale sample --run runs/demo --n 64 --temperature 0.8 --out samples.png
     vae-scale reconstruct --run runs/demo photos/*.jpg --out recon/
@@ -18,30 +19,33 @@ process writes index.json with the per-shard counts once every rank is done.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vae_scale.commands import (
+    DataOptions,
     InputError,
-    add_model_args,
-    add_tiling_args,
+    LoadedModel,
+    Processes,
     check_resolution,
-    load_model,
     processes,
-    tiling_from_args,
 )
+from vae_scale.image_reader import ImageReader
 from vae_scale.metrics import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
-from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.shard_reader import IMAGE_EXTENSIONS, expand_shards, shard_counts, to_rgb
+from vae_scale.shards import ShardWriter
+from vae_scale.synthetic import SYNTHETIC
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +80,13 @@ def sample_images(
     return torch.cat(out)
 
 
-def sample_main(argv: list[str]) -> int:
-    """`vae-scale sample --run RUN [--n 64] [--temperature T] [--seed S] --out grid.png`."""
-    p = argparse.ArgumentParser(prog="vae-scale sample", description="Decode latents drawn from the prior.")
-    add_model_args(p)
-    p.add_argument("--n", type=int, default=64, help="images (default 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="std of the prior latents (default 1)")
-    p.add_argument("--resolution", type=int, help="image size (default: the run's data.resolution)")
-    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", required=True, help="the grid, a .png file")
-    args = p.parse_args(argv)
-    if args.n <= 0 or args.temperature < 0 or args.batch_size <= 0:
-        p.error("--n and --batch-size must be > 0, --temperature >= 0")
-    check_writable_file(args.out, "--out")
-    loaded = load_model(args.run, args.ckpt, args.ema)
-    resolution = args.resolution or loaded.config.data.resolution
-    check_resolution(loaded.vae, resolution, "--resolution")
-    device = processes().device
-    images = sample_images(
-        loaded.vae.to(device), args.n, resolution, args.temperature, args.seed, args.batch_size, device
-    )
-    nrow = args.nrow or math.ceil(math.sqrt(args.n))
-    out = Path(args.out)
+def write_sample_grid(images: torch.Tensor, out: str | Path, nrow: int = 0) -> Path:
+    """A grid PNG of images (n, 3, H, W) in [-1, 1], nrow per row (default: about sqrt(n))."""
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid([images[i : i + nrow] for i in range(0, args.n, nrow)]), out)
-    print(f"wrote {out}: {args.n} samples at {resolution} px, temperature {args.temperature:g}")
-    return 0
+    save_png(image_grid([images[i : i + nrow] for i in range(0, len(images), nrow)]), out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,8 +94,6 @@ def sample_main(argv: list[str]) -> int:
 
 
 def _image_files(items: list[str]) -> list[Path]:
-    from vae_scale.shard_reader import IMAGE_EXTENSIONS
-
     files: list[Path] = []
     for item in items:
         path = Path(item)
@@ -131,8 +112,6 @@ def _image_files(items: list[str]) -> list[Path]:
 def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
     """(3, H, W) in [-1, 1]: RGB, the short side resized to `resolution` (when given) and center-cropped
     to that square, else center-cropped to multiples of `multiple`."""
-    from vae_scale.shard_reader import to_rgb
-
     try:
         img = to_rgb(Image.open(path))
     except Exception as e:
@@ -152,55 +131,42 @@ def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
     return torch.from_numpy(a / 127.5 - 1).permute(2, 0, 1)
 
 
-def reconstruct_main(argv: list[str]) -> int:
-    """`vae-scale reconstruct --run RUN IMAGES... --out DIR`: side-by-side PNGs (input | reconstruction)."""
-    p = argparse.ArgumentParser(
-        prog="vae-scale reconstruct", description="Write each image beside its reconstruction."
-    )
-    add_model_args(p)
-    p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, help="folder for <name>.png")
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=0,
-        help="resize the short side to this and center-crop a square (default: whole image, "
-        "cropped to a multiple of the downsampling factor)",
-    )
-    p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
-    p.add_argument("--seed", type=int, default=0)
-    add_tiling_args(p)
-    args = p.parse_args(argv)
-    check_writable_dir(args.out, "--out")
-    loaded = load_model(args.run, args.ckpt, args.ema)
-    vae = loaded.vae
-    if args.resolution:
-        check_resolution(vae, args.resolution, "--resolution")
-    tiling = tiling_from_args(args, vae)
-    files = _image_files(args.images)
-    device = processes().device
+def reconstruct_files(
+    vae,
+    items: list[str],
+    out: str | Path,
+    *,
+    resolution: int = 0,
+    sample: bool = False,
+    seed: int = 0,
+    tiling: Any = False,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Path, int, int, float]]:
+    """Write each image of `items` (files or folders) beside its reconstruction as out/<name>.png.
+
+    resolution 0 keeps the whole image (cropped to a multiple of the downsampling); sample decodes a
+    posterior sample (seeded by the path) instead of the mean; tiling: a model.Tiling for images larger than
+    a tile, or False. Yields (png, width, height, PSNR dB) per image.
+    """
+    files = _image_files(items)
     vae.to(device).eval()
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    scores = []
     for path in files:
-        x = load_image(path, vae.downsample_factor, args.resolution)[None].to(device)
+        x = load_image(path, vae.downsample_factor, resolution)[None].to(device)
         with torch.no_grad():
             post = vae.encode(x, tiled=tiling)
             z = post.mode()
-            if args.sample:
-                z = post.sample(key_noise([str(path)], tuple(z.shape), args.seed, 0, 0).to(device))
+            if sample:
+                z = post.sample(key_noise([str(path)], tuple(z.shape), seed, 0, 0).to(device))
             x_hat = vae.decode(z, tiled=tiling).float().clamp(-1, 1)
         name = path.stem
         while name in used:
             name += "_"
         used.add(name)
         save_png(image_grid([torch.cat([x, x_hat]).cpu()]), out / f"{name}.png")
-        scores.append(psnr(x_hat, x).item())
-        print(f"{out / (name + '.png')}  {x.shape[3]}x{x.shape[2]}  PSNR {scores[-1]:.2f} dB")
-    print(f"{len(files)} images, mean PSNR {sum(scores) / len(scores):.2f} dB")
-    return 0
+        yield out / f"{name}.png", x.shape[3], x.shape[2], psnr(x_hat, x).item()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,8 +198,6 @@ class LatentShardWriter:
     """Latents of one rank into `<prefix>-<rank:03d>-<shard:06d>.tar`, `shard_size` per shard, atomically."""
 
     def __init__(self, out: Path, prefix: str, rank: int, shard_size: int, fmt: str):
-        from vae_scale.shards import ShardWriter
-
         self.fmt = fmt
         self.shards = ShardWriter(out, lambda i: f"{prefix}-{rank:03d}-{i:06d}.tar", shard_size)
 
@@ -265,143 +229,117 @@ def _split_key(key: str) -> tuple[str, str]:
     return url, k
 
 
-def encode_batches(args, cfg, vae, procs, data: str):
+def encode_batches(
+    data: DataOptions,
+    vae,
+    procs: Processes,
+    *,
+    shape: str = "square",
+    bucket_step: int = 64,
+    max_aspect: float = 2.0,
+    resize: bool = True,
+    n: int = 0,
+    seed: int = 0,
+):
     """(batches, reader): this rank's batches for `encode` (reader None for `synthetic`, which has no
     sidecars and only square images)."""
-    from vae_scale.commands import iter_batches
-    from vae_scale.image_reader import ImageReader
-    from vae_scale.shard_reader import expand_shards, shard_counts
-    from vae_scale.synthetic import SYNTHETIC
-
-    batch_size = args.batch_size or cfg.data.batch_size
-    if data == SYNTHETIC:
-        if args.shape != "square":
-            raise InputError(f"--shape {args.shape}: --data synthetic has square images only")
-        batches = iter_batches(
-            data,
-            split=args.split,
-            resolution=args.resolution or cfg.data.resolution,
-            batch_size=batch_size,
-            rank=procs.rank,
-            world=procs.world,
-            limit=args.n,
-            seed=cfg.train.seed,
-        )
-        return batches, None
-    urls = expand_shards(data, args.split)
+    if data.data == SYNTHETIC:
+        if shape != "square":
+            raise InputError(f"--shape {shape}: --data synthetic has square images only")
+        return data.batches(rank=procs.rank, world=procs.world, limit=n, seed=seed), None
+    urls = expand_shards(data.data, data.split)
     try:
         reader = ImageReader(
             urls,
             shard_counts(urls, scan=False),
-            shape=args.shape,
-            resolution=args.resolution or cfg.data.resolution,
+            shape=shape,
+            resolution=data.resolution,
             multiple=vae.downsample_factor,
-            batch_size=batch_size,
-            bucket_step=args.bucket_step,
-            max_aspect=args.max_aspect,
-            resize=cfg.data.resize,
-            workers=args.workers,
+            batch_size=data.batch_size,
+            bucket_step=bucket_step,
+            max_aspect=max_aspect,
+            resize=resize,
+            workers=data.workers,
             rank=procs.rank,
             world=procs.world,
-            limit=args.n,
+            limit=n,
             sidecars=True,
         )
     except ValueError as e:
-        raise InputError(f"--shape {args.shape}: {e}") from None
+        raise InputError(f"--shape {shape}: {e}") from None
     return reader, reader
 
 
-def encode_main(argv: list[str]) -> int:
-    """`vae-scale encode --run RUN --data PATTERN --out DIR`: latent shards (WebDataset), keys preserved."""
-    from vae_scale.image_reader import SHAPES
+def encode_latents(
+    loaded: LoadedModel,
+    out: str | Path,
+    data: DataOptions,
+    *,
+    fmt: str = "safetensors",
+    dtype: str = "float32",
+    sample: bool = False,
+    shape: str = "square",
+    bucket_step: int = 64,
+    max_aspect: float = 2.0,
+    tiling: Any = False,
+    shard_size: int = 1000,
+    prefix: str = "latents",
+    n: int = 0,
+    seed: int = 0,
+    procs: Processes | None = None,
+) -> list[str]:
+    """`vae-scale encode`: latent shards of `data` in `out` (see the module docstring), this rank's share.
 
-    p = argparse.ArgumentParser(prog="vae-scale encode", description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--data", help="shards (pattern, folder, list) or 'synthetic' (default: data.train)")
-    p.add_argument("--split", default="train", choices=("train", "val"), help="which shards of a folder")
-    p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
-    p.add_argument("--format", default="safetensors", choices=LATENT_FORMATS, help="per-sample latent file")
-    p.add_argument(
-        "--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: safetensors only)"
-    )
-    p.add_argument("--sample", action="store_true", help="a posterior sample, not the posterior mean")
-    p.add_argument(
-        "--shape",
-        default="square",
-        choices=SHAPES,
-        help="square: short side resized to --resolution and center-cropped (default); native: each image "
-        "at its own size (cropped to a multiple of the downsampling factor); buckets: aspect-ratio "
-        "buckets of about --resolution^2 pixels",
-    )
-    p.add_argument(
-        "--resolution", type=int, help="square crop size, or the buckets' side (default: data.resolution)"
-    )
-    p.add_argument("--bucket-step", type=int, default=64, help="buckets' sides are multiples of this (64)")
-    p.add_argument(
-        "--max-aspect", type=float, default=2.0, help="buckets' widest aspect ratio, either way (2.0)"
-    )
-    add_tiling_args(p)
-    p.add_argument("--batch-size", type=int, help="images per process per batch (default data.batch_size)")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers per process (default 2)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
-    p.add_argument("--prefix", default="latents", help="output shard name prefix (default latents)")
-    p.add_argument(
-        "--n",
-        type=int,
-        default=0,
-        help="at most this many samples per process (0: all); with --data synthetic, how many images",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seeds --sample's noise (per sample key)")
-    args = p.parse_args(argv)
-    if args.format == "npy" and args.dtype == "bfloat16":
-        p.error("--dtype bfloat16 needs --format safetensors (numpy has no bfloat16)")
-    if args.shard_size <= 0 or args.n < 0 or args.workers < 0:
-        p.error("--shard-size must be > 0, --n and --workers >= 0")
-    if args.bucket_step <= 0 or args.max_aspect < 1:
-        p.error("--bucket-step must be > 0 and --max-aspect >= 1")
-    if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
-        p.error("--prefix may hold letters, digits, '_' and '.' only")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    check_writable_dir(args.out, "--out")
-    loaded = load_model(args.run, args.ckpt, args.ema)
+    fmt: LATENT_FORMATS; dtype: a DTYPES name; shape: image_reader.SHAPES (buckets of about
+    data.resolution^2 pixels, sides multiples of bucket_step, aspect at most max_aspect); tiling: a
+    model.Tiling or False; n > 0: at most n samples per process (`synthetic`: how many images); seed: the
+    noise of `sample`. The main process writes index.json once every rank is done; returns the lines it
+    reports (none on the other ranks).
+    """
     cfg, vae = loaded.config, loaded.vae
-    data = args.data or cfg.data.train
-    if not data:
-        raise InputError(f"--data is needed: {loaded.source} has no data.train")
-    resolution = args.resolution or cfg.data.resolution
-    check_resolution(vae, resolution, "--resolution")
-    tiling = tiling_from_args(args, vae)
-
-    procs = processes()
-    out = Path(args.out)
+    if not data.data:
+        raise InputError(f"--data is needed: {loaded.source} has no data.{data.split}")
+    check_resolution(vae, data.resolution, "--resolution")
+    procs = procs or processes()
+    out = Path(out)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        stale = re.compile(rf"{re.escape(args.prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?")
+        stale = re.compile(rf"{re.escape(prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?")
         for old in out.iterdir():  # shards of an earlier run (maybe with more ranks) would mix in
             if stale.fullmatch(old.name):
                 old.unlink()
     procs.barrier()
     vae.to(procs.device).eval()
-    batches, reader = encode_batches(args, cfg, vae, procs, data)
-    total = _expected_samples(data, args.split, args.n, procs.world)
-    writer = LatentShardWriter(out, args.prefix, procs.rank, args.shard_size, args.format)
+    batches, reader = encode_batches(
+        data,
+        vae,
+        procs,
+        shape=shape,
+        bucket_step=bucket_step,
+        max_aspect=max_aspect,
+        resize=cfg.data.resize,
+        n=n,
+        seed=cfg.train.seed,
+    )
+    total = _expected_samples(data.data, data.split, n, procs.world)
+    writer = LatentShardWriter(out, prefix, procs.rank, shard_size, fmt)
     bar = None
     if procs.is_main:
         from tqdm import tqdm
 
         bar = tqdm(desc="encode", total=total, unit="img", dynamic_ncols=True, leave=False)
-    dtype = DTYPES[args.dtype]
+    torch_dtype = DTYPES[dtype]
     shapes: dict[str, int] = {}
     with torch.no_grad():
         for batch in batches:
             x = batch["images"][: batch["count"]].to(procs.device).float()
             post = vae.encode(x, tiled=tiling)
             z = post.mode()
-            if args.sample:
-                z = post.sample(key_noise(batch["keys"], tuple(z.shape), args.seed, 0, 0).to(procs.device))
-            z = z.to(dtype).cpu()
-            shape = "x".join(map(str, z.shape[1:]))
-            shapes[shape] = shapes.get(shape, 0) + len(z)
+            if sample:
+                z = post.sample(key_noise(batch["keys"], tuple(z.shape), seed, 0, 0).to(procs.device))
+            z = z.to(torch_dtype).cpu()
+            latent_shape = "x".join(map(str, z.shape[1:]))
+            shapes[latent_shape] = shapes.get(latent_shape, 0) + len(z)
             sidecars = batch.get("sidecars") or [None] * len(z)
             for full_key, zi, extra in zip(batch["keys"], z, sidecars, strict=True):
                 url, key = _split_key(full_key)
@@ -413,6 +351,7 @@ def encode_main(argv: list[str]) -> int:
         bar.close()
     skipped = dict(reader.skipped) if reader is not None else {}
     first = reader.first_skipped if reader is not None else None
+    lines: list[str] = []
     everyone = procs.gather({"counts": counts, "shapes": shapes, "skipped": skipped, "first": first})
     if procs.is_main:
         shards = {name: n for part in everyone for name, n in sorted(part["counts"].items())}
@@ -425,17 +364,17 @@ def encode_main(argv: list[str]) -> int:
                 all_skipped[k] = all_skipped.get(k, 0) + v
         m = cfg.model
         index = {
-            "splits": {args.split: {"samples": sum(shards.values()), "shards": shards}},
+            "splits": {data.split: {"samples": sum(shards.values()), "shards": shards}},
             "latent": {
-                "format": args.format,
-                "dtype": args.dtype,
+                "format": fmt,
+                "dtype": dtype,
                 # one shape for square crops; per shape counts for native sizes and buckets
                 "shape": [int(d) for d in next(iter(all_shapes)).split("x")]
                 if len(all_shapes) == 1
                 else None,
                 "shapes": dict(sorted(all_shapes.items(), key=lambda kv: -kv[1])),
-                "kind": "sample" if args.sample else "posterior mean",
-                "seed": args.seed,
+                "kind": "sample" if sample else "posterior mean",
+                "seed": seed,
                 "scaled": False,
                 "scaling_factor": m.scaling_factor,
                 "shift_factor": m.shift_factor,
@@ -444,16 +383,16 @@ def encode_main(argv: list[str]) -> int:
                 "meta": META_EXT,
             },
             "source": {
-                "data": data,
-                "shape": args.shape,
-                "resolution": resolution,
+                "data": data.data,
+                "shape": shape,
+                "resolution": data.resolution,
                 "buckets": [list(b) for b in reader.buckets]
                 if reader is not None and reader.buckets
                 else None,
                 "tile": tiling.tile if tiling else None,
                 "model": loaded.source,
                 "step": loaded.step,
-                "ema": args.ema,
+                "ema": loaded.ema,
             },
             "skipped": all_skipped,
         }
@@ -463,23 +402,22 @@ def encode_main(argv: list[str]) -> int:
             if len(all_shapes) > 1
             else f"latents {index['latent']['shape']}"
         )
-        print(
-            f"wrote {index['splits'][args.split]['samples']} {n_shapes} in "
+        lines.append(
+            f"wrote {index['splits'][data.split]['samples']} {n_shapes} in "
             f"{len(shards)} shards to {out}/ ({procs.world} process(es))"
         )
         if all_skipped:
             firsts = next((part["first"] for part in everyone if part["first"]), "")
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(all_skipped.items()))
-            print(f"skipped {sum(all_skipped.values())} samples ({kinds}; never upscaled); first: {firsts}")
+            lines.append(
+                f"skipped {sum(all_skipped.values())} samples ({kinds}; never upscaled); first: {firsts}"
+            )
     procs.barrier()
-    return 0
+    return lines
 
 
 def _expected_samples(data: str, split: str, limit: int, world: int) -> int | None:
     """This rank's approximate sample count, for the progress bar (None when unknown)."""
-    from vae_scale.shard_reader import expand_shards, shard_counts
-    from vae_scale.synthetic import SYNTHETIC
-
     if data == SYNTHETIC:
         return math.ceil((limit or 256) / world)
     counts = shard_counts(expand_shards(data, split), scan=False)
@@ -491,11 +429,12 @@ def _expected_samples(data: str, split: str, limit: int, world: int) -> int | No
 
 __all__ = [
     "LatentShardWriter",
-    "encode_main",
+    "encode_batches",
+    "encode_latents",
     "latent_bytes",
     "load_image",
     "read_latent",
-    "reconstruct_main",
+    "reconstruct_files",
     "sample_images",
-    "sample_main",
+    "write_sample_grid",
 ]

@@ -21,7 +21,6 @@ one rotating, atomic tar writer, also used for `encode`'s latent shards.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -39,7 +38,6 @@ from typing import Any
 
 from PIL import Image
 
-from vae_scale.outputs import check_writable_dir
 from vae_scale.shard_reader import IMAGE_EXTENSIONS, DataError, describe_error, to_rgb
 
 log = logging.getLogger(__name__)
@@ -438,66 +436,3 @@ def skip_summary(index: dict[str, Any]) -> list[str]:
         eg = f"; e.g. {example['file']}: {example['detail']}" if example else ""
         lines.append(f"  {n} {reason}: {SKIP_REASONS.get(reason, reason)}{eg}")
     return lines
-
-
-def shards_main(argv: list[str]) -> int:
-    """`vae-scale shards SRC OUT`: write WebDataset tar shards and index.json; returns 0."""
-    p = argparse.ArgumentParser(prog="vae-scale shards", description=shards_main.__doc__)
-    p.add_argument(
-        "src", metavar="SRC", help="folder of images (recursive), a glob, 'sample' or 'sample-color'"
-    )
-    p.add_argument("out", metavar="OUT", help="output folder")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="resize so the short side is N (smaller images are skipped unless --keep-small)",
-    )
-    p.add_argument(
-        "--keep-small",
-        action="store_true",
-        help="with --size: keep images whose short side is below N at their own size (never upscaled)",
-    )
-    p.add_argument("--max-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--format", choices=sorted(FORMATS), default="jpg", help="image format in the shards")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality 1-100 (default 95)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split and the order (default 0)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16), help="encoding processes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.size is not None and args.size <= 0:
-        p.error(f"--size must be > 0, got {args.size}")
-    if args.max_per_shard <= 0:
-        p.error(f"--max-per-shard must be > 0, got {args.max_per_shard}")
-    if not 1 <= args.quality <= 100:
-        p.error(f"--quality must be in 1..100, got {args.quality}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.keep_small and args.size is None:
-        p.error("--keep-small needs --size (without it every image keeps its own size)")
-    check_writable_dir(args.out, "OUT")
-    index = write_shards(
-        args.src,
-        args.out,
-        size=args.size,
-        max_per_shard=args.max_per_shard,
-        image_format=args.format,
-        quality=args.quality,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.quiet,
-        keep_small=args.keep_small,
-    )
-    t = index["totals"]
-    small = f", {t['kept_small']} below --size kept at their own size" if t["kept_small"] else ""
-    captions = f", {t['captions']} with a .txt caption" if t["captions"] else ""
-    print(
-        f"{args.out}: {t['train']} train + {t['val']} val samples in "
-        f"{len(index['splits']['train']['shards'])} + {len(index['splits']['val']['shards'])} shards, "
-        f"{t['skipped']} skipped{small}{captions}"
-    )
-    for line in skip_summary(index):
-        print(line)
-    return 0

@@ -38,14 +38,14 @@ from vae_scale.checkpoint import (
     is_complete,
     verify_checkpoint,
 )
-from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict, config_parser, load_config
+from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict
 from vae_scale.equivariance import Transform, TransformedDecode, draw_transforms
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_plan, fsdp_units, reshard, shard
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.metrics import Lockstep, active_units, evaluate, load_eval_nets
 from vae_scale.model import VAE, DiagonalGaussian
 from vae_scale.monitor import Monitor, image_grid
-from vae_scale.preflight import NotReady, WillNotFit, preflight, problems_before_start
+from vae_scale.preflight import NotReady, preflight, problems_before_start
 from vae_scale.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.transforms import prepare_model, to_channels_last
 from vae_scale.weights import load_init_weights, plain_name
@@ -1092,27 +1092,3 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
         stop.restore()
         if lock is not None:
             lock.release()
-
-
-def main(argv: list[str]) -> int:
-    """`vae-scale train --config NAME|PATH [--dry-run] [key=value ...]`."""
-    p = config_parser("vae-scale train", "Train a VAE.")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check everything a run needs (data, validation samples, weights, W&B login, the checkpoint to "
-        "resume, writable outputs), print the plan (processes, batch, precision, sharding, memory) and exit",
-    )
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    try:
-        train(cfg, dry_run=args.dry_run)
-    except WillNotFit as e:
-        log.error("%s", e)
-        return 2
-    except TrainingStopped as e:
-        log.error("%s", e)
-        return 1
-    return 0

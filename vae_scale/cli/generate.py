@@ -1,0 +1,172 @@
+"""`vae-scale sample`, `reconstruct` and `encode`: their flags, checked, then vae_scale.generate's code."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from vae_scale.cli.options import (
+    add_data_args,
+    add_model_args,
+    add_seed_arg,
+    add_tiling_args,
+    log_warnings,
+    model_and_data,
+    non_negative_int,
+    positive_int,
+    tiling_from_args,
+)
+from vae_scale.commands import check_resolution, load_model, processes
+from vae_scale.generate import (
+    DTYPES,
+    LATENT_FORMATS,
+    encode_latents,
+    reconstruct_files,
+    sample_images,
+    write_sample_grid,
+)
+from vae_scale.image_reader import SHAPES
+from vae_scale.outputs import check_writable_dir, check_writable_file
+
+
+def sample_main(argv: list[str]) -> int:
+    """`vae-scale sample --run RUN [--n 64] [--temperature T] [--seed S] --out grid.png`."""
+    p = argparse.ArgumentParser(prog="vae-scale sample", description="Decode latents drawn from the prior.")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=64, help="images (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="std of the prior latents (default 1)")
+    p.add_argument("--resolution", type=int, help="image size (default: the run's data.resolution)")
+    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
+    add_seed_arg(p)
+    p.add_argument("--batch-size", type=int, default=16, help="latents decoded at once (default 16)")
+    p.add_argument("--out", required=True, help="the grid, a .png file")
+    args = p.parse_args(argv)
+    if args.n <= 0 or args.temperature < 0 or args.batch_size <= 0:
+        p.error("--n and --batch-size must be > 0, --temperature >= 0")
+    check_writable_file(args.out, "--out")
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    resolution = args.resolution or loaded.config.data.resolution
+    check_resolution(loaded.vae, resolution, "--resolution")
+    device = processes().device
+    images = sample_images(
+        loaded.vae.to(device), args.n, resolution, args.temperature, args.seed, args.batch_size, device
+    )
+    out = write_sample_grid(images, args.out, args.nrow)
+    print(f"wrote {out}: {args.n} samples at {resolution} px, temperature {args.temperature:g}")
+    return 0
+
+
+def reconstruct_main(argv: list[str]) -> int:
+    """`vae-scale reconstruct --run RUN IMAGES... --out DIR`: side-by-side PNGs (input | reconstruction)."""
+    p = argparse.ArgumentParser(
+        prog="vae-scale reconstruct", description="Write each image beside its reconstruction."
+    )
+    add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="folder for <name>.png")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=0,
+        help="resize the short side to this and center-crop a square (default: whole image, "
+        "cropped to a multiple of the downsampling factor)",
+    )
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
+    add_seed_arg(p)
+    add_tiling_args(p)
+    args = p.parse_args(argv)
+    check_writable_dir(args.out, "--out")
+    loaded = load_model(args.run, args.ckpt, args.ema)
+    vae = loaded.vae
+    if args.resolution:
+        check_resolution(vae, args.resolution, "--resolution")
+    scores = []
+    for png, width, height, score in reconstruct_files(
+        vae,
+        args.images,
+        args.out,
+        resolution=args.resolution,
+        sample=args.sample,
+        seed=args.seed,
+        tiling=tiling_from_args(args, vae),
+        device=processes().device,
+    ):
+        scores.append(score)
+        print(f"{png}  {width}x{height}  PSNR {score:.2f} dB")
+    print(f"{len(scores)} images, mean PSNR {sum(scores) / len(scores):.2f} dB")
+    return 0
+
+
+def encode_parser() -> argparse.ArgumentParser:
+    """`vae-scale encode`'s flags."""
+    from vae_scale import generate
+
+    p = argparse.ArgumentParser(prog="vae-scale encode", description=generate.__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
+    p.add_argument("--format", default="safetensors", choices=LATENT_FORMATS, help="per-sample latent file")
+    p.add_argument(
+        "--dtype", default="float32", choices=tuple(DTYPES), help="latent dtype (bfloat16: safetensors only)"
+    )
+    p.add_argument("--sample", action="store_true", help="a posterior sample, not the posterior mean")
+    p.add_argument(
+        "--shape",
+        default="square",
+        choices=SHAPES,
+        help="square: short side resized to --resolution and center-cropped (default); native: each image "
+        "at its own size (cropped to a multiple of the downsampling factor); buckets: aspect-ratio "
+        "buckets of about --resolution^2 pixels (--resolution: the buckets' side)",
+    )
+    p.add_argument("--bucket-step", type=int, default=64, help="buckets' sides are multiples of this (64)")
+    p.add_argument(
+        "--max-aspect", type=float, default=2.0, help="buckets' widest aspect ratio, either way (2.0)"
+    )
+    add_tiling_args(p)
+    p.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="samples per output shard (default 1000)"
+    )
+    p.add_argument("--prefix", default="latents", help="output shard name prefix (default latents)")
+    p.add_argument(
+        "--n",
+        type=non_negative_int,
+        default=0,
+        help="at most this many samples per process (0: all); with --data synthetic, how many images",
+    )
+    add_seed_arg(p)
+    add_data_args(p, split="train")
+    return p
+
+
+def encode_main(argv: list[str]) -> int:
+    """`vae-scale encode --run RUN --data PATTERN --out DIR`: latent shards (WebDataset), keys preserved."""
+    p = encode_parser()
+    args = p.parse_args(argv)
+    if args.format == "npy" and args.dtype == "bfloat16":
+        p.error("--dtype bfloat16 needs --format safetensors (numpy has no bfloat16)")
+    if args.bucket_step <= 0 or args.max_aspect < 1:
+        p.error("--bucket-step must be > 0 and --max-aspect >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
+        p.error("--prefix may hold letters, digits, '_' and '.' only")
+    log_warnings()
+    check_writable_dir(args.out, "--out")
+    loaded, data = model_and_data(args)
+    lines = encode_latents(
+        loaded,
+        args.out,
+        data,
+        fmt=args.format,
+        dtype=args.dtype,
+        sample=args.sample,
+        shape=args.shape,
+        bucket_step=args.bucket_step,
+        max_aspect=args.max_aspect,
+        tiling=tiling_from_args(args, loaded.vae),
+        shard_size=args.shard_size,
+        prefix=args.prefix,
+        n=args.n,
+        seed=args.seed,
+        procs=processes(),
+    )
+    for line in lines:
+        print(line)
+    return 0

@@ -1,0 +1,98 @@
+"""`vae-scale shards` and `vae-scale compare`: the commands that read no model.
+
+`shards` writes data rather than reading it through the loader: its --workers are encoding processes and its
+--seed seeds the train/val split, not the shared data options of the commands that read shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vae_scale.outputs import check_writable_dir
+
+
+def shards_main(argv: list[str]) -> int:
+    """`vae-scale shards SRC OUT`: write WebDataset tar shards and index.json; returns 0."""
+    from vae_scale.shards import FORMATS, skip_summary, write_shards
+
+    p = argparse.ArgumentParser(prog="vae-scale shards", description=shards_main.__doc__)
+    p.add_argument(
+        "src", metavar="SRC", help="folder of images (recursive), a glob, 'sample' or 'sample-color'"
+    )
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize so the short side is N (smaller images are skipped unless --keep-small)",
+    )
+    p.add_argument(
+        "--keep-small",
+        action="store_true",
+        help="with --size: keep images whose short side is below N at their own size (never upscaled)",
+    )
+    p.add_argument("--max-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="jpg", help="image format in the shards")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality 1-100 (default 95)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the order (default 0)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 16),
+        help="image encoding processes (default: the CPU count, at most 16)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.size is not None and args.size <= 0:
+        p.error(f"--size must be > 0, got {args.size}")
+    if args.max_per_shard <= 0:
+        p.error(f"--max-per-shard must be > 0, got {args.max_per_shard}")
+    if not 1 <= args.quality <= 100:
+        p.error(f"--quality must be in 1..100, got {args.quality}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.keep_small and args.size is None:
+        p.error("--keep-small needs --size (without it every image keeps its own size)")
+    check_writable_dir(args.out, "OUT")
+    index = write_shards(
+        args.src,
+        args.out,
+        size=args.size,
+        max_per_shard=args.max_per_shard,
+        image_format=args.format,
+        quality=args.quality,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+        keep_small=args.keep_small,
+    )
+    t = index["totals"]
+    small = f", {t['kept_small']} below --size kept at their own size" if t["kept_small"] else ""
+    captions = f", {t['captions']} with a .txt caption" if t["captions"] else ""
+    print(
+        f"{args.out}: {t['train']} train + {t['val']} val samples in "
+        f"{len(index['splits']['train']['shards'])} + {len(index['splits']['val']['shards'])} shards, "
+        f"{t['skipped']} skipped{small}{captions}"
+    )
+    for line in skip_summary(index):
+        print(line)
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    """`vae-scale compare RUN... [--metrics M ...] [--out compare.html]`."""
+    from vae_scale.compare import compare_runs
+
+    p = argparse.ArgumentParser(
+        prog="vae-scale compare", description="Latest and best metrics of runs, and their curves overlaid."
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--metrics", nargs="+", help="metrics to compare (default: every varying one)")
+    p.add_argument("--out", default="compare.html", help="the HTML page (default compare.html)")
+    args = p.parse_args(argv)
+    print(compare_runs(args.runs, args.metrics, args.out))
+    print(f"wrote {args.out}")
+    return 0

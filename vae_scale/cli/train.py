@@ -1,0 +1,77 @@
+"""`vae-scale train` and `vae-scale demo`: the commands that train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vae_scale.cli.options import add_data_args, data_overrides, log_warnings
+from vae_scale.config import config_parser, load_config
+
+log = logging.getLogger("vae_scale.train")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """`vae-scale train`'s flags: --config, key=value overrides, --dry-run and the shared data options."""
+    p = config_parser("vae-scale train", "Train a VAE.")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything a run needs (data, validation samples, weights, W&B login, the checkpoint to "
+        "resume, writable outputs), print the plan (processes, batch, precision, sharding, memory) and exit",
+    )
+    add_data_args(p, split=None)
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    """`vae-scale train --config NAME|PATH [--dry-run] [data options] [key=value ...]`."""
+    from vae_scale.preflight import WillNotFit
+    from vae_scale.train import TrainingStopped, train
+
+    p = train_parser()
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, *data_overrides(args, p)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        train(cfg, dry_run=args.dry_run)
+    except WillNotFit as e:
+        log.error("%s", e)
+        return 2
+    except TrainingStopped as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    """`vae-scale demo`'s flags. Its --data is where it writes the sample shards it then trains on."""
+    from vae_scale import demo
+
+    guard = demo.DEFAULT_TIME_GUARD_S
+    p = argparse.ArgumentParser(prog="vae-scale demo", description=demo.__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument(
+        "--time-guard",
+        type=float,
+        default=guard,
+        help=f"stop training after this many seconds (default {guard:.0f}): a stall guard",
+    )
+    p.add_argument(
+        "--data", default="runs/demo-data", help="where the sample shards go (reused when present)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+def demo_main(argv: list[str]) -> int:
+    """`vae-scale demo [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
+    from vae_scale.demo import run_demo
+
+    p = demo_parser()
+    args = p.parse_args(argv)
+    if args.time_guard <= 0:
+        p.error(f"--time-guard must be > 0 seconds, got {args.time_guard}")
+    log_warnings()
+    return run_demo(args.out, args.data, args.time_guard, args.overrides)
