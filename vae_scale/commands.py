@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from vae_scale.config import Config, DataConfig, config_from_dict
+from vae_scale.image_reader import ImageReader
+from vae_scale.shard_reader import expand_shards, shard_counts
 
 
 class InputError(ValueError):
@@ -103,7 +105,6 @@ def iter_batches(
     """
     from vae_scale.config import DataConfig
     from vae_scale.data import ValLoader
-    from vae_scale.shard_reader import expand_shards, shard_counts
     from vae_scale.synthetic import SYNTHETIC, synthetic_image
 
     if spec == SYNTHETIC:
@@ -164,6 +165,26 @@ class DataOptions:
             resolution=pick(resolution, cfg.resolution),
             batch_size=pick(batch_size, cfg.batch_size),
             workers=pick(workers, cfg.workers),
+        )
+
+    def images(
+        self, *, shape: str, multiple: int, rank: int = 0, world: int = 1, **reader: Any
+    ) -> ImageReader:
+        """This rank's finite batches of whole images of the shards (image_reader.ImageReader): `shape`
+        square, native or buckets, cropped to multiples of `multiple`; `reader`: ImageReader's other
+        arguments."""
+        urls = expand_shards(self.data, self.split)
+        return ImageReader(
+            urls,
+            shard_counts(urls, scan=False),
+            shape=shape,
+            resolution=self.resolution,
+            multiple=multiple,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            rank=rank,
+            world=world,
+            **reader,
         )
 
     def batches(

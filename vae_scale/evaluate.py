@@ -24,7 +24,6 @@ from vae_scale.commands import (
     processes,
     progress,
 )
-from vae_scale.image_reader import ImageReader
 from vae_scale.metrics import (
     check_metrics,
     compression,
@@ -32,7 +31,6 @@ from vae_scale.metrics import (
     has_likelihood,
     load_eval_nets,
 )
-from vae_scale.shard_reader import expand_shards, shard_counts
 from vae_scale.synthetic import SYNTHETIC
 
 log = logging.getLogger(__name__)
@@ -232,15 +230,8 @@ def evaluate_model(
     if shape == "native":
         if data.data == SYNTHETIC:
             raise InputError("--shape native: --data synthetic has square images only")
-        urls = expand_shards(data.data, data.split)
-        batches = ImageReader(
-            urls,
-            shard_counts(urls, scan=False),
-            shape="native",
-            multiple=vae.downsample_factor,
-            workers=data.workers,
-            rank=procs.rank,
-            world=procs.world,
+        batches = data.images(
+            shape="native", multiple=vae.downsample_factor, rank=procs.rank, world=procs.world
         )
     else:
         check_resolution(vae, data.resolution, "--resolution")

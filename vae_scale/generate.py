@@ -40,7 +40,6 @@ from vae_scale.commands import (
     check_resolution,
     processes,
 )
-from vae_scale.image_reader import ImageReader
 from vae_scale.metrics import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
 from vae_scale.shard_reader import IMAGE_EXTENSIONS, expand_shards, shard_counts, to_rgb
@@ -247,21 +246,15 @@ def encode_batches(
         if shape != "square":
             raise InputError(f"--shape {shape}: --data synthetic has square images only")
         return data.batches(rank=procs.rank, world=procs.world, limit=n, seed=seed), None
-    urls = expand_shards(data.data, data.split)
     try:
-        reader = ImageReader(
-            urls,
-            shard_counts(urls, scan=False),
+        reader = data.images(
             shape=shape,
-            resolution=data.resolution,
             multiple=vae.downsample_factor,
-            batch_size=data.batch_size,
+            rank=procs.rank,
+            world=procs.world,
             bucket_step=bucket_step,
             max_aspect=max_aspect,
             resize=resize,
-            workers=data.workers,
-            rank=procs.rank,
-            world=procs.world,
             limit=n,
             sidecars=True,
         )

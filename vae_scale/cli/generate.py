@@ -99,9 +99,11 @@ def reconstruct_main(argv: list[str]) -> int:
 
 def encode_parser() -> argparse.ArgumentParser:
     """`vae-scale encode`'s flags."""
-    from vae_scale import generate
-
-    p = argparse.ArgumentParser(prog="vae-scale encode", description=generate.__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="vae-scale encode",
+        description="Latent shards (WebDataset) of a dataset, for training a diffusion model on the latents: "
+        "the source's keys and sidecars kept, each process writing its share.",
+    )
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
     p.add_argument("--format", default="safetensors", choices=LATENT_FORMATS, help="per-sample latent file")
