@@ -21,6 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from support import write_lpips_weights  # noqa: E402
+
+from vae_scale.kernels import common as kernel_common  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +33,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lpips_dir(tmp_path_factory):
+    """A folder of random LPIPS weights in the real file formats (torchvision's vgg16, lpips' vgg.pth)."""
+    return write_lpips_weights(tmp_path_factory.mktemp("lpips"))
+
+
+@pytest.fixture
+def nan_kernel_outputs(monkeypatch):
+    """Every buffer a Triton kernel must fill starts as NaN, so an element it misses fails a comparison."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernel_common, "empty", nan_empty)

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from support import ROOT, free_port
 
 from vae_scale import data
 from vae_scale.config import DataConfig
@@ -313,9 +313,7 @@ _RANK_SCRIPT = textwrap.dedent("""
 
 def test_two_processes_with_gloo(tmp_path):
     pattern = _uneven_shards(tmp_path / "s", [9, 2, 14, 1, 6])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {
@@ -324,7 +322,7 @@ def test_two_processes_with_gloo(tmp_path):
             "WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "PYTHONPATH": str(ROOT),
         }
         procs.append(
             subprocess.Popen(

@@ -8,44 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from support import write_photo_like_images
-from test_losses import lpips_dir  # noqa: F401  (the fixture: LPIPS weights in the real file formats)
+from support import TINY, photo_like_shards, tiny_vae
 
 from vae_scale.checkpoint import latest_checkpoint
-from vae_scale.config import LossConfig, ModelConfig, load_config
+from vae_scale.config import LossConfig, load_config
 from vae_scale.equivariance import Transform, TransformedDecode
 from vae_scale.losses import LastLayer, VAELoss
-from vae_scale.model import VAE
 from vae_scale.monitor import SPECTRUM_FILE, read_metrics
-from vae_scale.shards import write_shards
 from vae_scale.train import Autoencoder, train
 
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "model.mid_block_attention=false",
-    "data.resolution=32",
-    "data.workers=0",
-    "optim.lr=1e-3",
-    "log.wandb=disabled",
-    "log.every=1",
-    "log.images_every=0",
-    "checkpoint.every=0",
-]
+# On TINY: no attention block, no checkpoints.
+RUN = [*TINY, "model.mid_block_attention=false", "checkpoint.every=0"]
 
 
 def tiny_model(seed: int = 0) -> Autoencoder:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        block_out_channels=[8, 16],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_attention=False,
-    )
-    return Autoencoder(VAE(cfg), None, sample_posterior=False)
+    """support.tiny_vae in the trainer's wrapper, decoding the posterior mean."""
+    return Autoencoder(tiny_vae(seed), None, sample_posterior=False)
 
 
 def images(B: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -132,7 +110,7 @@ def test_the_adversarial_weight_reads_the_main_reconstruction():
         torch.testing.assert_close(out["with_se"][1][n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_perceptual_applies_to_the_transformed_reconstruction(lpips_dir):  # noqa: F811
+def test_perceptual_applies_to_the_transformed_reconstruction(lpips_dir):
     cfg = LossConfig(
         recon="l1", perceptual_weight=0.5, lpips_path=str(lpips_dir), se_weight=1.0, eq_weight=1.0
     )
@@ -172,7 +150,7 @@ def test_bf16_autocast_matches_fp32():
 def test_accumulated_micro_batches_equal_one_batch(tmp_path):
     """batch 2 x 2 micro-batches = batch 4 with the term on every micro-batch (synthetic data gives both
     the same images); and the term changes the weights."""
-    common = [*TINY, "data.train=synthetic", "train.sample_posterior=false", "train.steps=3"]
+    common = [*RUN, "data.train=synthetic", "train.sample_posterior=false", "train.steps=3"]
     se = ["loss.se_weight=1.0", "loss.se_factors=[2]"]
     train(
         load_config(
@@ -193,18 +171,15 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
 
 
 def test_a_run_logs_the_terms_evaluates_the_spectrum_and_plots_it(tmp_path):
-    write_photo_like_images(tmp_path / "src", 8)
-    write_shards(
-        str(tmp_path / "src"), tmp_path / "shards", image_format="png", val_fraction=0.25, progress=False
-    )
+    shards = photo_like_shards(tmp_path, 8, val_fraction=0.25)
     run_dir = tmp_path / "run"
     train(
         load_config(
             None,
             [
-                *TINY,
+                *RUN,
                 "data.train=synthetic",
-                f"data.val={tmp_path / 'shards'}",
+                f"data.val={shards}",
                 "data.batch_size=2",
                 "train.steps=4",
                 "loss.se_weight=0.5",

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_finetune import photo_folder, tiny_diffusers_vae, write_lpips_weights
+from support import tiny_diffusers_vae, write_lpips_weights, write_photo_like_images
 
 from vae_scale.cli import main
 from vae_scale.config import load_config
@@ -33,7 +33,7 @@ def test_the_readme_commands_import_fine_tune_and_evaluate(tmp_path, capsys):
     tiny_diffusers_vae(flux_vae)
     lpips = write_lpips_weights(tmp_path / "weights" / "lpips")
     data = tmp_path / "data"
-    photos = photo_folder(tmp_path / "photos", 12, sizes=((48, 48), (56, 48)))
+    photos = write_photo_like_images(tmp_path / "photos", 12, ((48, 48), (56, 48)), prefix="photo")
     assert (
         main(["shards", str(photos), str(data), "--val-fraction", "0.25", "--quiet", "--workers", "1"]) == 0
     )

@@ -2,17 +2,14 @@
 
 import json
 import math
-import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from support import TINY, accelerate_launch, env, photo_like_shards, tiny_config
 
 from vae_scale.cli.evaluate import eval_main
 from vae_scale.config import load_config
@@ -30,61 +27,29 @@ from vae_scale.metrics import (
     ssim,
 )
 from vae_scale.model import VAE
-from vae_scale.shards import write_shards
 from vae_scale.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "model.mid_block_attention=false",
-    "data.resolution=32",
-    "data.batch_size=4",
-    "data.workers=0",
-    "optim.lr=2e-3",
-    "log.wandb=disabled",
-    "log.every=5",
-    "log.images_every=0",
-]
-
-
-def photo_like_shards(root: Path, n: int = 40) -> Path:
-    """Real shards of n generated images (smooth gradients plus noise), a quarter held out as val."""
-    src = root / "src"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        h, w = 40 + 8 * (i % 3), 44
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (c + 1) + yy * (3 - c) + 20 * i) % 256 for c in range(3)], -1)
-        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(src / f"img{i:02d}.png")
-    write_shards(
-        str(src), root / "out", max_per_shard=6, image_format="png", val_fraction=0.25, seed=0, progress=False
-    )
-    return root / "out"
+# On TINY: no attention block, a faster learning rate, a log line every 5 steps.
+EVAL_RUN = ["model.mid_block_attention=false", "optim.lr=2e-3", "log.every=5"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(run folder, shards) of a tiny VAE trained briefly with the discretised logistic likelihood."""
     root = tmp_path_factory.mktemp("eval")
-    shards = photo_like_shards(root)
+    # 40 images, a quarter held out as val
+    sizes = ((44, 40), (44, 48), (44, 56))
+    shards = photo_like_shards(root, 40, sizes, max_per_shard=6, val_fraction=0.25)
     run_dir = root / "run"
     train(
-        load_config(
-            None,
-            [
-                *TINY,
-                f"run.dir={run_dir}",
-                f"data.train={shards}",
-                f"data.val={shards}",
-                "loss.recon=logistic",
-                "train.steps=6",
-                "checkpoint.every=0",
-            ],
+        tiny_config(
+            run_dir,
+            shards,
+            *EVAL_RUN,
+            f"data.val={shards}",
+            "loss.recon=logistic",
+            "train.steps=6",
+            "checkpoint.every=0",
         )
     )
     return run_dir, shards
@@ -141,7 +106,7 @@ def test_frechet_distance_matches_closed_forms():
 
 def trivial_vae() -> VAE:
     """A VAE whose posterior is N(0, I) for every image (KL 0) and whose decoder outputs 0 everywhere."""
-    vae = VAE(load_config(None, TINY).model)
+    vae = VAE(load_config(None, [*TINY, *EVAL_RUN]).model)
     with torch.no_grad():
         for conv in (vae.quant_conv, vae.decoder.conv_out):
             conv.weight.zero_()
@@ -330,32 +295,16 @@ def test_missing_lpips_and_inception_weights_give_a_clear_error(run, tmp_path, m
 # The command, one process and two
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys):
     run_dir, shards = run
     args = ["eval", "--run", str(run_dir), "--data", str(shards), "--iw", "4", "--batch-size", "3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "vae_scale.evaluate",
-        *args[1:],
-        "--out",
-        str(tmp_path / "two.json"),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = accelerate_launch(
+        "cpu-2proc.yaml",
+        2,
+        [*args[1:], "--out", str(tmp_path / "two.json")],
+        program=("-m", "vae_scale.evaluate"),
+    )
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     assert eval_main([*args[1:], "--out", str(tmp_path / "one.json")]) == 0  # meanwhile, in this process
     table = capsys.readouterr().out

@@ -4,10 +4,10 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import tiny_diffusers_vae, write_lpips_weights, write_photo_like_images
 
 from vae_scale.cli.export import export_main, import_main
 from vae_scale.config import load_config
@@ -28,44 +28,10 @@ SMALL_RUN = [
 ]
 
 
-def tiny_diffusers_vae(folder: Path, **config) -> dict:
-    """A random-weight diffusers AutoencoderKL (f2, 4 latent channels) saved with save_pretrained; its
-    config.json as a dict."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    kwargs = {
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "sample_size": 64,
-        "scaling_factor": 0.18215,
-        **config,
-    }
-    AutoencoderKL(**kwargs).save_pretrained(folder)
-    return json.loads((folder / "config.json").read_text())
-
-
-def photo_folder(folder: Path, n: int, sizes=((40, 48), (48, 40), (44, 44))) -> Path:
-    """n smooth, noisy RGB images of a few sizes (w, h), as PNG files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (c + 2) + yy * (4 - c) + 15 * i) % 256 for c in range(3)], -1)
-        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"photo{i:02d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ft-data")
-    src = photo_folder(root / "photos", 20)
+    src = write_photo_like_images(root / "photos", 20, ((40, 48), (48, 40), (44, 44)), prefix="photo")
     write_shards(str(src), root / "shards", image_format="png", val_fraction=0.2, progress=False)
     return root / "shards"
 
@@ -188,29 +154,6 @@ def test_the_fine_tuning_recipes_resolve_with_latent_diffusions_loss():
             assert getattr(ours, key) == getattr(theirs, key), (name, key)
 
 
-def write_lpips_weights(folder: Path) -> Path:
-    """Random weights in the real formats (torchvision's vgg16 state dict, lpips' v0.1 vgg.pth)."""
-    from vae_scale.losses import LPIPS_FILE, VGG16_FILE
-
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    vgg, index, cin = {}, 0, 3
-    for cout in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-        if cout == "M":
-            index += 1
-            continue
-        vgg[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
-        vgg[f"features.{index}.bias"] = torch.zeros(cout)
-        index, cin = index + 2, cout
-    torch.save(vgg, folder / VGG16_FILE)
-    heads = {
-        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-        for k, c in enumerate([64, 128, 256, 512, 512])
-    }
-    torch.save(heads, folder / LPIPS_FILE)
-    return folder
-
-
 def read_tar_samples(folder: Path, pattern: str) -> dict[str, dict[str, bytes]]:
     import webdataset as wds
 
@@ -232,7 +175,8 @@ def test_the_readme_walkthrough_fine_tunes_a_diffusers_vae_end_to_end(tmp_path, 
     lpips = write_lpips_weights(tmp_path / "weights" / "lpips")
 
     # 2. shards of the photos (one below --size, kept at its own size), captions beside some of them
-    photos = photo_folder(tmp_path / "photos", 16, sizes=((56, 48), (48, 64), (72, 40), (64, 44)))
+    sizes = ((56, 48), (48, 64), (72, 40), (64, 44))
+    photos = write_photo_like_images(tmp_path / "photos", 16, sizes, prefix="photo")
     Image.new("RGB", (38, 34), (90, 140, 200)).save(photos / "small.png")
     for i in range(0, 16, 2):
         (photos / f"photo{i:02d}.txt").write_text(f"a photo number {i}")

@@ -1,10 +1,6 @@
 """sample / reconstruct / encode write what they promise; export loads in diffusers; import starts a run."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import TINY, accelerate_launch, photo_like_shards, tiny_config
+from support import run as run_process
 
 from vae_scale.cli.export import export_main, import_main
 from vae_scale.cli.generate import encode_main, reconstruct_main, sample_main
@@ -22,57 +20,22 @@ from vae_scale.config import ConfigError, load_config
 from vae_scale.export import ExportError
 from vae_scale.generate import read_latent
 from vae_scale.model import VAE
-from vae_scale.shards import write_shards
 from vae_scale.train import train
 from vae_scale.weights import WeightsError, load_init_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "model.mid_block_attention=true",
-    "data.resolution=32",
-    "data.batch_size=4",
-    "data.workers=0",
-    "optim.lr=2e-3",
-    "log.wandb=disabled",
-    "log.every=5",
-    "log.images_every=0",
-]
+# On TINY, its attention block kept (export maps those weights too): a faster learning rate, a log line
+# every 5 steps.
+GEN_RUN = ["model.mid_block_attention=true", "optim.lr=2e-3", "log.every=5"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(run folder, shards): a tiny VAE with EMA trained briefly on real shards of generated images."""
     root = tmp_path_factory.mktemp("gen")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(48):
-        h, w = 36 + 6 * (i % 3), 40
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (c + 2) + yy * (4 - c) + 15 * i) % 256 for c in range(3)], -1)
-        img = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(src / f"img{i:02d}.png")
-    shards = root / "shards"
-    write_shards(
-        str(src), shards, max_per_shard=10, image_format="png", val_fraction=0.25, seed=0, progress=False
-    )
+    shards = photo_like_shards(root, 48, ((40, 36), (40, 42), (40, 48)), max_per_shard=10, val_fraction=0.25)
     run_dir = root / "run"
     train(
-        load_config(
-            None,
-            [
-                *TINY,
-                f"run.dir={run_dir}",
-                f"data.train={shards}",
-                "train.steps=6",
-                "checkpoint.every=0",
-                "optim.ema_decay=0.5",
-            ],
-        )
+        tiny_config(run_dir, shards, *GEN_RUN, "train.steps=6", "checkpoint.every=0", "optim.ema_decay=0.5")
     )
     return run_dir, shards
 
@@ -199,7 +162,7 @@ def test_import_starts_a_run_from_a_diffusers_folder(run, tmp_path, capsys):
         import_main(["--diffusers", str(src), "--out", str(tmp_path / "other"), "model.latent_channels=8"])
     with pytest.raises(FileNotFoundError, match="missing-vae"):
         import_main(["--diffusers", str(tmp_path / "missing-vae"), "--out", str(tmp_path / "x")])
-    wrong = VAE(load_config(None, [*TINY, "model.latent_channels=8"]).model)
+    wrong = VAE(load_config(None, [*TINY, *GEN_RUN, "model.latent_channels=8"]).model)
     with pytest.raises(WeightsError, match="model.init_from"):
         load_init_weights(wrong, cfg.model.init_from)
     with pytest.raises(FileNotFoundError, match="model.init_from"):
@@ -330,45 +293,14 @@ def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
     assert z.dtype == torch.float16 and z.shape == (4, 16, 16)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_encode_with_two_processes_writes_every_sample_once(run, tmp_path):
     run_dir, shards = run
     out = tmp_path / "latents"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
     code = "import sys; from vae_scale.cli.generate import encode_main; sys.exit(encode_main(sys.argv[1:]))"
     script = tmp_path / "encode.py"
     script.write_text(code)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
-            "--main_process_port",
-            str(free_port()),
-            str(script),
-            "--run",
-            str(run_dir),
-            "--data",
-            str(shards),
-            "--out",
-            str(out),
-            "--workers",
-            "0",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--run", str(run_dir), "--data", str(shards), "--out", str(out), "--workers", "0"]
+    run_process(accelerate_launch("cpu-2proc.yaml", 2, args, program=(str(script),)), timeout=240)
     index = json.loads((out / "index.json").read_text())
     assert sorted(index["splits"]["train"]["shards"]) == ["latents-000-000000.tar", "latents-001-000000.tar"]
     assert index["splits"]["train"]["samples"] == 36

@@ -1,8 +1,7 @@
 """The fused posterior (reparameterised sample + KL) against its eager reference run in float64.
 
-On a CPU the Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
-impl="triton" so the kernels themselves run; the `gpu` tests repeat the checks on CUDA in fp32/bf16/fp16.
-Every buffer a kernel must fill starts as NaN, so an element it misses fails the comparison.
+The kernels run as support.KERNEL_TEST says: with impl="triton", through the interpreter on a CPU, into
+NaN-filled buffers; the `gpu` tests repeat the checks on CUDA in fp32/bf16/fp16.
 """
 
 import math
@@ -10,12 +9,13 @@ import math
 import pytest
 import torch
 import torch.utils.checkpoint
+from support import KERNEL_TEST
 
 from vae_scale import kernels
 from vae_scale.kernels import common, gaussian
 from vae_scale.kernels.gaussian import LOGVAR_MAX, LOGVAR_MIN, gaussian_sample_kl_reference
 
-pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+pytestmark = KERNEL_TEST
 
 # Per-dtype tolerances against the float64 reference, for outputs rounded once to the dtype.
 TOL = {
@@ -27,14 +27,6 @@ TOL = {
 # programs (4620 elements per sample is three 2048-element tiles).
 SHAPES = [(3, 5, 7, 9), (1, 1, 3, 5), (5,), (2, 4, 33, 35)]
 PRIORS = [None, "full", "per-channel"]
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 def make_logvar(shape, dtype, device, gen, prior=False):

@@ -1,18 +1,18 @@
 """Fused GroupNorm(+SiLU) against its eager reference run in float64, NCHW and channels_last.
 
-On a CPU the Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
-impl="triton" so the kernels themselves run; the `gpu` tests repeat the checks on CUDA in fp32/bf16/fp16.
-Every buffer a kernel must fill starts as NaN, so an element it misses fails the comparison.
+The kernels run as support.KERNEL_TEST says: with impl="triton", through the interpreter on a CPU, into
+NaN-filled buffers; the `gpu` tests repeat the checks on CUDA in fp32/bf16/fp16.
 """
 
 import pytest
 import torch
+from support import KERNEL_TEST
 
 from vae_scale import kernels
-from vae_scale.kernels import common, group_norm
+from vae_scale.kernels import group_norm
 from vae_scale.kernels.group_norm import group_norm_silu_reference
 
-pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+pytestmark = KERNEL_TEST
 
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=2e-5),
@@ -38,14 +38,6 @@ CASES = [
     ((2, 16, 41, 53), 4, "nchw"),
     ((2, 8, 37, 29), 4, "channels_last"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 def to_layout(t, layout):

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,71 +19,20 @@ import psutil
 import pytest
 import torch
 import yaml
+from support import ROOT, TINY, env, free_port, kill_tree, launch_args, start
 
 from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.monitor import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((ROOT / "launch" / "accelerate").glob("*.yaml"))
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "data.resolution=32",
-    "data.batch_size=4",
-    "data.workers=0",
-    "data.train=synthetic",
-    "log.wandb=disabled",
-    "log.every=1",
-    "log.images_every=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        **extra,
-    }
-    e.pop("TRITON_INTERPRET", None)
-    return e
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a running launcher and all below it (torchrun's workers have sessions of their own)."""
-    if proc.poll() is not None:
-        return
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    proc.kill()
-    proc.wait()
+# The tiny model on synthetic images: what these tests launch is the point, not what it learns.
+RUN = [*TINY, "data.train=synthetic"]
 
 
 # --------------------------------------------------------------------------------------------------------
 # accelerate config files
-
-
-def launch_args(config: Path, *extra: str):
-    """What `accelerate launch --config_file CONFIG EXTRA -m vae_scale train` resolves to (no processes)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-
-    args = launch_command_parser().parse_args(
-        ["--config_file", str(config), *extra, "-m", "vae_scale", "train"]
-    )
-    args, _, _ = _validate_launch_command(args)
-    return args
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
@@ -168,7 +116,7 @@ def test_accelerate_launch_with_cpu_2proc_trains_two_processes(tmp_path):
         "train",
         "--config",
         "demo",
-        *TINY,
+        *RUN,
         "train.steps=3",
         "checkpoint.every=0",
         f"run.dir={run_dir}",
@@ -245,14 +193,20 @@ FAKE_ACCELERATE = """
 """
 
 
+def fake_tools(folder: Path, **scripts: str) -> Path:
+    """Executable Python scripts named after the tools they stand in for (srun, scontrol, accelerate)."""
+    folder.mkdir()
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+        (folder / name).chmod(0o755)
+    return folder
+
+
 def run_sbatch(tmp_path: Path, args: list[str], **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     """Run train.sbatch under bash as SLURM would on the head node of a two-node job, fakes on PATH."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "log"
-    bin_dir.mkdir()
+    bin_dir = fake_tools(tmp_path / "bin", srun=FAKE_SRUN, scontrol=FAKE_SCONTROL, accelerate=FAKE_ACCELERATE)
+    log = tmp_path / "log"
     log.mkdir()
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
-        (bin_dir / name).write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
-        (bin_dir / name).chmod(0o755)
     slurm = {
         "SLURM_JOB_ID": "4242",
         "SLURM_NNODES": "2",
@@ -274,15 +228,7 @@ def run_sbatch(tmp_path: Path, args: list[str], **extra: str) -> tuple[subproces
         "VAE_SCALE_PREEMPT_FLAG",
     ):
         e.pop(key, None)
-    proc = subprocess.Popen(
-        ["bash", str(SBATCH), *args],
-        env=e,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(["bash", str(SBATCH), *args], e, cwd=tmp_path)
     try:
         out, err = proc.communicate(timeout=60)
     finally:
@@ -347,12 +293,9 @@ def test_sbatch_does_not_requeue_a_step_that_failed(tmp_path):
 def start_sbatch_cpu(tmp_path: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
     """The real train.sbatch, as SLURM would run it for a one-node job of 2 processes, with the real
     accelerate launch (on gloo) under the fake srun; `name` keeps each job's files apart."""
-    bin_dir, log = tmp_path / f"bin-{name}", tmp_path / f"log-{name}"
-    bin_dir.mkdir()
+    bin_dir = fake_tools(tmp_path / f"bin-{name}", srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
+    log = tmp_path / f"log-{name}"
     log.mkdir()
-    for tool, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / tool).write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
-        (bin_dir / tool).chmod(0o755)
     slurm = {
         "SLURM_JOB_ID": "4242",
         "SLURM_NNODES": "1",
@@ -369,19 +312,10 @@ def start_sbatch_cpu(tmp_path: Path, name: str, args: list[str]) -> tuple[subpro
     }
     e = {**env(**slurm), "PATH": f"{bin_dir}{os.pathsep}{env()['PATH']}"}
     e.pop("OMP_NUM_THREADS")  # the script sets it: 2 CPUs / 2 processes
-    proc = subprocess.Popen(
-        ["bash", str(SBATCH), *args],
-        env=e,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    return proc, log
+    return start(["bash", str(SBATCH), *args], e, cwd=tmp_path), log
 
 
-SBATCH_RUN = ["--config", "demo", *TINY, "train.steps=40", "checkpoint.every=0", "optim.ema_decay=0.5"]
+SBATCH_RUN = ["--config", "demo", *RUN, "train.steps=40", "checkpoint.every=0", "optim.ema_decay=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -460,20 +394,13 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoi
     args = [
         "--config",
         "demo",
-        *TINY,
+        *RUN,
         f"train.steps={steps}",
         "checkpoint.every=5",
         "checkpoint.keep=3",
         f"run.dir={run_dir}",
     ]
-    proc = subprocess.Popen(
-        ["bash", str(TORCHRUN_SH), *args],
-        env=env(NPROC_PER_NODE="2", MAX_RESTARTS="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(["bash", str(TORCHRUN_SH), *args], env(NPROC_PER_NODE="2", MAX_RESTARTS="1"))
     try:
         deadline = time.time() + 120
         while latest_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from support import VGG_CONVS
 
 from vae_scale.config import ConfigError, LossConfig, ModelConfig
 from vae_scale.losses import (
@@ -393,34 +394,6 @@ def test_discriminator_shape_and_init():
 
 # --------------------------------------------------------------------------------------------------------
 # LPIPS
-
-
-VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
-             (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512)]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def lpips_dir(tmp_path_factory):
-    """Random weights in the real formats: torchvision's vgg16 state dict and lpips' v0.1 vgg.pth."""
-    folder = tmp_path_factory.mktemp("lpips")
-    g = torch.Generator().manual_seed(0)
-    vgg, index = {}, 0
-    for item in VGG_CONVS:
-        if item == "M":
-            index += 1
-            continue
-        cin, cout = item
-        vgg[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
-        vgg[f"features.{index}.bias"] = 0.01 * torch.randn(cout, generator=g)
-        index += 2  # conv, ReLU
-    vgg["classifier.6.bias"] = torch.zeros(1000)  # the real file has a classifier too; it must be ignored
-    torch.save(vgg, folder / VGG16_FILE)
-    heads = {
-        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-        for k, c in enumerate([64, 128, 256, 512, 512])
-    }
-    torch.save(heads, folder / LPIPS_FILE)
-    return folder
 
 
 def lpips_reference(x: torch.Tensor, y: torch.Tensor, folder) -> torch.Tensor:

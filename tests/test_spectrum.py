@@ -12,11 +12,10 @@ import scipy.fft
 import scipy.ndimage
 import torch
 from PIL import Image
+from support import tiny_vae as make_tiny_vae
 
-from vae_scale.config import ModelConfig
 from vae_scale.evaluate import format_table
 from vae_scale.metrics import Lockstep, evaluate
-from vae_scale.model import VAE
 from vae_scale.monitor import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
 from vae_scale.spectrum import (
     BINS,
@@ -123,15 +122,7 @@ def test_empty_bins_and_offsets():
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        block_out_channels=[8, 16],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_attention=False,
-    )
-    return VAE(cfg).eval()
+    return make_tiny_vae(0).eval()
 
 
 def photos(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -5,23 +5,19 @@ import math
 
 import pytest
 import torch
+from support import TINY
 
 from vae_scale.config import load_config
 from vae_scale.model import VAE, Tiling, tiled_apply
 
-TINY = [
-    "model.block_out_channels=[8,16,16]",  # f4
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "model.sample_size=32",  # the default tile, as in diffusers
-]
+# TINY's model a level deeper (f4); its tile is model.sample_size, 32 px, as diffusers' default.
+F4 = [*TINY, "model.block_out_channels=[8,16,16]", "model.sample_size=32"]
 
 
 @pytest.fixture(scope="module")
 def vae() -> VAE:
     torch.manual_seed(0)
-    return VAE(load_config(None, TINY).model).eval()
+    return VAE(load_config(None, F4).model).eval()
 
 
 def smooth_image(h: int, w: int) -> torch.Tensor:

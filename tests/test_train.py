@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from support import TINY, checkpoint_file, env, photo_like_shards, run, start, tiny_config, train_command
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vae_scale.checkpoint import complete_checkpoints, latest_checkpoint
@@ -22,50 +20,21 @@ from vae_scale.cli import main as cli_main
 from vae_scale.config import load_config
 from vae_scale.model import VAE
 from vae_scale.monitor import read_metrics
-from vae_scale.shards import write_shards
 from vae_scale.train import TrainingStopped, train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.block_out_channels=[8,16]",
-    "model.layers_per_block=1",
-    "model.latent_channels=4",
-    "model.norm_num_groups=4",
-    "data.resolution=32",
-    "data.batch_size=4",
-    "data.workers=0",
-    "optim.lr=1e-3",
-    "log.wandb=disabled",
-    "log.every=1",
-    "log.images_every=4",
-]
+# The runs here write reconstructions on the way (every 4 steps), as a real run does.
+IMAGES = "log.images_every=4"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Real shards from 24 generated photographs-like images (smooth gradients plus noise)."""
-    root = tmp_path_factory.mktemp("shards")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        h, w = 48 + 8 * (i % 3), 56
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (c + 1) + yy * (3 - c) + 20 * i) % 256 for c in range(3)], -1)
-        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(src / f"img{i:02d}.png")
-    write_shards(
-        str(src), root / "out", max_per_shard=7, image_format="png", val_fraction=0.2, seed=0, progress=False
-    )
-    return root / "out"
+    return photo_like_shards(tmp_path_factory.mktemp("shards"), 24, max_per_shard=7, val_fraction=0.2)
 
 
 def tiny_cfg(run_dir: Path, data, *extra: str):
-    return load_config(None, [*TINY, f"run.dir={run_dir}", f"data.train={data}", *extra])
-
-
-def weights(run_dir: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(latest_checkpoint(run_dir) / name)
+    """support.tiny_config with reconstructions written every 4 steps."""
+    return tiny_config(run_dir, data, IMAGES, *extra)
 
 
 def test_a_run_writes_checkpoints_metrics_images_and_report(tmp_path, shards):
@@ -125,7 +94,7 @@ def test_a_run_writes_checkpoints_metrics_images_and_report(tmp_path, shards):
 
 
 def test_discriminator_and_learned_likelihood_train_together(tmp_path):
-    cfg = tiny_cfg(
+    cfg = tiny_config(
         tmp_path / "gan",
         "synthetic",
         "train.steps=5",
@@ -134,7 +103,6 @@ def test_discriminator_and_learned_likelihood_train_together(tmp_path):
         "loss.disc_weight=0.5",
         "loss.disc_start=2",
         "loss.disc_layers=2",
-        "log.images_every=0",
     )
     train(cfg)
     rows = read_metrics(tmp_path / "gan")
@@ -166,42 +134,6 @@ def test_bad_config_values_stop_before_training_naming_the_key(tmp_path, capsys)
 # Processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    e.pop("TRITON_INTERPRET", None)
-    return e
-
-
-def launch(args: list[str], nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "vae_scale", "train", *args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "vae_scale",
-        "train",
-        *args,
-    ]
-
-
-def run(args: list[str], nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch(args, nproc), env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [
         *TINY,
@@ -209,11 +141,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         "train.sample_posterior=false",
         "train.steps=4",
         "checkpoint.every=0",
-        "log.images_every=0",
     ]
-    run([*common, f"run.dir={tmp_path / 'two'}", "data.batch_size=2", "checkpoint.every=2"], nproc=2)
-    run([*common, f"run.dir={tmp_path / 'one'}", "data.batch_size=4"], nproc=1)
-    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    run(train_command([*common, f"run.dir={tmp_path / 'two'}", "data.batch_size=2", "checkpoint.every=2"], 2))
+    run(train_command([*common, f"run.dir={tmp_path / 'one'}", "data.batch_size=4"]))
+    two, one = checkpoint_file(tmp_path / "two"), checkpoint_file(tmp_path / "one")
     # Both ranks finished with the same weights (each rank records a fingerprint of its own copy).
     ranks = [json.loads((latest_checkpoint(tmp_path / "two") / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["data"]["position"] for r in ranks] == [4, 4]
@@ -227,14 +158,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert any(not torch.equal(one[n], initial[n]) for n in one)  # it trained
 
 
-SIGNAL_RUN = [*TINY, "data.workers=2", "train.steps=12", "checkpoint.every=0", "optim.ema_decay=0.5"]
+SIGNAL_RUN = [*TINY, IMAGES, "data.workers=2", "train.steps=12", "checkpoint.every=0", "optim.ema_decay=0.5"]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards) -> Path:
     """An uninterrupted run of SIGNAL_RUN: what every interrupted and resumed run must equal, bit for bit."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run([*SIGNAL_RUN, f"data.train={shards}", f"run.dir={run_dir}"])
+    run(train_command([*SIGNAL_RUN, f"data.train={shards}", f"run.dir={run_dir}"]))
     return run_dir
 
 
@@ -242,14 +173,7 @@ def interrupt(args: list[str], run_dir: Path, sig: signal.Signals, target: str) 
     """Start a run in a process group of its own, signal it once 4 steps are logged; (stdout, stderr,
     returncode). target: "group" (the trainer and its loader workers, as Ctrl-C, `timeout` and SLURM do)
     or "trainer" (its pid only)."""
-    proc = subprocess.Popen(
-        launch([*args, f"run.dir={run_dir}"], 1),
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(train_command([*args, f"run.dir={run_dir}"]))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(r["step"] >= 4 for r in read_metrics(run_dir)):
@@ -288,10 +212,10 @@ def test_a_stop_signal_saves_one_checkpoint_and_the_rerun_is_bit_identical(
     stopped_at = int(saved[0].name.split("-")[1])
     assert 4 <= stopped_at < 12
     assert f"stopped by {sig.name} at step {stopped_at}; checkpoint saved" in out
-    run([*args, f"run.dir={interrupted}"])
+    run(train_command([*args, f"run.dir={interrupted}"]))
     assert latest_checkpoint(interrupted).name == "step-000000012"
     for file in ("vae.safetensors", "ema.safetensors"):
-        a, b = weights(straight, file), weights(interrupted, file)
+        a, b = checkpoint_file(straight, file), checkpoint_file(interrupted, file)
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (file, name)
@@ -337,9 +261,8 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
         "checkpoint.every=1",
         "checkpoint.keep=2",
         f"run.dir={run_dir}",
-        "log.images_every=0",
     ]
-    proc = subprocess.Popen(launch(args, 1), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_command(args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = run_dir / "checkpoints"
     killed_mid_save = False
     deadline = time.time() + 120
@@ -360,14 +283,15 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     VAE.from_checkpoint(run_dir)  # loadable
     step = int(previous.name.split("-")[1])
     run(
-        [
-            *TINY,
-            "data.train=synthetic",
-            f"train.steps={step + 2}",
-            "checkpoint.every=1",
-            f"run.dir={run_dir}",
-            "log.images_every=0",
-        ]
+        train_command(
+            [
+                *TINY,
+                "data.train=synthetic",
+                f"train.steps={step + 2}",
+                "checkpoint.every=1",
+                f"run.dir={run_dir}",
+            ]
+        )
     )
     assert latest_checkpoint(run_dir).name == f"step-{step + 2:09d}"
     assert not any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
@@ -377,23 +301,24 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tmp_path):
     run_dir = tmp_path / "run"
     run(
-        [
-            *TINY,
-            "data.train=synthetic",
-            "train.steps=5",
-            "checkpoint.every=0",
-            f"run.dir={run_dir}",
-            "train.debug_nonfinite_step=2",
-            "train.debug_nonfinite_rank=1",
-            "log.images_every=0",
-            "log.wandb=offline",
-        ],
-        nproc=2,
+        train_command(
+            [
+                *TINY,
+                "data.train=synthetic",
+                "train.steps=5",
+                "checkpoint.every=0",
+                f"run.dir={run_dir}",
+                "train.debug_nonfinite_step=2",
+                "train.debug_nonfinite_rank=1",
+                "log.wandb=offline",
+            ],
+            nproc=2,
+        )
     )
     rows = read_metrics(run_dir)
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
     assert all(np.isfinite(r["loss"]) for r in rows if r["step"] != 3)
-    for t in weights(run_dir).values():
+    for t in checkpoint_file(run_dir).values():
         assert torch.isfinite(t).all()
     # The W&B offline run folder holds the logged keys.
     wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -415,15 +340,17 @@ def test_a_non_finite_step_in_mixed_precision_changes_no_weight_and_is_left_out_
     # On a CPU accelerate keeps no GradScaler for fp16: the skip must not hand NaN gradients to AdamW.
     # (A process of its own: accelerate's precision is fixed per process.)
     run(
-        [
-            *TINY,
-            "data.train=synthetic",
-            f"run.dir={tmp_path / 'run'}",
-            "train.steps=3",
-            "checkpoint.every=1",
-            "train.debug_nonfinite_step=1",
-            f"train.mixed_precision={precision}",
-        ]
+        train_command(
+            [
+                *TINY,
+                "data.train=synthetic",
+                f"run.dir={tmp_path / 'run'}",
+                "train.steps=3",
+                "checkpoint.every=1",
+                "train.debug_nonfinite_step=1",
+                f"train.mixed_precision={precision}",
+            ]
+        )
     )
     ckpts = {int(p.name.split("-")[1]): p for p in complete_checkpoints(tmp_path / "run" / "checkpoints")}
     w = {step: load_file(p / "vae.safetensors") for step, p in ckpts.items()}
@@ -483,12 +410,9 @@ def test_a_signal_during_repeated_rollbacks_still_stops_the_run(tmp_path):
         "train.debug_nonfinite_step=2",  # poisons step 3 every time it is taken again
         "train.max_consecutive_skips=1",
         "train.max_rollbacks=100000",
-        "log.images_every=0",
         f"run.dir={run_dir}",
     ]
-    proc = subprocess.Popen(
-        launch(args, 1), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start(train_command(args), new_session=False)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(
@@ -531,7 +455,7 @@ def test_resuming_with_another_model_is_refused_before_anything_is_written(tmp_p
     run_dir = tmp_path / "run"
     train(tiny_cfg(run_dir, "synthetic", "train.steps=2", "checkpoint.every=1"))
     config = (run_dir / "config.yaml").read_bytes()
-    argv = ["train", *TINY, "data.train=synthetic", f"run.dir={run_dir}", "train.steps=4"]
+    argv = ["train", *TINY, IMAGES, "data.train=synthetic", f"run.dir={run_dir}", "train.steps=4"]
     wider = ["model.block_out_channels=[16,32]", "model.latent_channels=8"]
     capsys.readouterr()
     assert cli_main([*argv, *wider]) == 2
@@ -594,6 +518,6 @@ def test_damaged_newest_checkpoints_are_named_and_the_previous_intact_one_resume
     assert "step-000000004: optimizer/__0_0.distcp has 1000 bytes" in caplog.text
     assert f"resumed from {ckpt}/step-000000002 at step 2" in capsys.readouterr().out
     assert [p.name for p in complete_checkpoints(ckpt)] == ["step-000000002", "step-000000004"]
-    assert torch.isfinite(torch.cat([t.flatten() for t in weights(run_dir).values()])).all()
+    assert torch.isfinite(torch.cat([t.flatten() for t in checkpoint_file(run_dir).values()])).all()
     (aside,) = ckpt.glob("set-aside-*")
     assert sorted(p.name for p in aside.iterdir()) == ["step-000000004", "step-000000006"]  # kept
