@@ -160,7 +160,7 @@ KERNELS = {
 @pytest.fixture(scope="module")
 def compiled_for_every_gpu():
     """The interpreter skips the compiler; this runs it (Triton to PTX, the wheel's ptxas to cubin) for sm_80,
-    sm_90 and sm_100 on the launchers' own arguments, once for the module. Rows of benchmarks.kernels_static
+    sm_90 and sm_100 on the launchers' own arguments, once for the module. Rows of benchmarks.kernels_compile
     .compile_check: arch, kernel, regs, spill_bytes, spill_instructions, smem, nan_dropping_minmax."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(

@@ -1,12 +1,13 @@
 """The launch geometry (kernels/common.py) and the static report's reading of compiled code
-(benchmarks/kernels_static.py), on known values: no compiler needed."""
+(benchmarks/kernels_static.py, benchmarks/kernels_compile.py), on known values: no compiler needed."""
 
 import math
 import random
 
 import pytest
 
-from benchmarks.kernels_static import nan_dropping_minmax, profile
+from benchmarks.kernels_compile import nan_dropping_minmax
+from benchmarks.kernels_static import profile
 from vae_scale.kernels.common import GPU, blocks_per_sm, grid, wave_fill
 
 H100 = GPU(name="H100", arch=90, sms=132)
