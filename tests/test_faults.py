@@ -336,6 +336,7 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(tmp_path
 # Rollback on two processes
 
 
+@pytest.mark.slow
 def test_two_processes_roll_back_together_and_stop_together_when_rollbacks_run_out(tmp_path):
     # Step 3 is non-finite on rank 1 only, each time it is taken: both ranks skip it, roll back to step 2
     # together, take it again, and stop together at train.max_rollbacks=1; neither rank is left waiting.

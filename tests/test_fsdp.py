@@ -182,6 +182,7 @@ def test_each_loss_trains_sharded_with_discriminator_images_accumulation_and_eva
     check_sharded_run(run_dir, recon, 3)
 
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_end_with_the_same_weights(tmp_path, shards):
     common = [
         *TINY,
@@ -219,6 +220,7 @@ def test_fsdp_and_ddp_end_with_the_same_weights(tmp_path, shards):
     assert differ < 1e-3 * moved, f"largest difference {differ:.2e} against a largest move of {moved:.2e}"
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_is_bit_identical_to_one_run_and_can_change_world_size(tmp_path, shards):
     common = [
         *TINY,

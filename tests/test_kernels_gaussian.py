@@ -180,6 +180,7 @@ def test_same_seed_same_noise_whatever_the_values_and_a_new_seed_new_noise():
     torch.testing.assert_close((z - mean) / torch.exp(0.5 * logvar), eps)
 
 
+@pytest.mark.slow
 def test_noise_does_not_depend_on_the_tile_size(monkeypatch):
     """A launch with little work per slot takes smaller tiles (the forward and backward may differ); each
     element keeps its Philox counter, so the noise is the same."""

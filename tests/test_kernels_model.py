@@ -61,6 +61,7 @@ def assert_same_training(a, b):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @needs_triton
 def test_tiny_vae_trains_the_same_with_triton_and_torch_kernels():
     vae = tiny_vae()
@@ -78,7 +79,7 @@ def both_ops(x, weight, bias, mean, logvar, eps, impl):
     return y.square().mean() + z.square().mean() + kl.mean() + kl_drawn.mean()
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.slow])])
 def test_ops_compile_into_one_graph(impl):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)

@@ -100,6 +100,7 @@ def test_the_gpu_configs_resolve_to_the_launch_they_promise(monkeypatch):
     assert plugin.activation_checkpointing is False
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_cpu_2proc_trains_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
@@ -388,6 +389,7 @@ def test_a_signal_to_every_process_of_a_two_process_job_saves_once_and_exits_0(
 # torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     steps = 40

@@ -134,6 +134,7 @@ def test_bad_config_values_stop_before_training_naming_the_key(tmp_path, capsys)
 # Processes
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [
         *TINY,
@@ -298,6 +299,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert read_metrics(run_dir)[-1]["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tmp_path):
     run_dir = tmp_path / "run"
     run(
