@@ -17,7 +17,7 @@ from vae_scale import demo
 from vae_scale.cli.train import demo_main
 from vae_scale.demo import Row, format_rows, verdict
 from vae_scale.metrics import bicubic_round_trip, psnr
-from vae_scale.model import VAE
+from vae_scale.model import VAE, Attention, ResnetBlock
 from vae_scale.shards import SAMPLE_COLOR_IMAGES
 
 TINY = [
@@ -111,6 +111,38 @@ def test_heldout_rows_give_the_baseline_at_least_the_latents_numbers():
         # the 8x thumbnail is the equal-values one for 3 channels: it is not listed twice
         assert names.count("bicubic 8x") == (latent_channels != 3) and "bicubic 4x" in names
         assert shown["input"].shape == shown["vae"].shape == shown["bicubic"].shape == (5, 3, 64, 64)
+
+
+def test_zero_init_residual_starts_every_block_as_its_skip_and_only_changes_the_init():
+    small = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.mid_block_attention=true"]
+    torch.manual_seed(0)
+    plain = VAE.from_preset("demo", small)
+    torch.manual_seed(0)
+    zero = VAE.from_preset("demo", [*small, "model.zero_init_residual=true"])
+    branch_ends = {
+        f"{name}.{'conv2' if isinstance(m, ResnetBlock) else 'to_out.0'}.{p}"
+        for name, m in zero.named_modules()
+        if isinstance(m, (ResnetBlock, Attention))
+        for p in ("weight", "bias")
+    }
+    # ResNet blocks: encoder 2 levels x 1 + 2 mid, decoder 2 levels x 2 + 2 mid; and 2 attentions
+    assert len(branch_ends) == 2 * (4 + 6 + 2)
+    a, b = plain.state_dict(), zero.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # loads into either model
+    for k in a:  # the same draws for everything else: only the branches' last layers differ
+        assert torch.equal(b[k], torch.zeros_like(b[k])) if k in branch_ends else torch.equal(a[k], b[k]), k
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for m in zero.modules():
+        if isinstance(m, ResnetBlock):
+            h = torch.randn(2, m.conv1.in_channels, 8, 8)
+            skip = h if m.conv_shortcut is None else m.conv_shortcut(h)
+            assert torch.equal(m(h), skip)
+    # the branches learn: one step moves every zeroed layer off zero
+    opt = torch.optim.Adam(zero.parameters(), lr=1e-3)
+    (zero.decode(zero.encode(x).mode()) - x).square().mean().backward()
+    opt.step()
+    params = dict(zero.named_parameters())
+    assert all(params[k].abs().sum() > 0 for k in branch_ends if k.endswith("weight"))
 
 
 def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, capsys):

@@ -114,6 +114,10 @@ class ModelConfig:
     """Training resolution recorded in diffusers' config.json."""
     init_from: str = ""
     """Initial weights when there is no checkpoint to resume: a diffusers folder or a .safetensors file."""
+    zero_init_residual: bool = False
+    """Start every residual branch (each ResNet block's second convolution, each attention's output
+    projection) at zero, so each block starts as its skip connection: a small model trains faster. Only the
+    random init changes, not the weights' shapes or names."""
 
     def __post_init__(self):
         _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))

@@ -358,7 +358,18 @@ class VAE(nn.Module):
         c = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(c, c, 1) if config.quant_convs else None
         self.post_quant_conv = nn.Conv2d(c // 2, c // 2, 1) if config.quant_convs else None
+        if config.zero_init_residual:
+            self._zero_residual_branches()
         self.set_kernels(config.kernels)
+
+    def _zero_residual_branches(self) -> None:
+        """Zero the last layer of every residual branch: each block starts as its skip path, and the gradient
+        still reaches that layer (it sees the branch's nonzero input), so the branch grows as it learns."""
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock, Attention)):
+                last = m.conv2 if isinstance(m, ResnetBlock) else m.to_out[0]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     # -- construction --------------------------------------------------------------------------------------
 
