@@ -16,7 +16,7 @@ import torch
 from vae_scale import demo
 from vae_scale.cli.train import demo_main
 from vae_scale.demo import Row, format_rows, verdict
-from vae_scale.metrics import bicubic_round_trip, psnr
+from vae_scale.metrics import bicubic_round_trip, equal_values_size, psnr
 from vae_scale.model import VAE, Attention, ResnetBlock
 from vae_scale.shards import SAMPLE_COLOR_IMAGES
 
@@ -113,6 +113,14 @@ def test_heldout_rows_give_the_baseline_at_least_the_latents_numbers():
         assert shown["input"].shape == shown["vae"].shape == shown["bicubic"].shape == (5, 3, 64, 64)
 
 
+def test_the_eval_crop_gives_the_preset_a_square_thumbnail_of_nearly_its_numbers():
+    r = demo.EVAL_RESOLUTION
+    vae = VAE.from_preset("demo", ["model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"])
+    latent_values = int(torch.tensor(vae.latent_shape(r, r)).prod())
+    h, w = equal_values_size(latent_values, r, r)
+    assert h == w and latent_values <= 3 * h * w <= 1.03 * latent_values  # 576 latent, 588 thumbnail
+
+
 def test_zero_init_residual_starts_every_block_as_its_skip_and_only_changes_the_init():
     small = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.mid_block_attention=true"]
     torch.manual_seed(0)
@@ -148,8 +156,16 @@ def test_zero_init_residual_starts_every_block_as_its_skip_and_only_changes_the_
 def test_demo_trains_and_scores_unseen_photographs_against_bicubic(tmp_path, capsys):
     pytest.importorskip("skimage")
     data, out = tmp_path / "data", tmp_path / "run"
-    assert demo_main(["--data", str(data), "--out", str(out), *TINY]) == 0
+    threads, caller = torch.get_num_threads(), demo.THREADS + 1
+    torch.set_num_threads(caller)
+    try:
+        assert demo_main(["--data", str(data), "--out", str(out), *TINY]) == 0
+        # trained and scored on the demo's own thread count, not the caller's, which is set back after
+        assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(threads)
     text = capsys.readouterr().out
+    assert f"training the demo preset (3 steps; torch threads {demo.THREADS}, cores " in text
 
     index = json.loads((data / "index.json").read_text())
     assert index["source"] == "sample-color" and index["totals"]["written"] == len(SAMPLE_COLOR_IMAGES)

@@ -1,8 +1,10 @@
 """`vae-scale demo`: the whole job in minutes on a laptop CPU (a GPU is used when there is one).
 
 1. writes WebDataset shards from scikit-image's sample photographs, some photographs held out (val);
-2. trains the `demo` preset for its fixed number of steps (a time guard far above the expected time only
-   catches a machine that stalls, and the output says when it fired);
+2. trains the `demo` preset for its fixed number of steps on a fixed number of torch threads, so that a
+   faster or slower machine adds the same floats in the same order and prints the same figures (a time
+   guard far above the expected time only catches a machine that stalls, and the output says when it
+   fired);
 3. measures PSNR on every non-overlapping crop of the held-out photographs, next to bicubic down-and-up
    baselines on the same crops, each row with the numbers it keeps per crop; the verdict compares the VAE
    with the bicubic thumbnail that keeps as many numbers as its latent (or the fewest more, never fewer);
@@ -14,6 +16,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -26,15 +29,24 @@ from PIL import Image
 from vae_scale.config import load_config
 from vae_scale.metrics import bicubic_round_trip, compression, equal_values_size, psnr
 
-DEFAULT_TIME_GUARD_S = 1800.0
-"""Stops training after this many seconds: several times what the preset's 1000 steps take on 2 CPU cores
-(about 10 minutes even on one busy core), so it fires only on a machine that stalls. The figures then come
-from fewer steps, and the demo says they are not the reference run's."""
+DEFAULT_TIME_GUARD_S = 3600.0
+"""Stops training after this many seconds: over ten times what the preset's steps take on an idle CPU core
+(a 2-core machine shared with five other jobs trained them in 26 to 39 minutes), so it fires only on a
+machine that stalls. The figures then come from fewer steps, and the demo says they are not the reference
+run's."""
+THREADS = 1
+"""torch's intra-op threads while the demo trains and scores, whatever the machine's core count: a parallel
+sum splits its terms by thread, so the thread count decides the rounding of every convolution's gradient,
+and the figures are those of the README on one core or sixteen (only the time differs). One thread: two
+are faster on idle cores, but on a shared 2-core machine their barrier waits made a step take 50 s instead of
+about 2 s, and the data loader's worker has a second core to itself."""
 DATA_SOURCE = "sample-color"  # vae_scale.shards.SAMPLE_COLOR_IMAGES; a quarter held out
 SHARD_SIZE = 256  # short side of the photographs in the demo shards
-EVAL_RESOLUTION = 64
-"""Held-out crops are this size whatever the training crop: a convolutional VAE encodes any multiple of its
-downsampling factor, and 64 px gives f8 latents of 8 x 8 positions."""
+EVAL_RESOLUTION = 96
+"""Held-out crops are this size whatever the training crop (a convolutional VAE encodes any multiple of its
+downsampling factor). 96 px is the smallest crop whose f8 latent of 4 channels (12 x 12 x 4 = 576 numbers)
+has a square bicubic thumbnail with nearly as many numbers (14 x 14 x 3 = 588, 2% more); at 64 px the
+nearest square thumbnail keeps 17% more (10 x 10 x 3 = 300 against 256)."""
 BICUBIC_FACTORS = (8, 4)
 """Fixed bicubic rows beside the one at the VAE's number of values, for scale."""
 REPORT_CROPS = 6
@@ -243,18 +255,26 @@ def run_demo(
 ) -> int:
     """`vae-scale demo`: sample shards into `data` (reused when present), a run in `out` (a fresh one beside
     it when it holds checkpoints) stopped after `time_guard` seconds at the latest, `overrides` over the
-    preset; returns the exit code."""
+    preset; returns the exit code. Trains and scores on THREADS torch threads, then sets the caller's back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _run_demo(Path(out), Path(data), time_guard, overrides)
+    finally:  # the caller's own setting back (the demo also runs inside other programs, e.g. the tests)
+        torch.set_num_threads(threads)
+
+
+def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str] | tuple[str, ...]) -> int:
+    """run_demo's work, on the current torch threads."""
     from vae_scale.model import VAE
     from vae_scale.monitor import write_report
     from vae_scale.shards import write_shards
     from vae_scale.train import train
 
-    data = Path(data)
     index = data / "index.json"
     if not index.is_file() or json.loads(index.read_text()).get("source") != DATA_SOURCE:
         print(f"writing shards of scikit-image's colour photographs to {data}/")
         write_shards(DATA_SOURCE, data, size=SHARD_SIZE, val_fraction=0.25, seed=0, progress=False)
-    run_dir = Path(out)
     if (run_dir / "checkpoints").exists():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = run_dir.with_name(f"{run_dir.name}-{stamp}")  # a demo always starts fresh
@@ -268,7 +288,10 @@ def run_demo(
             *overrides,
         ],
     )
-    print(f"training the demo preset ({cfg.train.steps} steps) into {run_dir}/")
+    print(
+        f"training the demo preset ({cfg.train.steps} steps; torch threads {torch.get_num_threads()}, "
+        f"cores {os.cpu_count()}) into {run_dir}/"
+    )
     t0 = time.time()
     summary = train(cfg)
     wall = time.time() - t0
@@ -276,7 +299,8 @@ def run_demo(
         print(f"stopped by {summary['stopped_by']} after {summary['step']} steps; checkpoint in {run_dir}")
         return 0
 
-    vae = VAE.from_checkpoint(run_dir, ema=cfg.optim.ema_decay > 0)
+    ema = cfg.optim.ema_decay > 0  # the average of the last steps' weights, steadier than the last step's
+    vae = VAE.from_checkpoint(run_dir, ema=ema)
     crops = heldout_crops(data, EVAL_RESOLUTION)
     rows, shown = heldout_rows(vae, crops)
     pixel_values = crops[0].numel()
@@ -293,7 +317,8 @@ def run_demo(
         )
     print(
         f"held-out PSNR on {len(crops)} crops of {EVAL_RESOLUTION} px from unseen photographs "
-        f"({pixel_values:,} pixel values each):"
+        f"({pixel_values:,} pixel values each; the VAE decodes its posterior mean"
+        + (f" with the EMA of its weights, decay {cfg.optim.ema_decay:g}):" if ema else "):")
     )
     print(format_rows(rows, pixel_values))
     print(verdict(rows))
