@@ -24,6 +24,7 @@ LAYERS = {
     "model": 2,
     # 3. the parts of training and evaluation
     "data": 3,
+    "ema": 3,
     "equivariance": 3,
     "fsdp": 3,
     "image_reader": 3,
@@ -34,9 +35,13 @@ LAYERS = {
     "shard_reader": 3,
     "shards": 3,
     "spectrum": 3,
+    "startup": 3,
+    "stop": 3,
+    "summary": 3,
     "synthetic": 3,
     "transforms": 3,
-    # 4. the trainer
+    # 4. the trainer: its pieces, and the Trainer that puts them together
+    "build": 4,
     "train": 4,
     # 5. the commands: what each does, as functions a Python user calls
     "commands": 5,

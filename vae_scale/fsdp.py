@@ -285,3 +285,13 @@ def _compact(names: list[str]) -> str:
         idx = groups[key]
         out.append(f"{key}.{idx[0]}-{idx[-1]}" if len(idx) > 1 else f"{key}.{idx[0]}" if idx else key)
     return ", ".join(out)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (DTensor) shard (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -75,6 +75,17 @@ def active_units(mu_sum: torch.Tensor, mu2_sum: torch.Tensor, count: float) -> t
     return (activity > ACTIVE_THRESHOLD).sum()
 
 
+@torch.no_grad()
+def latent_stats(posterior) -> dict[str, torch.Tensor]:
+    """KL per latent channel (`kl_channel/<c>`, averaged over the batch) and `active_units` of one batch's
+    posterior (a DiagonalGaussian), as the trainer logs them."""
+    mean = posterior.mean.float()
+    out = {f"kl_channel/{c}": v for c, v in enumerate(posterior.kl_per_channel().mean(0))}
+    count = mean.shape[0] * mean.shape[2] * mean.shape[3]
+    out["active_units"] = active_units(mean.sum((0, 2, 3)), mean.square().sum((0, 2, 3)), count).float()
+    return out
+
+
 SSIM_WINDOW = 7
 INCEPTION_FILE = "inception-2015-12-05.pt"
 """NVIDIA's TorchScript Inception-v3 (the TF FID network), looked for in the torch hub cache."""

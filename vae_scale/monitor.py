@@ -10,9 +10,11 @@ from __future__ import annotations
 import html
 import json
 import math
+import resource
+import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,49 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(arr).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+class LogWindow:
+    """The steps since the last metrics row: averages come from its finite steps (a skipped step's values
+    are not a measurement), throughput from every step it ran."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, starting now."""
+        self.totals: dict[str, torch.Tensor] = {}
+        self.finite = self.ran = 0
+        self.data_wait = 0.0  # seconds the steps waited for their batches
+        self.start = time.time()
+
+    def add(self, logs: dict[str, torch.Tensor], finite: bool) -> None:
+        """One step's logs (summed on the device: no host sync); `finite`: whether the step was applied."""
+        self.ran += 1
+        if finite:
+            self.finite += 1
+            for k, v in logs.items():
+                self.totals[k] = self.totals.get(k, 0) + v
+
+    def means(self, reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
+        """The logs averaged over the finite steps, then by `reduce` over ranks (which skip the same steps,
+        so every rank has the same keys); {} when no step was finite."""
+        keys = sorted(self.totals)
+        if not keys or not self.finite:
+            return {}
+        mean = torch.stack(
+            [torch.as_tensor(self.totals[k], device=device).float() / self.finite for k in keys]
+        )
+        return dict(zip(keys, reduce(mean).tolist()))
+
+
+def peak_memory(device: torch.device) -> tuple[str, float]:
+    """(name, GiB) of this process's peak: device memory held by tensors on a GPU (`peak_memory_gb`), the
+    whole process's resident set on a CPU (`peak_rss_gb`)."""
+    if device.type == "cuda":
+        return "peak_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30
+    unit = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+    return "peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 class Monitor:
