@@ -1,14 +1,17 @@
 """Training-step throughput: vae-scale's step against diffusers' AutoencoderKL with the same architecture.
 
-A step is what vae_scale/train.py runs (grad_accum 1): autocast forward (encode, reparameterised sample +
-KL, decode), VAELoss (L1 + KL, and with the discriminator on its generator term and LDM's adaptive weight),
-backward, the discriminator's own step when it is on, gradient clipping, one host sync for the finite check,
-AdamW (fused on CUDA), zero_grad. diffusers' AutoencoderKL gets the very same step, loss, weights, batch and
-precision; only the model differs. Every variant of a setting lives in one process and is timed in
-alternation (A B C, C B A, ...), on inputs rotated between steps, after it has passed a correctness check:
-one step on a fixed batch and noise against diffusers' fp32 eager step (the losses and every weight
-gradient; in bf16/fp16 within 3x the distance of diffusers' own step in that precision). A variant that
-fails the check is refused (an error row) and never timed.
+vae-scale's step is the trainer's own: a `Trainer` built from the run config of the setting (preset, size,
+batch, precision, the variant's toggles) times `Trainer.train_step`, the method a run calls (grad_accum 1):
+autocast forward (encode, reparameterised sample + KL, decode), VAELoss (L1 + KL, and with the discriminator
+its generator term and LDM's adaptive weight), backward, the discriminator's own step when it is on,
+gradient clipping, the ranks' agreement on finite values (one host sync), AdamW (fused on CUDA), zero_grad.
+diffusers' AutoencoderKL runs in a loop of its own with the same loss, optimizer, clipping and sync, from
+the same weights, batch and precision; only the model differs. Every variant of a setting lives in one
+process and is timed in alternation (A B C, C B A, ...), on inputs rotated between steps, after it has
+passed a correctness check: the step's forward and backward (Trainer.forward_loss) on a fixed batch and
+noise against diffusers' fp32 eager step (the losses and every weight gradient; in bf16/fp16 within 3x the
+distance of diffusers' own step in that precision). A variant that fails the check is refused (an error
+row) and never timed.
 
 Per variant: step time (median, p20, p80), images/s, peak device memory (CUDA: this variant's weights,
 gradients and optimizer state plus the step's transient peak), MFU (model FLOPs per step, counted with
@@ -27,12 +30,17 @@ benchmark measures it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,11 +60,13 @@ from benchmarks.harness import (
 from vae_scale.config import Config, load_config
 from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.model import VAE
-from vae_scale.transforms import apply_activation_checkpointing, apply_channels_last, to_channels_last
+from vae_scale.train import Trainer
+from vae_scale.transforms import to_channels_last
 from vae_scale.weights import plain_name
 
 SUBJECT = "train_step"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # as train.mixed_precision says them
 DISC_WEIGHT = 0.5  # LDM's disc_weight; the discriminator is on from step 0 (loss.disc_start=0)
 INPUT_SETS = {"cuda": 3, "cpu": 2}  # batches rotated between steps
 
@@ -136,23 +146,11 @@ class Variant:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The two models behind one forward: (x, eps) -> (x_hat, KL per image)
-
-
-class OursAutoencoder(nn.Module):
-    """train.Autoencoder's forward (encode, fused sample + KL, decode), with eps fixable for the check."""
-
-    def __init__(self, vae: VAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        z, kl = self.vae.encode(x).sample_kl(eps)
-        return self.vae.decode(z), kl
+# diffusers' side: its AutoencoderKL behind the same forward, (x, eps) -> (x_hat, KL per image)
 
 
 class DiffusersAutoencoder(nn.Module):
-    """The same forward through diffusers' AutoencoderKL and its DiagonalGaussianDistribution."""
+    """The training forward through diffusers' AutoencoderKL and its DiagonalGaussianDistribution."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -177,7 +175,7 @@ def diffusers_model(vae: VAE) -> nn.Module:
 
 
 def config_for(setting: Setting, variant: Variant) -> Config:
-    """The run config the trainer would get for this setting and variant (no LPIPS: weights not shipped)."""
+    """The run config the trainer gets for this setting and variant (no LPIPS: weights not shipped)."""
     cfg = load_config(setting.preset, list(setting.overrides))
     cfg.loss = replace(
         cfg.loss,
@@ -191,6 +189,9 @@ def config_for(setting: Setting, variant: Variant) -> Config:
         channels_last=variant.channels_last,
         gradient_checkpointing=variant.checkpointing,
     )
+    cfg.data = replace(cfg.data, resolution=setting.resolution, batch_size=setting.batch)
+    cfg.train = replace(cfg.train, mixed_precision=PRECISIONS[setting.precision], compile=variant.compile)
+    cfg.log = replace(cfg.log, wandb="disabled")
     return cfg
 
 
@@ -198,12 +199,75 @@ def config_for(setting: Setting, variant: Variant) -> Config:
 # One variant's training step
 
 
-class TrainStep:
-    """A variant's model, loss and optimizers, and its training step as vae_scale/train.py runs it.
+class Step:
+    """What the benchmark checks and times: one training step on the next of the rotated input batches
+    (__call__), a check pass of losses and weight gradients on a fixed batch and noise, the bytes held
+    between steps."""
 
-    Built from shared initial weights (`init`: the VAE's and the discriminator's state dicts) so every
-    variant starts from the same point. `inputs` are the image batches rotated between steps.
-    """
+    def __init__(self, setting: Setting, variant: Variant, device: torch.device):
+        self.setting, self.variant, self.device = setting, variant, device
+        self.calls = 0  # training steps taken (a refused variant takes none)
+
+    def __call__(self) -> None:
+        raise NotImplementedError
+
+    def check_pass(
+        self, x: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Losses and weight gradients of one forward + backward on a fixed batch and noise (no update)."""
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes held between steps: weights, optimizer state (created by the first step), discriminator."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the step holds besides memory (files, workers)."""
+
+
+def _check_values(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items() if k in ("loss", "rec", "kl", "g_loss", "d_weight")}
+
+
+def _tensor_bytes(tensors: list[torch.Tensor], optimizers: list[torch.optim.Optimizer | None]) -> int:
+    for opt in optimizers:
+        for state in opt.state.values() if opt is not None else ():
+            tensors = tensors + [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Batches:
+    """The step's input batches, already on the device, handed out in rotation with the interface of the
+    trainer's loaders (vae_scale.synthetic.SyntheticLoader): the loader's own work is the data benchmark's
+    subject, not this one's."""
+
+    def __init__(self, inputs: list[torch.Tensor]):
+        self.inputs, self.position = inputs, 0
+        self.batches_per_epoch = len(inputs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            x = self.inputs[self.position % len(self.inputs)]
+            self.position += 1
+            yield {"images": x, "keys": []}
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        pass
+
+
+class TrainStep(Step):
+    """vae-scale's step: a Trainer built from the run config of this setting and variant, started from the
+    shared initial weights (`init`, through model.init_from and the discriminator's state dict), timing
+    Trainer.train_step -- the method a run calls -- on `inputs` rotated between steps."""
 
     def __init__(
         self,
@@ -213,22 +277,88 @@ class TrainStep:
         inputs: list[torch.Tensor],
         device: torch.device,
     ):
-        self.setting, self.variant, self.device = setting, variant, device
+        from safetensors.torch import save_file
+
+        super().__init__(setting, variant, device)
+        self._dir = tempfile.TemporaryDirectory(prefix="train_step-")
+        run_dir = Path(self._dir.name)
+        save_file({k: v.contiguous() for k, v in init["vae"].items()}, run_dir / "init.safetensors")
+        cfg = config_for(setting, variant)
+        cfg.model = replace(cfg.model, init_from=str(run_dir / "init.safetensors"))
+        cfg.run = replace(cfg.run, dir=str(run_dir / "run"))
+        # The trainer's start-up lines and progress bar, once per variant, are not the benchmark's output.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            self.trainer = Trainer(cfg, loader=Batches(inputs))
+        if self.trainer.device.type != device.type:
+            self.trainer.close()
+            raise RuntimeError(f"the trainer runs on {self.trainer.device.type}, not {device.type}")
+        if self.trainer.disc is not None:
+            self.trainer.disc.load_state_dict(init["disc"])
+        self.ae = self.trainer.model  # the Autoencoder: .vae is the model the steps train
+
+    def __call__(self) -> None:
+        """One Trainer.train_step on the next input batch."""
+        self.calls += 1
+        self.trainer.train_step()
+
+    def check_pass(
+        self, x: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Trainer.forward_loss (the step's forward and loss) on the given noise, then its backward."""
+        t = self.trainer
+        if self.variant.channels_last:
+            x = to_channels_last(x)
+        t.opt.zero_grad(set_to_none=True)
+        x_hat, _, loss, logs = t.forward_loss(x, eps=eps)
+        t.acc.backward(loss)
+        values = _check_values(logs)
+        if t.disc is not None:
+            with t.acc.autocast():
+                d_loss, _ = t.criterion.discriminator_loss(
+                    x, x_hat.detach(), t.step, discriminator=t.disc_ddp
+                )
+            values["d_loss"] = float(d_loss.detach())
+        grads = {
+            plain_name(n): p.grad.detach().float().flatten()
+            for n, p in t.vae.named_parameters()
+            if p.grad is not None
+        }
+        t.opt.zero_grad(set_to_none=True)
+        return values, grads
+
+    def state_bytes(self) -> int:
+        t = self.trainer
+        tensors = list(t.model.parameters()) + list(t.criterion.parameters())
+        tensors += t.ema.shadow if t.ema is not None else []
+        return _tensor_bytes(tensors, [t.opt, t.disc_opt])
+
+    def close(self) -> None:
+        self.trainer.close()
+        self._dir.cleanup()
+
+
+class DiffusersStep(Step):
+    """diffusers' AutoencoderKL in a loop of its own with the trainer's step around it: autocast forward,
+    the same VAELoss (and discriminator step), backward, clipping, the finite check's one host sync, AdamW
+    (fused on CUDA), zero_grad. Built from the shared initial weights (`init`)."""
+
+    def __init__(
+        self,
+        setting: Setting,
+        variant: Variant,
+        init: dict[str, dict[str, torch.Tensor]],
+        inputs: list[torch.Tensor],
+        device: torch.device,
+    ):
+        super().__init__(setting, variant, device)
         self.cfg = cfg = config_for(setting, variant)
         vae = VAE(cfg.model)
         vae.load_state_dict(init["vae"])
-        if variant.model == "diffusers":
-            self.ae: nn.Module = DiffusersAutoencoder(diffusers_model(vae)).to(device)
-            del vae
-        else:
-            if variant.checkpointing:
-                apply_activation_checkpointing(vae)
-            if variant.channels_last:
-                apply_channels_last(vae)
-            self.ae = OursAutoencoder(vae).to(device)
+        self.ae = DiffusersAutoencoder(diffusers_model(vae)).to(device)
+        del vae
         if variant.channels_last:
             inputs = [to_channels_last(x) for x in inputs]
-        self.inputs, self.calls, self._i = inputs, 0, 0
+        self.inputs, self._i = inputs, 0
         if variant.compile:  # as train.compile does: encoder and decoder, not the posterior or the loss
             self.ae.vae.encoder.compile()
             self.ae.vae.decoder.compile()
@@ -269,7 +399,7 @@ class TrainStep:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def __call__(self) -> None:
-        """One training step on the next input batch (Trainer.train_step with grad_accum=1)."""
+        """One training step on the next input batch, as Trainer.train_step takes it (grad_accum=1)."""
         self.calls += 1
         x = self.inputs[self._i % len(self.inputs)]
         self._i += 1
@@ -281,7 +411,7 @@ class TrainStep:
             finite = finite * torch.isfinite(d_loss.detach())
             self._backward(d_loss)
             logs = {**logs, **d_logs}
-        for k, v in logs.items():  # the trainer sums its logs on the device: no host sync
+        for k, v in logs.items():  # the trainer's logs stay on the device: no host sync
             self.logs[k] = self.logs.get(k, 0) + v.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
@@ -310,13 +440,12 @@ class TrainStep:
     def check_pass(
         self, x: torch.Tensor, eps: torch.Tensor
     ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Losses and weight gradients of one forward + backward on a fixed batch and noise (no update)."""
         if self.variant.channels_last:
             x = to_channels_last(x)
         self.opt.zero_grad(set_to_none=True)
         x_hat, loss, logs = self._forward_loss(x, eps)
         loss.backward()
-        values = {k: float(v) for k, v in logs.items() if k in ("loss", "rec", "kl", "g_loss", "d_weight")}
+        values = _check_values(logs)
         if self.disc_opt is not None:
             d_loss, _ = self._disc_loss(x, x_hat)
             values["d_loss"] = float(d_loss.detach())
@@ -330,12 +459,20 @@ class TrainStep:
         return values, grads
 
     def state_bytes(self) -> int:
-        """Bytes held between steps: weights, optimizer state (created by the first step), discriminator."""
         tensors = list(self.ae.parameters()) + list(self.criterion.parameters())
-        for opt in (self.opt, self.disc_opt):
-            for state in opt.state.values() if opt is not None else ():
-                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return _tensor_bytes(tensors, [self.opt, self.disc_opt])
+
+
+def build_step(
+    setting: Setting,
+    variant: Variant,
+    init: dict[str, dict[str, torch.Tensor]],
+    inputs: list[torch.Tensor],
+    device: torch.device,
+) -> Step:
+    """The variant's step: a Trainer's for vae-scale, the loop above for diffusers."""
+    kind = DiffusersStep if variant.model == "diffusers" else TrainStep
+    return kind(setting, variant, init, inputs, device)
 
 
 LOSS_KEYS = ("loss", "rec", "kl", "g_loss", "d_loss")
@@ -405,11 +542,11 @@ class Reference:
     values: dict[str, float]
     grads: dict[str, torch.Tensor]
     tol: Tolerance
-    step: TrainStep | None = None
+    step: Step | None = None
     step_errors: dict[str, float] | None = None
 
 
-def check_against(step: TrainStep, ref: Reference, x: torch.Tensor, eps: torch.Tensor) -> dict[str, Any]:
+def check_against(step: Step, ref: Reference, x: torch.Tensor, eps: torch.Tensor) -> dict[str, Any]:
     """Run step's check pass and compare it with the reference; CorrectnessError if it is outside the
     tolerance. Returns the measured errors."""
     values, grads = step.check_pass(x, eps)
@@ -418,7 +555,7 @@ def check_against(step: TrainStep, ref: Reference, x: torch.Tensor, eps: torch.T
     return errs
 
 
-def reference_pass(step: TrainStep, x: torch.Tensor, eps: torch.Tensor) -> tuple[dict, dict, int]:
+def reference_pass(step: Step, x: torch.Tensor, eps: torch.Tensor) -> tuple[dict, dict, int]:
     """The reference's check pass (losses, gradients), with its FLOPs counted by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -429,6 +566,18 @@ def reference_pass(step: TrainStep, x: torch.Tensor, eps: torch.Tensor) -> tuple
 
 # --------------------------------------------------------------------------------------------------------
 # One setting: check every variant, then time them in alternation
+
+
+def fresh_accelerate_state() -> None:
+    """Forget the mixed precision an earlier Accelerator fixed for this process.
+
+    Accelerate keeps one AcceleratorState per process and refuses an Accelerator of another precision (a
+    launch has one); the settings of one benchmark process differ in it. Each setting's trainers share one
+    precision: clearing the state before and after a setting is how accelerate's own tests switch.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
 
 
 def _free(device: torch.device) -> None:
@@ -469,7 +618,7 @@ def benchmark(
     repeats: int = 3,
     warmup: int = 1,
     matmul: dict[str, Any] | None = None,
-    extra: dict[str, TrainStep] | None = None,
+    extra: dict[str, Step] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Check every variant against the reference step, then time those that passed in alternation.
@@ -478,6 +627,7 @@ def benchmark(
     row per variant: a timed row, or an error row for one that was refused or failed.
     """
     env = environment(device)
+    fresh_accelerate_state()
     init = make_init(setting)
     model_cfg = load_config(setting.preset, list(setting.overrides)).model
     r, b, f = setting.resolution, setting.batch, model_cfg.downsample_factor
@@ -486,7 +636,7 @@ def benchmark(
     x_check = torch.rand(b, 3, r, r, device=device) * 2 - 1
     eps_check = torch.randn(b, model_cfg.latent_channels, r // f, r // f, device=device)
     rows: list[dict[str, Any]] = []
-    steps: dict[str, TrainStep] = {}
+    steps: dict[str, Step] = {}
     checks: dict[str, dict[str, Any]] = {}
     flops: dict[bool, int] = {}
     refs: dict[bool, Reference] = {}
@@ -497,26 +647,28 @@ def benchmark(
         that precision, whose distance from fp32 sets the tolerance."""
         if disc not in refs:
             v = reference_variant(disc)
-            ref = TrainStep(replace(setting, precision="fp32"), v, init, inputs, device)
+            ref = build_step(replace(setting, precision="fp32"), v, init, inputs, device)
             values, grads, flops[disc] = reference_pass(ref, x_check, eps_check)
             if setting.precision == "fp32":
-                refs[disc] = Reference(
-                    v.name, values, grads, TOLERANCES["fp32"], ref if v in wanted else None
-                )
+                step = ref if v in wanted else None
+                refs[disc] = Reference(v.name, values, grads, TOLERANCES["fp32"], step)
             else:
+                ref.close()
                 del ref
                 _free(device)
-                ref = TrainStep(setting, v, init, inputs, device)
+                ref = build_step(setting, v, init, inputs, device)
                 errs = distance(*ref.check_pass(x_check, eps_check), values, grads)
                 tol = calibrated(TOLERANCES[setting.precision], errs)
                 step = ref if v in wanted else None
                 refs[disc] = Reference(f"{v.name} fp32", values, grads, tol, step, errs)
+            if step is None:
+                ref.close()
             del ref
             _free(device)
         return refs[disc]
 
-    candidates: list[tuple[str, Variant, Callable[[], TrainStep]]] = [
-        (v.name, v, lambda v=v: TrainStep(setting, v, init, inputs, device)) for v in variants
+    candidates: list[tuple[str, Variant, Callable[[], Step]]] = [
+        (v.name, v, lambda v=v: build_step(setting, v, init, inputs, device)) for v in variants
     ]
     candidates += [(name, s.variant, lambda s=s: s) for name, s in (extra or {}).items()]
     for name, variant, build in candidates:
@@ -542,6 +694,8 @@ def benchmark(
             fields = {**setting.fields(), **variant.fields(device)}
             rows.append(error_row(SUBJECT, name, _error_text(e), env, **fields))
             log(f"  {name}: {rows[-1]['error']}")
+            if step is not None:
+                step.close()
             step = None  # a refused step's memory goes before the next is built
         if step is None:
             _free(device)
@@ -588,12 +742,15 @@ def benchmark(
                 **matmul,
             )
         )
+    for step in steps.values():
+        step.close()
     del steps
+    fresh_accelerate_state()  # the next setting, or whatever runs next in this process, sets its own
     _free(device)
     return rows
 
 
-def _peak_mb(step: TrainStep, device: torch.device) -> float | None:
+def _peak_mb(step: Step, device: torch.device) -> float | None:
     """This variant's peak: its state between steps plus one step's transient peak (CUDA only)."""
     if device.type != "cuda":
         return None
@@ -694,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
+    if args.device == "cpu":  # the trainer takes its device from accelerate: on a CPU when it is told so
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if args.preset:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         setting = Setting(args.preset, args.resolution, args.batch, args.precision)

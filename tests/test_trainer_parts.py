@@ -1,0 +1,106 @@
+"""The Trainer as parts: built from a config it runs steps without fit(), the same steps a run takes; the
+config it was given stays as it was; train.compile runs real compiled steps; an fp16 step whose scaled
+gradients overflow is skipped by the trainer's GradScaler path."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import tiny_config
+
+from vae_scale.checkpoint import latest_checkpoint
+from vae_scale.train import Trainer, train
+
+
+def tiny_cfg(run_dir, *extra: str):
+    """Three steps of the tiny model on synthetic images."""
+    return tiny_config(run_dir, "synthetic", "train.steps=3", *extra)
+
+
+def vae_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.vae.state_dict().items()}
+
+
+def test_a_trainer_built_from_a_config_takes_the_steps_a_run_takes_without_fit(tmp_path):
+    cfg = tiny_cfg(tmp_path / "steps", "optim.ema_decay=0.9")
+    given = copy.deepcopy(cfg.to_dict())
+    trainer = Trainer(cfg)
+    try:
+        start = vae_weights(trainer)
+        ema_start = [s.clone() for s in trainer.ema.shadow]
+        for i in range(3):
+            logs, stop = trainer.train_step()
+            assert not stop and torch.isfinite(logs["loss"]) and logs["grad_norm"] > 0, i
+        assert (trainer.step, trainer.samples_seen, trainer.skipped) == (3, 12, 0)
+        stepped = vae_weights(trainer)
+        assert any(not torch.equal(start[k], stepped[k]) for k in start)
+        assert any(not torch.equal(a, b) for a, b in zip(ema_start, trainer.ema.shadow))
+    finally:
+        trainer.close()
+    # The run's own loop, from the same config, ends on the very same weights.
+    train(tiny_cfg(tmp_path / "run", "optim.ema_decay=0.9"))
+    ran = load_file(latest_checkpoint(tmp_path / "run") / "vae.safetensors")
+    assert set(ran) == set(stepped)
+    for k in ran:
+        assert torch.equal(ran[k], stepped[k]), k
+    # "auto" precision is resolved in the trainer's copy (and its config.yaml), not in the caller's config.
+    assert cfg.to_dict() == given and cfg.train.mixed_precision == "auto"
+    assert trainer.cfg.train.mixed_precision == "no"
+    assert "mixed_precision: 'no'" in (tmp_path / "steps" / "config.yaml").read_text()
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_halves_the_loss_scale(tmp_path):
+    # Accelerate keeps a GradScaler for fp16 on GPUs only; here the trainer's accelerator gets a real
+    # torch.amp.GradScaler on the CPU, where accelerate would put one. A large KL weight makes gradients of
+    # a few units, which a loss scale of 2^127 takes past float32's largest value while the loss itself
+    # stays finite: the step must change no weight and halve the scale, as torch's GradScaler does.
+    kl = "loss.kl_weight=1e4"
+    trainer = Trainer(tiny_cfg(tmp_path / "fp16", kl))
+    reference = Trainer(tiny_cfg(tmp_path / "ref", kl, "train.debug_nonfinite_step=0"))  # skips step 0 too
+    try:
+        scaler = trainer.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+        start = vae_weights(trainer)
+        logs, _ = trainer.train_step()
+        assert torch.isfinite(logs["loss"]) and not torch.isfinite(logs["grad_norm"])
+        assert (trainer.skipped, trainer.consecutive_skips) == (1, 1)
+        assert all(torch.equal(start[k], v) for k, v in vae_weights(trainer).items())
+        assert scaler.get_scale() == 2.0**126
+        # At a sane scale the next step trains, and unscaling by a power of two is exact: the same weights
+        # as the same step without a scaler.
+        scaler.update(2.0**10)
+        reference.train_step()
+        torch.manual_seed(1)  # the two trainers share the global RNG: the same posterior noise for both
+        logs, _ = trainer.train_step()
+        torch.manual_seed(1)
+        ref_logs, _ = reference.train_step()
+        assert trainer.consecutive_skips == 0 and torch.isfinite(logs["grad_norm"])
+        assert scaler.get_scale() == 2.0**10  # no overflow: kept (growth comes after growth_interval steps)
+        assert torch.equal(logs["grad_norm"], ref_logs["grad_norm"])
+        got, want = vae_weights(trainer), vae_weights(reference)
+        assert any(not torch.equal(start[k], got[k]) for k in start)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    finally:
+        trainer.close()
+        reference.close()
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_losses(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    losses = {}
+    for compiled in (False, True):
+        trainer = Trainer(tiny_cfg(tmp_path / str(compiled), f"train.compile={str(compiled).lower()}"))
+        try:
+            losses[compiled] = [trainer.train_step()[0]["loss"].item() for _ in range(3)]
+        finally:
+            trainer.close()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder were compiled
+    # Inductor fuses and reorders float sums: the same losses to float32 rounding, a little looser once
+    # the weights have taken steps of slightly different gradients.
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
