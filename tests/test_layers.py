@@ -32,6 +32,7 @@ LAYERS = {
     "metrics": 3,
     "monitor": 3,
     "preflight": 3,
+    "run_state": 3,
     "shard_reader": 3,
     "shards": 3,
     "spectrum": 3,
@@ -39,6 +40,7 @@ LAYERS = {
     "stop": 3,
     "summary": 3,
     "synthetic": 3,
+    "train_log": 3,
     "transforms": 3,
     # 4. the trainer: its pieces, and the Trainer that puts them together
     "build": 4,

@@ -29,11 +29,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate.utils import set_seed
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 
 from vae_scale import kernels
 from vae_scale.build import (
@@ -50,22 +45,21 @@ from vae_scale.build import (
 )
 from vae_scale.checkpoint import CheckpointManager
 from vae_scale.config import Config
-from vae_scale.data import build_val_loader
 from vae_scale.equivariance import draw_transforms
-from vae_scale.fsdp import FSDPPlan, fsdp_plan, full_tensor, local_shard, reshard
+from vae_scale.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
 from vae_scale.losses import LastLayer, VAELoss
-from vae_scale.metrics import Lockstep, evaluate, latent_stats, load_eval_nets
+from vae_scale.metrics import load_eval_nets
 from vae_scale.model import DiagonalGaussian
-from vae_scale.monitor import LogWindow, Monitor, image_grid, peak_memory
+from vae_scale.monitor import Monitor
 from vae_scale.preflight import NotReady, preflight, problems_before_start
+from vae_scale.run_state import load_trained_weights, trained_weights, weights_fingerprint
 from vae_scale.startup import check_resume, check_trainable, prepare_run_dir
 from vae_scale.stop import StopFlag
-from vae_scale.summary import headline, summary
+from vae_scale.summary import summary
+from vae_scale.train_log import TrainLog
 from vae_scale.transforms import to_channels_last
 
 log = logging.getLogger(__name__)
-
-PREVIEW_IMAGES = 8
 
 
 class TrainingStopped(RuntimeError):
@@ -142,25 +136,22 @@ class Trainer:
         self._skipped_at_save = 0  # self.skipped when the last checkpoint was saved or restored
         self.last_saved = -1  # the step of the newest checkpoint this run saved or restored
         self.last_path: Path | None = None
-        self.last_eval: tuple[int, dict[str, float]] | None = None
         self.last_posterior: DiagonalGaussian | None = None  # the latest micro-batch's, for the logs
         self.last_x: torch.Tensor | None = None
-        self.preview: torch.Tensor | None = None
-        self.window = LogWindow()  # the steps since the last metrics row, and their wait for data
         self.started = time.time()
-        self._val = None
-        self._eval_nets = {}
-        self.monitor: Monitor | None = None  # None in a dry run: it writes into the run folder
-        self._it: Iterator[dict[str, Any]] | None = None
-        if dry_run:
+        if dry_run:  # nothing is written or resumed: no monitor, and no batch is drawn
+            self.monitor: Monitor | None = None
+            self.train_log = TrainLog(cfg, acc, None, {}, self.fsdp)
+            self._it: Iterator[dict[str, Any]] | None = None
             return
-        if cfg.eval.every:  # missing LPIPS / Inception weights stop the run here
-            self._eval_nets = load_eval_nets(cfg, cfg.eval.metrics)
+        # Missing LPIPS / Inception weights stop the run here, before anything is resumed.
+        eval_nets = load_eval_nets(cfg, cfg.eval.metrics) if cfg.eval.every else {}
         self.ckpt.clean_partial()
         path = self.resume_path()
         if path is not None:
             self.restore(path)
         self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
+        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp)  # rows, previews, evals
         if path is not None:
             self.monitor.write(f"resumed from {path} at step {self.step}")
         self._it = iter(self.loader)
@@ -197,21 +188,14 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the run at this step (every rank: a collective); returns its folder."""
-        # Full weights, gathered to the main process under FSDP (a collective: every rank calls it).
-        full = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        vae_state = {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")}
         path = self.ckpt.save(
             self.step,
             trainer_state=self.trainer_state(),
-            rank_state={"data": self.loader.state_dict(), "weights_fingerprint": self.weights_fingerprint()},
-            weights={
-                "vae": vae_state,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "loss": self.criterion.likelihood_state(),
-                "discriminator": self.disc.state_dict() if self.disc is not None else None,
+            rank_state={
+                "data": self.loader.state_dict(),
+                "weights_fingerprint": weights_fingerprint(self.model),
             },
+            weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
             optimizers=self.optimizers(),
             config_yaml=self.cfg.to_yaml(),
             scaler=self.acc.scaler,
@@ -230,22 +214,11 @@ class Trainer:
         if healthy:
             self.rollbacks_in_a_row = 0
 
-    @torch.no_grad()
-    def weights_fingerprint(self) -> list[float]:
-        """Sum and sum of squares of this rank's parameters (its shards under FSDP) in float64."""
-        params = [local_shard(p).detach().double() for p in self.model.parameters()]
-        return [sum(p.sum() for p in params).item(), sum(p.pow(2).sum() for p in params).item()]
-
     def restore(self, path: Path) -> None:
         """Weights, optimizers, counters, data position and RNG state from the checkpoint at `path`."""
         state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
-        full = {f"vae.{k}": v for k, v in weights["vae"].items()}
-        if self.criterion.likelihood is not None:
-            name = self.criterion.likelihood.name
-            full[f"likelihood.{name}"] = weights["loss"][name].reshape(-1)  # once saved 0-dim
-        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
-        if self.disc is not None and "discriminator" in weights:
-            self.disc.load_state_dict(weights["discriminator"])
+        main = self.acc.is_main_process
+        load_trained_weights(weights, self.model, self.criterion, self.disc, self.ema, path, main)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.lr_scale, self.skipped = state["lr_scale"], state["skipped"]
         self.rollbacks = state.get("rollbacks", 0)
@@ -260,12 +233,6 @@ class Trainer:
             )
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["data"])
-        if self.ema is not None and "ema" in weights:
-            self.ema.load_state_dict(weights["ema"])
-        elif self.ema is not None:  # switched on at resume: average from here, not from initial weights
-            self.ema.reset()
-            if self.acc.is_main_process:
-                log.info("EMA on: %s has no EMA weights; the EMA starts from its weights", path)
         self.last_saved = self.step
         self._after_save_or_restore(healthy=False)
 
@@ -329,7 +296,7 @@ class Trainer:
         for micro in range(accum):
             t0 = time.perf_counter()
             x = self._images()
-            self.window.data_wait += time.perf_counter() - t0
+            self.train_log.window.data_wait += time.perf_counter() - t0
             sync = micro == accum - 1
             # The same draw on every rank (FSDP needs the same forwards) and again after a resume.
             transforms = draw_transforms(cfg.loss, cfg.train.seed, self.step, micro)
@@ -454,7 +421,7 @@ class Trainer:
             f"step {self.step}"
         )
 
-    # -- logging -----------------------------------------------------------------------------------------
+    # -- forwards outside training -----------------------------------------------------------------------
 
     @contextmanager
     def inference(self) -> Iterator[None]:
@@ -472,60 +439,6 @@ class Trainer:
             self.model.train(was_training)
             if self.fsdp:
                 reshard(self.model)
-
-    def log_images(self) -> None:
-        """Reconstructions of the preview batch (and with the EMA weights) and decoded prior samples."""
-        if self.preview is None:
-            return
-        model, x = self.model, self.preview
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
-        z = torch.randn(x.shape[0], *model.latent_shape(x.shape[2], x.shape[3]), generator=g).to(self.device)
-        with self.inference():
-            rows = [x, model.decode(model.encode(x).mode())]
-            prior = model.decode(z)
-        if self.ema is not None:
-            with self.ema.applied(), self.inference():
-                rows.append(model.decode(model.encode(x).mode()))
-        self.monitor.images(
-            self.step, {"reconstruction": image_grid(rows), "prior_samples": image_grid([prior])}
-        )
-
-    def evaluate(self) -> dict[str, float]:
-        """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
-        cfg, acc = self.cfg, self.acc
-        if self._val is None:
-            self._val = build_val_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
-        with self.inference():
-            results = evaluate(
-                self.model,
-                self._val,
-                metrics=cfg.eval.metrics,
-                device=self.device,
-                reduce=lambda t: acc.reduce(t, reduction="sum"),
-                criterion=self.criterion,
-                max_batches=cfg.eval.max_batches,
-                iw=cfg.eval.iw,
-                seed=cfg.train.seed,
-                # Sharded forwards are collectives: a rank out of batches runs padding ones until all are.
-                lockstep=Lockstep(self._any_rank, self._image_shape()) if self.fsdp else None,
-                **self._eval_nets,
-            )
-        # The spectra are a plot (latent against RGB), not a curve per frequency bin.
-        curves = {k: results.pop(k) for k in list(results) if k.startswith("spectrum/")}
-        self.monitor.scalars(self.step, {f"val/{k}": v for k, v in results.items()})
-        if curves:
-            self.monitor.spectrum(self.step, curves)
-        self.last_eval = (self.step, results)
-        self.monitor.write(f"eval        step {self.step}: {headline(results)}")
-        return results
-
-    def _image_shape(self) -> tuple[int, int, int]:
-        r = self.cfg.data.resolution
-        return (self.cfg.model.in_channels, r, r)
-
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on at least one rank (a small all-reduce)."""
-        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.device), reduction="sum") > 0)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -553,9 +466,7 @@ class Trainer:
                     break
                 over = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
                 logs, should_stop = self.train_step(stop, over)
-                if self.preview is None:
-                    self.preview = self.last_x[:PREVIEW_IMAGES].detach().clone()
-                self.window.add(logs, finite=self.consecutive_skips == 0)
+                self.train_log.add(logs, finite=self.consecutive_skips == 0, x=self.last_x)
                 if should_stop:
                     stopped_by = stop.name or ("time budget" if over else "signal")
                 # A stop wins over a rollback: it saves this state (marked unhealthy), and the resumed run
@@ -567,12 +478,12 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or should_stop or self.step == cfg.train.steps:
                     last = self._log() or last
                 if cfg.log.images_every and self.step % cfg.log.images_every == 0:
-                    self.log_images()
+                    self.train_log.images(self.step, self.model, self.ema, self.inference)
                     self.monitor.report()
                 if should_stop:
                     break
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.evaluate()
+                    self.train_log.evaluate(self.step, self.model, self.criterion, self.inference)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             last = self._log() or last  # steps not logged yet (a stop that came between steps)
@@ -590,7 +501,7 @@ class Trainer:
                 result,
                 total_steps=cfg.train.steps,
                 seconds=time.time() - self.started,
-                last_eval=self.last_eval,
+                last_eval=self.train_log.last_eval,
                 report=self.run_dir / "report.html",
                 checkpoint=self.last_path,
                 wandb_run=self.monitor.wandb,
@@ -599,33 +510,14 @@ class Trainer:
         return result
 
     def _log(self) -> dict[str, float]:
-        """One metrics row from the window's steps (then emptied); {} when it has none."""
-        acc, window = self.acc, self.window
-        if window.ran == 0:
-            return {}
-        seconds = max(time.time() - window.start, 1e-9)
-        values = window.means(lambda t: acc.reduce(t, reduction="mean"), self.device)
-        if self.consecutive_skips == 0:  # the latest batch's latents, unless that step was skipped
-            values.update({k: float(v) for k, v in latent_stats(self.last_posterior).items()})
-        counters = torch.tensor([float(v) for v in self.loader.counters().values()], device=self.device)
-        counters = acc.reduce(counters, reduction="sum").tolist() if len(counters) else []
-        values.update({f"data/{k}": v for k, v in zip(self.loader.counters(), counters)})
-        images = window.ran * self.cfg.data.batch_size * self.cfg.train.grad_accum * acc.num_processes
-        values.update(
-            {
-                "images_per_s": images / seconds,
-                "images_per_s_per_device": images / seconds / acc.num_processes,
-                "samples_seen": self.samples_seen,
-                "skipped_steps": self.skipped,
-                "data_wait_fraction": window.data_wait / seconds,
-            }
+        """One metrics row of the steps since the last (TrainLog.row); {} when there were none."""
+        return self.train_log.row(
+            self.step,
+            posterior=self.last_posterior if self.consecutive_skips == 0 else None,  # not a skipped step's
+            loader=self.loader,
+            samples_seen=self.samples_seen,
+            skipped=self.skipped,
         )
-        key, peak = peak_memory(self.device)
-        values[key] = float(acc.gather(torch.tensor([peak], device=self.device)).max())  # the largest rank's
-        window.reset()
-        self.monitor.scalars(self.step, values)
-        self.monitor.progress(self.step, loss=values.get("loss", float("nan")), img_s=values["images_per_s"])
-        return values
 
 
 # --------------------------------------------------------------------------------------------------------
