@@ -172,3 +172,23 @@ def test_train_step_in_bf16_is_checked_against_fp32_with_a_calibrated_tolerance(
     assert by["vae-scale"]["checked_against"] == "diffusers fp32" and by["vae-scale"]["dtype"] == "bf16"
     assert by["vae-scale"]["tol_loss"] >= train_step.TOLERANCES["bf16"].loss
     assert by["vae-scale"]["err_loss"] <= by["vae-scale"]["tol_loss"]
+
+
+def test_train_step_with_the_discriminator_is_checked_against_diffusers_and_timed():
+    """The discriminator's adaptive weight takes an autograd.grad that torch's flop counter cannot follow:
+    the +disc rows are checked and timed all the same, without a FLOP count."""
+    rows = train_step.benchmark(
+        TINY,
+        [Variant(disc=True), Variant(model="diffusers", disc=True)],
+        torch.device("cpu"),
+        repeats=1,
+        warmup=0,
+        matmul=MATMUL,
+        log=lambda s: None,
+    )
+    by = {r["variant"]: r for r in rows}
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    ours = by["vae-scale +disc"]
+    assert ours["checked_against"] == "diffusers +disc" and ours["loss"] == "L1+KL+disc"
+    assert ours["err_loss"] < 1e-4 and ours["err_d_loss"] < 1e-4 and ours["grad_cos"] > 0.9999
+    assert ours["median_ms"] > 0 and ours["mfu_pct"] is None and ours["x_diffusers_eager"] > 0
