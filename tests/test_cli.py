@@ -25,6 +25,17 @@ def test_console_entry_point_and_module_agree():
     assert proc.stderr.strip() == "vae-scale config: error: train.steps expects an integer, got 'zero'"
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `vae-scale info | head -1`: the pipe closes before the command writes, as head closes it after a line.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_scale", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == ""
+
+
 def test_no_command_prints_usage_and_exits_2(capsys):
     assert main([]) == 2
     assert "commands:" in capsys.readouterr().out

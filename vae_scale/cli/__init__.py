@@ -9,6 +9,7 @@ with code 2; they never show a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from vae_scale.config import ConfigError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head`'s yes
 
 # command -> (module:function, one-line help). Modules are imported only when their command runs, so
 # `vae-scale info` or `config` start fast and need nothing beyond the core.
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where nothing handles it (training saves and returns instead)
         print(f"vae-scale {name}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`vae-scale info | head -1`): stop quietly, as `yes` does
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE
     except Exception as e:
         if isinstance(e, _usage_errors()):
             print(f"vae-scale {name}: error: {e}", file=sys.stderr)
