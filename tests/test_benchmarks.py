@@ -156,18 +156,19 @@ def test_an_nchw_model_stays_nchw_through_attention(batch):
     assert vae_cl(x)[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_train_step_in_bf16_is_checked_against_fp32_with_a_calibrated_tolerance():
+def checked_once(setting: Setting, variants: list[Variant]) -> dict[str, dict]:
+    """One timed step per variant on the CPU, after its check; the rows by variant name, none an error."""
     rows = train_step.benchmark(
-        Setting(**{**TINY.__dict__, "precision": "bf16"}),
-        [Variant(), Variant(model="diffusers")],
-        torch.device("cpu"),
-        repeats=1,
-        warmup=0,
-        matmul=MATMUL,
-        log=lambda s: None,
+        setting, variants, torch.device("cpu"), repeats=1, warmup=0, matmul=MATMUL, log=lambda s: None
     )
-    by = {r["variant"]: r for r in rows}
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    return {r["variant"]: r for r in rows}
+
+
+def test_train_step_in_bf16_is_checked_against_fp32_with_a_calibrated_tolerance():
+    by = checked_once(
+        Setting(**{**TINY.__dict__, "precision": "bf16"}), [Variant(), Variant(model="diffusers")]
+    )
     assert by["diffusers"]["checked_against"] == "diffusers fp32 (sets tol_*)"
     assert by["vae-scale"]["checked_against"] == "diffusers fp32" and by["vae-scale"]["dtype"] == "bf16"
     assert by["vae-scale"]["tol_loss"] >= train_step.TOLERANCES["bf16"].loss
@@ -177,17 +178,7 @@ def test_train_step_in_bf16_is_checked_against_fp32_with_a_calibrated_tolerance(
 def test_train_step_with_the_discriminator_is_checked_against_diffusers_and_timed():
     """The discriminator's adaptive weight takes an autograd.grad that torch's flop counter cannot follow:
     the +disc rows are checked and timed all the same, without a FLOP count."""
-    rows = train_step.benchmark(
-        TINY,
-        [Variant(disc=True), Variant(model="diffusers", disc=True)],
-        torch.device("cpu"),
-        repeats=1,
-        warmup=0,
-        matmul=MATMUL,
-        log=lambda s: None,
-    )
-    by = {r["variant"]: r for r in rows}
-    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    by = checked_once(TINY, [Variant(disc=True), Variant(model="diffusers", disc=True)])
     ours = by["vae-scale +disc"]
     assert ours["checked_against"] == "diffusers +disc" and ours["loss"] == "L1+KL+disc"
     assert ours["err_loss"] < 1e-4 and ours["err_d_loss"] < 1e-4 and ours["grad_cos"] > 0.9999
