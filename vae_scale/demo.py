@@ -29,11 +29,11 @@ from PIL import Image
 from vae_scale.config import load_config
 from vae_scale.metrics import bicubic_round_trip, compression, equal_values_size, psnr
 
-DEFAULT_TIME_GUARD_S = 3600.0
-"""Stops training after this many seconds: over ten times what the preset's steps take on an idle CPU core
-(a 2-core machine shared with five other jobs trained them in 26 to 39 minutes), so it fires only on a
-machine that stalls. The figures then come from fewer steps, and the demo says they are not the reference
-run's."""
+DEFAULT_TIME_GUARD_S = 7200.0
+"""Stops training after this many seconds: over twenty times what the preset's steps take on an idle CPU
+core (about 5 minutes), and above what a 2-core machine shared with five other jobs took (the earlier
+1000-step preset trained there in 26 to 39 minutes), so it fires only on a machine that stalls. The figures
+then come from fewer steps, and the demo says they are not the reference run's."""
 THREADS = 1
 """torch's intra-op threads while the demo trains and scores, whatever the machine's core count: a parallel
 sum splits its terms by thread, so the thread count decides the rounding of every convolution's gradient,
