@@ -258,10 +258,12 @@ class Trainer:
             return nullcontext()
         return module.no_sync()
 
-    def _clip(self, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> torch.Tensor:
-        """Unscale (fp16), clip to optim.grad_clip; the global norm (across shards under FSDP)."""
+    def _clip(self, opt: torch.optim.Optimizer) -> torch.Tensor:
+        """Unscale (fp16) and clip to optim.grad_clip the gradients of the parameters `opt` steps; their
+        global norm (across shards under FSDP)."""
         if self.acc.scaler is not None:
             self.acc.scaler.unscale_(opt)
+        params = [p for group in opt.param_groups for p in group["params"]]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         return full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)).detach().float()
 
@@ -322,10 +324,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() / accum
         self.last_posterior, self.last_x = posterior, x
 
-        grad_norm = self._clip([p for p in self.model.parameters() if p.requires_grad], self.opt)
+        grad_norm = self._clip(self.opt)
         finite = finite * torch.isfinite(grad_norm)
         if disc_on:
-            finite = finite * torch.isfinite(self._clip(list(self.disc.parameters()), self.disc_opt))
+            finite = finite * torch.isfinite(self._clip(self.disc_opt))
         # The one host sync of the step: every rank learns whether any rank saw a non-finite value or a
         # stop request, so they all skip or stop together.
         flags = torch.stack(
