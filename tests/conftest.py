@@ -35,6 +35,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def own_inductor_cache(request):
+    """A test marked `compiles` gets an inductor cache of its own, under its temporary folder.
+
+    Inductor's on-disk cache (/tmp/torchinductor_<user> by default) is shared by every process of the
+    machine: a run with other kernel settings (ATEN_CPU_CAPABILITY=avx2, another torch) would otherwise
+    load code compiled by this one. Processes the test starts inherit the folder through the environment.
+    """
+    if "compiles" not in request.keywords:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with temporary_cache_dir(str(request.getfixturevalue("tmp_path") / "inductor-cache")):
+        yield
+
+
 @pytest.fixture(scope="session")
 def lpips_dir(tmp_path_factory):
     """A folder of random LPIPS weights in the real file formats (torchvision's vgg16, lpips' vgg.pth)."""
