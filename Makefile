@@ -1,4 +1,4 @@
-# make demo | make test | make bench -- each sets up what it needs on a fresh machine.
+# make demo | make test | make bench | make docs -- each sets up what it needs on a fresh machine.
 # A torch that is already importable (system or venv) is respected; otherwise the CPU build
 # torch==2.13.0 is installed (an unpinned torch would pull a multi-GB CUDA build).
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-numerics bench lint setup clean
+.PHONY: demo test test-numerics bench lint docs setup clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# docs/configuration.md from the config's field docstrings; written whole or not at all.
+docs: $(STAMP)
+	$(PY) -m vae_scale.config_reference > docs/configuration.md.tmp || { rm -f docs/configuration.md.tmp; exit 1; }
+	mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,6 +1,6 @@
 """The diffusability regularisers on the demo data: latent high-frequency share, equivariance and PSNR.
 
-    python -m benchmarks.diffusability                      # the README's table (CPU, ~20 minutes on 2 cores)
+    python -m benchmarks.diffusability                      # docs/finetune.md's table (~20 min, 2 CPU cores)
     python -m benchmarks.diffusability --pretrain-steps 200 --steps 100     # a quick look
 
 A small f8 VAE with 16 latent channels is first trained on scikit-image's colour photographs (the `demo`

@@ -1,5 +1,5 @@
-"""The diffusable-finetune recipe: it resolves, and README.md's commands import a diffusers VAE with it,
-fine-tune with the scale-equivariance term and LPIPS, and evaluate the spectrum and equivariance of the
+"""The diffusable-finetune recipe: it resolves, and docs/finetune.md's commands import a diffusers VAE with
+it, fine-tune with the scale-equivariance term and LPIPS, and evaluate the spectrum and equivariance of the
 VAE before and after (a random-weight diffusers AutoencoderKL stands in, at a tiny scale)."""
 
 import json
@@ -28,7 +28,7 @@ def test_the_recipe_resolves_with_the_regularisers_on():
 
 
 @pytest.mark.slow
-def test_the_readme_commands_import_fine_tune_and_evaluate(tmp_path, capsys):
+def test_the_documented_commands_import_fine_tune_and_evaluate(tmp_path, capsys):
     flux_vae = tmp_path / "vae"
     tiny_diffusers_vae(flux_vae)
     lpips = write_lpips_weights(tmp_path / "weights" / "lpips")
@@ -70,14 +70,15 @@ def test_the_readme_commands_import_fine_tune_and_evaluate(tmp_path, capsys):
     assert results["before"]["latent_hf_share"] != results["after"]["latent_hf_share"]  # the encoder trained
 
 
-def readme_section() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def docs_section() -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     start = text.index("## Latents a diffusion model learns faster")
-    return text[start : text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
 
 
-def test_every_command_flag_and_key_in_the_readme_section_exists(capsys):
-    section = readme_section()
+def test_every_command_flag_and_key_in_the_docs_section_exists(capsys):
+    section = docs_section()
     commands = re.findall(r"^    vae-scale (\w+)(.*(?:\\\n.*)*)", section, re.M)
     assert {c for c, _ in commands} >= {"import", "train", "eval", "export"}
     for command, rest in commands:

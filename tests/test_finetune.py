@@ -134,7 +134,7 @@ def test_a_run_from_scratch_still_exports_measured_statistics(shards, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The recipes and the README walk-through
+# The recipes and the walk-through in docs/finetune.md
 
 
 def test_the_fine_tuning_recipes_resolve_with_latent_diffusions_loss():
@@ -161,8 +161,8 @@ def read_tar_samples(folder: Path, pattern: str) -> dict[str, dict[str, bytes]]:
     return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
 
 
-def test_the_readme_walkthrough_fine_tunes_a_diffusers_vae_end_to_end(tmp_path, capsys):
-    """README.md, "Fine-tune the SD VAE on your photos", step by step at a tiny scale: a random-weight
+def test_the_docs_walkthrough_fine_tunes_a_diffusers_vae_end_to_end(tmp_path, capsys):
+    """docs/finetune.md, "Fine-tune the SD VAE on your photos", step by step at a tiny scale: a random-weight
     diffusers AutoencoderKL stands in for the SD VAE, 36-72 px photos for the user's, and the recipe's
     schedule is shortened (4 steps, the discriminator from step 2, EMA 0.9)."""
     from diffusers import AutoencoderKL
@@ -272,16 +272,17 @@ def test_the_readme_walkthrough_fine_tunes_a_diffusers_vae_end_to_end(tmp_path, 
         assert torch.allclose(theirs.decode(z).sample, ema.decode(z), atol=1e-5)
 
 
-def readme_walkthrough() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def docs_walkthrough() -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     start = text.index("## Fine-tune the SD VAE on your photos")
-    return text[start : text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
 
 
-def test_every_flag_and_key_in_the_readme_walkthrough_exists(capsys):
+def test_every_flag_and_key_in_the_docs_walkthrough_exists(capsys):
     from vae_scale.cli import main
 
-    commands = re.findall(r"^    vae-scale (\w+)(.*(?:\\\n.*)*)", readme_walkthrough(), re.M)
+    commands = re.findall(r"^    vae-scale (\w+)(.*(?:\\\n.*)*)", docs_walkthrough(), re.M)
     assert {c for c, _ in commands} >= {"shards", "import", "train", "eval", "encode", "export"}
     for command, rest in commands:
         assert main([command, "--help"]) == 0

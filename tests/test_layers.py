@@ -1,9 +1,9 @@
 """The package's layering: every import, module-level or inside a function, points down or sideways.
 
 A module may import from its own layer or the layers below it, never from a layer above. The table is the
-architecture README.md's "Layout" describes; a new module gets a row here, or the test names it. The
-modules of the vae_scale/cli package are one layer, `cli`. The body of an `if __name__ == "__main__":` block
-is left out: it runs only when the module is the program (`python -m vae_scale.evaluate` hands its
+architecture docs/development.md's "Layout" describes; a new module gets a row here, or the test names it.
+The modules of the vae_scale/cli package are one layer, `cli`. The body of an `if __name__ == "__main__":`
+block is left out: it runs only when the module is the program (`python -m vae_scale.evaluate` hands its
 arguments to the command line), never when something imports the module.
 """
 
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     # 0. what everything stands on: configuration, errors, file-system checks, the fused ops
     "config": 0,
+    "config_reference": 0,
     "outputs": 0,
     "kernels": 0,
     # 1. files of weights: diffusers folders and names; checkpoint folders (layout, manifest, run lock)

@@ -413,14 +413,24 @@ class EvalConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    """The run's name and folder."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The VAE's architecture, its fused-op backend and memory options, its latent statistics, its initial
+    weights."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The shards, the crops and the loader."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The objective: reconstruction, KL, LPIPS, the PatchGAN discriminator, scale equivariance and EQ-VAE."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, the learning-rate schedule, gradient clipping, the EMA of the weights."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, seed, precision, accumulation, parallelism, time budget, what non-finite steps do."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When checkpoints are saved, how many are kept, what a run resumes from."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Weights & Biases and how often scalars and image grids are logged."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluation on data.val during training, and the metrics of `vae-scale eval`."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written to config.yaml."""

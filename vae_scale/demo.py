@@ -37,9 +37,9 @@ then come from fewer steps, and the demo says they are not the reference run's."
 THREADS = 1
 """torch's intra-op threads while the demo trains and scores, whatever the machine's core count: a parallel
 sum splits its terms by thread, so the thread count decides the rounding of every convolution's gradient,
-and the figures are those of the README on one core or sixteen (only the time differs). One thread: two
-are faster on idle cores, but on a shared 2-core machine their barrier waits made a step take 50 s instead of
-about 2 s, and the data loader's worker has a second core to itself."""
+and the figures are those of docs/performance.md on one core or sixteen (only the time differs). One thread:
+two are faster on idle cores, but on a shared 2-core machine their barrier waits made a step take 50 s instead
+of about 2 s, and the data loader's worker has a second core to itself."""
 DATA_SOURCE = "sample-color"  # vae_scale.shards.SAMPLE_COLOR_IMAGES; a quarter held out
 SHARD_SIZE = 256  # short side of the photographs in the demo shards
 EVAL_RESOLUTION = 96
