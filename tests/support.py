@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from vae_scale import kernels
 from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.config import Config, load_config
-from vae_scale.losses import LPIPS_FILE, VGG16_FILE
+from vae_scale.losses import LPIPS_FILE, VGG16_FILE, VAELoss
 from vae_scale.model import VAE
 from vae_scale.shards import write_shards
 
@@ -104,6 +104,62 @@ def uneven_val_shards(root: Path) -> Path:
 def checkpoint_file(run_dir: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
     """A safetensors file of a run's newest complete checkpoint."""
     return load_file(latest_checkpoint(run_dir) / name)
+
+
+TRUE_ZERO_GRADIENT = ("to_k.bias",)
+"""Weights whose true gradient is zero: a key bias shifts every logit of a query alike, which softmax
+ignores. Adam turns the rounding noise there into full-size steps, so two runs that round differently
+part there by a step's size whatever else they agree on."""
+
+SAME_TRAINING = 2e-2
+"""The largest RMS difference between two runs' weights, over the RMS of their move from the start, that
+still counts as the same training rounded differently.
+
+Two runs that differ only in the order of fp32 sums (DDP against FSDP, one process against two, AVX2
+against AVX-512 kernels) compute gradients that differ by ~1e-6 relative, and Adam's normalised step turns
+that into ~1e-6 of the step: the RMS ratio is ~1e-6, except at weights whose gradient is itself within
+rounding of zero, where the step can flip sign. Those must be fewer than SAME_TRAINING**2 = 0.04% of the
+weights to pass. A wrong gradient (a micro-batch skipped, a unit's second use missing, a gradient not
+reduced across ranks) turns the direction of every step, and the ratio is of order 1 (over 0.1)."""
+
+
+def training_gap(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """(RMS of a - b, RMS of b - start) over every weight but TRUE_ZERO_GRADIENT's, in float64."""
+    assert a.keys() == b.keys() == start.keys(), sorted(set(a) ^ set(b) | set(b) ^ set(start))[:5]
+    names = [n for n in b if not n.endswith(TRUE_ZERO_GRADIENT)]
+    names = [n for n in names if b[n].is_floating_point()]  # not BatchNorm's step counter
+
+    def flat(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([w[n].double().flatten() for n in names])
+
+    def rms(t: torch.Tensor) -> float:
+        return t.square().mean().sqrt().item()
+
+    return rms(flat(a) - flat(b)), rms(flat(b) - flat(start))
+
+
+def initial_weights(overrides: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a run of `overrides` starts from, by checkpoint file stem ("vae", "loss", and
+    "discriminator" when on), drawn in the trainer's order from train.seed."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    vae = VAE(cfg.model)
+    criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels)
+    out = {"vae": vae.state_dict(), "loss": criterion.likelihood_state()}
+    if criterion.discriminator is not None:
+        out["discriminator"] = criterion.discriminator.state_dict()
+    return out
+
+
+def assert_same_training(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor], what: str
+) -> None:
+    """Two runs' weights are the same training up to rounding (SAME_TRAINING says why the bound holds)."""
+    gap, moved = training_gap(a, b, start)
+    assert moved > 0, f"{what}: the weights never moved from the start"
+    assert gap < SAME_TRAINING * moved, f"{what}: RMS difference {gap:.2e} against an RMS move of {moved:.2e}"
 
 
 VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
