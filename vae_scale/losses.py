@@ -403,6 +403,9 @@ class LearnedScale(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # The objective
 
+LDM_D_WEIGHT_MAX = 1e4
+"""LDM's cap on its adaptive weight's ratio of gradient norms, in its units (the NLL summed per image)."""
+
 
 class VAELoss(nn.Module):
     """The whole VAE objective (see the module docstring): learned likelihood scale, LPIPS, discriminator.
@@ -508,19 +511,23 @@ class VAELoss(nn.Module):
         return F.softplus(-logits_fake).mean()
 
     def adaptive_weight(
-        self, rec_grad: torch.Tensor, g_grad: torch.Tensor, last_layer: LastLayer | None
+        self, rec_grad: torch.Tensor, g_grad: torch.Tensor, last_layer: LastLayer | None, pixels: int
     ) -> torch.Tensor:
-        """LDM's d_weight: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to [0, 1e4], detached,
-        times loss.disc_weight; W = the decoder's last layer weight.
+        """LDM's d_weight in this loss's units: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to
+        [0, 1e4 / pixels], detached, times loss.disc_weight; W = the decoder's last layer weight.
 
-        rec_grad, g_grad: the two losses' gradients w.r.t. the reconstruction, from which `last_layer`
-        gives theirs w.r.t. W. Falls back to loss.disc_weight without a last layer.
+        LDM's reconstruction term is this rec_loss times pixels (P = C*H*W, it sums over the image) and its
+        g_loss is this one, so its ratio is P times this one, the 1e-4 sitting with g_loss's gradient in
+        both; LDM clamps its ratio at 1e4, which here is 1e4 / P. The result is LDM's d_weight / P, the
+        weight of g_loss in a loss that is LDM's divided by P. rec_grad, g_grad: the two losses' gradients
+        w.r.t. the reconstruction, from which `last_layer` gives theirs w.r.t. W. Falls back to
+        loss.disc_weight without a last layer.
         """
         if last_layer is None:
             return torch.tensor(self.cfg.disc_weight, device=g_grad.device)
         rec_w, g_w = last_layer.weight_grad(rec_grad), last_layer.weight_grad(g_grad)
         weight = rec_w.norm() / (g_w.norm() + 1e-4)
-        return weight.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
+        return weight.clamp(0.0, LDM_D_WEIGHT_MAX / pixels).detach() * self.cfg.disc_weight
 
     def transformed_loss(
         self, x: torch.Tensor, transformed: Sequence[TransformedDecode], logs: dict[str, torch.Tensor]
@@ -599,7 +606,7 @@ class VAELoss(nn.Module):
                 g_loss = self.generator_loss(self.discriminator(x_rec.contiguous()))
                 (rec_grad,) = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)
                 (g_grad,) = torch.autograd.grad(g_loss, x_rec)
-                d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer)
+                d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer, P)
                 push = (x_hat.float() * (rec_grad + d_weight * factor * g_grad)).sum()
                 loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
             elif adversarial:  # no gradients wanted (validation): the value only
