@@ -104,3 +104,15 @@ def test_compiled_steps_give_the_eager_losses(tmp_path):
     # the weights have taken steps of slightly different gradients.
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.parametrize("decay", [None, 0.05])
+def test_the_discriminators_adamw_decays_its_weights_as_the_vaes_does(tmp_path, decay):
+    # torch's AdamW decays by 0.01 unless told otherwise; latent diffusion's Adam does not decay at all.
+    extra = ["loss.disc_weight=0.5"] + ([] if decay is None else [f"optim.weight_decay={decay}"])
+    trainer = Trainer(tiny_cfg(tmp_path / "disc", *extra))
+    try:
+        assert [g["weight_decay"] for g in trainer.disc_opt.param_groups] == [decay or 0.0]
+        assert [g["weight_decay"] for g in trainer.opt.param_groups] == [decay or 0.0]
+    finally:
+        trainer.close()
