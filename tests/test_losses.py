@@ -278,11 +278,13 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms(disc_loss):
     g = -logits.mean() if disc_loss == "hinge" else F.softplus(-logits).mean()
     (g_rec,) = torch.autograd.grad(rec, W, retain_graph=True)
     (g_g,) = torch.autograd.grad(g, W, retain_graph=True)
-    d_weight = 0.5 * min(max(g_rec.norm().item() / (g_g.norm().item() + 1e-4), 0.0), 1e4)
+    P = x[0].numel()
+    ratio = g_rec.norm().item() / (g_g.norm().item() + 1e-4)
+    assert ratio < 1e4 / P  # below the cap: the weight is the ratio itself
+    d_weight = 0.5 * ratio
     assert logs["d_weight"].item() == pytest.approx(d_weight, rel=1e-5)
     assert logs["g_loss"].item() == pytest.approx(g.item(), rel=1e-5)
     assert logs["disc_factor"].item() == 1.0
-    P = x[0].numel()
     assert loss.item() == pytest.approx(rec.item() + 1e-6 * 15.0 / P + d_weight * g.item(), rel=1e-5)
     check_logs(logs)
     loss.backward()
@@ -298,15 +300,18 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms(disc_loss):
     assert all(p.grad is None and p.requires_grad for p in crit.discriminator.parameters())
 
 
-def test_adaptive_weight_clamps_at_1e4():
+def test_adaptive_weight_clamps_at_1e4_in_latent_diffusions_units():
+    # LDM clamps ||grad nll_sum|| / ||grad g_loss|| at 1e4; its nll is P times this loss's rec term, so the
+    # cap here is 1e4 / P on a ratio P times smaller, and the weight LDM's / P (tests/test_objective_ldm.py).
     crit = VAELoss(LossConfig(recon="l1", disc_weight=0.25, **NARROW))
     last = crit.discriminator.main[-1]
     nn.init.zeros_(last.weight)  # constant logits: the generator term has no gradient
     dec, x_hat, x = decoded(z_scale=100.0)
     _, logs = crit.autoencoder_loss(x, x_hat, None, torch.zeros(2), step=0, last_layer=dec.last)
     (g_rec,) = torch.autograd.grad((x - x_hat).abs().mean(), dec.conv_out.weight)
-    assert g_rec.norm() > 1.0  # so the unclamped ratio exceeds 1e4
-    assert logs["d_weight"].item() == pytest.approx(0.25 * 1e4)
+    assert g_rec.norm() > 1.0  # so the unclamped ratio g_rec.norm() / 1e-4 exceeds 1e4, let alone 1e4 / P
+    P = x[0].numel()
+    assert logs["d_weight"].item() == pytest.approx(0.25 * 1e4 / P, rel=1e-6)
 
 
 def test_adaptive_weight_falls_back_to_disc_weight():

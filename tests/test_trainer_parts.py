@@ -130,3 +130,15 @@ def test_the_tests_know_the_weights_a_run_starts_from(tmp_path):
         assert start[file].keys() == weights.keys(), file
         for name, t in weights.items():
             assert torch.equal(start[file][name], t), (file, name)
+
+
+@pytest.mark.parametrize("decay", [None, 0.05])
+def test_the_discriminators_adamw_decays_its_weights_as_the_vaes_does(tmp_path, decay):
+    # torch's AdamW decays by 0.01 unless told otherwise; latent diffusion's Adam does not decay at all.
+    extra = ["loss.disc_weight=0.5"] + ([] if decay is None else [f"optim.weight_decay={decay}"])
+    trainer = Trainer(tiny_cfg(tmp_path / "disc", *extra))
+    try:
+        assert [g["weight_decay"] for g in trainer.disc_opt.param_groups] == [decay or 0.0]
+        assert [g["weight_decay"] for g in trainer.opt.param_groups] == [decay or 0.0]
+    finally:
+        trainer.close()

@@ -209,7 +209,9 @@ def build_discriminator(
 ) -> tuple[nn.Module | None, torch.optim.AdamW | None]:
     """(the discriminator as its steps run it, its AdamW), or (None, None) without one.
 
-    Replicated (a few million parameters) and data-parallel on every strategy, sharded or not.
+    Replicated (a few million parameters) and data-parallel on every strategy, sharded or not. Its AdamW has
+    the VAE's betas and weight decay (optim.weight_decay, not torch's default 0.01: 0 is latent diffusion's
+    Adam).
     """
     if disc is None:
         return None, None
@@ -218,6 +220,7 @@ def build_discriminator(
         disc.parameters(),
         lr=cfg.loss.disc_lr or cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
         **_fused(acc.device),
     )
     return ddp, opt

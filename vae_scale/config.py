@@ -205,7 +205,7 @@ class LossConfig:
     free_bits: float = 0.0
     """Free nats per latent channel (its KL summed over h*w, batch-averaged) not penalised below; 0 is off."""
     logvar_init: float = 0.0
-    """recon=gaussian: initial value of the learned scalar log-variance (LDM: 0)."""
+    """recon=gaussian: initial value of the learned scalar log-variance of a Gaussian on the squared error."""
     log_scale_init: float = -2.0
     """recon=logistic: initial value of the learned log-scale (data units, images in [-1, 1])."""
     logistic_per_channel: bool = True
@@ -221,7 +221,7 @@ class LossConfig:
     disc_start: int = 0
     """Step at which the discriminator starts."""
     disc_loss: str = "hinge"
-    """Discriminator loss: hinge | non_saturating."""
+    """Discriminator loss: hinge | non_saturating (generator softplus(-D); LDM's `vanilla` has -mean D)."""
     disc_layers: int = 3
     """PatchGAN discriminator depth."""
     disc_channels: int = 64

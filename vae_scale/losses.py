@@ -12,12 +12,14 @@ scale of a per-pixel mean (what gradient clipping and learning rates are tuned a
 nll_sum_b is the reconstruction NLL summed over the P pixels of image b (so mean_b(nll_sum_b) / P is simply
 the mean over every element), kl_b the KL of its posterior summed over the latent (or the free-bits form),
 w_kl(step) = kl_weight * min(1, step / kl_warmup_steps). LDM adds LPIPS to every pixel's reconstruction term,
-which summed and divided by P is perceptual_weight * lpips_b: the same thing, except that LDM also divides it
-by exp(logvar), and here the likelihood stays a pure likelihood (identical for l1/l2, whose logvar is 0 as in
-LDM's trained models). d_weight is LDM's adaptive weight, from the gradients of the first two terms (LDM's
-`nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last layer. The last line holds the
-diffusability regularisers (vae_scale/equivariance.py): scale equivariance (T a 2x/4x downsampling, weight
-se_weight) and EQ-VAE (T a scaling, rotation or flip, weight eq_weight), each at its own image size.
+which summed and divided by P is perceptual_weight * lpips_b. LDM then divides that sum by exp(logvar) and
+adds logvar, but its logvar is never given to an optimiser, so it stays at logvar_init (0 in its configs):
+recon=l1 with perceptual_weight=1 is LDM's term exactly. d_weight is LDM's adaptive weight, from the
+gradients of the first two terms (LDM's `nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last
+layer, capped where LDM caps it (adaptive_weight). docs/objective.md lists where the `sd-finetune` recipe
+differs from LDM's training and why. The last line holds the diffusability regularisers
+(vae_scale/equivariance.py): scale equivariance (T a 2x/4x downsampling, weight se_weight) and EQ-VAE (T a
+scaling, rotation or flip, weight eq_weight), each at its own image size.
 
 With recon=logistic, kl_weight=1 and no warm-up/free bits, loss / ln 2 is exactly the negative ELBO in bits
 per dimension of the 8-bit images; `bits_per_dim` is logged with the unweighted KL whatever the schedule.
@@ -97,8 +99,9 @@ def discretized_logistic_log_prob(
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """-log N(x; mean, exp(logvar)) in nats per element: 0.5 * ((x - mean)^2 / var + logvar + log 2pi).
 
-    LDM's `rec / exp(logvar) + logvar` with rec the squared error, halved and with its constant, so that it is
-    a normalised density (bits/dim need one). Shapes broadcast.
+    Not LDM's `rec / exp(logvar) + logvar`: that one divides L1 + LPIPS (a Laplace form) by a logvar LDM never
+    trains. This is a Gaussian on the squared error alone, normalised (bits/dim need one), whose logvar the
+    trainer learns with the VAE. Shapes broadcast.
     """
     return 0.5 * ((x - mean).square() * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
 
@@ -403,6 +406,9 @@ class LearnedScale(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # The objective
 
+LDM_D_WEIGHT_MAX = 1e4
+"""LDM's cap on its adaptive weight's ratio of gradient norms, in its units (the NLL summed per image)."""
+
 
 class VAELoss(nn.Module):
     """The whole VAE objective (see the module docstring): learned likelihood scale, LPIPS, discriminator.
@@ -483,7 +489,7 @@ class VAELoss(nn.Module):
         elif recon == "logistic":
             log_scale = self.log_scale.clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
             nll = -discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
-        else:  # l1 / l2: LDM's rec / exp(logvar) + logvar with logvar = 0
+        else:  # l1 / l2: LDM's rec / exp(logvar) + logvar with its untrained logvar at 0
             nll = rec
         return rec, nll
 
@@ -508,19 +514,23 @@ class VAELoss(nn.Module):
         return F.softplus(-logits_fake).mean()
 
     def adaptive_weight(
-        self, rec_grad: torch.Tensor, g_grad: torch.Tensor, last_layer: LastLayer | None
+        self, rec_grad: torch.Tensor, g_grad: torch.Tensor, last_layer: LastLayer | None, pixels: int
     ) -> torch.Tensor:
-        """LDM's d_weight: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to [0, 1e4], detached,
-        times loss.disc_weight; W = the decoder's last layer weight.
+        """LDM's d_weight in this loss's units: ||d rec_loss / dW|| / (||d g_loss / dW|| + 1e-4), clamped to
+        [0, 1e4 / pixels], detached, times loss.disc_weight; W = the decoder's last layer weight.
 
-        rec_grad, g_grad: the two losses' gradients w.r.t. the reconstruction, from which `last_layer`
-        gives theirs w.r.t. W. Falls back to loss.disc_weight without a last layer.
+        LDM's reconstruction term is this rec_loss times pixels (P = C*H*W, it sums over the image) and its
+        g_loss is this one, so its ratio is P times this one, the 1e-4 sitting with g_loss's gradient in
+        both; LDM clamps its ratio at 1e4, which here is 1e4 / P. The result is LDM's d_weight / P, the
+        weight of g_loss in a loss that is LDM's divided by P. rec_grad, g_grad: the two losses' gradients
+        w.r.t. the reconstruction, from which `last_layer` gives theirs w.r.t. W. Falls back to
+        loss.disc_weight without a last layer.
         """
         if last_layer is None:
             return torch.tensor(self.cfg.disc_weight, device=g_grad.device)
         rec_w, g_w = last_layer.weight_grad(rec_grad), last_layer.weight_grad(g_grad)
         weight = rec_w.norm() / (g_w.norm() + 1e-4)
-        return weight.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
+        return weight.clamp(0.0, LDM_D_WEIGHT_MAX / pixels).detach() * self.cfg.disc_weight
 
     def transformed_loss(
         self, x: torch.Tensor, transformed: Sequence[TransformedDecode], logs: dict[str, torch.Tensor]
@@ -599,7 +609,7 @@ class VAELoss(nn.Module):
                 g_loss = self.generator_loss(self.discriminator(x_rec.contiguous()))
                 (rec_grad,) = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)
                 (g_grad,) = torch.autograd.grad(g_loss, x_rec)
-                d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer)
+                d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer, P)
                 push = (x_hat.float() * (rec_grad + d_weight * factor * g_grad)).sum()
                 loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
             elif adversarial:  # no gradients wanted (validation): the value only
