@@ -56,6 +56,12 @@ class RunConfig:
     """Run folder; empty means runs/<run.name>."""
 
     def __post_init__(self):
+        # The name becomes a folder under runs/: an empty one would make runs/ itself the run folder.
+        if not self.name.strip() or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(
+                f"run.name={self.name!r} is not a plain folder name (not empty, '.' or '..', no '/'); a "
+                "run folder elsewhere is run.dir's to give"
+            )
         if not self.dir:
             self.dir = f"runs/{self.name}"
 
