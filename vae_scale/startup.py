@@ -98,6 +98,7 @@ def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:
         check_writable_dir(existing, what, create=False)
         for sub in ("checkpoints", "images"):
             check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
+        RunLock(run_dir).check_free()  # the real run would stop on another run's lock: so does the dry run
         return None
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     for sub in ("checkpoints", "images"):
