@@ -51,7 +51,7 @@ from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.metrics import load_eval_nets
 from vae_scale.model import DiagonalGaussian
 from vae_scale.monitor import Monitor
-from vae_scale.preflight import NotReady, preflight, problems_before_start
+from vae_scale.preflight import NotReady, preflight, problems_before_start, wandb_fallback
 from vae_scale.run_state import load_trained_weights, trained_weights, weights_fingerprint
 from vae_scale.startup import check_resume, check_trainable, prepare_run_dir
 from vae_scale.stop import StopFlag
@@ -540,6 +540,7 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     problems = problems_before_start(cfg)
     if problems:
         raise NotReady(problems)
+    cfg = wandb_fallback(cfg)
     lock = prepare_run_dir(cfg, dry_run=dry_run)
     if dry_run:
         trainer = Trainer(cfg, plan, dry_run=True)
