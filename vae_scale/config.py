@@ -119,7 +119,8 @@ class ModelConfig:
     sample_size: int = 256
     """Training resolution recorded in diffusers' config.json."""
     init_from: str = ""
-    """Initial weights when there is no checkpoint to resume: a diffusers folder or a .safetensors file."""
+    """Initial weights when there is no checkpoint to resume: a diffusers folder, a .safetensors file, or a
+    run or checkpoint folder, whose weights (and EMA, loss scale, discriminator) start a new phase."""
     zero_init_residual: bool = False
     """Start every residual branch (each ResNet block's second convolution, each attention's output
     projection) at zero, so each block starts as its skip connection: a small model trains faster. Only the
