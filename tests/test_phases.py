@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support import tiny_config
+from support import TINY, tiny_config
 
 from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.cli import main
@@ -119,3 +119,28 @@ def test_export_of_a_phase_follows_the_chain_to_where_phase_1_started(phase_1, t
     phase_a = tmp_path / "from-import"
     train(tiny_config(phase_a, "synthetic", "train.steps=1", f"model.init_from={weights}"))
     assert first_origin(str(phase_a)) == str(weights)
+
+
+@pytest.mark.slow
+def test_a_new_phase_under_fsdp_starts_from_every_carried_weight_exactly(tmp_path):
+    """Phase 1 in one process; phase 2 sharded over two gloo processes with the GAN on. Phase 2's only step
+    is made non-finite (train.debug_nonfinite_step=0), so every rank skips it and phase 2's checkpoint holds
+    its starting weights: they must equal phase 1's end exactly, gathered back from the shards."""
+    from support import accelerate_launch, run
+
+    likelihood = ["loss.recon=gaussian", "loss.logvar_init=0.5"]  # a learned scale to carry over
+    phase_1 = tmp_path / "phase1"
+    train(tiny_config(phase_1, "synthetic", *PHASE_1, *likelihood, "optim.lr=1e-2"))
+    end = latest_checkpoint(phase_1)
+    args = [*TINY, "data.train=synthetic", f"run.dir={tmp_path / 'phase2'}", *PHASE_1, *GAN_ON, *likelihood]
+    args += [f"model.init_from={phase_1}", "train.steps=1", "train.debug_nonfinite_step=0"]
+    proc = run(accelerate_launch("fsdp.yaml", 2, [*args, "train.mixed_precision=no"]), timeout=600)
+    assert "new phase from" in proc.stdout
+    start = latest_checkpoint(tmp_path / "phase2")
+    for name in ("vae", "ema", "loss"):
+        want, got = load_file(end / f"{name}.safetensors"), load_file(start / f"{name}.safetensors")
+        assert want.keys() == got.keys(), name
+        for k in want:  # copied and gathered, never recomputed: exact
+            assert torch.equal(want[k], got[k]), (name, k)
+    assert load_file(end / "loss.safetensors")["logvar"].item() != 0.5  # phase 1 moved it: a real check
+    assert (start / "discriminator.safetensors").is_file()
