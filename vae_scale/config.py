@@ -164,7 +164,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training shards: a brace pattern, a folder, a comma-separated list or any URL webdataset opens."""
+    """Training shards: a brace pattern, a folder, a comma-separated list (`\\,` is a comma in a path) or any
+    URL webdataset opens."""
     val: str = ""
     """Validation shards (same forms as data.train); empty means no validation."""
     resolution: int = 256
