@@ -11,7 +11,7 @@ from support import TINY, tiny_config
 
 from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.cli import main
-from vae_scale.config import ConfigError
+from vae_scale.config import ConfigError, load_config
 from vae_scale.startup import check_resume
 from vae_scale.train import Trainer, train
 
@@ -60,6 +60,8 @@ def test_phase_2_starts_from_phase_1s_weights_and_ema_with_a_fresh_discriminator
 
     result = train(cfg)
     assert result["step"] == 3
+    # The run records the checkpoint it started from, not the run folder whose newest it was then.
+    assert load_config(str(tmp_path / "phase2" / "config.yaml")).model.init_from == str(ckpt)
     phase_2 = latest_checkpoint(tmp_path / "phase2")
     assert (phase_2 / "discriminator.safetensors").is_file()
 
@@ -153,7 +155,6 @@ def test_every_command_in_docs_phases_resolves():
 
     from vae_scale.cli.options import data_overrides
     from vae_scale.cli.train import train_parser
-    from vae_scale.config import load_config
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "phases.md").read_text()
     commands = re.findall(r"vae-scale train [^`\n]*", re.sub(r"\\\n\s*", "", text))

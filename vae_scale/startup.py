@@ -87,18 +87,19 @@ def check_resume(cfg: Config) -> None:
         )
 
 
-def check_new_phase(cfg: Config) -> None:
-    """Refuse, before anything is written, a new phase (model.init_from naming a run or a checkpoint) whose
-    checkpoint was trained with another model shape, or that names this run's own folder.
+def check_new_phase(cfg: Config) -> Path | None:
+    """The checkpoint a new phase starts from (model.init_from naming a run: its newest intact one), or None
+    when model.init_from is not a run or a checkpoint. Refuses, before anything is written, one trained
+    with another model shape, or one of this run's own.
 
     Loss, optimizer and training settings may all differ: that is what a new phase is for.
     """
     init = cfg.model.init_from
     if not init or not Path(init).exists():
-        return  # check_trainable names a missing one
+        return None  # check_trainable names a missing one
     phase = phase_start(init)
     if phase is None:  # a diffusers folder or a weights file (`vae-scale import` puts one in the run folder)
-        return
+        return None
     path, saved = phase
     own = Path(cfg.run.dir).resolve()
     if path.resolve() == own or own in path.resolve().parents:
@@ -116,6 +117,7 @@ def check_new_phase(cfg: Config) -> None:
             f"model.init_from={init!r}: {path} has another model shape than this config "
             f"({'; '.join(differ)}); a new phase keeps the model's shape: give the checkpoint's values"
         )
+    return path
 
 
 def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:

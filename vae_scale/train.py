@@ -19,6 +19,7 @@ pieces a run is made of are built in build.py; a Trainer puts them together:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -547,7 +548,9 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     """
     check_trainable(cfg)
     check_resume(cfg)
-    check_new_phase(cfg)
+    phase = check_new_phase(cfg)
+    if phase is not None:  # that checkpoint, not the run's newest when read again: config.yaml records it
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(phase)))
     plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
     problems = problems_before_start(cfg)
     if problems:
