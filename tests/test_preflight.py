@@ -100,9 +100,10 @@ def test_will_not_fit_stops_with_a_suggestion(monkeypatch):
 
     import vae_scale.preflight as pf
 
-    monkeypatch.setattr(pf, "device_memory", lambda device: 2 * 2**30)  # a 2 GiB device
+    monkeypatch.setattr(pf, "device_memory", lambda device: 2 * 2**30)  # 2 GiB free for the process
     with pytest.raises(
-        WillNotFit, match="does not fit the device's 2.0 GiB; try model.gradient_checkpointing=true"
+        WillNotFit,
+        match="fit the 2.0 GiB of host memory free per process; try model.gradient_checkpointing=true",
     ):
         preflight(
             load_config("sd-f8"),

@@ -29,9 +29,10 @@ from vae_scale.ema import EMA
 from vae_scale.equivariance import Transform, TransformedDecode
 from vae_scale.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.model import VAE, DiagonalGaussian
+from vae_scale.run_state import phase_start, read_phase_weights
 from vae_scale.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.transforms import prepare_model
-from vae_scale.weights import load_init_weights, plain_name
+from vae_scale.weights import load_init_weights, load_weights, plain_name
 
 
 class Autoencoder(nn.Module):
@@ -112,12 +113,17 @@ def resolved_config(cfg: Config, acc: Accelerator) -> Config:
 
 def build_vae(cfg: Config, sharded: bool) -> VAE:
     """The VAE with identical initial weights on every rank (seeded by train.seed), model.init_from's weights
-    when fine-tuning (a checkpoint to resume from overrides them later), then checkpointing, channels_last
-    and train.compile (transforms.prepare_model)."""
+    when fine-tuning or starting a new phase from a run's checkpoint (a checkpoint to resume from overrides
+    them later), then checkpointing, channels_last and train.compile (transforms.prepare_model)."""
     torch.manual_seed(cfg.train.seed)
     vae = VAE(cfg.model)
     if cfg.model.init_from:
-        load_init_weights(vae, cfg.model.init_from)
+        phase = phase_start(cfg.model.init_from)
+        if phase is None:  # a diffusers folder or a .safetensors file
+            load_init_weights(vae, cfg.model.init_from)
+        else:  # a run or a checkpoint: a new phase of training from its weights
+            sd = read_phase_weights(phase[0], "vae")
+            load_weights(vae, sd or {}, f"model.init_from={cfg.model.init_from!r} ({phase[0]})")
     return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
 
 

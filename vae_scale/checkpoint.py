@@ -118,16 +118,38 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir() and is_complete(p)]
+    # A link is never a checkpoint of this run: it could lead to any folder (another run's, anyone's).
+    found = [
+        p
+        for p in ckpt_dir.iterdir()
+        if p.name.startswith(PREFIX) and not p.is_symlink() and p.is_dir() and is_complete(p)
+    ]
     return sorted(found, key=lambda p: p.name)
+
+
+def _named_by_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint folder `latest` names, or None: no pointer, or one that leads outside `ckpt_dir` (a
+    path, '..', or a link elsewhere), refused with a warning so that the caller scans instead."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    candidate = ckpt_dir / name
+    inside = name.startswith(PREFIX) and "/" not in name and "\\" not in name
+    if not inside or candidate.resolve().parent != ckpt_dir.resolve():
+        log.warning("%s names %r, not a checkpoint of this run: ignored, scanning the folder", pointer, name)
+        return None
+    return candidate
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest complete checkpoint of a run folder (via `latest`, falling back to a scan), or None."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    pointer = ckpt_dir / LATEST
-    if pointer.is_file():
-        candidate = ckpt_dir / pointer.read_text().strip()
+    candidate = _named_by_latest(ckpt_dir)
+    if candidate is not None:
         if is_complete(candidate):
             return candidate
         log.warning("checkpoints/latest names %s, which is not complete; scanning", candidate.name)
@@ -234,12 +256,10 @@ def read_checkpoint_file(ckpt: Path, name: str) -> dict[str, torch.Tensor] | str
 def checkpoints_newest_first(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, newest first; the one `latest` names leads."""
     found = complete_checkpoints(ckpt_dir)[::-1]
-    pointer = Path(ckpt_dir) / LATEST
-    if pointer.is_file():
-        named = Path(ckpt_dir) / pointer.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
+    named = _named_by_latest(Path(ckpt_dir))
+    if named in found:
+        found.remove(named)
+        found.insert(0, named)
     return found
 
 
@@ -572,6 +592,27 @@ class RunLock:
         os.fsync(fd)
         self.fd = fd
         return self
+
+    def check_free(self) -> None:
+        """OutputError naming the holder when a live process holds the lock; takes nothing (a dry run).
+
+        Only for a process that does not hold this lock itself: closing any descriptor of the file drops
+        the POSIX locks its process holds on it.
+        """
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file (never run), or unreadable (the writability checks say so)
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with a holder's exclusive lock
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise self._in_use(self._holder(fd)) from None
+            # no locks on this file system: acquire() warns when the run starts
+        finally:
+            os.close(fd)
 
     def _in_use(self, holder: dict[str, Any]) -> OutputError:
         return OutputError(

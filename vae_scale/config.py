@@ -56,6 +56,12 @@ class RunConfig:
     """Run folder; empty means runs/<run.name>."""
 
     def __post_init__(self):
+        # The name becomes a folder under runs/: an empty one would make runs/ itself the run folder.
+        if not self.name.strip() or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(
+                f"run.name={self.name!r} is not a plain folder name (not empty, '.' or '..', no '/'); a "
+                "run folder elsewhere is run.dir's to give"
+            )
         if not self.dir:
             self.dir = f"runs/{self.name}"
 
@@ -113,7 +119,8 @@ class ModelConfig:
     sample_size: int = 256
     """Training resolution recorded in diffusers' config.json."""
     init_from: str = ""
-    """Initial weights when there is no checkpoint to resume: a diffusers folder or a .safetensors file."""
+    """Initial weights when there is no checkpoint to resume: a diffusers folder, a .safetensors file, or a
+    run or checkpoint folder, whose weights (and EMA, loss scale, discriminator) start a new phase."""
     zero_init_residual: bool = False
     """Start every residual branch (each ResNet block's second convolution, each attention's output
     projection) at zero, so each block starts as its skip connection: a small model trains faster. Only the
@@ -157,7 +164,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training shards: a brace pattern, a folder, a comma-separated list or any URL webdataset opens."""
+    """Training shards: a brace pattern, a folder, a comma-separated list (`\\,` is a comma in a path) or any
+    URL webdataset opens."""
     val: str = ""
     """Validation shards (same forms as data.train); empty means no validation."""
     resolution: int = 256

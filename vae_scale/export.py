@@ -210,6 +210,23 @@ def imported_config(source: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def first_origin(init_from: str) -> str:
+    """Where a chain of training phases started: model.init_from followed through the runs that each phase
+    names (model.init_from=RUN) to the first diffusers folder or weights file; "" when the first phase
+    started from random weights. A run that is gone or damaged ends the chain at its own path."""
+    from vae_scale.run_state import phase_start
+
+    for _ in range(64):  # a chain longer than this is a loop of runs naming each other
+        try:
+            phase = phase_start(init_from) if init_from else None
+        except ConfigError:
+            return init_from
+        if phase is None:
+            return init_from
+        init_from = phase[1].model.init_from
+    return init_from
+
+
 def _describes(config: dict[str, Any], model) -> bool:
     """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
     from vae_scale.weights import DiffusersFormatError, config_from_diffusers
@@ -279,7 +296,7 @@ def export_vae(
     out = Path(out)
     cfg, vae = loaded.config, loaded.vae
     # Weights that came from a diffusers VAE carry its latent contract; a diffusion model relies on it.
-    origin = cfg.model.init_from if loaded.checkpoint is not None else loaded.source
+    origin = first_origin(cfg.model.init_from) if loaded.checkpoint is not None else loaded.source
     imported = bool(origin)
     contract = imported_config(origin) if imported else None
     if contract is not None and not _describes(contract, vae.config):

@@ -16,6 +16,7 @@ The memory estimate counts, per process:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 from vae_scale.config import Config, ConfigError
 from vae_scale.model import VAE
+
+log = logging.getLogger(__name__)
 
 OVERHEAD = 1.10
 ADAMW_BYTES = 4 + 4 + 8  # weight, gradient, two moments (all fp32)
@@ -136,11 +139,37 @@ def estimate_memory(
     return MemoryEstimate(params, activations, int((params + activations) * OVERHEAD), per_image)
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable, capped by the cgroup's limit); None where
+    neither can be read."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:  # a container's limit (cgroup v2) is what the kernel enforces, whatever the host has free
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = free if available is None else min(available, free)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Total memory of a CUDA device in bytes; None for a CPU (host memory is not checked)."""
+    """Memory one process may use in bytes: a CUDA device's total; on a CPU, the host memory available now
+    shared by this host's processes (LOCAL_WORLD_SIZE); None where it cannot be read."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return None
+    available = host_memory_available()
+    if available is None:
+        return None
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def preflight(
@@ -179,23 +208,28 @@ def preflight(
     ]
     total = device_memory(device)
     if total is not None:
-        lines[6] += f" of {total / gib:.1f} GiB on the device"
+        gb = f"{total / gib:.1f} GiB"
+        where = f"the device's {gb}" if device.type == "cuda" else f"the {gb} of host memory free per process"
+        lines[6] += f" of {total / gib:.1f} GiB" + (" on the device" if device.type == "cuda" else " free")
         if est.total > total:
             hints = []
             if not cfg.model.gradient_checkpointing:
                 hints.append("model.gradient_checkpointing=true")
-            if cfg.train.mixed_precision == "no":
+            if cfg.train.mixed_precision == "no" and device.type == "cuda":
                 hints.append("train.mixed_precision=bf16")
             if cfg.data.batch_size > 1:
                 hints.append(
                     f"data.batch_size={max(1, cfg.data.batch_size // 2)} with "
                     f"train.grad_accum={cfg.train.grad_accum * 2}"
                 )
-            if not fsdp:
+            half, factor = cfg.data.resolution // 2, cfg.model.downsample_factor
+            if half >= factor and half % factor == 0:
+                hints.append(f"data.resolution={half}")
+            if not fsdp and device.type == "cuda":
                 hints.append("FSDP (launch/accelerate/fsdp.yaml)")
             raise WillNotFit(
-                f"estimated {est.total / gib:.1f} GiB per process does not fit the device's "
-                f"{total / gib:.1f} GiB; try {', or '.join(hints)}"
+                f"estimated {est.total / gib:.1f} GiB per process does not fit {where}; try "
+                f"{', or '.join(hints)}"
             )
     return lines
 
@@ -252,6 +286,55 @@ def _wandb_problem(cfg: Config) -> str | None:
         if mode is not None:
             os.environ["WANDB_MODE"] = mode
     return None
+
+
+WANDB_REACH_TIMEOUT_S = 5.0
+"""How long the start of a log.wandb=online run waits to learn whether W&B's server answers."""
+
+
+def wandb_unreachable(timeout_s: float = WANDB_REACH_TIMEOUT_S) -> str | None:
+    """Why W&B's server (WANDB_BASE_URL, else api.wandb.ai) cannot be reached, or None when a TCP connection
+    to it opens within `timeout_s`. Name resolution runs in a daemon thread, so a resolver that hangs
+    cannot hold the run for longer than `timeout_s` either."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e.strerror or e}")
+
+    thread = threading.Thread(target=connect, name="wandb-reachable", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"{host}:{port} did not answer within {timeout_s:g} s"
+    return None if outcome[0] is None else f"{host}:{port}: {outcome[0]}"
+
+
+def wandb_fallback(cfg: Config) -> Config:
+    """cfg, or a copy logging offline (with a warning saying so) when log.wandb=online and W&B's server
+    cannot be reached: the run's metrics are kept for `wandb sync` instead of failing at the first log."""
+    if cfg.log.wandb != "online":
+        return cfg
+    why = wandb_unreachable()
+    if why is None:
+        return cfg
+    log.warning(
+        "log.wandb=online, but W&B cannot be reached (%s): logging offline to %s/wandb instead; "
+        "`wandb sync %s/wandb/offline-run-*` uploads it later (log.wandb=offline says so up front)",
+        why,
+        cfg.run.dir,
+        cfg.run.dir,
+    )
+    return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, wandb="offline"))
 
 
 def _weights_problems(cfg: Config) -> list[str]:

@@ -78,16 +78,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _split_spec(spec: str) -> list[str]:
-    """Split a comma- or '::'-separated list, leaving commas inside {a,b} brace groups alone."""
+    """Split a comma- or '::'-separated list, leaving commas inside {a,b} brace groups alone; `\\,` is a
+    comma that belongs to the path (`/data/a\\,b/x.tar` is the one shard /data/a,b/x.tar)."""
     items, depth, cur = [], 0, ""
+    escaped = False
     for ch in spec:
+        if escaped:
+            # Only a comma is unescaped here; inside braces braceexpand unescapes it (and other backslashes)
+            cur += "," if ch == "," and depth == 0 else "\\" + ch
+            escaped = False
+            continue
+        if ch == "\\":
+            escaped = True
+            continue
         depth += (ch == "{") - (ch == "}")
         if ch == "," and depth == 0:
             items.append(cur)
             cur = ""
         else:
             cur += ch
-    items.append(cur)
+    items.append(cur + ("\\" if escaped else ""))
     return [p.strip() for item in items for p in item.split("::") if p.strip()]
 
 

@@ -21,6 +21,7 @@ one rotating, atomic tar writer, also used for `encode`'s latent shards.
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
@@ -85,6 +86,19 @@ class Source:
 def _caption_of(path: str, exists) -> str | None:
     caption = os.path.splitext(path)[0] + ".txt"
     return caption if exists(caption) else None
+
+
+def _read_caption(path: str) -> bytes | None:
+    """A caption file's bytes; None when `path` is a symbolic link, which is never followed: a link could
+    carry any file's text (a key, a password file) into shards that others train on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _is_image_name(name: str) -> bool:
@@ -336,7 +350,8 @@ def write_shards(
     _clear_old_shards(out)
     skipped: Counter[str] = Counter()
     skipped_files: list[dict[str, str]] = []
-    kept_small = captions = 0
+    kept_small = captions = linked_captions = 0
+    linked_example = ""
     source_sizes: list[tuple[int, int]] = []
     written: dict[str, Any] = {}
     bar = tqdm(total=len(sources), unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
@@ -358,7 +373,10 @@ def write_shards(
                 continue
             kept_small += res["kept_small"]
             (w, h), (sw, sh) = res["size"], res["source_size"]
-            caption = Path(job.source.caption).read_bytes() if job.source.caption else None
+            caption = _read_caption(job.source.caption) if job.source.caption else None
+            if job.source.caption and caption is None:
+                linked_captions += 1
+                linked_example = linked_example or job.source.caption
             captions += caption is not None
             sink.write(
                 res["data"],
@@ -369,6 +387,13 @@ def write_shards(
             bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
         written[split] = sink.close()
     bar.close()
+    if linked_captions:
+        log.warning(
+            "%d caption file(s) are symbolic links, never followed: their samples have no caption (e.g. %s; "
+            "index.json's totals.symlinked_captions counts them)",
+            linked_captions,
+            linked_example,
+        )
     if written["train"]["samples"] == 0:
         raise DataError(f"no usable image in {src}: skipped {dict(skipped)}")
 
@@ -393,6 +418,7 @@ def write_shards(
             "skipped": sum(skipped.values()),
             "kept_small": kept_small,
             "captions": captions,
+            "symlinked_captions": linked_captions,
             "ignored_non_images": ignored,
         },
         "splits": written,

@@ -1,6 +1,7 @@
 """What is checked and prepared before a run's first step, before any process group starts or any file is
 written: a config that can train, a checkpoint to resume that was trained with the same model, a run folder
-that can be written and is not in use by another run (rank 0 locks it for the run's life).
+that can be written and is not in use by another run (rank 0 locks it for the run's life), and a new phase
+(model.init_from naming a run) that keeps the model's shape.
 
 Each check stops with one line naming the key or the place (ConfigError, OutputError); preflight.py lists
 the missing weights, logins and validation samples, and says what the launch will do.
@@ -22,6 +23,7 @@ from vae_scale.checkpoint import (
 )
 from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict
 from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.run_state import phase_start
 
 RESUME_MODEL_KEYS = ModelConfig.WEIGHT_KEYS
 """The model keys a checkpoint to resume must share with the config (those that shape the weights)."""
@@ -80,8 +82,42 @@ def check_resume(cfg: Config) -> None:
         raise ConfigError(
             f"{path} was trained with another model than this config ({'; '.join(differ)}): give the "
             "checkpoint's values, another run.dir, or checkpoint.resume=never to start afresh (existing "
-            "checkpoints are then moved aside, not deleted)"
+            "checkpoints are then moved aside, not deleted); to go on from its weights with new loss "
+            f"settings, start a new phase: model.init_from={path} with another run.name (docs/phases.md)"
         )
+
+
+def check_new_phase(cfg: Config) -> Path | None:
+    """The checkpoint a new phase starts from (model.init_from naming a run: its newest intact one), or None
+    when model.init_from is not a run or a checkpoint. Refuses, before anything is written, one trained
+    with another model shape, or one of this run's own.
+
+    Loss, optimizer and training settings may all differ: that is what a new phase is for.
+    """
+    init = cfg.model.init_from
+    if not init or not Path(init).exists():
+        return None  # check_trainable names a missing one
+    phase = phase_start(init)
+    if phase is None:  # a diffusers folder or a weights file (`vae-scale import` puts one in the run folder)
+        return None
+    path, saved = phase
+    own = Path(cfg.run.dir).resolve()
+    if path.resolve() == own or own in path.resolve().parents:
+        raise ConfigError(
+            f"model.init_from={init!r} is this run's own folder {cfg.run.dir}: a new phase goes in a new run "
+            "folder (another run.name or run.dir); re-running in the same folder resumes it"
+        )
+    differ = [
+        f"model.{k} {getattr(saved.model, k)} -> {getattr(cfg.model, k)}"
+        for k in RESUME_MODEL_KEYS
+        if getattr(saved.model, k) != getattr(cfg.model, k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"model.init_from={init!r}: {path} has another model shape than this config "
+            f"({'; '.join(differ)}); a new phase keeps the model's shape: give the checkpoint's values"
+        )
+    return path
 
 
 def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:
@@ -98,6 +134,7 @@ def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:
         check_writable_dir(existing, what, create=False)
         for sub in ("checkpoints", "images"):
             check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
+        RunLock(run_dir).check_free()  # the real run would stop on another run's lock: so does the dry run
         return None
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     for sub in ("checkpoints", "images"):

@@ -19,6 +19,7 @@ pieces a run is made of are built in build.py; a Trainer puts them together:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -51,9 +52,15 @@ from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.metrics import load_eval_nets
 from vae_scale.model import DiagonalGaussian
 from vae_scale.monitor import Monitor
-from vae_scale.preflight import NotReady, preflight, problems_before_start
-from vae_scale.run_state import load_trained_weights, trained_weights, weights_fingerprint
-from vae_scale.startup import check_resume, check_trainable, prepare_run_dir
+from vae_scale.preflight import NotReady, preflight, problems_before_start, wandb_fallback
+from vae_scale.run_state import (
+    load_phase_start,
+    load_trained_weights,
+    phase_start,
+    trained_weights,
+    weights_fingerprint,
+)
+from vae_scale.startup import check_new_phase, check_resume, check_trainable, prepare_run_dir
 from vae_scale.stop import StopFlag
 from vae_scale.summary import summary
 from vae_scale.train_log import TrainLog
@@ -148,12 +155,17 @@ class Trainer:
         eval_nets = load_eval_nets(cfg, cfg.eval.metrics) if cfg.eval.every else {}
         self.ckpt.clean_partial()
         path = self.resume_path()
+        phase = phase_start(cfg.model.init_from) if cfg.model.init_from and path is None else None
         if path is not None:
             self.restore(path)
+        elif phase is not None:  # build_vae loaded the VAE weights; the rest of what carries over
+            started = load_phase_start(*phase, cfg, self.model, self.criterion, self.disc, self.ema)
         self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
         self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp)  # rows, previews, evals
         if path is not None:
             self.monitor.write(f"resumed from {path} at step {self.step}")
+        elif phase is not None:
+            self.monitor.write(started)
         self._it = iter(self.loader)
 
     def close(self) -> None:
@@ -536,10 +548,14 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     """
     check_trainable(cfg)
     check_resume(cfg)
+    phase = check_new_phase(cfg)
+    if phase is not None:  # that checkpoint, not the run's newest when read again: config.yaml records it
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(phase)))
     plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
     problems = problems_before_start(cfg)
     if problems:
         raise NotReady(problems)
+    cfg = wandb_fallback(cfg)
     lock = prepare_run_dir(cfg, dry_run=dry_run)
     if dry_run:
         trainer = Trainer(cfg, plan, dry_run=True)

@@ -167,22 +167,50 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 # Folders
 
 
+def read_safetensors(path: str | Path, what: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; WeightsError naming the file (after `what`, e.g. the config key
+    that names it) when it is truncated, damaged or not safetensors at all."""
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError: a header or data shorter than it says, or no header at all
+        prefix = f"{what}: " if what else ""
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{prefix}{path} cannot be read: truncated or not safetensors ({why})") from None
+
+
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """WeightsError naming the first tensor of `sd` holding a NaN or an infinity: such weights only ever
+    train to NaN, and the run would then blame its learning rate."""
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(
+                f"{source}: tensor {name} holds {bad} non-finite value(s) (NaN or inf); these weights cannot "
+                "be trained or used"
+            )
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / WEIGHTS_NAME).is_file():
-        return load_file(path / WEIGHTS_NAME)
+        return read_safetensors(path / WEIGHTS_NAME)
     if (path / WEIGHTS_INDEX_NAME).is_file():
         index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
         sd: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
             if not (path / shard).is_file():
                 raise DiffusersFormatError(f"{path}: shard {shard} named in {WEIGHTS_INDEX_NAME} is missing")
-            sd.update(load_file(path / shard))
+            sd.update(read_safetensors(path / shard))
         return sd
     variants = sorted(path.glob("diffusion_pytorch_model.*.safetensors"))
     if variants:  # e.g. the fp16 variant SDXL ships
-        return load_file(variants[0])
+        return read_safetensors(variants[0])
     if (path / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip or pickle stream; weights_only refuses anything else
+            raise WeightsError(f"{path / LEGACY_WEIGHTS_NAME} cannot be read ({type(e).__name__})") from None
     raise DiffusersFormatError(f"{path}: no weights file ({WEIGHTS_NAME}) in the folder")
 
 
@@ -206,7 +234,9 @@ def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     except json.JSONDecodeError as e:
         raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
     cfg = config_from_diffusers(raw, str(path / CONFIG_NAME))
-    return cfg, state_dict_from_diffusers(_read_weights(path))
+    sd = _read_weights(path)
+    check_finite(sd, str(path))
+    return cfg, state_dict_from_diffusers(sd)
 
 
 def load_weights(
@@ -235,12 +265,10 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={str(path)!r}: no such file or folder")
-    if path.is_dir():
-        return state_dict_from_diffusers(_read_weights(_folder(path)))
-    try:
-        return state_dict_from_diffusers(load_file(path))
-    except Exception as e:
-        raise WeightsError(f"model.init_from={str(path)!r}: not a safetensors file ({e})") from None
+    what = f"model.init_from={str(path)!r}"
+    sd = _read_weights(_folder(path)) if path.is_dir() else read_safetensors(path, what)
+    check_finite(sd, what)
+    return state_dict_from_diffusers(sd)
 
 
 def load_init_weights(module: torch.nn.Module, path: str | Path) -> None:

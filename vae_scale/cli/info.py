@@ -11,7 +11,7 @@ from vae_scale.config import config_parser, load_config, preset_names
 
 def config_main(argv: list[str]) -> int:
     """`vae-scale config`: print the resolved YAML."""
-    args = config_parser("vae-scale config", "Print the resolved configuration.").parse_args(argv)
+    args = config_parser("vae-scale config", "Print the resolved configuration.").parse_intermixed_args(argv)
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
 

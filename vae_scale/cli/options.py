@@ -123,14 +123,16 @@ def add_data_args(p: argparse.ArgumentParser, split: str | None) -> argparse._Ar
             "Shorthands for the config keys named in each help; defaults: the config (--config and key=value "
             "overrides over DataConfig's defaults). A flag and its own key=value together are an error."
         )
-        data_help = "training shards: a brace pattern, folder, comma-separated list or URL, or 'synthetic'"
+        data_help = "training shards: a brace pattern, folder, comma-separated list (\\, for a comma in "
+        data_help += "a path) or URL, or 'synthetic'"
         data_help += " (default: data.train)"
     else:
         where = (
             "Defaults: the data section of the run's config.yaml (--run or a checkpoint); a diffusers folder "
             "has none, so DataConfig's defaults."
         )
-        data_help = "shards: a brace pattern, folder, comma-separated list or URL, or 'synthetic' "
+        data_help = "shards: a brace pattern, folder, comma-separated list (\\, for a comma in a path) or "
+        data_help += "URL, or 'synthetic' "
         data_help += f"(default: data.<split>, so data.{split} unless --split)"
     g = p.add_argument_group("data options (the same in every command that reads data)", where)
     g.add_argument("--data", metavar="SHARDS", help=data_help)

@@ -30,7 +30,7 @@ def train_main(argv: list[str]) -> int:
     from vae_scale.train import TrainingStopped, train
 
     p = train_parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before, between or after the flags
     cfg = load_config(args.config, [*args.overrides, *data_overrides(args, p)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -70,7 +70,7 @@ def demo_main(argv: list[str]) -> int:
     from vae_scale.demo import run_demo
 
     p = demo_parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.time_guard <= 0:
         p.error(f"--time-guard must be > 0 seconds, got {args.time_guard}")
     log_warnings()
