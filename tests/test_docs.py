@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_YET_MERGED = {
     "docs/security.md",
     "docs/faults.md",
-    "docs/phases.md",
 }
 
 
