@@ -12,7 +12,12 @@ if not pathlib.Path("/dev/nvidia0").exists() and not pathlib.Path("/dev/nvidiact
 
 # `make test` runs two pytest-xdist workers on two cores: one thread each (for the processes the tests start
 # too), or each worker's torch thread pool oversubscribes the cores and a 20 s test takes minutes.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# TEST_THREADS=N gives the tests and the processes they start N threads instead: a thread count splits a
+# convolution's sums differently, so `TEST_THREADS=2 make test-numerics` checks the tolerances against
+# that rounding too.
+if os.environ.get("TEST_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["TEST_THREADS"]
+elif os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -225,11 +225,12 @@ def free_port() -> int:
 
 def env(**extra: str) -> dict[str, str]:
     """The environment of a launched process: this checkout first, this interpreter's scripts (accelerate,
-    torchrun) on PATH, one thread per process, W&B offline, the real Triton compiler."""
+    torchrun) on PATH, one thread per process (TEST_THREADS when set), W&B offline, the real Triton
+    compiler."""
     e = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": os.environ.get("TEST_THREADS", "1"),
         "WANDB_MODE": "offline",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         **extra,
