@@ -69,7 +69,7 @@ def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(t
         "vae.safetensors": os.urandom(5000),
         "optimizer/__0_0.distcp": os.urandom(3000),
         "optimizer/__1_0.distcp": os.urandom(3000),
-        "optimizer/.metadata": b"meta",
+        "optimizer/.hidden": b"meta",  # a dot file at depth (a real DCP .metadata is also read: not here)
         "trainer_state.json": b"{}",
     }
     for name, data in files.items():

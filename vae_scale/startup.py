@@ -8,6 +8,7 @@ the missing weights, logins and validation samples, and says what the launch wil
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,10 +19,13 @@ from vae_scale.checkpoint import (
     RunLock,
     checkpoints_newest_first,
     is_complete,
+    newest_intact,
     verify_checkpoint,
 )
 from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict
 from vae_scale.outputs import check_writable_dir, check_writable_file
+
+log = logging.getLogger(__name__)
 
 RESUME_MODEL_KEYS = ModelConfig.WEIGHT_KEYS
 """The model keys a checkpoint to resume must share with the config (those that shape the weights)."""
@@ -82,6 +86,35 @@ def check_resume(cfg: Config) -> None:
             "checkpoint's values, another run.dir, or checkpoint.resume=never to start afresh (existing "
             "checkpoints are then moved aside, not deleted)"
         )
+
+
+def resume_plan(cfg: Config) -> str:
+    """What a run would resume from, as the dry-run says it: one line; each checkpoint it would pass over
+    (damaged, or holding optimizer state that would be refused) is logged as a warning naming the file.
+
+    DamagedCheckpoint, as the run itself would raise it, when checkpoint.resume names a damaged checkpoint
+    or every candidate is damaged.
+    """
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return "resume         never: the run starts afresh (existing checkpoints would be moved aside)"
+    given = Path(cfg.run.dir if resume == "auto" else resume)
+    if is_complete(given):
+        verify_checkpoint(given)
+        path, damaged = given, []
+    else:
+        path, damaged = newest_intact(given)
+    for _, why in damaged:
+        log.warning("the run would skip a damaged checkpoint: %s", why)
+    if path is None and damaged:
+        raise DamagedCheckpoint(
+            f"no intact checkpoint to resume from ({len(damaged)} damaged, the newest: {damaged[0][1]}); "
+            "move them away or give checkpoint.resume=never to start afresh"
+        )
+    if path is None:
+        return "resume         nothing to resume: the run starts at step 0"
+    passed = f", passing over {len(damaged)} damaged" if damaged else ""
+    return f"resume         from {path}{passed}"
 
 
 def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:

@@ -1,0 +1,141 @@
+"""A run folder, a checkpoint, shards and a diffusers folder are data, never code; an output never clobbers.
+
+Each attack is real: a crafted pickle that creates a marker file when unpickled, a config whose data is a
+`pipe:` command that creates one, a tar with hostile member names and a pickled sidecar. Each test checks
+that the marker is absent (and, where it cannot harm, that the payload does create it when run the unsafe
+way, so the test would notice a broken attack)."""
+
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from support import TINY
+
+from vae_scale.checkpoint import DamagedCheckpoint, latest_checkpoint, verify_checkpoint, write_manifest
+from vae_scale.cli import main as cli_main
+from vae_scale.config import load_config
+from vae_scale.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint, check_dcp_folder, read_metadata
+from vae_scale.train import train
+
+SYNTHETIC = [*TINY, "data.train=synthetic", "checkpoint.every=2", "optim.ema_decay=0.5"]
+
+
+class Payload:
+    """Unpickled, it creates `marker` (through the shell, as an attacker's command would)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def one_line_error(capsys, *names: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny run with EMA and two checkpoints (steps 2 and 4), never modified by the tests."""
+    run_dir = tmp_path_factory.mktemp("hostile") / "run"
+    train(load_config(None, [*SYNTHETIC, f"run.dir={run_dir}", "train.steps=4"]))
+    return run_dir
+
+
+@pytest.fixture
+def copy_of(run, tmp_path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. A checkpoint's optimizer state (torch.distributed.checkpoint) runs no code
+
+
+def plant_in_metadata(ckpt: Path, marker: Path, manifest: bool) -> bytes:
+    """Replace the checkpoint's real DCP .metadata by itself plus a payload (planner_data, which DCP keeps
+    as it is), then recompute the manifest as an attacker can, or remove it. Returns the crafted bytes."""
+    meta = read_metadata(ckpt / "optimizer")
+    meta.planner_data = {"x": Payload(marker)}
+    data = pickle.dumps(meta)
+    (ckpt / "optimizer" / ".metadata").write_bytes(data)
+    if manifest:
+        write_manifest(ckpt)
+    else:
+        (ckpt / "manifest.json").unlink()
+    return data
+
+
+@pytest.mark.parametrize("manifest", ["recomputed", "removed"])
+def test_a_pickle_planted_in_dcp_metadata_never_runs_and_resume_falls_back(
+    copy_of, tmp_path, capsys, caplog, manifest
+):
+    marker = tmp_path / "pwned"
+    newest = latest_checkpoint(copy_of)
+    assert newest.name == "step-000000004"
+    crafted = plant_in_metadata(newest, marker, manifest == "recomputed")
+    args = [*SYNTHETIC, f"run.dir={copy_of}", "train.steps=6"]
+
+    # The dry-run names the refused file and says where the run would resume from.
+    assert cli_main(["train", *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "resume         from" in out and "step-000000002, passing over 1 damaged" in out, out
+    assert "optimizer/.metadata" in caplog.text and "refused posix.system" in caplog.text, caplog.text
+    assert not marker.exists()
+
+    caplog.clear()
+    result = train(load_config(None, args))
+    assert result["step"] == 6 and not marker.exists()
+    assert "skipping a damaged checkpoint" in caplog.text and ".metadata" in caplog.text
+    assert "step-000000002 at step 2" in capsys.readouterr().out  # "resumed from ... at step 2"
+    # The refused checkpoint was moved aside, not deleted.
+    assert list(copy_of.glob("checkpoints/set-aside-*/step-000000004/optimizer/.metadata"))
+
+    # The payload is live: unpickled the way torch.distributed.checkpoint's own reader does, it runs.
+    pickle.loads(crafted)
+    assert marker.exists()
+
+
+def test_every_checkpoint_damaged_by_a_planted_pickle_stops_with_one_line(copy_of, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    for ckpt in sorted(copy_of.glob("checkpoints/step-*")):
+        plant_in_metadata(ckpt, marker, manifest=True)
+    args = ["train", *SYNTHETIC, f"run.dir={copy_of}", "train.steps=6"]
+    for dry in ([], ["--dry-run"]):
+        capsys.readouterr()
+        assert cli_main([*args, *dry]) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "no intact checkpoint to resume from" in last and ".metadata" in last, err
+        assert "Traceback" not in err and not marker.exists()
+    with pytest.raises(DamagedCheckpoint, match=r"optimizer/\.metadata .*refused posix\.system"):
+        verify_checkpoint(latest_checkpoint(copy_of))
+
+
+def test_a_pickle_in_a_non_tensor_optimizer_value_is_refused(tmp_path):
+    """DCP stores non-tensor values (param_groups: lr, betas) as pickles in the .distcp files and its default
+    planner loads them with weights_only=False; ours loads them as weights only."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "optimizer"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"vae": {"lr": torch.zeros(2), "param_groups": Payload(marker)}}, checkpoint_id=str(folder))
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpoint, match=r"__0_0\.distcp: the value of vae\.param_groups"):
+        check_dcp_folder(folder)
+    state = {"vae": {"lr": torch.ones(2), "param_groups": None}}
+    with pytest.raises(BaseException, match="Unsupported global|posix.system|weights_only"):
+        dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=True)
+    assert not marker.exists()
+    # DCP's own planner would run it.
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    assert marker.exists()
