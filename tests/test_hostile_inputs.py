@@ -139,3 +139,63 @@ def test_a_pickle_in_a_non_tensor_optimizer_value_is_refused(tmp_path):
     # DCP's own planner would run it.
     dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. A run folder's config.yaml never makes a command run the shell
+
+
+def plant_command(config: Path, marker: Path) -> str:
+    """Set data.train and data.val of a saved config.yaml to a pipe: that creates `marker`."""
+    import yaml
+
+    command = f"pipe:touch {marker}; cat /dev/null"
+    saved = yaml.safe_load(config.read_text())
+    saved["data"]["train"] = saved["data"]["val"] = command
+    config.write_text(yaml.safe_dump(saved))
+    return command
+
+
+def test_inference_commands_refuse_a_pipe_from_a_checkpoint_config(copy_of, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = latest_checkpoint(copy_of)
+    command = plant_command(ckpt / "config.yaml", marker)
+    write_manifest(ckpt)  # as an attacker with write access can
+    r = ["--run", str(copy_of)]
+    for argv in (
+        ["export", *r, "--out", str(tmp_path / "exported")],
+        ["eval", *r, "--n", "4", "--metrics", "psnr"],
+        ["encode", *r, "--n", "4", "--out", str(tmp_path / "latents")],
+    ):
+        assert cli_main(argv) == 2, argv
+        one_line_error(capsys, "data.", f"{ckpt}/config.yaml", "shell command", "--data")
+        assert not marker.exists(), argv
+    # An export that reads no data does not need it.
+    assert cli_main(["export", *r, "--out", str(tmp_path / "stats-free"), "--no-stats"]) == 0
+    assert not marker.exists()
+    # Typed on the command line, the same command is the user's: it runs (so the payload is live).
+    cli_main(["eval", *r, "--n", "4", "--metrics", "psnr", "--data", command])
+    assert marker.exists()
+
+
+def test_train_refuses_a_pipe_from_a_run_folders_config_unless_typed(copy_of, tmp_path, capsys):
+    from vae_scale.startup import check_config_commands
+
+    marker = tmp_path / "pwned"
+    saved = copy_of / "config.yaml"
+    plant_command(saved, marker)
+    assert cli_main(["train", "--config", str(saved), "--dry-run"]) == 2
+    one_line_error(capsys, "data.train", str(saved), "shell command", "on the command line")
+    # data.val is read by in-loop evaluation: refused when that is on.
+    train_typed = ["train", "--dry-run", "--config", str(saved), f"run.dir={copy_of}", "data.train=synthetic"]
+    assert cli_main([*train_typed, "eval.every=2"]) == 2
+    one_line_error(capsys, "data.val", str(saved))
+    assert not marker.exists()
+    # Typed: the saved file's commands are not used.
+    assert cli_main(train_typed) == 0
+    assert not marker.exists()
+    # A YAML of the user's own, outside any run folder, may hold a command: the user named that file.
+    own = tmp_path / "mine" / "config.yaml"
+    own.parent.mkdir()
+    shutil.copy(saved, own)
+    check_config_commands(str(own), load_config(str(own)), set())

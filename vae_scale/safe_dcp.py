@@ -77,13 +77,13 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def read_metadata(folder: str | Path) -> Metadata:
-    """The Metadata of the DCP folder `folder`, unpickled with only its own classes admitted.
+def read_metadata(folder: str | Path, name: str = METADATA) -> Metadata:
+    """The Metadata of the DCP folder `folder` (file `name`), unpickled with only its own classes admitted.
 
     UnsafeCheckpoint, naming the file and what was refused, for anything else, and when an entry points
     outside the folder.
     """
-    path = Path(folder) / METADATA
+    path = Path(folder) / name
     try:
         with open(path, "rb") as f:
             meta = _MetadataUnpickler(f).load()
@@ -107,9 +107,8 @@ class SafeReader(FileSystemReader):
     """DCP's file-system reader with `.metadata` read by `read_metadata`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:  # per-rank metadata files: not a layout this project writes
-            raise UnsafeCheckpoint(f"{self.path}: per-rank metadata is not read")
-        meta = read_metadata(Path(self.path))
+        rank = kwargs.get("rank")  # DCP falls back to a rank's own __<rank>.metadata when .metadata fails
+        meta = read_metadata(Path(self.path), METADATA if rank is None else f"__{rank}{METADATA}")
         meta.storage_meta = meta.storage_meta or torch.distributed.checkpoint.metadata.StorageMeta()
         meta.storage_meta.load_id = self.load_id
         return meta

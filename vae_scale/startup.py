@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from vae_scale.checkpoint import (
+    LOCK,
+    MARKER,
     DamagedCheckpoint,
     RunLock,
     checkpoints_newest_first,
@@ -24,11 +26,36 @@ from vae_scale.checkpoint import (
 )
 from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict
 from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.shard_reader import refuse_commands_from_file
 
 log = logging.getLogger(__name__)
 
 RESUME_MODEL_KEYS = ModelConfig.WEIGHT_KEYS
 """The model keys a checkpoint to resume must share with the config (those that shape the weights)."""
+
+
+RUN_FOLDER_SIGNS = ("checkpoints", "metrics.jsonl", LOCK, "init", MARKER)
+"""What a folder holds when it is a run folder (or a checkpoint), whatever wrote it."""
+
+
+def check_config_commands(config_path: str | None, cfg: Config, typed: set[str]) -> None:
+    """DataError when --config is a run folder's saved config.yaml (or a checkpoint's) and its data.train (or
+    data.val, when evaluation is on) is a shell command (`pipe:`) that the command line (`typed`: the keys
+    given there) does not give again.
+
+    A preset or a YAML file of the user's own may hold a command: the user named that file. A run folder
+    may be someone else's (a shared file system), so what its files say to run is run only when typed.
+    """
+    if not config_path or not Path(config_path).is_file():
+        return
+    folder = Path(config_path).resolve().parent
+    if not any((folder / sign).exists() for sign in RUN_FOLDER_SIGNS):
+        return
+    for split in ("train", "val") if cfg.eval.every else ("train",):  # data.val is read by evaluation only
+        key = f"data.{split}"
+        if key not in typed:
+            how = f"give {key}='...' (or --data for data.train) on the command line if you trust it"
+            refuse_commands_from_file(getattr(cfg.data, split), key, config_path, how)
 
 
 def check_trainable(cfg: Config) -> None:
