@@ -5,9 +5,11 @@ Each attack is real: a crafted pickle that creates a marker file when unpickled,
 that the marker is absent (and, where it cannot harm, that the payload does create it when run the unsafe
 way, so the test would notice a broken attack)."""
 
+import json
 import os
 import pickle
 import shutil
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -199,3 +201,76 @@ def test_train_refuses_a_pipe_from_a_run_folders_config_unless_typed(copy_of, tm
     own.parent.mkdir()
     shutil.copy(saved, own)
     check_config_commands(str(own), load_config(str(own)), set())
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. encode copies no hostile member name and no pickled sidecar
+
+
+def png_bytes(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)  # as written: tarfile keeps "../" and a leading "/"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_encode_skips_hostile_member_names_and_leaves_pickled_sidecars_out(run, tmp_path, capsys):
+    import webdataset as wds
+
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Payload(marker))
+    shard = tmp_path / "src" / "hostile-000000.tar"
+    shard.parent.mkdir()
+    write_tar(
+        shard,
+        [
+            ("../../../escape.png", png_bytes(0)),
+            ("/abs/escape.png", png_bytes(1)),
+            ("good.png", png_bytes(2)),
+            ("good.txt", b"a caption"),
+            ("good.json", b'{"width": 40}'),
+            ("good.pickle", evil),
+            ("good.pyd", evil),
+            ("good.meta.pth", evil),
+        ],
+    )
+    with tarfile.open(shard) as tar:  # the hostile names really are in the source
+        assert {"../../../escape.png", "/abs/escape.png"} <= set(tar.getnames())
+    out = tmp_path / "latents"
+    argv = ["encode", "--run", str(run), "--data", str(shard), "--out", str(out), "--resolution", "32"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 1 latents" in printed and "unsafe_key 2" in printed, printed
+    assert "left out 3 sidecars" in printed and ".pickle 1" in printed and ".pyd 1" in printed, printed
+
+    names = [n for tar in out.glob("*.tar") for n in tarfile.open(tar).getnames()]
+    assert sorted(names) == ["good.json", "good.latent.json", "good.safetensors", "good.txt"], names
+    index = json.loads((out / "index.json").read_text())
+    assert index["skipped"] == {"unsafe_key": 2}
+    assert index["sidecars_left_out"] == {"pickle": 1, "pyd": 1, "meta.pth": 1}
+    assert not list(tmp_path.rglob("escape*")) and not Path("/abs").exists()
+
+    # What a diffusion trainer does with the latents: webdataset decodes every member it finds.
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    (sample,) = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert sample["txt"] == "a caption" and sample["json"] == {"width": 40}
+    assert not marker.exists()
+    # The sidecar left out was live: webdataset's decoder runs it.
+    source = wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False)
+    list(source.decode(handler=wds.ignore_and_continue))  # .meta.pth is no torch file: that sample fails
+    assert marker.exists()
