@@ -274,3 +274,98 @@ def test_encode_skips_hostile_member_names_and_leaves_pickled_sidecars_out(run, 
     source = wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False)
     list(source.decode(handler=wds.ignore_and_continue))  # .meta.pth is no torch file: that sample fails
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. Outputs never clobber
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_export_refuses_a_non_empty_folder_and_overwriting_removes_stale_variants_and_stats(
+    run, tmp_path, capsys
+):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    out = tmp_path / "exported"
+    old_ckpt = run / "checkpoints" / "step-000000002"
+    # An earlier export, with measured statistics, whose weights were also saved as the fp16 variant.
+    assert cli_main(["export", "--ckpt", str(old_ckpt), "--out", str(out), "--n", "8"]) == 0
+    shutil.copy(out / "diffusion_pytorch_model.safetensors", out / "diffusion_pytorch_model.fp16.safetensors")
+    assert (out / "latent_statistics.json").is_file()
+    before = tree(out)
+    capsys.readouterr()
+
+    newer = ["export", "--run", str(run), "--out", str(out), "--no-stats"]
+    assert cli_main(newer) == 2
+    one_line_error(capsys, str(out), "not empty", "--overwrite")
+    assert tree(out) == before
+    # The stale variant is what from_pretrained(variant="fp16") loads: the old weights.
+    new_weights = load_file(latest_checkpoint(run) / "vae.safetensors")
+    stale = AutoencoderKL.from_pretrained(out, variant="fp16")
+    assert not torch.equal(
+        stale.state_dict()["decoder.conv_out.weight"], new_weights["decoder.conv_out.weight"]
+    )
+
+    assert cli_main([*newer, "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "diffusion_pytorch_model.fp16.safetensors, latent_statistics.json" in printed, printed
+    assert sorted(tree(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = AutoencoderKL.from_pretrained(out)
+    assert torch.equal(loaded.state_dict()["decoder.conv_out.weight"], new_weights["decoder.conv_out.weight"])
+    with pytest.raises(OSError, match="fp16"):  # no variant left to load stale weights from
+        AutoencoderKL.from_pretrained(out, variant="fp16")
+
+
+def test_export_never_writes_over_the_folder_it_reads(tmp_path, capsys):
+    from support import tiny_diffusers_vae
+
+    source = tmp_path / "sd-vae"
+    tiny_diffusers_vae(source)
+    before = tree(source)
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(["export", "--ckpt", str(source), "--out", str(source), "--no-stats", *extra]) == 2
+        one_line_error(capsys, "is the folder being read")
+        single = ["--format", "safetensors", "--out", str(source / "diffusion_pytorch_model.safetensors")]
+        assert cli_main(["export", "--ckpt", str(source), *single, *extra]) == 2
+        one_line_error(capsys, "in the folder being read")
+    assert tree(source) == before
+
+
+def test_encode_sample_compare_and_shards_refuse_to_replace_their_output(run, tmp_path, capsys):
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    (latents / "latents-000-000009.tar").write_bytes(b"an earlier encode's shard")
+    (latents / "notes.txt").write_text("mine")
+    encode = ["encode", "--run", str(run), "--data", "synthetic", "--n", "4", "--out", str(latents)]
+    assert cli_main(encode) == 2
+    one_line_error(capsys, str(latents), "not empty", "--overwrite")
+    assert cli_main([*encode, "--overwrite"]) == 0
+    # the earlier shard (it would mix in) is gone, the user's file is not
+    assert sorted(p.name for p in latents.iterdir()) == ["index.json", "latents-000-000000.tar", "notes.txt"]
+    capsys.readouterr()  # the progress bar
+
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an earlier grid")
+    sample = ["sample", "--run", str(run), "--n", "4", "--out", str(grid)]
+    assert cli_main(sample) == 2
+    one_line_error(capsys, str(grid), "exists", "--overwrite")
+    assert grid.read_bytes() == b"an earlier grid"
+    assert cli_main([*sample, "--overwrite"]) == 0 and grid.read_bytes().startswith(b"\x89PNG")
+
+    # compare: never over a run's own files, whatever the flags
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(["compare", str(run), "--out", str(run / "metrics.jsonl"), *extra]) == 2
+        one_line_error(capsys, "metrics.jsonl", "the file being read")
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-000000.tar").write_bytes(b"earlier shards")
+    assert cli_main(["shards", "sample", str(shards), "--size", "32", "--quiet", "--workers", "1"]) == 2
+    one_line_error(capsys, str(shards), "not empty", "--overwrite")
+    assert (shards / "train-000000.tar").read_bytes() == b"earlier shards"

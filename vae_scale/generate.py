@@ -45,7 +45,8 @@ from vae_scale.commands import (
 )
 from vae_scale.metrics import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
-from vae_scale.shard_reader import IMAGE_EXTENSIONS, expand_shards, shard_counts, to_rgb
+from vae_scale.outputs import check_output_dir
+from vae_scale.shard_reader import IMAGE_EXTENSIONS, DataError, expand_shards, shard_counts, to_rgb
 from vae_scale.shards import ShardWriter
 from vae_scale.synthetic import SYNTHETIC
 
@@ -307,8 +308,13 @@ def encode_latents(
     n: int = 0,
     seed: int = 0,
     procs: Processes | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """`vae-scale encode`: latent shards of `data` in `out` (see the module docstring), this rank's share.
+
+    A non-empty `out` is refused (OutputError) unless overwrite, and always when it holds the shards read;
+    overwriting removes the `prefix` shards and index.json of an earlier encode first (maybe from more
+    processes, which would otherwise mix in), nothing else.
 
     fmt: LATENT_FORMATS; dtype: a DTYPES name; shape: image_reader.SHAPES (buckets of about
     data.resolution^2 pixels, sides multiples of bucket_step, aspect at most max_aspect); tiling: a
@@ -322,9 +328,10 @@ def encode_latents(
     check_resolution(vae, data.resolution, "--resolution")
     procs = procs or processes()
     out = Path(out)
+    check_output_dir(out, "--out", overwrite, _shard_folders(data))  # every rank, before any writes
+    procs.barrier()
     if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        stale = re.compile(rf"{re.escape(prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?")
+        stale = re.compile(rf"{re.escape(prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?|index\.json")
         for old in out.iterdir():  # shards of an earlier run (maybe with more ranks) would mix in
             if stale.fullmatch(old.name):
                 old.unlink()
@@ -459,6 +466,17 @@ def encode_latents(
             )
     procs.barrier()
     return lines
+
+
+def _shard_folders(data: DataOptions) -> list[Path]:
+    """The local folders of the shards `data` reads ([] when none, or when the spec is bad: reading says)."""
+    if data.data == SYNTHETIC:
+        return []
+    try:
+        urls = expand_shards(data.data, data.split)
+    except DataError:
+        return []
+    return sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")})
 
 
 def _expected_samples(data: str, split: str, limit: int, world: int) -> int | None:
