@@ -77,8 +77,10 @@ def safe_sidecars(sidecars: dict[str, bytes]) -> tuple[dict[str, bytes], list[st
     """(the sidecars encode copies, the extensions it leaves out): see SIDECAR_EXTENSIONS."""
     kept, dropped = {}, []
     for ext, data in sidecars.items():
-        ok = _EXT.fullmatch(ext) is not None and ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS
-        (kept.__setitem__(ext, data) if ok else dropped.append(ext))
+        if _EXT.fullmatch(ext) is not None and ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
+            kept[ext] = data
+        else:
+            dropped.append(ext)
     return kept, dropped
 
 
