@@ -121,6 +121,16 @@ def test_every_checkpoint_damaged_by_a_planted_pickle_stops_with_one_line(copy_o
         verify_checkpoint(latest_checkpoint(copy_of))
 
 
+def test_optimizer_state_without_its_metadata_is_damaged(copy_of):
+    """Without .metadata, DCP falls back to per-rank metadata files: a checkpoint that lacks it is passed
+    over like any damaged one rather than read another way."""
+    newest = latest_checkpoint(copy_of)
+    (newest / "optimizer" / ".metadata").unlink()
+    write_manifest(newest)
+    with pytest.raises(DamagedCheckpoint, match=r"optimizer/\.metadata is missing"):
+        verify_checkpoint(newest)
+
+
 def test_a_pickle_in_a_non_tensor_optimizer_value_is_refused(tmp_path):
     """DCP stores non-tensor values (param_groups: lr, betas) as pickles in the .distcp files and its default
     planner loads them with weights_only=False; ours loads them as weights only."""

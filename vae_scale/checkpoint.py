@@ -215,8 +215,10 @@ def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> None:
 
 def _check_optimizer_state(folder: Path) -> None:
     """DamagedCheckpoint when the optimizer state (DCP) holds a pickle that a resume would refuse."""
-    if not (folder / OPTIMIZER_DIR / ".metadata").is_file():
+    if not (folder / OPTIMIZER_DIR).is_dir():  # accelerate's older layout: optimizer.bin, weights only
         return
+    if not (folder / OPTIMIZER_DIR / ".metadata").is_file():
+        raise DamagedCheckpoint(f"{folder}: {OPTIMIZER_DIR}/.metadata is missing")
     try:
         check_dcp_folder(folder / OPTIMIZER_DIR)
     except (UnsafeCheckpoint, OSError) as e:
