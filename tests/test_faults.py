@@ -64,12 +64,12 @@ def one_line_error(capsys, *names: str) -> str:
 
 def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(tmp_path):
     ckpt = tmp_path / "step-000000010"
-    (ckpt / "optimizer").mkdir(parents=True)
+    (ckpt / "extra").mkdir(parents=True)  # not optimizer/: that is read as DCP state too
     files = {
         "vae.safetensors": os.urandom(5000),
-        "optimizer/__0_0.distcp": os.urandom(3000),
-        "optimizer/__1_0.distcp": os.urandom(3000),
-        "optimizer/.metadata": b"meta",
+        "extra/__0_0.distcp": os.urandom(3000),
+        "extra/__1_0.distcp": os.urandom(3000),
+        "extra/.metadata": b"meta",
         "trainer_state.json": b"{}",
     }
     for name, data in files.items():
@@ -79,12 +79,12 @@ def test_the_manifest_covers_every_file_at_any_depth_and_names_the_damaged_one(t
     assert set(listed) == set(files) and listed["vae.safetensors"]["bytes"] == 5000
     verify_checkpoint(ckpt)
 
-    shard = ckpt / "optimizer/__1_0.distcp"
-    shard.write_bytes(files["optimizer/__1_0.distcp"][:1000])  # truncated
+    shard = ckpt / "extra/__1_0.distcp"
+    shard.write_bytes(files["extra/__1_0.distcp"][:1000])  # truncated
     with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp has 1000 bytes, its manifest says 3000"):
         verify_checkpoint(ckpt)
     verify_checkpoint(ckpt, ["vae.safetensors"])  # a file not asked about is not read
-    flipped = bytearray(files["optimizer/__1_0.distcp"])
+    flipped = bytearray(files["extra/__1_0.distcp"])
     flipped[1234] ^= 0x01  # same size, one bit off
     shard.write_bytes(bytes(flipped))
     with pytest.raises(DamagedCheckpoint, match=r"__1_0\.distcp does not match its checksum"):

@@ -212,7 +212,7 @@ def test_reconstruct_writes_input_and_reconstruction_side_by_side(run, tmp_path,
     )
     assert Image.open(out / "r" / "a.png").size == (2 * 18 + 2, 20)
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        reconstruct_main(["--run", str(run_dir), str(tmp_path / "nope.png"), "--out", str(out)])
+        reconstruct_main(["--run", str(run_dir), str(tmp_path / "nope.png"), "--out", str(tmp_path / "new")])
 
 
 def read_shards(folder: Path) -> dict[str, dict[str, bytes]]:

@@ -21,6 +21,7 @@ LAYERS = {
     # 1. files of weights: diffusers folders and names; checkpoint folders (layout, manifest, run lock)
     "weights": 1,
     "checkpoint": 1,
+    "safe_dcp": 1,
     # 2. the model
     "model": 2,
     # 3. the parts of training and evaluation

@@ -403,8 +403,8 @@ def test_discriminator_shape_and_init():
 
 def lpips_reference(x: torch.Tensor, y: torch.Tensor, folder) -> torch.Tensor:
     """LPIPS written out from the files: conv/ReLU/pool stack, taps after each block's last ReLU."""
-    vgg = torch.load(folder / VGG16_FILE)
-    heads = torch.load(folder / LPIPS_FILE)
+    vgg = torch.load(folder / VGG16_FILE, weights_only=True)
+    heads = torch.load(folder / LPIPS_FILE, weights_only=True)
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
@@ -435,7 +435,10 @@ def lpips_net(lpips_dir):
 
 
 def test_lpips_loads_by_name_and_matches_a_reference(lpips_dir, lpips_net):
-    vgg, heads = torch.load(lpips_dir / VGG16_FILE), torch.load(lpips_dir / LPIPS_FILE)
+    vgg, heads = (
+        torch.load(lpips_dir / VGG16_FILE, weights_only=True),
+        torch.load(lpips_dir / LPIPS_FILE, weights_only=True),
+    )
     assert torch.equal(lpips_net.features[28].weight, vgg["features.28.weight"])
     assert torch.equal(lpips_net.features[0].bias, vgg["features.0.bias"])
     assert torch.equal(lpips_net.lin3.model[1].weight, heads["lin3.model.1.weight"])
@@ -504,7 +507,7 @@ def test_missing_lpips_weights_give_a_clear_error_and_no_download(tmp_path, monk
 
 
 def test_a_weight_file_without_the_expected_names_is_rejected(lpips_dir, tmp_path):
-    heads = torch.load(lpips_dir / LPIPS_FILE)
+    heads = torch.load(lpips_dir / LPIPS_FILE, weights_only=True)
     torch.save({k.replace("lin4", "lin_4"): v for k, v in heads.items()}, tmp_path / LPIPS_FILE)
     with pytest.raises(LossConfigError, match=r"lin4\.model\.1\.weight"):
         LPIPS.from_files(tmp_path / LPIPS_FILE, lpips_dir / VGG16_FILE)

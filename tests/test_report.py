@@ -128,7 +128,9 @@ def test_compare_prints_latest_and_best_and_overlays_the_curves(tmp_path, capsys
     assert loss_chart.count("<polyline") >= 2 and "#1f77b4" in loss_chart and "#d62728" in loss_chart
     assert chart_titles(page)[0] == "loss"
 
-    assert main(["compare", str(a), str(b), "--metrics", "val/psnr", "--out", str(out)]) == 0
+    assert main(["compare", str(a), str(b), "--metrics", "val/psnr", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and chart_titles(out.read_text())[0] == "loss"  # kept
+    assert main(["compare", str(a), str(b), "--metrics", "val/psnr", "--out", str(out), "--overwrite"]) == 0
     assert chart_titles(out.read_text()) == ["val/psnr"]
     assert main(["compare", str(a), "--metrics", "nope", "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err

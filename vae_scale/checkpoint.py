@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vae_scale.outputs import OutputError
+from vae_scale.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint, check_dcp_folder
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,9 @@ def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> None:
     """Check a checkpoint's files (all, or the named ones that it lists) against its manifest.
 
     DamagedCheckpoint names the first file that is missing, has another size, or another checksum. A
-    checkpoint without a manifest is accepted unchecked (a warning says so).
+    checkpoint without a manifest is accepted unchecked (a warning says so). Checking all files also reads
+    the optimizer state's metadata and non-tensor values the way a resume does (safe_dcp: no code runs), so
+    one that would be refused at load is damaged here, manifest or not.
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -208,6 +211,8 @@ def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> None:
         if folder.resolve() not in _unverified:
             _unverified.add(folder.resolve())
             log.warning("%s has no %s: its files are not verified", folder, MANIFEST)
+        if files is None:
+            _check_optimizer_state(folder)
         return
     try:
         listed = json.loads(path.read_text())["files"]
@@ -226,6 +231,20 @@ def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> None:
             )
         if _crc32(p) != want["crc32"]:
             raise DamagedCheckpoint(f"{folder}: {name} does not match its checksum (the file is corrupted)")
+    if files is None:
+        _check_optimizer_state(folder)
+
+
+def _check_optimizer_state(folder: Path) -> None:
+    """DamagedCheckpoint when the optimizer state (DCP) holds a pickle that a resume would refuse."""
+    if not (folder / OPTIMIZER_DIR).is_dir():  # accelerate's older layout: optimizer.bin, weights only
+        return
+    if not (folder / OPTIMIZER_DIR / ".metadata").is_file():
+        raise DamagedCheckpoint(f"{folder}: {OPTIMIZER_DIR}/.metadata is missing")
+    try:
+        check_dcp_folder(folder / OPTIMIZER_DIR)
+    except (UnsafeCheckpoint, OSError) as e:
+        raise DamagedCheckpoint(str(e)) from None
 
 
 def _earlier(ckpt: Path) -> str:
@@ -507,7 +526,14 @@ def load_optimizers(
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {name: get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not _distributed())
+    # DCP's own reader and planner unpickle what the folder holds; these admit data only (safe_dcp).
+    dcp.load(
+        state,
+        storage_reader=SafeReader(folder),
+        planner=SafePlanner(),
+        checkpoint_id=str(folder),
+        no_dist=not _distributed(),
+    )
     for name, (module, opt) in optimizers.items():
         set_optimizer_state_dict(module, opt, optim_state_dict=state[name])
 

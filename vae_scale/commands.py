@@ -18,7 +18,7 @@ import torch
 
 from vae_scale.config import Config, DataConfig, config_from_dict
 from vae_scale.image_reader import ImageReader
-from vae_scale.shard_reader import expand_shards, shard_counts
+from vae_scale.shard_reader import expand_shards, refuse_commands_from_file, shard_counts
 
 
 class InputError(ValueError):
@@ -36,6 +36,11 @@ class LoadedModel:
     checkpoint: Path | None = None
     ema: bool = False
     """Whether `vae` holds the checkpoint's EMA weights."""
+
+    @property
+    def config_file(self) -> Path | None:
+        """The file `config` was read from (a checkpoint's config.yaml); None for a diffusers folder."""
+        return None if self.checkpoint is None else self.checkpoint / "config.yaml"
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -142,6 +147,9 @@ class DataOptions:
     resolution: int = DataConfig.resolution
     batch_size: int = DataConfig.batch_size
     workers: int = DataConfig.workers
+    origin: str | None = None
+    """The file `data` was read from (a run's config.yaml), None when the user gave it: shards from a file
+    that are a shell command (`pipe:`) are refused (DataError) when read, never run."""
 
     @classmethod
     def from_config(
@@ -153,8 +161,12 @@ class DataOptions:
         resolution: int | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        origin: str | os.PathLike | None = None,
     ) -> DataOptions:
-        """`cfg`'s data.<split> (the shards), resolution, batch_size and workers, each unless given."""
+        """`cfg`'s data.<split> (the shards), resolution, batch_size and workers, each unless given.
+
+        origin: the file `cfg` was read from (a run's config.yaml), kept when the shards come from it.
+        """
 
         def pick(given, default):
             return default if given is None else given
@@ -165,7 +177,14 @@ class DataOptions:
             resolution=pick(resolution, cfg.resolution),
             batch_size=pick(batch_size, cfg.batch_size),
             workers=pick(workers, cfg.workers),
+            origin=None if data is not None or origin is None else str(origin),
         )
+
+    def _refuse_commands(self) -> None:
+        if self.origin is not None:
+            refuse_commands_from_file(
+                self.data, f"data.{self.split}", self.origin, "give it with --data '...' if you trust it"
+            )
 
     def images(
         self, *, shape: str, multiple: int, rank: int = 0, world: int = 1, **reader: Any
@@ -173,6 +192,7 @@ class DataOptions:
         """This rank's finite batches of whole images of the shards (image_reader.ImageReader): `shape`
         square, native or buckets, cropped to multiples of `multiple`; `reader`: ImageReader's other
         arguments."""
+        self._refuse_commands()
         urls = expand_shards(self.data, self.split)
         return ImageReader(
             urls,
@@ -191,6 +211,7 @@ class DataOptions:
         self, *, rank: int = 0, world: int = 1, limit: int = 0, seed: int = 0
     ) -> Iterator[dict[str, Any]]:
         """This rank's finite center-crop batches (`iter_batches`)."""
+        self._refuse_commands()
         return iter_batches(
             self.data,
             split=self.split,

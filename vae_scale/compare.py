@@ -18,6 +18,10 @@ from pathlib import Path
 from vae_scale.checkpoint import write_atomic
 from vae_scale.commands import InputError
 from vae_scale.monitor import is_constant, metric_order, metric_series, read_metrics, svg_chart
+from vae_scale.outputs import check_output_file
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "report.html", "run.lock")
+"""A run folder's own files, which compare's page never replaces."""
 
 HIGHER_IS_BETTER = ("psnr", "ssim", "active_units")
 LOWER_IS_BETTER = ("loss", "rec", "nll", "kl", "perceptual", "lpips", "rfid", "bpd", "mse", "bits_per_dim")
@@ -42,10 +46,16 @@ def _label(run: Path, runs: list[Path]) -> str:
 
 
 def compare_runs(
-    runs: list[str | Path], metrics: list[str] | None = None, out: str | Path = "compare.html"
+    runs: list[str | Path],
+    metrics: list[str] | None = None,
+    out: str | Path = "compare.html",
+    overwrite: bool = False,
 ) -> str:
     """`vae-scale compare`: the table of the runs' latest (best) metrics, returned; their curves, overlaid
-    metric by metric, written to the HTML page `out`. metrics None: every metric that varies in a run."""
+    metric by metric, written to the HTML page `out`. metrics None: every metric that varies in a run.
+
+    An existing `out` is refused (OutputError) unless overwrite, and always when it is a file of a run.
+    """
     runs = [Path(r) for r in runs]
     data = {}
     for run in runs:
@@ -65,6 +75,8 @@ def compare_runs(
             for m in sorted(names, key=metric_order)
             if not m.startswith("data/bad/") and any(m in d and not is_constant(d[m]) for d in data.values())
         ]
+
+    check_output_file(out, "--out", overwrite, [run / name for run in runs for name in RUN_FILES])
 
     labels = [_label(run, runs) for run in runs]
     table = [["metric", *labels]]
@@ -102,6 +114,5 @@ figcaption{{font-size:13px}}pre{{font-size:13px}}</style></head><body>
 <h2>Curves</h2>{charts or "<p>No metric to chart.</p>"}</body></html>
 """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, page)
     return "\n".join(lines)

@@ -51,9 +51,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from vae_scale.checkpoint import write_atomic
 from vae_scale.commands import DataOptions, InputError, LoadedModel
 from vae_scale.config import ConfigError, ModelConfig, load_config
 from vae_scale.metrics import key_noise
+from vae_scale.outputs import check_output_dir, check_output_file
 from vae_scale.shard_reader import DataError
 
 log = logging.getLogger(__name__)
@@ -263,6 +265,43 @@ def _measure(loaded, vae, device, data: DataOptions, n: int, sample: bool, seed:
     return stats
 
 
+STATISTICS = "latent_statistics.json"
+# What from_pretrained may load besides the weights export writes: variants (.fp16), shards and their index,
+# the legacy .bin
+_WEIGHT_FILES = re.compile(r"diffusion_pytorch_model([.-].+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def export_sources(loaded: LoadedModel) -> list[Path]:
+    """The folders an export reads: the diffusers folder (and its vae/), or the checkpoint and the folder of
+    the weights a fine-tune was imported from (its config.json, the contract)."""
+    if loaded.checkpoint is None:
+        source = Path(loaded.source)
+        return [source, source / "vae"]
+    reads = [loaded.checkpoint]
+    if loaded.config.model.init_from:
+        reads.append(Path(loaded.config.model.init_from).parent)
+    return reads
+
+
+def remove_stale_export(out: Path, keep_statistics: bool) -> list[str]:
+    """Remove from a diffusers folder export just wrote what an earlier export left that this one did not
+    write (weights variants, shards, the legacy .bin; latent_statistics.json unless kept); their names."""
+    from vae_scale.weights import WEIGHTS_NAME
+
+    stale = [
+        p
+        for p in sorted(out.iterdir())
+        if p.is_file()
+        and (
+            (_WEIGHT_FILES.fullmatch(p.name) and p.name != WEIGHTS_NAME)
+            or (p.name == STATISTICS and not keep_statistics)
+        )
+    ]
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
+
+
 def _factors(scaling_factor: float, shift_factor: float | None) -> str:
     shift = "null" if shift_factor is None else f"{shift_factor:.6g}"
     return f"scaling_factor {scaling_factor:.6g}, shift_factor {shift}"
@@ -282,6 +321,7 @@ def export_vae(
     shift: bool = True,
     channel_stats: bool = True,
     device: torch.device | str = "cpu",
+    overwrite: bool = False,
 ) -> list[str]:
     """`vae-scale export`: write a loaded VAE as a diffusers folder (fmt "diffusers") or one single-file
     .safetensors (fmt "safetensors"; a folder `out` gets vae.safetensors); the lines to report.
@@ -289,11 +329,23 @@ def export_vae(
     A fine-tune of imported weights keeps the imported config.json (its latent contract) and gets the
     statistics measured on n samples of `data` as advice; a VAE trained from scratch, or measure_latents,
     gets them in its config (shift: shift_factor, channel_stats: latents_mean / latents_std). no_stats
-    measures nothing. `out` is checked by the caller (outputs.check_writable_*).
+    measures nothing.
+
+    A non-empty `out` folder (an existing `out` file) is refused (OutputError) unless overwrite, and always
+    when it is what the model is read from; overwriting removes what an earlier export left there that
+    this one does not write (weights variants and shards such as diffusion_pytorch_model.fp16.safetensors,
+    which from_pretrained(variant=...) would load; latent_statistics.json), and nothing else.
     """
     from vae_scale.weights import config_to_diffusers
 
     out = Path(out)
+    reads = export_sources(loaded)
+    if fmt == "diffusers":
+        run_dir = [loaded.checkpoint.parent.parent] if loaded.checkpoint is not None else []
+        check_output_dir(out, "--out", overwrite, [*reads, *run_dir])
+    else:
+        written = out if out.suffix == ".safetensors" else out / "vae.safetensors"
+        check_output_file(written, "--out", overwrite, reads)
     cfg, vae = loaded.config, loaded.vae
     # Weights that came from a diffusers VAE carry its latent contract; a diffusion model relies on it.
     origin = first_origin(cfg.model.init_from) if loaded.checkpoint is not None else loaded.source
@@ -310,7 +362,7 @@ def export_vae(
         )
 
     vae.to(device)
-    stats, advice_error = None, None
+    stats, advice_error, removed = None, None, []
     if into_config:
         stats = _measure(loaded, vae, device, data, n, sample, seed)
         vae.config = with_statistics(vae.config, stats, shift=shift, channel_stats=channel_stats)
@@ -330,10 +382,10 @@ def export_vae(
     if fmt == "diffusers":
         vae.save_diffusers(out, config)
         if stats is not None:
-            (out / "latent_statistics.json").write_text(json.dumps(stats, indent=2) + "\n")
+            write_atomic(out / STATISTICS, json.dumps(stats, indent=2) + "\n")
+        removed = remove_stale_export(out, keep_statistics=stats is not None)
         written = out
     else:
-        written = out if out.suffix == ".safetensors" else out / "vae.safetensors"
         written.parent.mkdir(parents=True, exist_ok=True)
         sd = state_dict_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))
         meta = {"format": "pt", "config": json.dumps(config)}
@@ -369,6 +421,8 @@ def export_vae(
         )
     elif advice_error is not None:
         lines.append(f"latent statistics not measured ({advice_error}); the contract is kept all the same")
+    if removed:
+        lines.append(f"removed what an earlier export left in {out}: {', '.join(removed)}")
     return lines
 
 

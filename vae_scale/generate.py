@@ -6,15 +6,18 @@ vae_scale/cli/generate.py).
     accelerate launch -m vae_scale encode --run runs/sd-ft --data '/data/train-{000..099}.tar' --out latents/
 
 `encode` writes WebDataset shards for training a diffusion model on the latents: per sample `<key>.npy` or
-`<key>.safetensors` (tensor "latent", (C, h, w)), `<key>.latent.json` (source shard and key, the encoded
-image size, the latent shape and dtype) and every sidecar of the source sample as it was (`.txt`,
-`.json`, ... captions and metadata), under the source's keys. Images are encoded as square crops, at
-their native size, or in aspect-ratio buckets (vae_scale.image_reader), tile by tile when larger than the
-tile. The latent is the posterior mean unless --sample (a reparameterised sample, seeded by the sample's
-key), and raw: a diffusion model applies the scale and shift recorded in the output's index.json (the model
-config's scaling_factor / shift_factor; `vae-scale export` measures them). Each process writes its own
-shards `<prefix>-<rank>-<shard>.tar` from its share of the data (every sample exactly once); the main
-process writes index.json with the per-shard counts once every rank is done.
+`<key>.safetensors` (tensor "latent", (C, h, w)), `<key>.latent.json` (source shard and key, the encoded image
+size, the latent shape and dtype) and the sidecars of the source sample as they were (captions and metadata of
+the extensions in SIDECAR_EXTENSIONS only: a `.pickle` or `.pyd` one, which webdataset's decode() would
+unpickle for whoever trains on the latents, is left out and counted), under the source's keys. A sample whose
+key is not a plain relative name (absolute, `..`, control characters) is skipped and counted: a tar member
+named `../../x.safetensors` would land outside the folder it is extracted into. Images are encoded as square
+crops, at their native size, or in aspect-ratio buckets (vae_scale.image_reader), tile by tile when larger
+than the tile. The latent is the posterior mean unless --sample (a reparameterised sample, seeded by the
+sample's key), and raw: a diffusion model applies the scale and shift recorded in the output's index.json (the
+model config's scaling_factor / shift_factor; `vae-scale export` measures them). Each process writes its own
+shards `<prefix>-<rank>-<shard>.tar` from its share of the data (every sample exactly once); the main process
+writes index.json with the per-shard counts once every rank is done.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from vae_scale.commands import (
 )
 from vae_scale.metrics import key_noise, psnr
 from vae_scale.monitor import image_grid, save_png
-from vae_scale.shard_reader import IMAGE_EXTENSIONS, expand_shards, shard_counts, to_rgb
+from vae_scale.outputs import check_output_dir
+from vae_scale.shard_reader import IMAGE_EXTENSIONS, DataError, expand_shards, shard_counts, to_rgb
 from vae_scale.shards import ShardWriter
 from vae_scale.synthetic import SYNTHETIC
 
@@ -52,6 +56,32 @@ LATENT_FORMATS = ("safetensors", "npy")
 META_EXT = "latent.json"
 """The member of each latent sample that describes it (the source's own `.json` sidecar is kept apart)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SIDECAR_EXTENSIONS = ("json", "txt", "cls", *IMAGE_EXTENSIONS, *LATENT_FORMATS)
+"""The sidecars encode copies, by last extension: data that webdataset decodes without running code."""
+_EXT = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def safe_key(key: str) -> bool:
+    """Whether a sample key makes tar member names that stay inside the folder they are extracted into:
+    relative, no `.` / `..` / empty parts, no backslash or control characters."""
+    parts = key.split("/")
+    return (
+        bool(key)
+        and all(p not in ("", ".", "..") for p in parts)
+        and "\\" not in key
+        and all(ch.isprintable() for ch in key)
+    )
+
+
+def safe_sidecars(sidecars: dict[str, bytes]) -> tuple[dict[str, bytes], list[str]]:
+    """(the sidecars encode copies, the extensions it leaves out): see SIDECAR_EXTENSIONS."""
+    kept, dropped = {}, []
+    for ext, data in sidecars.items():
+        if _EXT.fullmatch(ext) is not None and ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
+            kept[ext] = data
+        else:
+            dropped.append(ext)
+    return kept, dropped
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -280,8 +310,13 @@ def encode_latents(
     n: int = 0,
     seed: int = 0,
     procs: Processes | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """`vae-scale encode`: latent shards of `data` in `out` (see the module docstring), this rank's share.
+
+    A non-empty `out` is refused (OutputError) unless overwrite, and always when it holds the shards read;
+    overwriting removes the `prefix` shards and index.json of an earlier encode first (maybe from more
+    processes, which would otherwise mix in), nothing else.
 
     fmt: LATENT_FORMATS; dtype: a DTYPES name; shape: image_reader.SHAPES (buckets of about
     data.resolution^2 pixels, sides multiples of bucket_step, aspect at most max_aspect); tiling: a
@@ -295,9 +330,10 @@ def encode_latents(
     check_resolution(vae, data.resolution, "--resolution")
     procs = procs or processes()
     out = Path(out)
+    check_output_dir(out, "--out", overwrite, _shard_folders(data))  # every rank, before any writes
+    procs.barrier()
     if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        stale = re.compile(rf"{re.escape(prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?")
+        stale = re.compile(rf"{re.escape(prefix)}-\d{{3}}-\d{{6}}\.tar(\.tmp)?|index\.json")
         for old in out.iterdir():  # shards of an earlier run (maybe with more ranks) would mix in
             if stale.fullmatch(old.name):
                 old.unlink()
@@ -323,6 +359,8 @@ def encode_latents(
         bar = tqdm(desc="encode", total=total, unit="img", dynamic_ncols=True, leave=False)
     torch_dtype = DTYPES[dtype]
     shapes: dict[str, int] = {}
+    bad_keys, dropped = 0, {}  # samples skipped for their key; sidecars left out, by extension
+    first_bad_key = first_dropped = None
     with torch.no_grad():
         for batch in batches:
             x = batch["images"][: batch["count"]].to(procs.device).float()
@@ -332,11 +370,19 @@ def encode_latents(
                 z = post.sample(key_noise(batch["keys"], tuple(z.shape), seed, 0, 0).to(procs.device))
             z = z.to(torch_dtype).cpu()
             latent_shape = "x".join(map(str, z.shape[1:]))
-            shapes[latent_shape] = shapes.get(latent_shape, 0) + len(z)
             sidecars = batch.get("sidecars") or [None] * len(z)
             for full_key, zi, extra in zip(batch["keys"], z, sidecars, strict=True):
                 url, key = _split_key(full_key)
+                if not safe_key(key):
+                    bad_keys += 1
+                    first_bad_key = first_bad_key or f"unsafe_key: {url}: sample key {key!r}"
+                    continue
+                extra, left_out = safe_sidecars(extra or {})
+                for ext in left_out:
+                    dropped[ext] = dropped.get(ext, 0) + 1
+                    first_dropped = first_dropped or f"{url}: member {key}.{ext}"
                 writer.write(key, url, zi, extra, (x.shape[3], x.shape[2]))
+                shapes[latent_shape] = shapes.get(latent_shape, 0) + 1
             if bar is not None:
                 bar.update(len(z))
     counts = writer.close()
@@ -345,16 +391,23 @@ def encode_latents(
     skipped = dict(reader.skipped) if reader is not None else {}
     first = reader.first_skipped if reader is not None else None
     lines: list[str] = []
-    everyone = procs.gather({"counts": counts, "shapes": shapes, "skipped": skipped, "first": first})
+    if bad_keys:
+        skipped["unsafe_key"] = bad_keys
+        first = first or first_bad_key
+    part = {"counts": counts, "shapes": shapes, "skipped": skipped, "first": first}
+    everyone = procs.gather({**part, "dropped": dropped, "first_dropped": first_dropped})
     if procs.is_main:
         shards = {name: n for part in everyone for name, n in sorted(part["counts"].items())}
         all_shapes: dict[str, int] = {}
         all_skipped: dict[str, int] = {}
+        all_dropped: dict[str, int] = {}
         for part in everyone:
             for k, v in part["shapes"].items():
                 all_shapes[k] = all_shapes.get(k, 0) + v
             for k, v in part["skipped"].items():
                 all_skipped[k] = all_skipped.get(k, 0) + v
+            for k, v in part["dropped"].items():
+                all_dropped[k] = all_dropped.get(k, 0) + v
         m = cfg.model
         index = {
             "splits": {data.split: {"samples": sum(shards.values()), "shards": shards}},
@@ -388,6 +441,7 @@ def encode_latents(
                 "ema": loaded.ema,
             },
             "skipped": all_skipped,
+            "sidecars_left_out": all_dropped,
         }
         (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         n_shapes = (
@@ -405,8 +459,26 @@ def encode_latents(
             lines.append(
                 f"skipped {sum(all_skipped.values())} samples ({kinds}; never upscaled); first: {firsts}"
             )
+        if all_dropped:
+            firsts = next((part["first_dropped"] for part in everyone if part["first_dropped"]), "")
+            kinds = ", ".join(f".{k} {v}" for k, v in sorted(all_dropped.items()))
+            lines.append(
+                f"left out {sum(all_dropped.values())} sidecars not on the safe list ({kinds}; copied: "
+                f"{', '.join(SIDECAR_EXTENSIONS)}); first: {firsts}"
+            )
     procs.barrier()
     return lines
+
+
+def _shard_folders(data: DataOptions) -> list[Path]:
+    """The local folders of the shards `data` reads ([] when none, or when the spec is bad: reading says)."""
+    if data.data == SYNTHETIC:
+        return []
+    try:
+        urls = expand_shards(data.data, data.split)
+    except DataError:
+        return []
+    return sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")})
 
 
 def _expected_samples(data: str, split: str, limit: int, world: int) -> int | None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+PROBE = ".write-test-"
 
 
 class OutputError(ValueError):
@@ -50,7 +53,7 @@ def check_writable_dir(path: str | os.PathLike, what: str, create: bool = True) 
             why = f"its folder {_why(e)}" if denied else e.strerror
             raise OutputError(f"{what} {path} cannot be created: {why}") from None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=PROBE, dir=path)
     except OSError as e:
         raise OutputError(f"{what} {path} {_why(e)}") from None
     os.close(fd)
@@ -77,3 +80,48 @@ def check_writable_file(path: str | os.PathLike, what: str, overwrite: bool = Tr
             raise OutputError(f"{what} {path} {_why(e)}") from None
     check_writable_dir(path.parent, f"{what} {path}: its folder")
     return path
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output_dir(
+    path: str | os.PathLike, what: str, overwrite: bool = False, reads: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """`path` as a folder for a command's output: writable (created when missing), and empty unless
+    overwrite. OutputError naming `what` otherwise, and always when it is one of the folders the command
+    reads (`reads`: replacing a source while reading it loses it).
+    """
+    path = Path(path)
+    for source in reads:
+        if _same(path, Path(source)):
+            raise OutputError(f"{what} {path} is the folder being read ({source}): give another folder")
+    # another process's probe (check_writable_dir) is no output
+    if path.is_dir() and not overwrite and any(not p.name.startswith(PROBE) for p in path.iterdir()):
+        raise OutputError(f"{what} {path} is not empty; give another folder, or --overwrite to replace it")
+    return check_writable_dir(path, what)
+
+
+def check_output_file(
+    path: str | os.PathLike, what: str, overwrite: bool = False, reads: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """`path` as a file for a command's output (check_writable_file, an existing one refused unless
+    overwrite); OutputError always when it is a file the command reads or lies in a folder it reads."""
+    path = Path(path)
+    for source in reads:
+        source = Path(source)
+        if _same(path, source) or (source.is_dir() and _inside(path, source)):
+            where = "in the folder being read" if source.is_dir() else "the file being read"
+            raise OutputError(f"{what} {path} is {where} ({source}): give another path")
+    return check_writable_file(path, what, overwrite=overwrite)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False

@@ -138,6 +138,37 @@ def _folder_shards(folder: str, split: str) -> list[str]:
     return named or tars
 
 
+COMMAND_SCHEMES = ("pipe",)
+"""URL schemes whose shard "URL" webdataset runs as a shell command."""
+
+
+def command_items(spec: str | list[str]) -> list[str]:
+    """The shard URLs of a spec that webdataset would run as a shell command (`pipe:...`), braces expanded."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else _split_spec(spec or "")
+    return [
+        url
+        for item in items
+        if "pipe" in item.lower()  # skip expanding the many names of an ordinary brace pattern
+        for url in braceexpand(item)
+        if urlparse(url.strip()).scheme in COMMAND_SCHEMES
+    ]
+
+
+def refuse_commands_from_file(spec: str | list[str], key: str, file: str | os.PathLike, how: str) -> None:
+    """DataError when `spec`, read as `key` from `file` rather than typed by the user, is a shell command.
+
+    A run folder or checkpoint may come from someone else (a shared file system): what it says to run is
+    never run. `how`: what the user types to run it anyway.
+    """
+    commands = command_items(spec)
+    if commands:
+        shown = commands[0] if len(commands[0]) <= 60 else commands[0][:57] + "..."
+        raise DataError(
+            f"{key} in {file} is a shell command ({shown!r}); a command read from a file is run only when "
+            f"typed on the command line: {how}"
+        )
+
+
 def expand_shards(spec: str | list[str], split: str = "train") -> list[str]:
     """Shard URLs from brace patterns, globs, folders, comma-separated lists or URLs (pipe:, fsspec).
 

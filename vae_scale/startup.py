@@ -9,24 +9,55 @@ the missing weights, logins and validation samples, and says what the launch wil
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import yaml
 
 from vae_scale.checkpoint import (
+    LOCK,
+    MARKER,
     DamagedCheckpoint,
     RunLock,
     checkpoints_newest_first,
     is_complete,
+    newest_intact,
     verify_checkpoint,
 )
 from vae_scale.config import Config, ConfigError, ModelConfig, config_from_dict
 from vae_scale.outputs import check_writable_dir, check_writable_file
 from vae_scale.run_state import phase_start
+from vae_scale.shard_reader import refuse_commands_from_file
+
+log = logging.getLogger(__name__)
 
 RESUME_MODEL_KEYS = ModelConfig.WEIGHT_KEYS
 """The model keys a checkpoint to resume must share with the config (those that shape the weights)."""
+
+
+RUN_FOLDER_SIGNS = ("checkpoints", "metrics.jsonl", LOCK, "init", MARKER)
+"""What a folder holds when it is a run folder (or a checkpoint), whatever wrote it."""
+
+
+def check_config_commands(config_path: str | None, cfg: Config, typed: set[str]) -> None:
+    """DataError when --config is a run folder's saved config.yaml (or a checkpoint's) and its data.train (or
+    data.val, when evaluation is on) is a shell command (`pipe:`) that the command line (`typed`: the keys
+    given there) does not give again.
+
+    A preset or a YAML file of the user's own may hold a command: the user named that file. A run folder
+    may be someone else's (a shared file system), so what its files say to run is run only when typed.
+    """
+    if not config_path or not Path(config_path).is_file():
+        return
+    folder = Path(config_path).resolve().parent
+    if not any((folder / sign).exists() for sign in RUN_FOLDER_SIGNS):
+        return
+    for split in ("train", "val") if cfg.eval.every else ("train",):  # data.val is read by evaluation only
+        key = f"data.{split}"
+        if key not in typed:
+            how = f"give {key}='...' (or --data for data.train) on the command line if you trust it"
+            refuse_commands_from_file(getattr(cfg.data, split), key, config_path, how)
 
 
 def check_trainable(cfg: Config) -> None:
@@ -118,6 +149,35 @@ def check_new_phase(cfg: Config) -> Path | None:
             f"({'; '.join(differ)}); a new phase keeps the model's shape: give the checkpoint's values"
         )
     return path
+
+
+def resume_plan(cfg: Config) -> str:
+    """What a run would resume from, as the dry-run says it: one line; each checkpoint it would pass over
+    (damaged, or holding optimizer state that would be refused) is logged as a warning naming the file.
+
+    DamagedCheckpoint, as the run itself would raise it, when checkpoint.resume names a damaged checkpoint
+    or every candidate is damaged.
+    """
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return "resume         never: the run starts afresh (existing checkpoints would be moved aside)"
+    given = Path(cfg.run.dir if resume == "auto" else resume)
+    if is_complete(given):
+        verify_checkpoint(given)
+        path, damaged = given, []
+    else:
+        path, damaged = newest_intact(given)
+    for _, why in damaged:
+        log.warning("the run would skip a damaged checkpoint: %s", why)
+    if path is None and damaged:
+        raise DamagedCheckpoint(
+            f"no intact checkpoint to resume from ({len(damaged)} damaged, the newest: {damaged[0][1]}); "
+            "move them away or give checkpoint.resume=never to start afresh"
+        )
+    if path is None:
+        return "resume         nothing to resume: the run starts at step 0"
+    passed = f", passing over {len(damaged)} damaged" if damaged else ""
+    return f"resume         from {path}{passed}"
 
 
 def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate.utils import set_seed
+from torch.distributed.checkpoint import CheckpointException
 
 from vae_scale import kernels
 from vae_scale.build import (
@@ -44,7 +45,7 @@ from vae_scale.build import (
     parallelize,
     resolved_config,
 )
-from vae_scale.checkpoint import CheckpointManager
+from vae_scale.checkpoint import CheckpointManager, DamagedCheckpoint
 from vae_scale.config import Config
 from vae_scale.equivariance import draw_transforms
 from vae_scale.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
@@ -60,7 +61,7 @@ from vae_scale.run_state import (
     trained_weights,
     weights_fingerprint,
 )
-from vae_scale.startup import check_new_phase, check_resume, check_trainable, prepare_run_dir
+from vae_scale.startup import check_new_phase, check_resume, check_trainable, prepare_run_dir, resume_plan
 from vae_scale.stop import StopFlag
 from vae_scale.summary import summary
 from vae_scale.train_log import TrainLog
@@ -228,7 +229,13 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Weights, optimizers, counters, data position and RNG state from the checkpoint at `path`."""
-        state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
+        try:
+            state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
+        except (OSError, ValueError, KeyError, RuntimeError, CheckpointException) as e:  # verified, yet fails
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpoint(
+                f"{path} cannot be restored ({why}); move it out of checkpoints/ to resume the one before"
+            ) from None
         main = self.acc.is_main_process
         load_trained_weights(weights, self.model, self.criterion, self.disc, self.ema, path, main)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -558,9 +565,11 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     cfg = wandb_fallback(cfg)
     lock = prepare_run_dir(cfg, dry_run=dry_run)
     if dry_run:
+        resume = resume_plan(cfg)
         trainer = Trainer(cfg, plan, dry_run=True)
         trainer.loader.close()
         if trainer.acc.is_main_process:
+            print(resume)
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
     stop = StopFlag()

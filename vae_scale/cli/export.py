@@ -15,7 +15,7 @@ from vae_scale.cli.options import (
 )
 from vae_scale.commands import processes
 from vae_scale.export import DEFAULT_STATS_SAMPLES, ExportError, export_vae, import_vae
-from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.outputs import check_output_dir, check_output_file
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,12 @@ def export_parser() -> argparse.ArgumentParser:
         "(or a folder, which gets vae.safetensors)",
     )
     p.add_argument("--format", default="diffusers", choices=("diffusers", "safetensors"))
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the export in a non-empty --out folder (or an existing file), removing the weights "
+        "variants and latent_statistics.json an earlier export left there",
+    )
     p.add_argument(
         "--measure-latents",
         action="store_true",
@@ -73,14 +79,16 @@ def export_main(argv: list[str]) -> int:
     if args.measure_latents and args.no_stats:
         p.error("--measure-latents and --no-stats contradict each other")
     out = Path(args.out)
+    # What is read, as far as the flags tell before loading: export_vae checks again with the checkpoint.
+    reads = [Path(args.run or args.ckpt)]
+    reads += [reads[0] / "vae"] if args.ckpt else []
     if args.format == "diffusers":
         if out.suffix == ".safetensors" or out.is_file():
             raise ExportError(f"--out {out}: --format diffusers writes a folder")
-        check_writable_dir(out, "--out")
-    elif out.suffix == ".safetensors":
-        check_writable_file(out, "--out")
+        check_output_dir(out, "--out", args.overwrite, reads)
     else:
-        check_writable_dir(out, "--out")
+        file = out if out.suffix == ".safetensors" else out / "vae.safetensors"
+        check_output_file(file, "--out", args.overwrite, reads if args.ckpt else [])
     log_warnings()
     loaded, data = model_and_data(args)
     lines = export_vae(
@@ -96,6 +104,7 @@ def export_main(argv: list[str]) -> int:
         shift=not args.no_shift,
         channel_stats=not args.no_channel_stats,
         device=processes().device,
+        overwrite=args.overwrite,
     )
     print("\n".join(lines))
     return 0

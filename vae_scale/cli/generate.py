@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from vae_scale.cli.options import (
     add_data_args,
@@ -26,7 +27,7 @@ from vae_scale.generate import (
     write_sample_grid,
 )
 from vae_scale.image_reader import SHAPES
-from vae_scale.outputs import check_writable_dir, check_writable_file
+from vae_scale.outputs import check_output_dir, check_output_file
 
 
 def sample_main(argv: list[str]) -> int:
@@ -40,10 +41,11 @@ def sample_main(argv: list[str]) -> int:
     add_seed_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="latents decoded at once (default 16)")
     p.add_argument("--out", required=True, help="the grid, a .png file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     if args.n <= 0 or args.temperature < 0 or args.batch_size <= 0:
         p.error("--n and --batch-size must be > 0, --temperature >= 0")
-    check_writable_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite, [args.ckpt] if args.ckpt else [])
     loaded = load_model(args.run, args.ckpt, args.ema)
     resolution = args.resolution or loaded.config.data.resolution
     check_resolution(loaded.vae, resolution, "--resolution")
@@ -74,8 +76,14 @@ def reconstruct_main(argv: list[str]) -> int:
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
     add_seed_arg(p)
     add_tiling_args(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out, replacing the PNGs of the same names (nothing else is removed)",
+    )
     args = p.parse_args(argv)
-    check_writable_dir(args.out, "--out")
+    inputs = [Path(i) if Path(i).is_dir() else Path(i).parent for i in args.images]
+    check_output_dir(args.out, "--out", args.overwrite, inputs)
     loaded = load_model(args.run, args.ckpt, args.ema)
     vae = loaded.vae
     if args.resolution:
@@ -129,6 +137,11 @@ def encode_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefix", default="latents", help="output shard name prefix (default latents)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out, replacing the --prefix shards and index.json there",
+    )
+    p.add_argument(
         "--n",
         type=non_negative_int,
         default=0,
@@ -150,7 +163,7 @@ def encode_main(argv: list[str]) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_.]+", args.prefix):
         p.error("--prefix may hold letters, digits, '_' and '.' only")
     log_warnings()
-    check_writable_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", args.overwrite)
     loaded, data = model_and_data(args)
     lines = encode_latents(
         loaded,
@@ -168,6 +181,7 @@ def encode_main(argv: list[str]) -> int:
         n=args.n,
         seed=args.seed,
         procs=processes(),
+        overwrite=args.overwrite,
     )
     for line in lines:
         print(line)

@@ -150,8 +150,9 @@ def add_data_args(p: argparse.ArgumentParser, split: str | None) -> argparse._Ar
     return g
 
 
-def data_options(args: argparse.Namespace, cfg: DataConfig) -> DataOptions:
-    """What the data flags ask for, each flag not given taken from `cfg` (the loaded run's data section)."""
+def data_options(args: argparse.Namespace, cfg: DataConfig, origin=None) -> DataOptions:
+    """What the data flags ask for, each flag not given taken from `cfg` (the loaded run's data section,
+    read from the file `origin`: a shell command there is refused unless --data gives it)."""
     return DataOptions.from_config(
         cfg,
         args.split,
@@ -159,13 +160,14 @@ def data_options(args: argparse.Namespace, cfg: DataConfig) -> DataOptions:
         resolution=args.resolution,
         batch_size=args.batch_size,
         workers=args.workers,
+        origin=origin,
     )
 
 
 def model_and_data(args: argparse.Namespace) -> tuple[LoadedModel, DataOptions]:
     """The model --run / --ckpt / --ema name, and the data flags over its run's data section."""
     loaded = load_model(args.run, args.ckpt, args.ema)
-    return loaded, data_options(args, loaded.config.data)
+    return loaded, data_options(args, loaded.config.data, loaded.config_file)
 
 
 def data_overrides(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[str]:

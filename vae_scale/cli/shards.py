@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from vae_scale.outputs import check_writable_dir
+from vae_scale.outputs import check_output_dir
 
 
 def shards_main(argv: list[str]) -> int:
@@ -44,6 +45,11 @@ def shards_main(argv: list[str]) -> int:
         help="image encoding processes (default: the CPU count, at most 16)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT, replacing the train-/val- shards and index.json there",
+    )
     args = p.parse_args(argv)
     if args.size is not None and args.size <= 0:
         p.error(f"--size must be > 0, got {args.size}")
@@ -55,7 +61,9 @@ def shards_main(argv: list[str]) -> int:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.keep_small and args.size is None:
         p.error("--keep-small needs --size (without it every image keeps its own size)")
-    check_writable_dir(args.out, "OUT")
+    src = Path(args.src)
+    reads = [] if args.src in ("sample", "sample-color") else [src if src.is_dir() else src.parent]
+    check_output_dir(args.out, "OUT", args.overwrite, reads)
     index = write_shards(
         args.src,
         args.out,
@@ -92,7 +100,8 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
     p.add_argument("--metrics", nargs="+", help="metrics to compare (default: every varying one)")
     p.add_argument("--out", default="compare.html", help="the HTML page (default compare.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out page")
     args = p.parse_args(argv)
-    print(compare_runs(args.runs, args.metrics, args.out))
+    print(compare_runs(args.runs, args.metrics, args.out, args.overwrite))
     print(f"wrote {args.out}")
     return 0

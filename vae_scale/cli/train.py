@@ -27,11 +27,14 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str]) -> int:
     """`vae-scale train --config NAME|PATH [--dry-run] [data options] [key=value ...]`."""
     from vae_scale.preflight import WillNotFit
+    from vae_scale.startup import check_config_commands
     from vae_scale.train import TrainingStopped, train
 
     p = train_parser()
     args = p.parse_intermixed_args(argv)  # key=value overrides before, between or after the flags
-    cfg = load_config(args.config, [*args.overrides, *data_overrides(args, p)])
+    overrides = [*args.overrides, *data_overrides(args, p)]
+    cfg = load_config(args.config, overrides)
+    check_config_commands(args.config, cfg, {item.split("=", 1)[0].strip() for item in overrides})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
