@@ -5,7 +5,8 @@
 Per step: grad_accum micro-batches of encode -> fused sample+KL -> decode -> loss -> backward (and the
 discriminator's step on detached reconstructions once it is active); then the ranks agree in one small
 all-reduce whether every loss and gradient is finite and whether anyone was asked to stop; then clip,
-optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT.
+optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT
+(a stop request during an evaluation ends it before its next batch, on every rank, and the run saves).
 Re-running the same command resumes from the newest intact checkpoint of the run folder.
 
 Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the
@@ -485,7 +486,14 @@ class Trainer:
                 if should_stop:
                     break
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.train_log.evaluate(self.step, self.model, self.criterion, self.inference)
+                    # A stop request ends the evaluation between two batches: the run saves now, not after
+                    # an evaluation that may outlast the time a scheduler leaves between signal and kill.
+                    results = self.train_log.evaluate(
+                        self.step, self.model, self.criterion, self.inference, lambda: stop.requested
+                    )
+                    if results is None:
+                        stopped_by = stop.name or "a stop request on another rank"
+                        break
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             last = self._log() or last  # steps not logged yet (a stop that came between steps)
