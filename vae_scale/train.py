@@ -44,7 +44,7 @@ from vae_scale.build import (
     parallelize,
     resolved_config,
 )
-from vae_scale.checkpoint import CheckpointManager
+from vae_scale.checkpoint import CheckpointManager, CheckpointNotWritten, folder_bytes
 from vae_scale.config import Config
 from vae_scale.equivariance import draw_transforms
 from vae_scale.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
@@ -188,23 +188,30 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """Checkpoint the run at this step (every rank: a collective); returns its folder."""
-        path = self.ckpt.save(
-            self.step,
-            trainer_state=self.trainer_state(),
-            rank_state={
-                "data": self.loader.state_dict(),
-                "weights_fingerprint": weights_fingerprint(self.model),
-            },
-            weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
-            optimizers=self.optimizers(),
-            config_yaml=self.cfg.to_yaml(),
-            scaler=self.acc.scaler,
-        )
+        """Checkpoint the run at this step (every rank: a collective); returns its folder.
+
+        TrainingStopped, on every rank, when it cannot be written (a full disk): its partial files are
+        removed and the previous checkpoint stays the newest.
+        """
+        try:
+            path = self.ckpt.save(
+                self.step,
+                trainer_state=self.trainer_state(),
+                rank_state={
+                    "data": self.loader.state_dict(),
+                    "weights_fingerprint": weights_fingerprint(self.model),
+                },
+                weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
+                optimizers=self.optimizers(),
+                config_yaml=self.cfg.to_yaml(),
+                scaler=self.acc.scaler,
+            )
+        except CheckpointNotWritten as e:
+            raise TrainingStopped(str(e)) from None
         self.last_saved, self.last_path = self.step, path
         self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
         if self.acc.is_main_process:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = folder_bytes(path)
             size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
             self.monitor.write(f"checkpoint  step {self.step} -> {path} ({size})")
         return path
