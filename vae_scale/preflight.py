@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config, ConfigError
+from vae_scale.config import Config, ConfigError, DataConfig
 from vae_scale.model import VAE
 
 OVERHEAD = 1.10
@@ -307,6 +307,133 @@ def _disk_line(cfg: Config, world_size: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
+# A sample of the data, read as the loader reads it
+
+SAMPLE_SIZE = 100
+"""Samples the start-up check reads (the loader judges its bad fraction once it has seen as many)."""
+SAMPLE_SHARDS = 4
+"""Shards they come from: the first, the last and evenly spaced ones between."""
+
+
+@dataclass
+class DataSample:
+    """What the loader makes of the first samples of a few shards of one split: usable crops, images
+    smaller than the crop (skipped unless data.upscale_small) and bad samples by kind."""
+
+    key: str
+    shards: int
+    total_shards: int
+    usable: int = 0
+    too_small: int = 0
+    small_sides: tuple[int, int] = (0, 0)
+    """Smallest and largest short side of the images smaller than the crop."""
+    bad: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_bad: str | None = None
+
+    @property
+    def read(self) -> int:
+        return self.usable + self.too_small + sum(self.bad.values())
+
+    def line(self, resolution: int) -> str:
+        """The dry-run's line: how many of each."""
+        small = f"{self.too_small} smaller than the {resolution} px crop"
+        if self.too_small:
+            lo, hi = self.small_sides
+            small += f" (short sides {lo}-{hi} px; skipped and counted as data/too_small)"
+        bad = ", ".join(f"{k} {n}" for k, n in self.bad.items())
+        return (
+            f"data sample    {self.key}: {self.read} samples from {self.shards} of {self.total_shards} "
+            f"shards: {self.usable} usable, {small}, {sum(self.bad.values())} bad{f' ({bad})' if bad else ''}"
+        )
+
+
+def read_data_sample(data: DataConfig, split: str = "train", n: int = SAMPLE_SIZE) -> DataSample:
+    """Decode up to n samples from up to SAMPLE_SHARDS shards of data.<split> with the loader's own decoding
+    (resolution, resize, upscale_small), counting what it would do with each."""
+    from contextlib import closing
+
+    from vae_scale.data import TOO_SMALL, _Bad, _decode
+    from vae_scale.shard_reader import BadTally, ShardUnit, expand_shards, read_unit
+
+    spec = data.train if split == "train" else data.val
+    urls = expand_shards(spec, split)
+    k = min(SAMPLE_SHARDS, len(urls))
+    picks = sorted({round(i * (len(urls) - 1) / max(k - 1, 1)) for i in range(k)})
+    sample = DataSample(f"data.{split}", len(picks), len(urls))
+    tally, per_shard, sides = BadTally(), -(-n // len(picks)), []
+    for index in picks:
+        with closing(read_unit(ShardUnit(urls[index]), tally)) as raws:
+            for taken, raw in enumerate(raws):
+                if taken >= per_shard:
+                    break
+                try:
+                    _decode(raw, data.resolution, None, False, data.resize, data.upscale_small)
+                    sample.usable += 1
+                except _Bad as b:
+                    if b.kind == TOO_SMALL:
+                        sides.append(b.short_side)
+                    else:
+                        tally.add(b.kind, raw.url, raw.key, b.detail)
+    counted = tally.take()
+    sample.too_small, sample.small_sides = len(sides), (min(sides, default=0), max(sides, default=0))
+    sample.bad, sample.first_bad = counted["kinds"], counted["first"]
+    return sample
+
+
+def _sample_problems(cfg: Config) -> list[str]:
+    """A sample of data.train (and data.val when evaluating) must hold usable images, and not more bad
+    ones than data.max_error_fraction allows."""
+    from vae_scale.data import too_small_remedy
+    from vae_scale.shard_reader import DataError
+    from vae_scale.synthetic import SYNTHETIC
+
+    problems = []
+    for split in ("train", "val") if cfg.eval.every and cfg.data.val else ("train",):
+        if (cfg.data.train if split == "train" else cfg.data.val) in (
+            "",
+            SYNTHETIC,
+        ):  # none is said elsewhere
+            continue
+        try:
+            sample = read_data_sample(cfg.data, split)
+        except DataError as e:
+            problems.append(f"data.{split}: {e}")
+            continue
+        where = f"{sample.read} samples read from {sample.shards} of {sample.total_shards} shards"
+        bad = sum(sample.bad.values())
+        if sample.usable == 0:
+            why = []
+            if sample.too_small:
+                lo, hi = sample.small_sides
+                why.append(
+                    f"{sample.too_small} smaller than the {cfg.data.resolution} px crop (short sides "
+                    f"{lo}-{hi} px): {too_small_remedy(cfg.data.resolution, hi)}"
+                )
+            if bad:
+                why.append(f"{bad} bad, the first: {sample.first_bad}")
+            reason = "; ".join(why) if why else "no samples at all"
+            problems.append(f"{sample.key}: none of the {where} is usable: {reason}")
+        elif sample.read >= SAMPLE_SIZE and bad / sample.read > cfg.data.max_error_fraction:
+            problems.append(
+                f"{sample.key}: {bad} of the {where} are bad ({bad / sample.read:.0%} > "
+                f"data.max_error_fraction={cfg.data.max_error_fraction}), so the loader would stop the run; "
+                f"the first: {sample.first_bad}"
+            )
+    return problems
+
+
+def sample_lines(cfg: Config) -> list[str]:
+    """The dry-run's lines on what the loader makes of a sample of the data (read_data_sample)."""
+    from vae_scale.synthetic import SYNTHETIC
+
+    lines = []
+    for split in ("train", "val") if cfg.eval.every and cfg.data.val else ("train",):
+        if (cfg.data.train if split == "train" else cfg.data.val) not in ("", SYNTHETIC):
+            lines.append(read_data_sample(cfg.data, split).line(cfg.data.resolution))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
 # What can fail at step N, checked before step 1
 
 
@@ -384,8 +511,10 @@ def _weights_problems(cfg: Config) -> list[str]:
 
 
 def problems_before_start(cfg: Config) -> list[str]:
-    """Everything a run needs later that is missing now: validation samples when eval is on, the W&B login
-    when online, LPIPS / Inception weights, the weights to start from, room on run.dir's disk for its
-    checkpoints and logs. Empty when all is there."""
+    """Everything a run needs later that is missing now: validation samples when eval is on, usable images
+    in a sample of the data, the W&B login when online, LPIPS / Inception weights, the weights to start
+    from, room on run.dir's disk for its checkpoints and logs. Empty when all is there."""
     problems = [p for p in (_val_problem(cfg) if cfg.eval.every else None, _wandb_problem(cfg)) if p]
+    if not problems or not cfg.eval.every:  # data.val's sample only once it has samples
+        problems += _sample_problems(cfg)
     return problems + _weights_problems(cfg) + [p for p in [_disk_problem(cfg)] if p]

@@ -52,7 +52,7 @@ from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.metrics import load_eval_nets
 from vae_scale.model import DiagonalGaussian
 from vae_scale.monitor import Monitor
-from vae_scale.preflight import NotReady, preflight, problems_before_start
+from vae_scale.preflight import NotReady, preflight, problems_before_start, sample_lines
 from vae_scale.run_state import load_trained_weights, trained_weights, weights_fingerprint
 from vae_scale.startup import check_resume, check_trainable, prepare_run_dir
 from vae_scale.stop import StopFlag
@@ -560,6 +560,7 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
         trainer = Trainer(cfg, plan, dry_run=True)
         trainer.loader.close()
         if trainer.acc.is_main_process:
+            print("\n".join(sample_lines(cfg)))
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
     stop = StopFlag()
