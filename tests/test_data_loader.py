@@ -137,7 +137,6 @@ def zoo(tmp_path):
     bad = {
         "undecodable": 2,
         "empty": 1,
-        "too_small": 1,
         "no_image": 1,
         "duplicate_key": 1,
         "truncated_tar": 1,
@@ -158,6 +157,7 @@ def test_bad_data_is_skipped_and_counted(zoo, caplog):
     counters = val.counters()
     assert {k: counters[f"bad/{k}"] for k in BAD_KINDS} == bad
     assert counters["samples"] == len(good) and counters["bad"] == sum(bad.values())
+    assert counters["too_small"] == 1  # "small", 20 px: not bad data, counted apart
     assert "the first" in caplog.text and "zoo-" in caplog.text
 
     images = {k.split("#")[1]: img for b in batches for k, img in zip(b["keys"], b["images"], strict=True)}
@@ -192,6 +192,58 @@ def test_error_fraction_stops_with_worst_shard(tmp_path, caplog):
     assert len(_take(build_train_loader(cfg, rank=0, world_size=1), 30)) == 30
     assert "(the first; a summary follows every 10)" in caplog.text
     assert "skipped 20 bad of" in caplog.text and "worst shards" in caplog.text
+
+
+def keep_small_shards(root: Path, n: int = 100, small_every: int = 5, size: int = 40) -> Path:
+    """Real shards as `vae-scale shards --size SIZE --keep-small` writes them: n photo-like images, every
+    small_every-th one 36x30 (stored at its own size, below SIZE), 4 shards of n / 4."""
+    from support import write_photo_like_images
+
+    from vae_scale.shards import write_shards
+
+    src = root / "src"
+    write_photo_like_images(
+        src, n, sizes=[(36, 30)] + [(56, 48)] * (small_every - 1) if small_every else [(56, 48)]
+    )
+    index = write_shards(
+        str(src), root / "out", size=size, keep_small=True, image_format="png", val_fraction=0.0,
+        max_per_shard=n // 4, seed=0, progress=False,
+    )  # fmt: skip
+    assert index["totals"]["kept_small"] == (n // small_every if small_every else 0)
+    return root / "out"
+
+
+def test_images_smaller_than_the_crop_are_counted_apart_and_never_stop_a_run(tmp_path, caplog):
+    # A fine-tune on --keep-small shards: 20 of 100 images below the 40 px crop. They once counted as bad
+    # data (20% > data.max_error_fraction=0.1) and stopped the run.
+    shards = keep_small_shards(tmp_path)
+    cfg = DataConfig(train=str(shards), resolution=40, batch_size=4, workers=0, max_error_fraction=0.1)
+    loader = build_train_loader(cfg, rank=0, world_size=1)
+    batches = _take(loader, 3 * loader.batches_per_epoch)  # 3 passes over the data: 300 samples read
+    assert all(b["images"].shape == (4, 3, 40, 40) for b in batches)
+    c = loader.counters()
+    assert c["bad"] == 0 and c["too_small"] >= 3 * 20 - 20  # the last pass may stop before its small ones
+    assert c["too_small"] / (c["too_small"] + c["samples"]) == pytest.approx(0.2, abs=0.05)
+    (warning,) = [r.getMessage() for r in caplog.records if "smaller than the 40 px crop" in r.getMessage()]
+    assert "36x30" in warning and "data/too_small, not as bad data" in warning
+    assert "data.upscale_small=true" in warning and "data.resolution of" not in warning
+
+    # data.upscale_small=true trains on them too, upscaled to the crop; validation reads them as well.
+    every = f"{shards}/train-*.tar"
+    up = DataConfig(train=every, val=every, resolution=40, batch_size=4, workers=0, upscale_small=True)
+    loader = build_train_loader(up, rank=0, world_size=1)
+    keys = _keys(_take(loader, loader.batches_per_epoch))
+    assert loader.counters()["too_small"] == 0 and len(set(keys)) == 100
+    val = build_val_loader(DataConfig(**{**up.__dict__, "upscale_small": False}), rank=0, world_size=1)
+    assert sum(b["count"] for b in val) == 80 and val.counters()["too_small"] == 20
+    assert sum(b["count"] for b in build_val_loader(up, rank=0, world_size=1)) == 100
+
+
+def test_when_every_image_is_too_small_the_loader_says_so_and_what_to_do(tmp_path):
+    shards = keep_small_shards(tmp_path, n=8, small_every=1)
+    cfg = DataConfig(train=str(shards), resolution=40, batch_size=4, workers=0)
+    with pytest.raises(DataError, match=r"smaller than the 40 px crop .*data.resolution of at most 30 px"):
+        _take(build_train_loader(cfg, rank=0, world_size=1), 1)
 
 
 def test_missing_shards_fail_at_start(tmp_path):

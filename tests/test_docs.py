@@ -10,13 +10,6 @@ from vae_scale.config_reference import field_docs, missing_docs, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Pages other branches add; linked already so the journeys read whole once they land. Delete each name
-# here when its page is merged (the last test below fails once a listed page exists, as a reminder).
-NOT_YET_MERGED = {
-    "docs/faults.md",
-}
-
-
 def test_the_configuration_reference_is_current():
     written = (ROOT / "docs" / "configuration.md").read_text()
     assert written == reference(), "docs/configuration.md is stale: run `make docs`"
@@ -79,8 +72,7 @@ def test_every_relative_link_resolves():
             dest = (page.parent / path).resolve() if path else page
             name = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
             if not dest.exists():
-                if name not in NOT_YET_MERGED:
-                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+                broken.append(f"{page.relative_to(ROOT)}: {name} (no such file)")
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
@@ -98,12 +90,6 @@ def test_every_docs_page_is_linked_from_the_readme():
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in _links(ROOT / "README.md")}
     orphans = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
     assert not orphans, f"docs pages the README does not link: {', '.join(orphans)}"
-
-
-def test_the_pages_not_yet_merged_are_still_missing():
-    """Once a listed page lands, its name must leave NOT_YET_MERGED, or a broken link to it would pass."""
-    landed = sorted(name for name in NOT_YET_MERGED if (ROOT / name).exists())
-    assert not landed, f"delete from NOT_YET_MERGED in tests/test_docs.py: {', '.join(landed)}"
 
 
 def test_the_readme_is_one_page_and_names_the_test_command():

@@ -2,11 +2,14 @@
 is found before step 1, the plan is printed, nothing is written; a real run prints a line per checkpoint
 and per evaluation, and a summary at the end."""
 
+import io
 import re
+import tarfile
 
 from support import TINY, write_photo_like_images
 
 from vae_scale.cli import main as cli_main
+from vae_scale.monitor import read_metrics
 from vae_scale.shards import write_shards
 
 
@@ -97,3 +100,56 @@ def test_a_run_says_each_checkpoint_and_evaluation_and_sums_up(tmp_path, capsys)
     assert f"eval        step 4: psnr {evals[-1][1]}" in summary
     assert f"report      {run_dir / 'report.html'}" in summary and (run_dir / "report.html").is_file()
     assert f"checkpoint  {run_dir / 'checkpoints' / 'step-000000004'}" in summary
+
+
+def test_dry_run_reads_a_sample_and_a_keep_small_fine_tune_trains(tmp_path, capsys, caplog):
+    from test_data_loader import keep_small_shards
+
+    # 100 images in 4 shards, 20 of them 36x30, below the 40 px crop: the dry-run reads the 4 shards' first
+    # 25 samples, every one of them, so its counts are the data's own.
+    shards = keep_small_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY, f"data.train={shards}", f"run.dir={run_dir}", "data.resolution=40"]
+    assert cli_main([*argv, "train.steps=30", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "data sample    data.train: 100 samples from 4 of 4 shards: 80 usable, 20 smaller than the 40 px "
+        "crop (short sides 30-30 px; skipped and counted as data/too_small), 0 bad"
+    ) in out
+    assert not run_dir.exists()
+    # The run itself trains past the loader's judgement at 100 samples (30 steps of 4, from 150 read): the
+    # small images are counted, not bad.
+    assert cli_main([*argv, "train.steps=30", "checkpoint.every=0"]) == 0
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == 30 and last["data/bad"] == 0 and last["data/too_small"] >= 20
+    assert "smaller than the 40 px crop" in caplog.text and "data.upscale_small=true" in caplog.text
+
+
+def test_dry_run_refuses_data_with_nothing_usable_and_says_what_would_help(tmp_path, capsys):
+    from test_data_loader import keep_small_shards
+
+    shards = keep_small_shards(tmp_path / "data", n=8, small_every=1)  # every image 36x30
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY, f"data.train={shards}", f"run.dir={run_dir}", "data.resolution=40"]
+    for dry in (["--dry-run"], []):
+        assert cli_main([*argv, *dry]) == 2
+        err = capsys.readouterr().err
+        assert (
+            "data.train: none of the 8 samples read from 4 of 4 shards is usable: 8 smaller than the 40 px"
+            in err
+        )
+        assert "data.upscale_small=true" in err and "a data.resolution of at most 30 px" in err
+        assert "Traceback" not in err and not run_dir.exists()
+    assert cli_main([*argv, "data.upscale_small=true", "--dry-run"]) == 0
+    assert "8 usable, 0 smaller than the 40 px crop, 0 bad" in capsys.readouterr().out
+
+    # Undecodable members only: refused, naming the kind and the first one.
+    garbage = tmp_path / "garbage.tar"
+    with tarfile.open(garbage, "w") as tf:
+        for i in range(3):
+            info = tarfile.TarInfo(f"k{i}.jpg")
+            info.size = 9
+            tf.addfile(info, io.BytesIO(b"not a jpg"))
+    assert cli_main(["train", *TINY, f"data.train={garbage}", f"run.dir={run_dir}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 3 samples read from 1 of 1 shards is usable: 3 bad, the first: undecodable in" in err

@@ -425,3 +425,77 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoi
     logged = [r["step"] for r in read_metrics(run_dir)]
     assert logged[-(steps - resumed_at) :] == list(range(resumed_at + 1, steps + 1))
     assert set(logged) == set(range(1, steps + 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A stop signal during an evaluation
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_evaluation_saves_within_a_batch_not_after_the_evaluation(tmp_path):
+    from support import accelerate_launch, photo_like_shards
+
+    # 160 validation images, 80 per rank in 20 batches of 4, each with 12 importance samples: an evaluation
+    # of seconds, next to training steps of milliseconds.
+    shards = photo_like_shards(tmp_path / "data", 200, max_per_shard=40, val_fraction=0.8)
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        f"data.train={shards}",
+        f"data.val={shards}",
+        f"run.dir={run_dir}",
+        "train.steps=1000",
+        "checkpoint.every=0",
+        "eval.every=3",
+        "loss.recon=gaussian",
+        "eval.metrics=[psnr,bpd]",
+        "eval.iw=12",
+    ]
+    proc = start(accelerate_launch("cpu-2proc.yaml", 2, args))
+    try:
+        deadline = time.time() + 240
+
+        def rows_at(step: int) -> list[dict]:
+            while not any(r["step"] == step for r in read_metrics(run_dir)):
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+                time.sleep(0.01)
+            return [r for r in read_metrics(run_dir) if r["step"] == step]
+
+        # The first evaluation runs whole: its duration is the time between step 3's row and its val row.
+        while len(rows_at(3)) < 2:
+            time.sleep(0.01)
+        train_row, val_row = rows_at(3)
+        evaluation = val_row["time"] - train_row["time"]
+        assert evaluation > 2.0, f"the evaluation took {evaluation:.2f} s: too short to measure against"
+        # Step 6's row is written just before its evaluation starts; a tenth of an evaluation later, the
+        # signal lands inside it. Only rank 1 is signalled: rank 0 must learn it from the agreement.
+        rows_at(6)
+        time.sleep(0.1 * evaluation)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        trainers = sorted((p for p in tree if "vae_scale" in p.cmdline()), key=lambda p: p.pid)
+        assert len(trainers) == 2, [p.cmdline()[:6] for p in tree]
+        rank1 = next(p for p in trainers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGUSR1)
+        signalled = time.time()
+        while latest_checkpoint(run_dir) is None:
+            assert time.time() < deadline, "no checkpoint was saved"
+            time.sleep(0.005)
+        saved_after = time.time() - signalled
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    # Had the evaluation run to its end, the save would come at least 0.9 of an evaluation after the
+    # signal (it arrived 0.1 in). Stopping between batches, it comes one batch (1/20 of the evaluation)
+    # plus the checkpoint's write (about a second for this model on a loaded CPU) after it: half an
+    # evaluation separates the two. On a loaded 2-core Xeon: 1.6 s after the signal in an evaluation of
+    # 10.2 s; with the evaluation left to finish, 5.8 s of 6.4 s.
+    assert saved_after < 0.5 * evaluation, (saved_after, evaluation)
+    assert "eval        step 6: stopped after" in out + err
+    assert not any(r["step"] == 6 and "val/psnr" in r for r in read_metrics(run_dir))  # nothing half-logged
+    (saved,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
+    ranks = [json.loads((saved / f"rank-{r}.json").read_text())["weights_fingerprint"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]

@@ -214,7 +214,7 @@ def test_eval_metrics_are_exact_across_ranks_and_lockstep_padding(tiny_vae):
             metrics=metrics,
             device="cpu",
             reduce=lambda v: v + other["v"],
-            lockstep=Lockstep(lambda has_batch: next(rounds), (3, 16, 16)),
+            lockstep=Lockstep(lambda has_batch, stop: (next(rounds), False), (3, 16, 16)),
         )
     finally:
         del tiny_vae.decode

@@ -71,6 +71,47 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint whose files do not match its manifest (or cannot be read); the message names the file."""
 
 
+class CheckpointNotWritten(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error) on some rank; raised on every
+    rank after its partial files were removed. The previous checkpoint is untouched; the message says why
+    and which checkpoint a rerun resumes from."""
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises on the way to disk: OSError (open, write, rename), torch.save's
+    RuntimeError, safetensors' SafetensorError, and torch.distributed.checkpoint's CheckpointException,
+    which carries every rank's failure."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def _describe_write_error(e: BaseException) -> str:
+    """One line for a failed write: the OS's words when there are any (No space left on device, Disk quota
+    exceeded), found through the exceptions DCP and torch wrap around it."""
+    seen, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is None or any(x is y for y in seen):
+            continue
+        seen.append(x)
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+        todo += [x.__cause__, x.__context__]
+        todo += [f for f in getattr(x, "failures", {}).values() if isinstance(f, BaseException)]
+        todo += [f[0] for f in getattr(x, "failures", {}).values() if isinstance(f, tuple) and f]
+    text = str(e).strip().splitlines()
+    message = text[-1] if text else ""
+    for known in ("No space left on device", "Disk quota exceeded", "File too large"):
+        if any(known in line for line in text):
+            return known
+    return f"{type(e).__name__}: {message}"[:300]
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -85,15 +126,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a small file so that readers see the old content or the new one, never a mix."""
+    """Write a small file so that readers see the old content or the new one, never a mix.
+
+    A write that fails (a full disk) leaves the old file as it was and no temporary file behind.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path` (or, when it does not
+    exist yet, its nearest existing parent)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    st = os.statvfs(existing)
+    return st.f_bavail * st.f_frsize
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`, at any depth."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    """A byte count the way the messages write it: 812 KiB, 3.4 MiB, 1.27 GiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.0f} KiB"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -375,38 +446,85 @@ class CheckpointManager:
         acc = self.acc
         name = checkpoint_name(step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
+        error = None
         if acc.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        save_optimizers(tmp / OPTIMIZER_DIR, optimizers)
-        save_accelerator_state(
-            str(tmp), [], [], [], [], acc.process_index, step, scaler=scaler if acc.is_main_process else None
-        )
-        write_atomic(tmp / f"rank-{acc.process_index}.json", json.dumps(rank_state))
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        self._agree(error, name, tmp)
+        try:
+            save_optimizers(tmp / OPTIMIZER_DIR, optimizers)  # a collective: raises on every rank together
+            save_accelerator_state(
+                str(tmp),
+                [],
+                [],
+                [],
+                [],
+                acc.process_index,
+                step,
+                scaler=scaler if acc.is_main_process else None,
+            )
+            write_atomic(tmp / f"rank-{acc.process_index}.json", json.dumps(rank_state))
+            if acc.is_main_process:
+                meta = {"format": "pt", "step": str(step)}
+                for stem, state in weights.items():
+                    if state:
+                        save_file(
+                            {k: v.contiguous() for k, v in state.items()}, tmp / f"{stem}.safetensors", meta
+                        )
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+                (tmp / "config.yaml").write_text(config_yaml)
+        except WRITE_ERRORS as e:
+            error = e
+        self._agree(error, name, tmp)  # in place of a barrier: every rank's files are written, or none stay
         if acc.is_main_process:
-            meta = {"format": "pt", "step": str(step)}
-            for stem, state in weights.items():
-                if state:
-                    save_file(
-                        {k: v.contiguous() for k, v in state.items()}, tmp / f"{stem}.safetensors", meta
-                    )
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-            (tmp / "config.yaml").write_text(config_yaml)
-        acc.wait_for_everyone()
+            try:
+                _fsync_tree(tmp)
+                write_manifest(tmp)
+                write_atomic(tmp / MARKER, f"{step}\n")
+                if final.exists():  # the same step saved again (after a rollback): replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.dir)
+            except OSError as e:
+                error = e
+        self._agree(error, name, tmp)
         if acc.is_main_process:
-            _fsync_tree(tmp)
-            write_manifest(tmp)
-            write_atomic(tmp / MARKER, f"{step}\n")
-            if final.exists():  # the same step saved again (after a rollback): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            write_atomic(self.dir / LATEST, name + "\n")
+            try:
+                write_atomic(self.dir / LATEST, name + "\n")
+            except OSError as e:  # the checkpoint is complete: a scan finds it once the old pointer is gone
+                (self.dir / LATEST).unlink(missing_ok=True)
+                log.warning("%s is saved, but checkpoints/%s could not be updated (%s)", name, LATEST, e)
             self._rotate(keep_name=name)
         acc.wait_for_everyone()
         return final
+
+    def _agree(self, error: BaseException | None, name: str, tmp: Path) -> None:
+        """Every rank learns whether any rank's part of checkpoint `name` failed (one small all-reduce); if
+        one did, the main process removes the partial folder and every rank raises CheckpointNotWritten."""
+        acc = self.acc
+        failed = torch.tensor(float(error is not None), device=acc.device)
+        if acc.num_processes > 1:
+            failed = acc.reduce(failed, reduction="sum")
+        if not failed.item():
+            return
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = _describe_write_error(error) if error is not None else "the write failed on another rank"
+        previous = latest_checkpoint(self.run_dir)
+        kept = (
+            f"the newest checkpoint, {previous}, is untouched and a rerun resumes from it"
+            if previous is not None
+            else "there is no earlier checkpoint of this run"
+        )
+        free = human_bytes(free_bytes(self.dir))
+        raise CheckpointNotWritten(
+            f"checkpoint {name} could not be written to {self.dir} ({why}; {free} free): its partial files "
+            f"were removed and the run stops; {kept}"
+        )
 
     def _rotate(self, keep_name: str) -> None:
         found = [p for p in complete_checkpoints(self.dir) if p.name != keep_name]

@@ -178,6 +178,9 @@ class DataConfig:
     """Random horizontal flip of training crops."""
     resize: bool = True
     """Resize the short side to data.resolution before cropping; false crops at the images' own scale."""
+    upscale_small: bool = False
+    """Upscale (bicubic) images whose short side is below data.resolution to it; false skips them (counted
+    as data/too_small, apart from bad data)."""
     shuffle_buffer: int = 1000
     """Samples in each worker's shuffle buffer."""
     batches_per_epoch: int = 0

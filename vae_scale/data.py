@@ -41,14 +41,16 @@ Images. Decoded in the workers with PIL; JPEGs with `Image.draft` (DCT-domain do
 >= resolution), then converted to RGB (EXIF orientation, L/LA/P/RGBA on white/CMYK/16-bit), resized so the
 short side is data.resolution (bicubic, only ever down; data.resize=false keeps the native scale) and
 cropped: random crop and optional flip for training, center crop for validation. Images smaller than the
-crop are skipped, never upscaled.
+crop (e.g. shards written with --keep-small) are skipped and counted apart, as `too_small`: they are not
+bad data and never stop a run; data.upscale_small=true upscales them to the crop (bicubic) instead.
 
 Bad data never crashes the run: an undecodable or zero-length member, a key without an image, a duplicate
-key, an image smaller than the crop, a truncated tar or a shard that cannot be opened is skipped and
-counted by kind. Counts travel with each batch, so `counters()` is exact at the consumed position and is
-part of the state dict. The first bad sample is logged in full, then a summary every data.log_bad_every.
-Above data.max_error_fraction bad (checked once 100 samples are seen and at each epoch end) the loader
-raises DataError naming the worst shards. A pattern that matches nothing or a missing local shard raises
+key, a truncated tar or a shard that cannot be opened is skipped and counted by kind. Counts travel with
+each batch, so `counters()` is exact at the consumed position and is part of the state dict. The first
+bad sample is logged in full, then a summary every data.log_bad_every. Above data.max_error_fraction bad
+of all samples read (checked once 100 samples are seen and at each epoch end) the loader raises DataError
+naming the worst shards. The first image too small for the crop is logged with the remedies (a lower
+data.resolution, data.upscale_small=true). A pattern that matches nothing or a missing local shard raises
 DataError at build time.
 
 Resume. The state is (epoch, batch) plus, per lane, how many raw samples it has taken from its shuffle
@@ -109,11 +111,12 @@ BAD_KINDS = (
     "empty",
     "no_image",
     "duplicate_key",
-    "too_small",
     "truncated_tar",
     "shard_unreadable",
 )
 """Kinds of skipped data, as counted in `counters()` under "bad/<kind>"."""
+TOO_SMALL = "too_small"
+"""Images smaller than the crop: skipped (unless data.upscale_small) and counted apart from bad data."""
 
 # The error fraction is judged once this many samples are seen (and at each epoch end).
 ERROR_CHECK_MIN_SAMPLES = 100
@@ -153,9 +156,9 @@ def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[An
 
 
 class _Bad(Exception):
-    def __init__(self, kind: str, detail: str):
+    def __init__(self, kind: str, detail: str, short_side: int = 0):
         super().__init__(detail)
-        self.kind, self.detail = kind, detail
+        self.kind, self.detail, self.short_side = kind, detail, short_side
 
 
 def _crop(
@@ -180,23 +183,39 @@ def _crop(
     return np.asarray(out)
 
 
+def too_small_remedy(resolution: int, largest: int = 0) -> str:
+    """What to do about images smaller than the crop; largest: the largest short side among them, if known."""
+    lower = f"a data.resolution of at most {largest} px" if largest else "a lower data.resolution"
+    return (
+        f"data.upscale_small=true resizes them up to the {resolution} px crop (bicubic: they train the "
+        f"decoder on blurred images), or {lower} keeps them at their own scale"
+    )
+
+
 def _decode(
-    raw: RawSample, size: int, rng: random.Random | None, flip: bool, resize: bool = True
+    raw: RawSample,
+    size: int,
+    rng: random.Random | None,
+    flip: bool,
+    resize: bool = True,
+    upscale: bool = False,
 ) -> np.ndarray:
-    """(size, size, 3) uint8 crop of one raw sample, or _Bad."""
+    """(size, size, 3) uint8 crop of one raw sample, or _Bad. upscale: an image smaller than the crop is
+    resized up to it (bicubic) rather than refused as too_small."""
     _stats["decoded"] += 1
     try:
         img = Image.open(io.BytesIO(raw.data))
     except Exception as e:
         raise _Bad("undecodable", describe_error(e)) from None
     w, h = img.size
-    if min(w, h) < size:
-        raise _Bad("too_small", f"{w}x{h} is smaller than the {size} px crop")
+    small = min(w, h) < size
+    if small and not upscale:
+        raise _Bad(TOO_SMALL, f"{w}x{h} is smaller than the {size} px crop", min(w, h))
     try:
         if resize and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (size, size))  # DCT-domain downscale by 1/2, 1/4 or 1/8; both sides stay >= size
         img.load()
-        return _crop(to_rgb(img), size, rng, flip, resize)
+        return _crop(to_rgb(img), size, rng, flip, resize or small)  # resize scales a small image up
     except Exception as e:
         raise _Bad("undecodable", describe_error(e)) from None
 
@@ -252,15 +271,16 @@ class _Lane:
     def __init__(self, ds: _TrainStream, epoch: int, lane: int, units: list[ShardUnit], skip: int):
         self.ds, self.epoch, self.lane, self.units = ds, epoch, lane, units
         self.cursor, self.pass_no, self.it = 0, 0, None
-        self.raw_in_pass = self.good_in_pass = 0
+        self.raw_in_pass = self.good_in_pass = self.largest_small = 0
         self.fallback, self.replaying = False, True
-        self.tally = BadTally()
+        self.tally, self.small = BadTally(), BadTally()
         for _ in range(skip):
             self._next_raw()
         _stats["replayed"] += skip
         self.replayed_pass = self.pass_no if skip else -1  # good samples uncounted: no "all bad" verdict
         self.replaying = False
         self.tally.take()  # counted before the checkpoint
+        self.small.take()
 
     def _pass(self) -> Iterator[RawSample]:
         ds = self.ds
@@ -274,6 +294,7 @@ class _Lane:
         while True:
             if self.it is None:
                 self.it, self.raw_in_pass, self.good_in_pass = self._pass(), 0, 0
+                self.largest_small = 0
             raw = next(self.it, None)
             if raw is not None:
                 self.cursor += 1
@@ -295,6 +316,13 @@ class _Lane:
                 )
                 self.fallback, self.units = True, [ShardUnit(u) for u in self.ds.urls]
             elif self.good_in_pass == 0 and not self.replaying and self.pass_no != self.replayed_pass:
+                if self.largest_small:
+                    raise _Fatal(
+                        f"every image in {', '.join(u.url for u in self.units[:3])}"
+                        + (" ..." if len(self.units) > 3 else "")
+                        + f" is smaller than the {self.ds.resolution} px crop (or not decodable); "
+                        + too_small_remedy(self.ds.resolution, self.largest_small)
+                    )
                 raise _Fatal(
                     f"no decodable image of at least {self.ds.resolution} px in "
                     + ", ".join(u.url for u in self.units[:3])
@@ -308,13 +336,22 @@ class _Lane:
             raw = self._next_raw()
             rng = random.Random(_seed(ds.seed, "crop", self.epoch, ds.rank, self.lane, self.cursor))
             try:
-                arrays.append(_decode(raw, ds.resolution, rng, ds.flip, ds.resize))
+                arrays.append(_decode(raw, ds.resolution, rng, ds.flip, ds.resize, ds.upscale))
             except _Bad as b:
-                self.tally.add(b.kind, raw.url, raw.key, b.detail)
+                if b.kind == TOO_SMALL:
+                    self.small.add(b.kind, raw.url, raw.key, b.detail)
+                    self.largest_small = max(self.largest_small, b.short_side)
+                else:
+                    self.tally.add(b.kind, raw.url, raw.key, b.detail)
                 continue
             keys.append(f"{raw.url}#{raw.key}")
             self.good_in_pass += 1
-        meta = {"cursor": self.cursor, "samples": len(arrays), "bad": self.tally.take()}
+        meta = {
+            "cursor": self.cursor,
+            "samples": len(arrays),
+            "bad": self.tally.take(),
+            "small": self.small.take(),
+        }
         return {"images": _to_tensor(arrays), "keys": keys, "_meta": meta}
 
 
@@ -334,7 +371,7 @@ class _TrainStream(IterableDataset):
     ):
         self.urls, self.counts, self.rank, self.world_size, self.seed = urls, counts, rank, world_size, seed
         self.batch_size, self.resolution, self.flip = cfg.batch_size, cfg.resolution, cfg.flip
-        self.resize = cfg.resize
+        self.resize, self.upscale = cfg.resize, cfg.upscale_small
         self.shuffle_buffer, self.batches_per_epoch = cfg.shuffle_buffer, bpe
         self.lanes = max(cfg.workers, 1)
         self.start = start  # shared memory: [first global batch, lane cursors...], written before each iter()
@@ -444,9 +481,19 @@ class _BadLog:
         self.shards: Counter[str] = Counter()
 
     def add(self, meta: dict[str, Any]) -> None:
-        bad = meta["bad"]
+        bad, small = meta["bad"], meta["small"]
         before = self.counts["bad"]
         self.counts["samples"] += meta["samples"]
+        if small["first"] and not self.counts[TOO_SMALL]:
+            log.warning(
+                "%s: skipped an image smaller than the %d px crop (%s); such images are counted as "
+                "data/too_small, not as bad data. To train on them: %s",
+                self.what,
+                self.cfg.resolution,
+                small["first"],
+                too_small_remedy(self.cfg.resolution),
+            )
+        self.counts[TOO_SMALL] += sum(small["kinds"].values())
         for kind, n in bad["kinds"].items():
             self.counts[f"bad/{kind}"] += n
             self.counts["bad"] += n
@@ -462,11 +509,16 @@ class _BadLog:
         elif before // every != self.counts["bad"] // every:
             log.warning("%s: %s", self.what, self.summary())
 
+    def read(self) -> int:
+        """Samples read: delivered, bad and too small."""
+        return self.counts["samples"] + self.counts["bad"] + self.counts[TOO_SMALL]
+
     def summary(self) -> str:
-        bad, seen = self.counts["bad"], self.counts["samples"]
+        bad, read = self.counts["bad"], self.read()
         kinds = ", ".join(f"{k} {self.counts[f'bad/{k}']}" for k in BAD_KINDS if self.counts[f"bad/{k}"])
+        small = f"; {self.counts[TOO_SMALL]} smaller than the crop" if self.counts[TOO_SMALL] else ""
         return (
-            f"skipped {bad} bad of {bad + seen} samples ({bad / max(bad + seen, 1):.1%}: {kinds}); "
+            f"skipped {bad} bad of {read} samples ({bad / max(read, 1):.1%}: {kinds}){small}; "
             f"worst shards: {self.worst()}"
         )
 
@@ -474,11 +526,11 @@ class _BadLog:
         return ", ".join(f"{u} ({c} bad)" for u, c in self.shards.most_common(n)) or "none"
 
     def check(self, epoch_end: bool) -> None:
-        bad, seen = self.counts["bad"], self.counts["samples"]
-        if bad + seen >= ERROR_CHECK_MIN_SAMPLES or (epoch_end and bad + seen):
-            if bad / (bad + seen) > self.cfg.max_error_fraction:
+        bad, read = self.counts["bad"], self.read()
+        if read >= ERROR_CHECK_MIN_SAMPLES or (epoch_end and read):
+            if bad / read > self.cfg.max_error_fraction:
                 raise DataError(
-                    f"{self.what}: {bad} of {bad + seen} samples are bad ({bad / (bad + seen):.1%} > "
+                    f"{self.what}: {bad} of {read} samples are bad ({bad / read:.1%} > "
                     f"data.max_error_fraction={self.cfg.max_error_fraction}); worst shards: "
                     f"{self.worst()}"
                 )
@@ -488,6 +540,7 @@ class _BadLog:
             "samples": self.counts["samples"],
             "bad": self.counts["bad"],
             **{f"bad/{k}": self.counts[f"bad/{k}"] for k in BAD_KINDS},
+            TOO_SMALL: self.counts[TOO_SMALL],
         }
 
 
@@ -542,7 +595,8 @@ class TrainLoader:
             yield item
 
     def counters(self) -> dict[str, int]:
-        """Samples delivered and bad samples skipped, by kind ("bad/<kind>"), up to the consumed batches."""
+        """Samples delivered, bad samples skipped, by kind ("bad/<kind>"), and images smaller than the crop
+        skipped ("too_small"), up to the consumed batches."""
         return self._bad.counters()
 
     def state_dict(self) -> dict[str, Any]:
@@ -615,33 +669,33 @@ class _ValStream(IterableDataset):
     def __init__(self, urls, counts, cfg: DataConfig, rank: int, world_size: int):
         self.urls, self.counts, self.rank, self.world_size = urls, counts, rank, world_size
         self.batch_size, self.resolution, self.lanes = cfg.batch_size, cfg.resolution, max(cfg.workers, 1)
-        self.resize = cfg.resize
+        self.resize, self.upscale = cfg.resize, cfg.upscale_small
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         lane = info.id if info else 0
         plan = _plan_lanes(self.urls, self.counts, self.world_size * self.lanes, list(range(len(self.urls))))
-        tally, arrays, keys = BadTally(), [], []
+        tally, small, arrays, keys = BadTally(), BadTally(), [], []
         for raw in (raw for u in plan[self.rank * self.lanes + lane] for raw in read_unit(u, tally)):
             try:
-                arrays.append(_decode(raw, self.resolution, None, False, self.resize))
+                arrays.append(_decode(raw, self.resolution, None, False, self.resize, self.upscale))
             except _Bad as b:
-                tally.add(b.kind, raw.url, raw.key, b.detail)
+                (small if b.kind == TOO_SMALL else tally).add(b.kind, raw.url, raw.key, b.detail)
                 continue
             keys.append(f"{raw.url}#{raw.key}")
             if len(arrays) == self.batch_size:
-                yield self._batch(arrays, keys, tally)
+                yield self._batch(arrays, keys, tally, small)
                 arrays, keys = [], []
-        if arrays or tally.kinds:
-            yield self._batch(arrays, keys, tally)
+        if arrays or tally.kinds or small.kinds:
+            yield self._batch(arrays, keys, tally, small)
 
-    def _batch(self, arrays, keys, tally: BadTally) -> dict[str, Any]:
+    def _batch(self, arrays, keys, tally: BadTally, small: BadTally) -> dict[str, Any]:
         images = _to_tensor(arrays) if arrays else torch.empty(0, 3, self.resolution, self.resolution)
         return {
             "images": images,
             "keys": keys,
             "count": len(arrays),
-            "_meta": {"samples": len(arrays), "bad": tally.take()},
+            "_meta": {"samples": len(arrays), "bad": tally.take(), "small": small.take()},
         }
 
 

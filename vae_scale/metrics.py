@@ -367,35 +367,64 @@ class _Sums:
         return out
 
 
+class EvaluationInterrupted(Exception):
+    """A stop request ended an evaluation between two batches (on every rank at the same batch under
+    lockstep); nothing was reduced. `batches`: the batches this rank had evaluated."""
+
+    def __init__(self, batches: int):
+        super().__init__(f"evaluation interrupted by a stop request after {batches} batches")
+        self.batches = batches
+
+
 @dataclass
 class Lockstep:
-    """Evaluation of a sharded (FSDP) model, whose every forward is a collective across ranks."""
+    """Ranks that take each evaluation batch together: before every batch one small all-reduce tells every
+    rank whether any rank still has a batch and whether any rank was asked to stop.
 
-    any_rank: Callable[[bool], bool]
-    """Given whether this rank has a batch, whether any rank has one (a small all-reduce)."""
-    image_shape: tuple[int, int, int]
-    """(C, H, W) of the padding image of a rank that had no batch at all."""
+    A sharded (FSDP) model needs it, since its every forward is a collective (a rank out of batches runs
+    padding forwards until all are done); so does any multi-process evaluation a stop request may end:
+    every rank must stop at the same batch, or one would wait in the final reduce for ranks that left.
+    """
+
+    agree: Callable[[bool, bool], tuple[bool, bool]]
+    """(this rank has a batch, this rank was asked to stop) -> (any rank has one, any rank was asked)."""
+    image_shape: tuple[int, int, int] | None = None
+    """(C, H, W) of the padding image of a rank that had no batch at all, for a sharded model; None: no
+    padding forwards (a rank out of batches only takes part in the agreement)."""
 
 
 def _in_step(
-    batches: Iterable[dict[str, Any]], max_batches: int, lockstep: Lockstep | None
+    batches: Iterable[dict[str, Any]],
+    max_batches: int,
+    lockstep: Lockstep | None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[dict[str, Any], bool]]:
-    """(batch, real) pairs: this rank's batches (at most max_batches), then, under lockstep, padding copies
-    of its last batch (or a 1-image zero batch of the agreed shape) until no rank has any left."""
+    """(batch, real) pairs: this rank's batches (at most max_batches), then, under lockstep with an image
+    shape, padding copies of its last batch (or a 1-image zero batch of that shape) until no rank has any
+    left. EvaluationInterrupted before a batch when `stop` holds (on any rank, under lockstep)."""
     it = iter(batches)
     last: dict[str, Any] | None = None
-    for i in itertools.count():
-        batch = next(it, None) if not (max_batches and i >= max_batches) else None
-        if lockstep is None:
-            if batch is None:
+    try:
+        for i in itertools.count():
+            batch = next(it, None) if not (max_batches and i >= max_batches) else None
+            asked = stop is not None and stop()
+            if lockstep is None:
+                more = batch is not None
+            else:
+                more, asked = lockstep.agree(batch is not None, asked)
+            if asked:
+                raise EvaluationInterrupted(i)
+            if not more:
                 return
-        elif not lockstep.any_rank(batch is not None):
-            return
-        if batch is not None:
-            last = batch
-            yield batch, True
-        else:
-            yield (last if last is not None else {"images": torch.zeros(1, *lockstep.image_shape)}), False
+            if batch is not None:
+                last = batch
+                yield batch, True
+            elif lockstep is not None and lockstep.image_shape is not None:
+                yield (last if last is not None else {"images": torch.zeros(1, *lockstep.image_shape)}), False
+    finally:
+        close = getattr(it, "close", None)  # a loader's workers stop now, not at garbage collection
+        if close is not None:
+            close()
 
 
 @torch.no_grad()
@@ -413,6 +442,7 @@ def evaluate(
     inception: nn.Module | None = None,
     seed: int = 0,
     lockstep: Lockstep | None = None,
+    stop: Callable[[], bool] | None = None,
     tiled: Any = False,
     baseline: bool = False,
 ) -> dict[str, float]:
@@ -424,10 +454,12 @@ def evaluate(
     run's VAELoss, whose learned likelihood scale bpd uses (None or l1/l2: the fitted Gaussian). iw: K
     importance samples for bpd_iw (needs a learned likelihood). lpips / inception: the networks of those
     metrics (load_eval_nets); lpips falls back to criterion.perceptual. seed: of the latent noise.
-    lockstep: for a sharded (FSDP) model: a rank out of batches runs padding batches (the same forwards,
-    counted nowhere) until every rank is done. tiled: True or a model.Tiling encodes and decodes images
-    larger than a tile tile by tile (batches may then hold images of any size, e.g. one native-size image
-    each).
+    lockstep: ranks that take each batch together (see Lockstep): for a sharded (FSDP) model a rank out of
+    batches runs padding batches (the same forwards, counted nowhere) until every rank is done. stop:
+    asked before each batch whether a stop was requested; when it was (on any rank, under lockstep),
+    EvaluationInterrupted, on every rank at the same batch, and nothing is reduced. tiled: True or a
+    model.Tiling encodes and decodes images larger than a tile tile by tile (batches may then hold images
+    of any size, e.g. one native-size image each).
     baseline: also measure, per image, the numbers the latent keeps (latent_values), the image's own
     (pixel_values), and the PSNR of bicubic through a thumbnail that keeps at least as many numbers
     (psnr_bicubic, bicubic_values; see equal_values_size).
@@ -495,7 +527,7 @@ def evaluate(
     need_sample = "bpd" in metrics
     seen = 0
     try:
-        for batch, real in _in_step(batches, max_batches, lockstep):
+        for batch, real in _in_step(batches, max_batches, lockstep, stop):
             n = int(batch.get("count", len(batch["images"])))
             if n == 0:
                 continue

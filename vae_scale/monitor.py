@@ -2,19 +2,23 @@
 
 Everything logged also lands in the run folder -- metrics.jsonl, images/*.png and a static report.html
 with loss curves, the latest grids and the config -- so a run is readable without W&B.
-Only the main process writes; the other ranks' Monitor methods return at once.
+Only the main process writes; the other ranks' Monitor methods return at once. A write that fails (a full
+disk) warns once per kind of file and training goes on: the run's state is in its checkpoints, not here.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
+import os
 import resource
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ from PIL import Image
 
 from vae_scale.checkpoint import write_atomic
 from vae_scale.spectrum import bin_centres
+
+log = logging.getLogger(__name__)
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
@@ -43,8 +49,12 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     """Write a (3, H, W) image in [0, 1] as PNG."""
     arr = (img.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()).astype(np.uint8)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class LogWindow:
@@ -102,6 +112,7 @@ class Monitor:
         self.latest_images: dict[str, str] = {}
         self.wandb = None
         self.bar = None
+        self.failed_writes: set[str] = set()  # kinds of file a write of failed (warned about once)
         if not self.main:
             return
         self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -131,13 +142,40 @@ class Monitor:
 
     # -- logging -------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write to the run folder that may fail (a full disk): the first failure of each kind warns, and
+        training goes on without that file."""
+        try:
+            yield
+        except OSError as e:
+            if what not in self.failed_writes:
+                self.failed_writes.add(what)
+                log.warning(
+                    "could not write %s in %s (%s); training goes on, and this is said once",
+                    what,
+                    self.run_dir,
+                    e.strerror or e,
+                )
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Log scalars at `step` to W&B and metrics.jsonl."""
         if not self.main:
             return
         values = {k: float(v) for k, v in values.items()}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        line = json.dumps({"step": step, "time": time.time(), **values}) + "\n"
+        with self._writing("metrics.jsonl"):
+            size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(line)
+            except OSError:
+                # A torn row would glue itself to the next one: cut the file back to its last whole row.
+                try:
+                    os.truncate(self.metrics_path, size)
+                except OSError:
+                    pass
+                raise
         if self.wandb is not None:
             self.acc.log(values, step=step)
 
@@ -147,8 +185,9 @@ class Monitor:
             return
         for name, grid in grids.items():
             path = self.images_dir / f"{name}-{step:09d}.png"
-            save_png(grid, path)
-            self.latest_images[name] = path.name
+            with self._writing("preview images"):
+                save_png(grid, path)
+                self.latest_images[name] = path.name
         if self.wandb is not None:
             import wandb
 
@@ -163,7 +202,8 @@ class Monitor:
         if not self.main:
             return
         curves = spectrum_curves(results)
-        write_atomic(self.run_dir / SPECTRUM_FILE, spectrum_svg(curves, step))
+        with self._writing(SPECTRUM_FILE):
+            write_atomic(self.run_dir / SPECTRUM_FILE, spectrum_svg(curves, step))
         if self.wandb is not None:
             import wandb
 
@@ -194,10 +234,13 @@ class Monitor:
             print(message, flush=True)
 
     def report(self) -> Path | None:
-        """(Re)write report.html from metrics.jsonl, the latest grids and the config."""
+        """(Re)write report.html from metrics.jsonl, the latest grids and the config; None when it could not
+        be written (warned about once)."""
         if not self.main:
             return None
-        return write_report(self.run_dir, self.cfg.to_yaml(), self.latest_images)
+        with self._writing("report.html"):
+            return write_report(self.run_dir, self.cfg.to_yaml(), self.latest_images)
+        return None
 
     def close(self) -> None:
         """Write the report, finish W&B and close the bar."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config, ConfigError
+from vae_scale.config import Config, ConfigError, DataConfig
 from vae_scale.model import VAE
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ def preflight(
         f"+ {est.activations / gib:.2f} GiB activations "
         f"({est.activations_per_image / 2**20:.1f} MiB/image{ckpt})",
         f"data           {batches_per_epoch} steps per epoch per process{accum}",
+        _disk_line(cfg, world_size),
     ]
     total = device_memory(device)
     if total is not None:
@@ -231,6 +232,238 @@ def preflight(
                 f"estimated {est.total / gib:.1f} GiB per process does not fit {where}; try "
                 f"{', or '.join(hints)}"
             )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# Disk space
+
+# Measured on torch.distributed.checkpoint's and safetensors' files: DCP stores each tensor with its own
+# serialisation header (about 5 KiB per parameter tensor for AdamW's two moments and step, with the
+# metadata), safetensors about 128 bytes per tensor; accelerate's RNG state and the rank file are ~16 KiB
+# per process.
+DCP_BYTES_PER_TENSOR = 6 * 2**10
+SAFETENSORS_BYTES_PER_TENSOR = 128
+RANK_FILES_BYTES = 16 * 2**10
+METRICS_ROW_BYTES = 1024  # a row of metrics.jsonl, about 40 numbers; report.html holds about as much again
+
+
+@dataclass
+class DiskNeed:
+    """What a run will write into run.dir, in bytes, and where the checkpoint size came from."""
+
+    checkpoint: int
+    checkpoints: int
+    """How many more checkpoints the folder must hold at the peak (the one being written included)."""
+    logs: int
+    measured: bool
+    """Whether `checkpoint` is the size of the run's newest checkpoint (else estimated from the config)."""
+
+    @property
+    def total(self) -> int:
+        return self.checkpoint * self.checkpoints + self.logs
+
+
+def checkpoint_bytes(cfg: Config, world_size: int = 1) -> int:
+    """Estimated bytes of one checkpoint of `cfg`: fp32 weights (and EMA, discriminator), AdamW's two fp32
+    moments per trainable parameter, and the per-tensor and per-process overheads of the formats."""
+    from vae_scale.losses import NLayerDiscriminator
+
+    vae = _meta_vae(cfg, checkpointing=False)
+    modules = [vae]
+    if cfg.loss.disc_weight > 0:
+        with torch.device("meta"):
+            modules.append(
+                NLayerDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+            )
+    total = RANK_FILES_BYTES * world_size + 16 * 2**10  # + config.yaml, manifest, trainer state
+    for i, module in enumerate(modules):
+        state = module.state_dict()
+        params = [p for p in module.parameters() if p.requires_grad]
+        copies = 2 if i == 0 and cfg.optim.ema_decay > 0 else 1  # the EMA's weights
+        weights = sum(t.numel() * 4 + SAFETENSORS_BYTES_PER_TENSOR for t in state.values())
+        total += copies * weights + sum(p.numel() * 8 + DCP_BYTES_PER_TENSOR for p in params)
+    return total
+
+
+def disk_need(cfg: Config, world_size: int = 1) -> DiskNeed:
+    """What the run will add to run.dir: checkpoint.keep checkpoints (plus the one being written, since the
+    oldest is removed only once the new one is complete) less those it resumes with, and its logs
+    (metrics.jsonl, report.html, preview PNGs at their uncompressed size, an upper bound)."""
+    from vae_scale.checkpoint import complete_checkpoints, folder_bytes
+
+    ckpts = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
+    kept = 0 if cfg.checkpoint.resume == "never" else len(ckpts)  # "never" moves them aside, kept on disk
+    if ckpts and kept:
+        size, measured = folder_bytes(ckpts[-1]), True
+    else:
+        size, measured = checkpoint_bytes(cfg, world_size), False
+    steps = cfg.train.steps
+    rows = steps // cfg.log.every + (steps // cfg.eval.every if cfg.eval.every else 0)
+    logs = 2 * rows * METRICS_ROW_BYTES + 64 * 2**10
+    if cfg.log.images_every:
+        side = cfg.data.resolution + 2  # each image with its padding in the grid
+        images = (3 if cfg.optim.ema_decay > 0 else 2) * 8 + 8  # reconstructions (+ EMA's), prior samples
+        logs += steps // cfg.log.images_every * images * side * side * cfg.model.in_channels
+    if cfg.log.wandb != "disabled":
+        logs *= 2  # W&B keeps its own copy of the scalars and images under run.dir/wandb
+    return DiskNeed(size, max(1, cfg.checkpoint.keep + 1 - kept), logs, measured)
+
+
+def _disk_problem(cfg: Config) -> str | None:
+    """run.dir's file system must have room for what the run will write (disk_need)."""
+    from vae_scale.checkpoint import free_bytes, human_bytes
+
+    need = disk_need(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    free = free_bytes(cfg.run.dir)
+    if free >= need.total:
+        return None
+    how = "the newest's size" if need.measured else "estimated"
+    return (
+        f"run.dir {cfg.run.dir}: {human_bytes(free)} ({free} bytes) free, the run needs about "
+        f"{human_bytes(need.total)} ({need.total} bytes): {need.checkpoints} checkpoint(s) of "
+        f"{human_bytes(need.checkpoint)} ({how}; checkpoint.keep={cfg.checkpoint.keep} and the one being "
+        f"written) and {human_bytes(need.logs)} of logs; free some space, lower checkpoint.keep, or give "
+        "another run.dir"
+    )
+
+
+def _disk_line(cfg: Config, world_size: int) -> str:
+    """The plan's line on disk space: what the run will write into run.dir, and what is free there."""
+    from vae_scale.checkpoint import free_bytes, human_bytes
+
+    need = disk_need(cfg, world_size)
+    return (
+        f"disk           ~{human_bytes(need.total)} in {cfg.run.dir} ({need.checkpoints} x "
+        f"{human_bytes(need.checkpoint)} checkpoints + {human_bytes(need.logs)} logs) of "
+        f"{human_bytes(free_bytes(cfg.run.dir))} free"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# A sample of the data, read as the loader reads it
+
+SAMPLE_SIZE = 100
+"""Samples the start-up check reads (the loader judges its bad fraction once it has seen as many)."""
+SAMPLE_SHARDS = 4
+"""Shards they come from: the first, the last and evenly spaced ones between."""
+
+
+@dataclass
+class DataSample:
+    """What the loader makes of the first samples of a few shards of one split: usable crops, images
+    smaller than the crop (skipped unless data.upscale_small) and bad samples by kind."""
+
+    key: str
+    shards: int
+    total_shards: int
+    usable: int = 0
+    too_small: int = 0
+    small_sides: tuple[int, int] = (0, 0)
+    """Smallest and largest short side of the images smaller than the crop."""
+    bad: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_bad: str | None = None
+
+    @property
+    def read(self) -> int:
+        return self.usable + self.too_small + sum(self.bad.values())
+
+    def line(self, resolution: int) -> str:
+        """The dry-run's line: how many of each."""
+        small = f"{self.too_small} smaller than the {resolution} px crop"
+        if self.too_small:
+            lo, hi = self.small_sides
+            small += f" (short sides {lo}-{hi} px; skipped and counted as data/too_small)"
+        bad = ", ".join(f"{k} {n}" for k, n in self.bad.items())
+        return (
+            f"data sample    {self.key}: {self.read} samples from {self.shards} of {self.total_shards} "
+            f"shards: {self.usable} usable, {small}, {sum(self.bad.values())} bad{f' ({bad})' if bad else ''}"
+        )
+
+
+def read_data_sample(data: DataConfig, split: str = "train", n: int = SAMPLE_SIZE) -> DataSample:
+    """Decode up to n samples from up to SAMPLE_SHARDS shards of data.<split> with the loader's own decoding
+    (resolution, resize, upscale_small), counting what it would do with each."""
+    from contextlib import closing
+
+    from vae_scale.data import TOO_SMALL, _Bad, _decode
+    from vae_scale.shard_reader import BadTally, ShardUnit, expand_shards, read_unit
+
+    spec = data.train if split == "train" else data.val
+    urls = expand_shards(spec, split)
+    k = min(SAMPLE_SHARDS, len(urls))
+    picks = sorted({round(i * (len(urls) - 1) / max(k - 1, 1)) for i in range(k)})
+    sample = DataSample(f"data.{split}", len(picks), len(urls))
+    tally, per_shard, sides = BadTally(), -(-n // len(picks)), []
+    for index in picks:
+        with closing(read_unit(ShardUnit(urls[index]), tally)) as raws:
+            for taken, raw in enumerate(raws):
+                if taken >= per_shard:
+                    break
+                try:
+                    _decode(raw, data.resolution, None, False, data.resize, data.upscale_small)
+                    sample.usable += 1
+                except _Bad as b:
+                    if b.kind == TOO_SMALL:
+                        sides.append(b.short_side)
+                    else:
+                        tally.add(b.kind, raw.url, raw.key, b.detail)
+    counted = tally.take()
+    sample.too_small, sample.small_sides = len(sides), (min(sides, default=0), max(sides, default=0))
+    sample.bad, sample.first_bad = counted["kinds"], counted["first"]
+    return sample
+
+
+def _sample_problems(cfg: Config) -> list[str]:
+    """A sample of data.train (and data.val when evaluating) must hold usable images, and not more bad
+    ones than data.max_error_fraction allows."""
+    from vae_scale.data import too_small_remedy
+    from vae_scale.shard_reader import DataError
+    from vae_scale.synthetic import SYNTHETIC
+
+    problems = []
+    for split in ("train", "val") if cfg.eval.every and cfg.data.val else ("train",):
+        if (cfg.data.train if split == "train" else cfg.data.val) in (
+            "",
+            SYNTHETIC,
+        ):  # none is said elsewhere
+            continue
+        try:
+            sample = read_data_sample(cfg.data, split)
+        except DataError as e:
+            problems.append(f"data.{split}: {e}")
+            continue
+        where = f"{sample.read} samples read from {sample.shards} of {sample.total_shards} shards"
+        bad = sum(sample.bad.values())
+        if sample.usable == 0:
+            why = []
+            if sample.too_small:
+                lo, hi = sample.small_sides
+                why.append(
+                    f"{sample.too_small} smaller than the {cfg.data.resolution} px crop (short sides "
+                    f"{lo}-{hi} px): {too_small_remedy(cfg.data.resolution, hi)}"
+                )
+            if bad:
+                why.append(f"{bad} bad, the first: {sample.first_bad}")
+            reason = "; ".join(why) if why else "no samples at all"
+            problems.append(f"{sample.key}: none of the {where} is usable: {reason}")
+        elif sample.read >= SAMPLE_SIZE and bad / sample.read > cfg.data.max_error_fraction:
+            problems.append(
+                f"{sample.key}: {bad} of the {where} are bad ({bad / sample.read:.0%} > "
+                f"data.max_error_fraction={cfg.data.max_error_fraction}), so the loader would stop the run; "
+                f"the first: {sample.first_bad}"
+            )
+    return problems
+
+
+def sample_lines(cfg: Config) -> list[str]:
+    """The dry-run's lines on what the loader makes of a sample of the data (read_data_sample)."""
+    from vae_scale.synthetic import SYNTHETIC
+
+    lines = []
+    for split in ("train", "val") if cfg.eval.every and cfg.data.val else ("train",):
+        if (cfg.data.train if split == "train" else cfg.data.val) not in ("", SYNTHETIC):
+            lines.append(read_data_sample(cfg.data, split).line(cfg.data.resolution))
     return lines
 
 
@@ -361,7 +594,10 @@ def _weights_problems(cfg: Config) -> list[str]:
 
 
 def problems_before_start(cfg: Config) -> list[str]:
-    """Everything a run needs later that is missing now: validation samples when eval is on, the W&B login
-    when online, LPIPS / Inception weights, the weights to start from. Empty when all is there."""
+    """Everything a run needs later that is missing now: validation samples when eval is on, usable images
+    in a sample of the data, the W&B login when online, LPIPS / Inception weights, the weights to start
+    from, room on run.dir's disk for its checkpoints and logs. Empty when all is there."""
     problems = [p for p in (_val_problem(cfg) if cfg.eval.every else None, _wandb_problem(cfg)) if p]
-    return problems + _weights_problems(cfg)
+    if not problems or not cfg.eval.every:  # data.val's sample only once it has samples
+        problems += _sample_problems(cfg)
+    return problems + _weights_problems(cfg) + [p for p in [_disk_problem(cfg)] if p]

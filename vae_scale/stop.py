@@ -1,6 +1,7 @@
 """Stop requests from outside: SIGTERM (SLURM's preemption and time limit, `kill`), SIGUSR1 (SLURM's
 `--signal` warning) and SIGINT (Ctrl-C) set a flag that the trainer's ranks agree on at the end of the
-step in flight, so that every rank saves the same checkpoint and exits cleanly.
+step in flight, or before the next batch of an evaluation in progress, so that every rank saves the same
+checkpoint soon after the signal and exits cleanly.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); the ranks agree on it in the step in flight.
+    """Set by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); the ranks agree on it in the step in flight (or between
+    two evaluation batches).
 
     Every repeat only sets it again: a launcher that forwards the signal it got, or SLURM signalling every
     process, must not break the save that the first one started.

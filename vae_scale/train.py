@@ -5,7 +5,8 @@
 Per step: grad_accum micro-batches of encode -> fused sample+KL -> decode -> loss -> backward (and the
 discriminator's step on detached reconstructions once it is active); then the ranks agree in one small
 all-reduce whether every loss and gradient is finite and whether anyone was asked to stop; then clip,
-optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT.
+optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT
+(a stop request during an evaluation ends it before its next batch, on every rank, and the run saves).
 Re-running the same command resumes from the newest intact checkpoint of the run folder.
 
 Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the
@@ -45,7 +46,7 @@ from vae_scale.build import (
     parallelize,
     resolved_config,
 )
-from vae_scale.checkpoint import CheckpointManager, DamagedCheckpoint
+from vae_scale.checkpoint import CheckpointManager, CheckpointNotWritten, DamagedCheckpoint, folder_bytes
 from vae_scale.config import Config
 from vae_scale.equivariance import draw_transforms
 from vae_scale.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
@@ -53,7 +54,7 @@ from vae_scale.losses import LastLayer, VAELoss
 from vae_scale.metrics import load_eval_nets
 from vae_scale.model import DiagonalGaussian
 from vae_scale.monitor import Monitor
-from vae_scale.preflight import NotReady, preflight, problems_before_start, wandb_fallback
+from vae_scale.preflight import NotReady, preflight, problems_before_start, sample_lines, wandb_fallback
 from vae_scale.run_state import (
     load_phase_start,
     load_trained_weights,
@@ -200,23 +201,30 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """Checkpoint the run at this step (every rank: a collective); returns its folder."""
-        path = self.ckpt.save(
-            self.step,
-            trainer_state=self.trainer_state(),
-            rank_state={
-                "data": self.loader.state_dict(),
-                "weights_fingerprint": weights_fingerprint(self.model),
-            },
-            weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
-            optimizers=self.optimizers(),
-            config_yaml=self.cfg.to_yaml(),
-            scaler=self.acc.scaler,
-        )
+        """Checkpoint the run at this step (every rank: a collective); returns its folder.
+
+        TrainingStopped, on every rank, when it cannot be written (a full disk): its partial files are
+        removed and the previous checkpoint stays the newest.
+        """
+        try:
+            path = self.ckpt.save(
+                self.step,
+                trainer_state=self.trainer_state(),
+                rank_state={
+                    "data": self.loader.state_dict(),
+                    "weights_fingerprint": weights_fingerprint(self.model),
+                },
+                weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
+                optimizers=self.optimizers(),
+                config_yaml=self.cfg.to_yaml(),
+                scaler=self.acc.scaler,
+            )
+        except CheckpointNotWritten as e:
+            raise TrainingStopped(str(e)) from None
         self.last_saved, self.last_path = self.step, path
         self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
         if self.acc.is_main_process:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = folder_bytes(path)
             size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
             self.monitor.write(f"checkpoint  step {self.step} -> {path} ({size})")
         return path
@@ -504,7 +512,14 @@ class Trainer:
                 if should_stop:
                     break
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.train_log.evaluate(self.step, self.model, self.criterion, self.inference)
+                    # A stop request ends the evaluation between two batches: the run saves now, not after
+                    # an evaluation that may outlast the time a scheduler leaves between signal and kill.
+                    results = self.train_log.evaluate(
+                        self.step, self.model, self.criterion, self.inference, lambda: stop.requested
+                    )
+                    if results is None:
+                        stopped_by = stop.name or "a stop request on another rank"
+                        break
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             last = self._log() or last  # steps not logged yet (a stop that came between steps)
@@ -570,6 +585,7 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
         trainer.loader.close()
         if trainer.acc.is_main_process:
             print(resume)
+            print("\n".join(sample_lines(cfg)))
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
     stop = StopFlag()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from vae_scale.config import Config
 from vae_scale.data import build_val_loader
 from vae_scale.ema import EMA
-from vae_scale.metrics import Lockstep, evaluate, latent_stats
+from vae_scale.metrics import EvaluationInterrupted, Lockstep, evaluate, latent_stats
 from vae_scale.model import DiagonalGaussian
 from vae_scale.monitor import LogWindow, Monitor, image_grid, peak_memory
 from vae_scale.summary import headline
@@ -103,28 +103,48 @@ class TrainLog:
         self.monitor.images(step, {"reconstruction": image_grid(rows), "prior_samples": image_grid([prior])})
 
     def evaluate(
-        self, step: int, model: nn.Module, criterion: nn.Module, inference: Inference
-    ) -> dict[str, float]:
-        """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*."""
+        self,
+        step: int,
+        model: nn.Module,
+        criterion: nn.Module,
+        inference: Inference,
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, float] | None:
+        """eval.metrics over every validation sample (each exactly once across ranks); logged as val/*.
+
+        stop: this rank's stop request, asked before each batch; when it holds on any rank, every rank
+        leaves the evaluation at the same batch and None is returned (nothing logged).
+        """
         cfg, acc = self.cfg, self.acc
         if self._val is None:
             self._val = build_val_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
         r = cfg.data.resolution
-        with inference():
-            results = evaluate(
-                model,
-                self._val,
-                metrics=cfg.eval.metrics,
-                device=self.device,
-                reduce=lambda t: acc.reduce(t, reduction="sum"),
-                criterion=criterion,
-                max_batches=cfg.eval.max_batches,
-                iw=cfg.eval.iw,
-                seed=cfg.train.seed,
-                # Sharded forwards are collectives: a rank out of batches runs padding ones until all are.
-                lockstep=Lockstep(self._any_rank, (cfg.model.in_channels, r, r)) if self.fsdp else None,
-                **self.eval_nets,
+        lockstep = None
+        if self.fsdp or acc.num_processes > 1:
+            # Sharded forwards are collectives: a rank out of batches runs padding ones until all are. And
+            # a stop request must end the evaluation at the same batch on every rank.
+            lockstep = Lockstep(self._agree, (cfg.model.in_channels, r, r) if self.fsdp else None)
+        try:
+            with inference():
+                results = evaluate(
+                    model,
+                    self._val,
+                    metrics=cfg.eval.metrics,
+                    device=self.device,
+                    reduce=lambda t: acc.reduce(t, reduction="sum"),
+                    criterion=criterion,
+                    max_batches=cfg.eval.max_batches,
+                    iw=cfg.eval.iw,
+                    seed=cfg.train.seed,
+                    lockstep=lockstep,
+                    stop=stop,
+                    **self.eval_nets,
+                )
+        except EvaluationInterrupted as e:
+            self.monitor.write(
+                f"eval        step {step}: stopped after {e.batches} batches by a stop request"
             )
+            return None
         # The spectra are a plot (latent against RGB), not a curve per frequency bin.
         curves = {k: results.pop(k) for k in list(results) if k.startswith("spectrum/")}
         self.monitor.scalars(step, {f"val/{k}": v for k, v in results.items()})
@@ -134,6 +154,8 @@ class TrainLog:
         self.monitor.write(f"eval        step {step}: {headline(results)}")
         return results
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on at least one rank (a small all-reduce)."""
-        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.device), reduction="sum") > 0)
+    def _agree(self, has_batch: bool, asked: bool) -> tuple[bool, bool]:
+        """Whether any rank has a batch, and whether any rank was asked to stop (one small all-reduce)."""
+        flags = torch.tensor([float(has_batch), float(asked)], device=self.device)
+        more, stop = (self.acc.reduce(flags, reduction="sum") > 0).tolist()
+        return more, stop

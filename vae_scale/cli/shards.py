@@ -87,6 +87,11 @@ def shards_main(argv: list[str]) -> int:
     )
     for line in skip_summary(index):
         print(line)
+    if t["kept_small"]:
+        print(
+            f"  the {t['kept_small']} kept below --size {args.size}: training at data.resolution={args.size} "
+            "skips them (counted apart from bad data) unless data.upscale_small=true"
+        )
     return 0
 
 
