@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.harness import Timing, environment, result_row, write_results
+from benchmarks.harness import (
+    BusyMachine,
+    LoadSampler,
+    Timing,
+    check_idle,
+    environment,
+    result_row,
+    stamp_load,
+    write_results,
+)
 from vae_scale.config import DataConfig
 from vae_scale.data import build_train_loader
 from vae_scale.shards import write_shards
@@ -203,10 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer images and repeats (~1 minute on 2 cores)")
     p.add_argument("--workers", default=None, help="comma-separated worker counts (default 0,1,2[,4])")
+    p.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="run and keep the figures when other processes load the machine (rows flagged busy)",
+    )
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")] if args.workers else None
-    rows = run(quick=args.quick, workers=workers)
+    try:
+        check_idle(args.allow_busy)
+    except BusyMachine as e:
+        print(f"data: {e}", file=sys.stderr)
+        return 3
+    with LoadSampler() as load:  # the loader's workers are this process's children: not counted as others
+        rows = run(quick=args.quick, workers=workers)
+    stamp_load(rows, load.summary(), args.allow_busy)
     cols = [
         "variant",
         "workers",
@@ -222,17 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_folder",
         "images_per_cpu_s",
         "cpu_speedup_vs_folder",
+        "load_1m",
+        "others_cores",
+        "busy",
+        "error",
     ]
     path = write_results(rows, "data", cols, args.out)
     print(path.with_suffix(".md").read_text())
     for r in rows:
-        if r["variant"] == "shards":
+        if r["variant"] == "shards" and "error" not in r:
             print(
                 f"{r['workers']} workers: shards {r['images_per_s_per_worker']:.0f} images/s per worker "
                 f"({r['speedup_vs_folder']:.2f}x the folder baseline), {r['images_per_cpu_s']:.0f} images "
                 f"per CPU-second ({r['cpu_speedup_vs_folder']:.2f}x)"
             )
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -3,9 +3,16 @@
 - `measure(fn)`: warm-up, then repeats timed with CUDA events on a GPU or a monotonic clock on a CPU;
   median with p20/p80 in milliseconds. Rotate inputs inside `fn` (pass a list and index by call) when
   caches would otherwise flatter.
-- `measure_interleaved(fns)`: several variants timed in alternation, so drift in machine load hits them alike.
+- `measure_interleaved(fns)`: several variants timed in alternation, so drift in machine load hits them alike;
+  each Timing keeps its samples in round order, so `paired_ratio` can pair them round by round.
+- `paired_ratio(ref, ours)` / `median_interval(values)`: a speed ratio between two variants with its
+  distribution-free 95% confidence interval (order statistics of the paired ratios).
+- `LoadSampler` / `check_idle()`: what other processes take of the machine, sampled during a run; a run is
+  refused (`BusyMachine`) or its rows flagged when that exceeds `BUSY_FRACTION` of the cores.
 - `CorrectnessError`: what a benchmark's correctness gate raises for a variant that is not timed.
-- `matmul_rate(device)`: the machine's measured matmul rate, the denominator of MFU.
+- `peak_rate(device, precision)`: the stated peak that MFU divides by (a datasheet on GPU, an idle
+  measurement on a CPU); `mfu()` never reports above 100%.
+- `matmul_rate(device)`: the machine's measured matmul rate (the CPU peak, measured once on an idle machine).
 - `environment()`: device name, versions, git commit and load average recorded with each result row.
 - `result_row(...)` / `error_row(...)`: one row of results, or the record of a variant or subject that failed.
 - `write_results(rows, name)`: JSON (the data) plus a markdown table under benchmarks/results/.
@@ -15,14 +22,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +42,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 @dataclass
 class Timing:
-    """Wall time of one call in milliseconds: median and the 20th/80th percentiles over `repeats`."""
+    """Wall time of one call in milliseconds: median and the 20th/80th percentiles over `repeats`, and the
+    samples themselves in the order they were taken (round by round when timed in alternation)."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     repeats: int
+    samples_ms: list[float] = field(default_factory=list)
 
     def throughput(self, items: float) -> float:
         """Items per second at the median time."""
@@ -91,8 +102,13 @@ def measure(
             fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
         del args
-    times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+    return timing_of(times)
+
+
+def timing_of(samples: Sequence[float]) -> Timing:
+    """The Timing of samples in milliseconds, kept in the order given."""
+    s = sorted(samples)
+    return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), list(samples))
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -292,10 +308,287 @@ def measure_interleaved(
             t = attempt(name, lambda fn=fn: measure(fn, device=device, warmup=0, repeats=1))
             if t is not None:
                 samples[name].append(t.median_ms)
-    out = {}
-    for name, times in samples.items():
-        if name not in fns or not times:
+    return {name: timing_of(times) for name, times in samples.items() if name in fns and times}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ratios with a confidence interval
+
+CONFIDENCE = 0.95  # of every interval on a "vs" ratio
+
+
+def _binomial_cdf_half(k: int, n: int) -> float:
+    """P(B <= k) for B ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float] | None:
+    """A distribution-free confidence interval on the median of `values`: (low, high, coverage).
+
+    The interval is [x_(k), x_(n+1-k)] of the sorted values, with the largest k whose exact coverage,
+    1 - 2 P(Binomial(n, 1/2) <= k - 1), is at least `confidence` (the sign test's interval: it assumes only
+    independent samples, no distribution). None when there are too few values for any k (under 6 at 95%).
+    """
+    v, n = sorted(values), len(values)
+    best = None
+    for k in range(1, n // 2 + 1):
+        coverage = 1 - 2 * _binomial_cdf_half(k - 1, n)
+        if coverage < confidence:
+            break
+        best = (v[k - 1], v[n - k], coverage)
+    return best
+
+
+def repeats_for(confidence: float = CONFIDENCE) -> int:
+    """The fewest paired samples whose interval at `confidence` leaves out the most extreme ratio at each
+    end, so that no single disturbed step sets a bound: 9 at 95% (k = 2, coverage 0.961)."""
+    n = 2
+    while True:
+        got = median_interval(range(n), confidence)
+        if got is not None and got[0] > 0:
+            return n
+        n += 1
+
+
+def paired_ratio(reference: Timing, timing: Timing, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """How many times faster `timing` is than `reference`, from samples paired round by round (both timed
+    in alternation by `measure_interleaved`): the median of reference_i / timing_i and its interval.
+
+    Returns ratio (the median), ratio_lo and ratio_hi (None when too few pairs), ratio_coverage and
+    ratio_pairs. Pairing cancels drift that hits both variants of a round alike.
+    """
+    ratios = [r / t for r, t in zip(reference.samples_ms, timing.samples_ms, strict=False) if t > 0]
+    if not ratios:  # timings built without their samples: the ratio of medians, no interval
+        return {"ratio": reference.median_ms / timing.median_ms, "ratio_lo": None, "ratio_hi": None,
+                "ratio_coverage": None, "ratio_pairs": 0}  # fmt: skip
+    interval = median_interval(ratios, confidence)
+    lo, hi, coverage = interval if interval is not None else (None, None, None)
+    return {"ratio": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
+            "ratio_coverage": coverage, "ratio_pairs": len(ratios)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------
+# The machine's load during a run
+
+# A run is busy when other processes took more than this fraction of the machine's cores on average
+# while it ran: 10%, a fifth of a core on 2 cores. CPU timings under more than that move by more than
+# the differences the benchmarks look for (a descheduled OpenMP thread stalls every op of its process).
+BUSY_FRACTION = 0.10
+SAMPLE_S = 0.5
+
+
+class BusyMachine(RuntimeError):
+    """Other processes load the machine beyond BUSY_FRACTION of its cores: its timings would not hold."""
+
+
+def _tree_cpu_s(root: Any) -> float:
+    """CPU seconds of `root` and all its descendants, the reaped ones included (through children_*)."""
+    import psutil
+
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # exited between the listing and the read: its time moves to its parent
             continue
-        times.sort()
-        out[name] = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
-    return out
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class LoadSampler:
+    """What other processes take of the machine while a block runs, sampled every `interval` seconds by a
+    thread: the system's busy CPU time less that of this process and its descendants (benchmark
+    subprocesses are its own), in cores, and the 1-minute load average.
+
+        with LoadSampler() as load:
+            ...
+        load.summary()  # {"load_1m": ..., "others_cores": ..., "machine_cores": ..., "busy": ...}
+    """
+
+    def __init__(self, interval: float = SAMPLE_S, threshold: float = BUSY_FRACTION):
+        import psutil
+
+        self.interval, self.threshold = interval, threshold
+        self._me = psutil.Process()
+        self.cores = psutil.cpu_count() or 1
+        self.others: list[float] = []  # cores used by other processes in each interval
+        self.loads: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy_s = self._own_s = self._t = 0.0
+
+    def _read(self) -> tuple[float, float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        # user and nice already include guest and guest_nice; steal (other guests of the host) counts as busy
+        idle = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+        return sum(t) - idle, _tree_cpu_s(self._me), time.monotonic()
+
+    def sample(self) -> None:
+        """Take one sample: others' cores since the previous one."""
+        busy, own, now = self._read()
+        if now > self._t:
+            self.others.append(max(0.0, (busy - self._busy_s) - (own - self._own_s)) / (now - self._t))
+        self._busy_s, self._own_s, self._t = busy, own, now
+        if (load := load_average()) is not None:
+            self.loads.append(load)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> LoadSampler:
+        self._busy_s, self._own_s, self._t = self._read()
+        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def summary(self) -> dict[str, Any]:
+        """load_1m (the highest seen), others_cores (mean) and others_cores_max, machine_cores, busy
+        (others' mean above the threshold), load_samples."""
+        mean = statistics.fmean(self.others) if self.others else 0.0
+        return {
+            "load_1m": max(self.loads) if self.loads else load_average(),
+            "others_cores": round(mean, 3),
+            "others_cores_max": round(max(self.others, default=0.0), 3),
+            "machine_cores": self.cores,
+            "busy": mean > self.threshold * self.cores,
+            "load_samples": len(self.others),
+        }
+
+
+def busy_message(load: dict[str, Any], when: str) -> str:
+    """One line saying how busy the machine was and what the threshold is."""
+    return (
+        f"machine busy {when}: other processes used {load['others_cores']:.2f} of {load['machine_cores']} "
+        f"cores on average (threshold {BUSY_FRACTION:.0%} of the cores; load average {load['load_1m']})"
+    )
+
+
+def check_idle(allow_busy: bool = False, seconds: float = 2.0) -> dict[str, Any]:
+    """Sample the machine for `seconds` before a run; BusyMachine when others load it beyond the
+    threshold, unless `allow_busy` (then the returned summary says busy and the run goes on, flagged)."""
+    with LoadSampler() as load:
+        time.sleep(seconds)
+    got = load.summary()
+    if got["busy"] and not allow_busy:
+        raise BusyMachine(
+            busy_message(got, "before the run") + "; rerun when it is idle, or pass --allow-busy"
+        )
+    return got
+
+
+# figures that depend on the machine's speed: dropped from a row refused for a busy machine
+SPEED_KEYS = ("median_ms", "p20_ms", "p80_ms", "samples_ms", "mfu_pct", "speedup", "efficiency")
+SPEED_PREFIXES = ("images_per_s", "x_", "gb_per_s", "ratio")
+
+
+def stamp_load(rows: list[dict[str, Any]], load: dict[str, Any], allow_busy: bool) -> list[dict[str, Any]]:
+    """Record the load sampled while `rows` were measured in each (rows that sampled a finer window keep
+    theirs). A busy row is flagged; unless `allow_busy` its speed figures are dropped and it becomes an
+    error row ("refused: machine busy ...")."""
+    for r in rows:
+        if "others_cores" not in r:
+            r.update(
+                {k: load[k] for k in ("load_1m", "others_cores", "others_cores_max", "machine_cores", "busy")}
+            )
+        if not r.get("busy") or allow_busy or "error" in r:
+            continue
+        for k in [k for k in r if k in SPEED_KEYS or k.startswith(SPEED_PREFIXES)]:
+            del r[k]
+        r["error"] = "refused: " + busy_message(r, "while it was measured")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# The peak MFU divides by
+
+# Dense peaks in TFLOP/s of NVIDIA's datasheets (the A100, H100 and H200 Tensor Core GPU datasheets and the
+# HGX/DGX B200 datasheet, per GPU); the datasheets print the tensor-core figures with 2:4 sparsity, halved
+# here. fp32 is the CUDA-core rate; tf32 the tensor-core rate fp32 convolutions get when
+# torch.backends.cudnn.allow_tf32 is on (torch's default). First match of the device name wins.
+DATASHEET_PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0}),  # SXM5
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM4 and PCIe alike
+]
+
+
+def datasheet_peak(name: str, precision: str) -> tuple[float, str] | None:
+    """(dense peak TFLOP/s, the row it came from) for a GPU name and fp32 | bf16 | fp16; None if unknown."""
+    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"
+    for key, peaks in DATASHEET_PEAKS:
+        if key.lower() in name.lower():
+            return peaks[precision], f"NVIDIA {key} datasheet, {precision} dense"
+    return None
+
+
+def _cpu_peak_path(name: str) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vae-scale"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return cache / f"cpu-peak-{device_slug(name)}-torch{torch.__version__}-{capability.lower()}.json"
+
+
+def peak_rate(
+    device: torch.device | str = "cpu", precision: str = "fp32", target_s: float = 1.0
+) -> dict[str, Any]:
+    """The peak MFU divides by: peak_tflop_per_s and peak_source, or peak_tflop_per_s None with peak_note.
+
+    GPU: the datasheet's dense figure for the device and precision (DATASHEET_PEAKS). CPU: fp32 only, the
+    matmul rate measured once on an idle machine and cached (~/.cache/vae-scale/cpu-peak-*.json, with the
+    load it was measured at); on a busy machine it is not measured, and MFU goes without. `target_s`:
+    matmul_rate's.
+    """
+    device = torch.device(device)
+    name = device_name(device)
+    if device.type == "cuda":
+        got = datasheet_peak(name, precision)
+        if got is None:
+            return {"peak_tflop_per_s": None, "peak_note": f"no datasheet peak for {name}"}
+        return {"peak_tflop_per_s": got[0], "peak_source": got[1]}
+    if precision != "fp32":
+        return {"peak_tflop_per_s": None, "peak_note": f"the CPU peak is measured in fp32, not {precision}"}
+    path = _cpu_peak_path(name)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        return {"peak_tflop_per_s": cached["matmul_tflop_per_s"], "peak_source": f"idle measurement, {path}"}
+    with LoadSampler() as sampler:
+        rate = matmul_rate(device, target_s)
+    load = sampler.summary()
+    if load["busy"]:
+        return {
+            "peak_tflop_per_s": None,
+            "peak_note": "no idle CPU peak: " + busy_message(load, "while it was measured"),
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**rate, "device": name, "date": _dt.date.today().isoformat(), "load": load}))
+    tmp.replace(path)
+    return {"peak_tflop_per_s": rate["matmul_tflop_per_s"], "peak_source": f"idle measurement, {path}"}
+
+
+def mfu(flops: float | None, median_ms: float, peak: dict[str, Any]) -> dict[str, Any]:
+    """mfu_pct: model FLOPs per second over the stated peak, in percent; never above 100: a step faster
+    than the peak means the peak is wrong, and the row says so in mfu_note instead of a figure."""
+    tflops = peak.get("peak_tflop_per_s")
+    if not flops or not tflops:
+        return {"mfu_pct": None, "mfu_note": peak.get("peak_note")}
+    rate = flops / (median_ms * 1e-3) / 1e12
+    if rate > tflops:
+        note = f"peak wrong: the step ran {rate:.3g} TFLOP/s, above the stated {tflops:.3g}"
+        return {"mfu_pct": None, "mfu_note": note}
+    return {"mfu_pct": 100 * rate / tflops, "mfu_note": None}

@@ -15,10 +15,14 @@ row) and never timed.
 
 Per variant: step time (median, p20, p80), images/s, peak device memory (CUDA: this variant's weights,
 gradients and optimizer state plus the step's transient peak), MFU (model FLOPs per step, counted with
-torch.utils.flop_counter on the eager reference step, over the device's measured matmul rate: bf16 8192^3
-on a GPU, an fp32 product of about 1 s on a CPU), and speedups over diffusers eager and compiled with the
-same loss. The toggles: fused kernels (model.kernels auto vs torch), channels_last, torch.compile (encoder
-and decoder, as train.compile does), activation checkpointing, the discriminator.
+torch.utils.flop_counter on the eager reference step, over a stated peak: the GPU's datasheet figure, or a
+CPU's matmul rate measured once on an idle machine; never above 100%, see harness.mfu), and speedups over
+diffusers like for like: diffusers with the same loss, checkpointing and channels_last, eager
+(x_diffusers_eager) and compiled (x_diffusers_compiled). A speedup is the median of the ratios of steps
+paired round by round, with its distribution-free 95% interval (harness.paired_ratio). The toggles: fused
+kernels (model.kernels auto vs torch, compiled too), channels_last, torch.compile (encoder and decoder, as
+train.compile does), activation checkpointing, the discriminator. The machine's load is sampled while the
+variants are timed; on a busy machine the rows are refused unless allow_busy (harness.stamp_load).
 
     python -m benchmarks.train_step [--quick] [--compile] [--device cuda|cpu] [--out DIR]
     python -m benchmarks.train_step --preset sd-f8 --resolution 128 --batch 2 --precision fp32
@@ -35,6 +39,7 @@ import gc
 import io
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,14 +52,21 @@ import torch
 import torch.nn as nn
 
 from benchmarks.harness import (
+    BusyMachine,
     CorrectnessError,
+    LoadSampler,
     Timing,
+    check_idle,
     device_slug,
     environment,
     error_row,
-    matmul_rate,
     measure_interleaved,
+    mfu,
+    paired_ratio,
+    peak_rate,
+    repeats_for,
     result_row,
+    stamp_load,
     write_results,
 )
 from vae_scale.config import Config, load_config
@@ -69,6 +81,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # as train.mixed_precision says them
 DISC_WEIGHT = 0.5  # LDM's disc_weight; the discriminator is on from step 0 (loss.disc_start=0)
 INPUT_SETS = {"cuda": 3, "cpu": 2}  # batches rotated between steps
+# Timed steps per variant: one more than the fewest whose 95% interval on a paired ratio leaves out the
+# most extreme ratio at each end (harness.repeats_for: 9), so the bounds are the 2nd-lowest and
+# 2nd-highest of 10 ratios (coverage 0.979). On a GPU steps are short: 20 (bounds 6th of 20, 0.959).
+REPEATS = {"cpu": repeats_for() + 1, "cuda": 20}
 
 
 @dataclass(frozen=True)
@@ -356,7 +372,10 @@ class DiffusersStep(Step):
         vae.load_state_dict(init["vae"])
         self.ae = DiffusersAutoencoder(diffusers_model(vae)).to(device)
         del vae
-        if variant.channels_last:
+        if variant.checkpointing:  # the like-for-like reference of model.gradient_checkpointing
+            self.ae.vae.enable_gradient_checkpointing()
+        if variant.channels_last:  # weights and inputs, as model.channels_last does for ours
+            self.ae.to(memory_format=torch.channels_last)
             inputs = [to_channels_last(x) for x in inputs]
         self.inputs, self._i = inputs, 0
         if variant.compile:  # as train.compile does: encoder and decoder, not the posterior or the loss
@@ -626,16 +645,18 @@ def benchmark(
     variants: list[Variant],
     device: torch.device,
     *,
-    repeats: int = 3,
+    repeats: int = REPEATS["cpu"],
     warmup: int = 1,
-    matmul: dict[str, Any] | None = None,
+    peak: dict[str, Any] | None = None,
     extra: dict[str, Step] | None = None,
+    allow_busy: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Check every variant against the reference step, then time those that passed in alternation.
 
-    `extra` adds ready-built steps under their own names (checked and timed like the others). Returns one
-    row per variant: a timed row, or an error row for one that was refused or failed.
+    `extra` adds ready-built steps under their own names (checked and timed like the others); `peak` is
+    harness.peak_rate's (measured when None). Returns one row per variant: a timed row, or an error row for
+    one that was refused or failed; rows timed while the machine was busy are refused unless `allow_busy`.
     """
     env = environment(device)
     fresh_accelerate_state()
@@ -713,15 +734,15 @@ def benchmark(
     refs.clear()
 
     errors: dict[str, BaseException] = {}
-    timings = measure_interleaved(
-        {n: s for n, s in steps.items()}, device=device, warmup=warmup, repeats=repeats, errors=errors
-    )
+    with LoadSampler() as sampler:
+        timings = measure_interleaved(
+            {n: s for n, s in steps.items()}, device=device, warmup=warmup, repeats=repeats, errors=errors
+        )
+    load = sampler.summary()
     peaks = {n: _peak_mb(s, device) for n, s in steps.items() if n in timings}
-    matmul = matmul if matmul is not None else matmul_rate(device)
+    peak = peak if peak is not None else peak_rate(device, setting.precision)
     baselines = {
-        (s.variant.disc, s.variant.compile): timings[n].median_ms
-        for n, s in steps.items()
-        if n in timings and s.variant.model == "diffusers" and not s.variant.checkpointing
+        like(s.variant): n for n, s in steps.items() if n in timings and s.variant.model == "diffusers"
     }
     for name, step in steps.items():
         v = step.variant
@@ -733,7 +754,16 @@ def benchmark(
             continue
         t: Timing = timings[name]
         model_flops = flops.get(v.disc)
-        eager, compiled = baselines.get((v.disc, False)), baselines.get((v.disc, True))
+        vs = {}
+        for kind, compiled in (("eager", False), ("compiled", True)):
+            ref_name = baselines.get(like(replace(v, compile=compiled)))
+            if ref_name is None:
+                continue
+            got = paired_ratio(timings[ref_name], t)
+            vs |= {f"x_diffusers_{kind}": got["ratio"], f"x_diffusers_{kind}_lo": got["ratio_lo"],
+                   f"x_diffusers_{kind}_hi": got["ratio_hi"], f"x_diffusers_{kind}_ref": ref_name,
+                   f"x_diffusers_{kind}_95ci": _interval_text(got)}  # fmt: skip
+            vs["ratio_pairs"], vs["ratio_coverage"] = got["ratio_pairs"], got["ratio_coverage"]
         rows.append(
             result_row(
                 SUBJECT,
@@ -744,21 +774,28 @@ def benchmark(
                 images_per_s=t.throughput(setting.batch),
                 peak_mb=peaks.get(name),
                 gflop_per_image=model_flops / setting.batch / 1e9 if model_flops else None,
-                mfu_pct=100 * model_flops / (t.median_ms * 1e-3) / (matmul["matmul_tflop_per_s"] * 1e12)
-                if model_flops
-                else None,
-                x_diffusers_eager=eager / t.median_ms if eager else None,
-                x_diffusers_compiled=compiled / t.median_ms if compiled else None,
+                **mfu(model_flops, t.median_ms, peak),
+                **vs,
                 **checks[name],
-                **matmul,
+                **peak,
             )
         )
+    stamp_load(rows, load, allow_busy)
     for step in steps.values():
         step.close()
     del steps
     fresh_accelerate_state()  # the next setting, or whatever runs next in this process, sets its own
     _free(device)
     return rows
+
+
+def like(v: Variant) -> tuple[bool, bool, bool, bool]:
+    """What a diffusers reference must share with a variant to be like for like (the kernels are ours)."""
+    return (v.disc, v.compile, v.checkpointing, v.channels_last)
+
+
+def _interval_text(got: dict[str, Any]) -> str | None:
+    return f"{got['ratio_lo']:.2f}-{got['ratio_hi']:.2f}" if got["ratio_lo"] is not None else None
 
 
 def _peak_mb(step: Step, device: torch.device) -> float | None:
@@ -792,19 +829,32 @@ def sweep(
     """(setting, variants, timing options) of the mode: GPU sizes on CUDA, small ones on a CPU.
 
     On a GPU the toggles flip one at a time from the eager fast configuration (fused kernels and
-    channels_last); compile is added to it, and diffusers runs eager and compiled with the same loss. The
+    channels_last); compile is added to it with each kernel backend (Triton and torch), and diffusers runs
+    eager and compiled with the same loss. Every toggle that diffusers has too (checkpointing,
+    channels_last, the discriminator, compile) has its diffusers row, so each speedup is like for like. The
     other settings compare the fast eager step with diffusers eager. Compile defaults off on a CPU (an
-    inductor compile of sd-f8 takes minutes on 2 cores).
+    inductor compile of sd-f8 takes minutes on 2 cores), where the torch backend is the only one.
     """
-    diffusers = [Variant(model="diffusers"), Variant(model="diffusers", disc=True)]
+
+    def references(base: Variant) -> list[Variant]:
+        d = replace(base, model="diffusers", kernels="auto")
+        out = [d, replace(d, disc=True), replace(d, checkpointing=True)]
+        return out + [replace(d, channels_last=not d.channels_last)]
+
+    def compiled(base: Variant, on_gpu: bool) -> list[Variant]:
+        out = [replace(base, compile=True)] + (
+            [replace(base, compile=True, kernels="torch")] if on_gpu else []
+        )
+        return out + [replace(base, model="diffusers", kernels="auto", compile=True)]
+
     if device.type == "cuda":
         compile = True if compile is None else compile
         fast = Variant(channels_last=True)
-        main = toggles(fast, on_gpu=True) + diffusers
+        main = toggles(fast, on_gpu=True) + references(fast)
         if compile:
-            main += [replace(fast, compile=True), Variant(model="diffusers", compile=True)]
-        pair = [fast, Variant(model="diffusers")]
-        runs = {"repeats": 10, "warmup": 2}
+            main += compiled(fast, on_gpu=True)
+        pair = [fast, Variant(model="diffusers", channels_last=True)]
+        runs = {"repeats": REPEATS["cuda"], "warmup": 2}
         # batch 16 at 256 px (43 TFLOP a step) fills an H100 and leaves room for the fp32 reference pass
         if quick:
             return [(Setting("sd-f8", 256, 8, "bf16"), main, runs)]
@@ -812,36 +862,48 @@ def sweep(
             (Setting("sd-f8", 256, 16, "bf16"), main, runs),
             (Setting("sd-f8", 256, 16, "fp32"), pair, runs),
             (Setting("f8c16", 256, 16, "bf16"), pair, runs),
-            (Setting("sd-f8", 512, 4, "bf16"), pair + [replace(fast, checkpointing=True)], runs),
+            (
+                Setting("sd-f8", 512, 4, "bf16"),
+                pair
+                + [
+                    replace(fast, checkpointing=True),
+                    Variant("diffusers", channels_last=True, checkpointing=True),
+                ],
+                runs,
+            ),
         ]
     base = Variant()
-    main = toggles(base, on_gpu=False) + diffusers
+    main = toggles(base, on_gpu=False) + references(base)
     if compile:
-        main += [replace(base, compile=True), Variant(model="diffusers", compile=True)]
+        main += compiled(base, on_gpu=False)
+    runs = {"repeats": REPEATS["cpu"], "warmup": 1}
     if quick:
-        return [(Setting("sd-f8", 64, 2, "fp32"), main, {"repeats": 3, "warmup": 1})]
+        return [(Setting("sd-f8", 64, 2, "fp32"), main, runs)]
     return [
-        (Setting("sd-f8", 128, 2, "fp32"), main, {"repeats": 3, "warmup": 1}),
-        (Setting("f8c16", 128, 2, "fp32"), [base, Variant(model="diffusers")], {"repeats": 3, "warmup": 1}),
+        (Setting("sd-f8", 128, 2, "fp32"), main, runs),
+        (Setting("f8c16", 128, 2, "fp32"), [base, Variant(model="diffusers")], runs),
     ]
 
 
-def run(quick: bool = True, device: str | None = None, compile: bool | None = None) -> list[dict[str, Any]]:
+def run(
+    quick: bool = True, device: str | None = None, compile: bool | None = None, allow_busy: bool = False
+) -> list[dict[str, Any]]:
     """The sweep of the mode on the first GPU, or on this CPU; returns result rows (errors as rows)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    matmul = matmul_rate(dev)
     rows = []
     for setting, variants, opts in sweep(quick, dev, compile):
         print(
             f"train_step: {setting.preset} {setting.resolution}px batch {setting.batch} {setting.precision}"
         )
-        rows += benchmark(setting, variants, dev, matmul=matmul, **opts)
+        peak = peak_rate(dev, setting.precision)
+        rows += benchmark(setting, variants, dev, peak=peak, allow_busy=allow_busy, **opts)
     return rows
 
 
 COLUMNS = [
     "preset", "resolution", "batch", "dtype", "variant", "loss", "median_ms", "p20_ms", "p80_ms",
-    "images_per_s", "peak_mb", "mfu_pct", "x_diffusers_eager", "x_diffusers_compiled", "load_1m", "error",
+    "images_per_s", "peak_mb", "mfu_pct", "mfu_note", "x_diffusers_eager", "x_diffusers_eager_95ci",
+    "x_diffusers_compiled", "x_diffusers_compiled_95ci", "load_1m", "others_cores", "busy", "error",
 ]  # fmt: skip
 
 
@@ -859,18 +921,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per variant (default 10 on a CPU, 20 on a GPU)"
+    )
+    p.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="run and keep the figures when other processes load the machine (rows flagged busy)",
+    )
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
+    try:
+        check_idle(args.allow_busy)
+    except BusyMachine as e:
+        print(f"train_step: {e}", file=sys.stderr)
+        return 3
     if args.device == "cpu":  # the trainer takes its device from accelerate: on a CPU when it is told so
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if args.preset:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         setting = Setting(args.preset, args.resolution, args.batch, args.precision)
         variants = [v for s, vs, _ in sweep(True, dev, args.compile) for v in vs]
-        rows = benchmark(setting, variants, dev, repeats=args.repeats)
+        repeats = args.repeats or REPEATS.get(dev.type, REPEATS["cpu"])
+        rows = benchmark(setting, variants, dev, repeats=repeats, allow_busy=args.allow_busy)
     else:
-        rows = run(quick=args.quick, device=args.device, compile=args.compile)
+        rows = run(quick=args.quick, device=args.device, compile=args.compile, allow_busy=args.allow_busy)
     name = f"train_step-{device_slug(rows[0]['device'])}" if rows else "train_step"
     path = write_results(rows, name, COLUMNS, args.out)
     print(path.with_suffix(".md").read_text())
