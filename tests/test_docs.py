@@ -10,6 +10,7 @@ from vae_scale.config_reference import field_docs, missing_docs, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def test_the_configuration_reference_is_current():
     written = (ROOT / "docs" / "configuration.md").read_text()
     assert written == reference(), "docs/configuration.md is stale: run `make docs`"

@@ -49,6 +49,7 @@ def val_images(shards: Path) -> torch.Tensor:
 # export / import
 
 
+@pytest.mark.numerics
 def test_export_loads_in_diffusers_decodes_the_same_and_normalises_held_out_latents(run, tmp_path, capsys):
     from diffusers import AutoencoderKL
 
@@ -59,6 +60,7 @@ def test_export_loads_in_diffusers_decodes_the_same_and_normalises_held_out_late
     config = json.loads((out / "config.json").read_text())
     stats = json.loads((out / "latent_statistics.json").read_text())
     assert stats["samples"] == 36 and stats["latent"] == "posterior mean"  # all 36 training images (< 64)
+    # the same float64 numbers through JSON: equal but for the last digit of 1 / std
     assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
     assert config["shift_factor"] == pytest.approx(stats["mean"])
     assert len(config["latents_mean"]) == len(config["latents_std"]) == 4
@@ -72,9 +74,13 @@ def test_export_loads_in_diffusers_decodes_the_same_and_normalises_held_out_late
     assert len(x) == 12
     with torch.no_grad():
         z = theirs.encode(x).latent_dist.mean
-        assert torch.allclose(z, ours.encode(x).mode(), atol=1e-5)
-        assert torch.allclose(theirs.decode(z).sample, ours.decode(z), atol=1e-5)
-    # What a FLUX/SD3-style pipeline feeds its diffusion model: unit std on held-out images.
+        # Guards weights exported to the wrong place or from the wrong copy: O(1e-2) or more. Our GroupNorm
+        # sums in another order than diffusers' (~1e-6 of values ~1 after ~20 layers): atol 1e-4 (was 1e-5).
+        assert torch.allclose(z, ours.encode(x).mode(), atol=1e-4)
+        assert torch.allclose(theirs.decode(z).sample, ours.decode(z), atol=1e-4)
+    # What a FLUX/SD3-style pipeline feeds its diffusion model: unit std on held-out images. Statistical
+    # bounds (12 held-out images against 36 measured): a missing shift or scale is off by x2 or more, and
+    # rounding (~1e-6) is nothing beside the sampling spread.
     scaled = (z - theirs.config.shift_factor) * theirs.config.scaling_factor
     assert abs(scaled.std().item() - 1) < 0.05
     assert abs(scaled.mean().item()) < 0.2
@@ -187,7 +193,8 @@ def test_sample_writes_a_grid_of_n_images(run, tmp_path):
     sample_main(
         ["--run", str(run_dir), "--n", "5", "--nrow", "3", "--temperature", "0.7", "--out", str(again)]
     )
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))  # seeded
+    # seeded, bit-identical: both runs in this process, on one kernel path
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
 def test_reconstruct_writes_input_and_reconstruction_side_by_side(run, tmp_path, capsys):
@@ -231,6 +238,7 @@ def source_keys(shards: Path, split: str) -> set[str]:
     return keys
 
 
+@pytest.mark.numerics
 def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
     run_dir, shards = run
     out = tmp_path / "latents"
@@ -263,7 +271,10 @@ def test_encode_writes_latent_shards_keyed_like_the_source(run, tmp_path):
     for full_key, z in zip(batch["keys"], want, strict=True):
         url, key = full_key.rsplit("#", 1)
         got = read_latent(samples[key]["safetensors"], "safetensors")
-        assert torch.allclose(got, z, atol=1e-6)
+        # Guards another image's latent, a sample for the mean, float16 storage (4.9e-4 relative). The
+        # command encodes in other batches (conv kernels chosen per shape: ~1e-6 relative after the
+        # encoder): rtol 1e-4, atol 1e-5 (were 1e-5, 1e-6).
+        assert torch.allclose(got, z, rtol=1e-4, atol=1e-5)
         assert json.loads(samples[key]["latent.json"])["source"] == url
         assert json.loads(samples[key]["json"])["source"].endswith(".png")  # the source's sidecar, kept
 

@@ -47,6 +47,7 @@ def test_shapes_for_each_downsampling_factor(levels):
     assert x_hat.shape == x.shape and isinstance(post2, DiagonalGaussian)
 
 
+@pytest.mark.numerics
 def test_posterior_math_is_diffusers():
     torch.manual_seed(0)
     moments = torch.randn(3, 8, 5, 7) * 20  # many logvars outside [-30, 20]
@@ -54,6 +55,8 @@ def test_posterior_math_is_diffusers():
     mean, logvar = moments[:, :4], moments[:, 4:].clamp(-30, 20)
     eps = torch.randn_like(mean)
     z, kl = post.sample_kl(eps)
+    # Guards a missing clamp or factor 0.5: O(1). The same fp32 formula, at most a few ulp apart (default
+    # rtol 1.3e-6; the KL terms are >= 0, so its 140-term sum keeps that relative error).
     torch.testing.assert_close(z, mean + torch.exp(0.5 * logvar) * eps)
     expected = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
     torch.testing.assert_close(kl, expected)
@@ -86,6 +89,7 @@ def _loss_and_grads(vae, x, eps, channels_last=False):
     }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("transform", ["checkpointing", "channels_last"])
 def test_transforms_give_the_same_outputs_and_gradients(transform):
     torch.manual_seed(0)
@@ -97,6 +101,9 @@ def test_transforms_give_the_same_outputs_and_gradients(transform):
     loss_a, grads_a = _loss_and_grads(plain, x, eps)
     loss_b, grads_b = _loss_and_grads(other, x, eps, channels_last=transform == "channels_last")
     assert set(grads_a) == set(grads_b) and len(grads_a) == len(list(plain.parameters()))
+    # Guards a block skipped or recomputed differently, a wrongly permuted layout: O(1). Channels-last runs
+    # other conv kernels (other summation orders): ~sqrt(K) * 6e-8 ~ 1e-6 relative per layer, so the loss
+    # stays within ~1e-6 and grads, sums over 768 positions, within ~1e-5 (atol for grads that cancel).
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)

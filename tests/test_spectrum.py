@@ -49,25 +49,32 @@ def reference_sums(x: np.ndarray, bins: int = BINS) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.numerics
 def test_dct_is_orthonormal_and_matches_scipy():
     for n in (1, 5, 8, 17):
         d = dct_matrix(n, dtype=torch.float64)
         torch.testing.assert_close(d @ d.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
     x = torch.randn(2, 3, 7, 12, dtype=torch.float64)
     want = scipy.fft.dctn(x.numpy(), axes=(2, 3), norm="ortho")
+    # Guards a wrong normalisation, type or axis: O(1). float64 products of <= 17 terms round at ~1e-15;
+    # fp32: 7 + 12 terms, |coefficient terms| summing to <= 4 * sqrt(84): <= 19 * 6e-8 * 37 = 4e-5 in the
+    # worst order, which the old atol 1e-5 did not cover: 1e-4.
     np.testing.assert_allclose(dct2(x).numpy(), want, atol=1e-12)
-    np.testing.assert_allclose(dct2(x.float()).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(dct2(x.float()).numpy(), want, atol=1e-4)
     assert dct2(x.bfloat16()).dtype == torch.float32
 
 
+@pytest.mark.numerics
 def test_sums_match_an_independent_computation():
     x = torch.randn(3, 4, 9, 14)
     got = spectrum_sums(x)
     want = reference_sums(x.numpy())
+    # Guards a coefficient in the wrong bin, DC counted, a wrong count: O(1). Both in float64 (~1e-14).
     for k in want:
         np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-5, atol=1e-9, err_msg=k)
     # Sums over images add up: a batch split in two (as across ranks) gives the whole batch's sums.
     a, b = spectrum_sums(x[:1]), spectrum_sums(x[1:])
+    # float64 per image whatever the batch (BLAS may pick other kernels per shape: ~1e-15 relative)
     for k in got:
         torch.testing.assert_close(a[k] + b[k], got[k], rtol=1e-12, atol=0)
 
@@ -93,6 +100,7 @@ def test_smooth_images_fall_off():
     s = spectrum_sums(torch.from_numpy(blurred))
     curve = radial_spectrum(s["energy"], s["count"])[1:]  # bin 0 holds the lowest frequencies only partly
     assert (curve[1:] < curve[:-1]).all(), curve  # strictly falling
+    # physical bounds in float64: a sigma-2 blur takes Nyquist energy down by ~e^-40, rounding floors at 1e-32
     assert curve[-1] < 1e-6 * curve[0]
     assert float(hf_share(s["hf"].sum(), s["total"].sum())) < 1e-4
     # A photograph: most of its energy is at low frequencies, the spectrum falls by orders of magnitude.
@@ -100,6 +108,7 @@ def test_smooth_images_fall_off():
 
     photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].double() / 127.5 - 1
     p = spectrum_sums(photo)
+    # photographs' known fall-off, in float64 from 8-bit data: bounds on the image, not on rounding
     curve = radial_spectrum(p["energy"], p["count"])
     assert float(hf_share(p["hf"].sum(), p["total"].sum())) < 0.05
     assert curve[-1] < 1e-2 * curve[1] and curve[1] > 1
@@ -111,6 +120,8 @@ def test_empty_bins_and_offsets():
     assert int(torch.isfinite(curve).sum()) == int((s["count"] > 0).sum()) < BINS
     x = torch.randn(4, 2, 8, 8)
     with_offset = spectrum_sums(x + torch.tensor([5.0, -3.0]).view(1, 2, 1, 1))
+    # Guards an offset leaking into AC bins (energy ~25 per coefficient): float64 after the fp32 input's
+    # offset is removed, so rounding is ~6e-8 * 5 per value, 1e-6 of energies ~1 at most.
     for k, v in spectrum_sums(x).items():  # a constant per channel only moves the DC coefficient
         torch.testing.assert_close(with_offset[k], v, rtol=1e-4, atol=1e-4)
     assert bin_centres(4) == [0.125, 0.375, 0.625, 0.875]
@@ -148,6 +159,7 @@ def pil_resize(a: np.ndarray, h: int, w: int) -> np.ndarray:
     )
 
 
+@pytest.mark.numerics
 def test_eval_metrics_match_numpy(tiny_vae):
     x = photos(6)
     results = evaluate(
@@ -161,10 +173,13 @@ def test_eval_metrics_match_numpy(tiny_vae):
     zn, xn = z.numpy(), x.numpy()
     # spectrum: the posterior means' and the images' sums, pooled over all six images
     lat, rgb = reference_sums(zn), reference_sums(xn)
-    assert results["latent_hf_share"] == pytest.approx(lat["hf"].sum() / lat["total"].sum(), rel=1e-5)
+    # Guards a batch's sums lost, a bin off by one, a mean of batch shares: >= 1e-2. evaluate encodes in
+    # batches of 4 + 2, here 6 (conv kernels per shape: ~1e-6 relative in z, ~2e-6 in energies): rel 1e-4
+    # (was 1e-5).
+    assert results["latent_hf_share"] == pytest.approx(lat["hf"].sum() / lat["total"].sum(), rel=1e-4)
     for c in range(4):
-        assert results[f"latent_hf_share/{c}"] == pytest.approx(lat["hf"][c] / lat["total"][c], rel=1e-5)
-    assert results["rgb_hf_share"] == pytest.approx(rgb["hf"].sum() / rgb["total"].sum(), rel=1e-5)
+        assert results[f"latent_hf_share/{c}"] == pytest.approx(lat["hf"][c] / lat["total"][c], rel=1e-4)
+    assert results["rgb_hf_share"] == pytest.approx(rgb["hf"].sum() / rgb["total"].sum(), rel=1e-4)
     for side, ref in (("latent", lat), ("rgb", rgb)):
         energy = ref["energy"].sum(0)
         mean_all = energy.sum() / ref["count"].sum()
@@ -173,7 +188,7 @@ def test_eval_metrics_match_numpy(tiny_vae):
             if ref["count"][k] == 0:
                 assert key not in results
             else:
-                assert results[key] == pytest.approx(energy[k] / ref["count"][k] / mean_all, rel=1e-5), key
+                assert results[key] == pytest.approx(energy[k] / ref["count"][k] / mean_all, rel=1e-4), key
     # equivariance: PSNR of decode(T(z)) against T(x), T written out in numpy / PIL
     f = 2
     transforms = {
@@ -188,9 +203,12 @@ def test_eval_metrics_match_numpy(tiny_vae):
         with torch.no_grad():
             x_hat = tiny_vae.decode(z_t).clamp(-1, 1).numpy()
         want = psnr_np(x_hat, t(xn, f)).mean()
+        # Guards T applied on one side only or in another direction: >= 1e-1 dB. numpy/PIL against torch
+        # transforms (~1e-6 apart) and batches of 4 + 2 move x_hat by ~3e-6: ~4e-5 dB at errors ~0.3.
         assert results[f"equivariance/{name}"] == pytest.approx(want, abs=2e-3), name
 
 
+@pytest.mark.numerics
 def test_eval_metrics_are_exact_across_ranks_and_lockstep_padding(tiny_vae):
     x = photos(7, seed=1)
     metrics = ["psnr", "spectrum", "equivariance"]
@@ -220,8 +238,10 @@ def test_eval_metrics_are_exact_across_ranks_and_lockstep_padding(tiny_vae):
         del tiny_vae.decode
     assert len(decodes) == 4 * 6  # 2 real batches + 2 padding ones, each 1 + 5 transformed decodes
     assert split.keys() == full.keys()
+    # Guards a rank's sums lost, padding counted: >= 1e-2. Batches of 3 + 2 + 2 against 7 may run other
+    # conv kernels (~1e-6 relative in x_hat, ~1e-6 in a PSNR): rel 1e-4 (was 1e-6, one order assumed).
     for k in full:
-        assert split[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9), k
+        assert split[k] == pytest.approx(full[k], rel=1e-4, abs=1e-9), k
     table = format_table(full, latent_channels=4)
     for row in (
         "high-frequency share, latent",

@@ -35,12 +35,14 @@ def test_an_image_that_fits_in_one_tile_is_not_tiled(vae):
     x = torch.rand(2, 3, 32, 24) * 2 - 1
     with torch.no_grad():
         post, tiled = vae.encode(x), vae.encode(x, tiled=True)
+        # bit-identical: one tile is the untiled call itself, the same kernels in one process
         assert torch.equal(tiled.mean, post.mean) and torch.equal(tiled.logvar, post.logvar)
         z = post.mode()
         assert torch.equal(vae.decode(z, tiled=True), vae.decode(z))
         assert torch.equal(vae.decode(z, tiled=Tiling(tile=64)), vae.decode(z))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("shape", [(72, 100), (40, 24), (100, 36), (64, 96), (36, 33 * 4)])
 def test_tiled_encode_and_decode_equal_diffusers_tiling(vae, tmp_path, shape):
     from diffusers import AutoencoderKL
@@ -56,10 +58,12 @@ def test_tiled_encode_and_decode_equal_diffusers_tiling(vae, tmp_path, shape):
         ours_x, their_x = vae.decode(z, tiled=True), theirs.decode(z).sample
         untiled_x = vae.decode(z)
     assert ours_post.mean.shape == (2, 4, h // 4, w // 4) and ours_x.shape == (2, 3, h, w)
-    # the same agreement as untiled (our fused GroupNorm against diffusers' sums in another order)
-    assert torch.allclose(ours_post.mean, their_post.mean, atol=1e-5)
-    assert torch.allclose(ours_post.logvar, their_post.logvar, atol=1e-5)
-    assert torch.allclose(ours_x, their_x, atol=1e-5)
+    # Guards another tile grid or blend than diffusers': >= 1e-3 (the tiled/untiled gap below). Rounding:
+    # our GroupNorm sums in another order than diffusers' (~1e-7 relative per norm), grown through ~20
+    # near-unit-gain layers to ~1e-6 of outputs ~1; atol 1e-4 (was 1e-5) keeps 100x above that.
+    assert torch.allclose(ours_post.mean, their_post.mean, atol=1e-4)
+    assert torch.allclose(ours_post.logvar, their_post.logvar, atol=1e-4)
+    assert torch.allclose(ours_x, their_x, atol=1e-4)
     assert not torch.allclose(ours_x, untiled_x, atol=1e-3)  # tiling did happen
 
 
@@ -124,6 +128,7 @@ def test_blending_leaves_no_seam_on_a_smooth_image():
     # With diffusers' 0.25 overlap the per-tile offsets are spread linearly over 16 columns: the largest
     # column step anywhere stays within 2.5x the image's typical one.
     steps = column_steps(blended)
+    # a ratio of O(1) pixel steps (~1e-2) of one fp32 computation: rounding (~1e-7) cannot move it
     assert steps[2:-2].max().item() < 2.5 * typical
     assert blended.shape == x.shape
 
@@ -169,6 +174,9 @@ def test_tiling_a_trained_vae_stays_close_to_untiled(tmp_path):
         for tile in (64, 128):
             t = Tiling(tile)
             tiled = vae.decode(vae.encode(photos, tiled=t).mode(), tiled=t).clamp(-1, 1)
+            # Seam bounds in dB, far from rounding: fp32 kernels move a PSNR by ~1e-5 dB; a tile without
+            # blending or a misplaced tile costs several dB. (The trained weights differ by kernel path too:
+            # ~1e-6 relative, the same order.)
             gap = (psnr(tiled, photos) - psnr(untiled, photos)).abs().max().item()
             assert gap < 1.5, (tile, gap)
             assert psnr(tiled, untiled).min().item() > 22, tile
