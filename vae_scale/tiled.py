@@ -27,10 +27,23 @@ Span = tuple[int, int]
 
 
 class TiledRun:
-    """Where activations wait (store) and are computed (device), and the tile size in image pixels."""
+    """Where activations wait (store) and are computed (device), and the tile size in image pixels.
+
+    moved: bytes read from the store to the device and written back, which cross between host and
+    device when they differ (counted either way: the cost of offloading).
+    """
 
     def __init__(self, tile: int, device: torch.device, store: torch.device):
         self.tile, self.device, self.store = tile, device, store
+        self.moved = 0
+
+    def fetch(self, t: torch.Tensor) -> torch.Tensor:
+        self.moved += t.numel() * t.element_size()
+        return t.to(self.device)
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        self.moved += t.numel() * t.element_size()
+        return t.to(self.store)
 
     def spans(self, n: int, scale: int) -> list[Span]:
         """The tiles along a side of n positions at a level where one position is `scale` image pixels."""
@@ -50,7 +63,7 @@ def _pad_outside(win: torch.Tensor, rows: Span, cols: Span, h: int, w: int) -> t
 def _read(run: TiledRun, x: torch.Tensor, rows: Span, cols: Span, pre=None) -> torch.Tensor:
     """x[..., rows, cols] on the device after `pre` (a norm, a 1x1 conv), zeros where the range leaves x."""
     h, w = x.shape[2:]
-    win = x[:, :, max(rows[0], 0) : min(rows[1], h), max(cols[0], 0) : min(cols[1], w)].to(run.device)
+    win = run.fetch(x[:, :, max(rows[0], 0) : min(rows[1], h), max(cols[0], 0) : min(cols[1], w)])
     return _pad_outside(win if pre is None else pre(win), rows, cols, h, w)
 
 
@@ -59,7 +72,7 @@ def _read_upsampled(run: TiledRun, x: torch.Tensor, rows: Span, cols: Span, pre=
     h, w = x.shape[2:]
     r0, r1, c0, c1 = max(rows[0], 0), min(rows[1], 2 * h), max(cols[0], 0), min(cols[1], 2 * w)
     a, c = r0 // 2, c0 // 2
-    win = x[:, :, a : (r1 + 1) // 2, c : (c1 + 1) // 2].to(run.device)
+    win = run.fetch(x[:, :, a : (r1 + 1) // 2, c : (c1 + 1) // 2])
     up = F.interpolate(win if pre is None else pre(win), scale_factor=2.0, mode="nearest")
     up = up[:, :, r0 - 2 * a : r1 - 2 * a, c0 - 2 * c : c1 - 2 * c]
     return _pad_outside(up, rows, cols, 2 * h, 2 * w)
@@ -95,7 +108,7 @@ def conv(
             t = post(t, rows, cols)
         if out is None:
             out = torch.empty((x.shape[0], t.shape[1], ho, wo), dtype=t.dtype, device=run.store)
-        out[:, :, rows[0] : rows[1], cols[0] : cols[1]] = t.to(run.store)
+        out[:, :, rows[0] : rows[1], cols[0] : cols[1]] = run.put(t)
     return out
 
 
@@ -123,7 +136,7 @@ def normaliser(run: TiledRun, x: torch.Tensor, norm: nn.Module, scale: int):
     G = norm.num_groups
     count, mean, m2 = 0, torch.zeros(B, G, dtype=torch.float64, device=run.device), None
     for rows, cols in run.tiles(h, w, scale):
-        t = x[:, :, rows[0] : rows[1], cols[0] : cols[1]].to(run.device, torch.float64).reshape(B, G, -1)
+        t = run.fetch(x[:, :, rows[0] : rows[1], cols[0] : cols[1]]).double().reshape(B, G, -1)
         n = t.shape[2]
         t_mean = t.mean(2)
         t_m2 = (t - t_mean[..., None]).square().sum(2)
@@ -144,7 +157,7 @@ def resnet(run: TiledRun, x: torch.Tensor, block: nn.Module, scale: int) -> torc
     h = conv(run, x, block.conv1, scale, pre=normaliser(run, x, block.norm1, scale))
 
     def add_skip(t: torch.Tensor, rows: Span, cols: Span) -> torch.Tensor:
-        skip = x[:, :, rows[0] : rows[1], cols[0] : cols[1]].to(run.device)
+        skip = run.fetch(x[:, :, rows[0] : rows[1], cols[0] : cols[1]])
         return (skip if block.conv_shortcut is None else block.conv_shortcut(skip)) + t
 
     return conv(run, h, block.conv2, scale, pre=normaliser(run, h, block.norm2, scale), post=add_skip)
@@ -154,7 +167,7 @@ def mid_block(run: TiledRun, x: torch.Tensor, block: nn.Module, scale: int) -> t
     """A model.MidBlock; its attention sees the whole lowest-resolution activation, on the device."""
     x = resnet(run, x, block.resnets[0], scale)
     if block.attentions is not None:
-        x = block.attentions[0](x.to(run.device)).to(run.store)
+        x = run.put(block.attentions[0](run.fetch(x)))
     return resnet(run, x, block.resnets[1], scale)
 
 
