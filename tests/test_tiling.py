@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 from vae_scale.config import load_config
 from vae_scale.model import VAE, Tiling, tiled_apply
+from vae_scale.tiled import TiledRun, decode_image
 
 PER_TILE = Tiling(norm="tile")  # diffusers' enable_tiling(): sample_size tiles, overlap 0.25
 
@@ -114,6 +115,7 @@ def test_whole_image_norms_keep_every_window_within_the_tile(vae):
     """What is computed at once is a tile and its halo whatever the image size; only attention sees the
     whole (lowest-resolution) latent. The whole image's activations wait between layers (in host memory
     when the model is on an accelerator, vae_scale/tiled.py)."""
+    moved = {}
     for h, w in ((64, 96), (160, 224)):
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(w)) * 2 - 1
         with torch.no_grad():
@@ -129,6 +131,14 @@ def test_whole_image_norms_keep_every_window_within_the_tile(vae):
         assert tiled.conv == 34
         assert tiled.attention == {h * w // 16}  # the whole f4 latent
         assert (tiled_z - z).abs().max().item() < ROUNDING and (got - want).abs().max().item() < ROUNDING
+        run = TiledRun(32, torch.device("cpu"), torch.device("cpu"))
+        with torch.no_grad():
+            decode_image(vae, z, run, 4)
+        moved[h * w] = run.moved
+    # what crosses between store and device (offloading's cost) grows with the image's area: each layer
+    # once in and out, plus halos (2 of 34 positions a side) and norm statistics' reads
+    ratio = moved[160 * 224] / moved[64 * 96]
+    assert 0.8 * (160 * 224) / (64 * 96) < ratio < 1.2 * (160 * 224) / (64 * 96)
 
 
 def test_memory_is_bounded_by_the_tile_with_per_tile_norms(vae):
