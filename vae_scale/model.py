@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vae_scale import kernels, weights
 from vae_scale.config import ModelConfig, load_config
+from vae_scale.tiled import TiledRun, decode_image, encode_moments
 
 # --------------------------------------------------------------------------------------------------------
 # Blocks
@@ -270,24 +271,47 @@ class DiagonalGaussian:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Encode and decode tile by tile, as diffusers' AutoencoderKL does after enable_tiling().
+    """Encode and decode tile by tile: whole-image GroupNorm statistics by default, or diffusers' tiles.
 
-    tile: tile size in image pixels (0: the model's sample_size, diffusers' threshold); overlap: the
-    fraction of a tile shared with the next one (diffusers: 0.25). Tiles start every tile * (1 - overlap)
-    pixels (the same in latent positions for decode); each result tile is blended linearly into the one
-    above and the one to its left over tile * overlap rows / columns, then cropped to the stride. Inputs no
-    larger than one tile are not tiled, so their result equals the untiled one exactly. Peak activation
-    memory is that of one tile; tiles differ from the whole image in their GroupNorm statistics and the
-    mid-block attention's reach, so a tiled result is close to, not equal to, the untiled one.
+    tile: tile size in image pixels (0: the model's sample_size, diffusers' threshold). Inputs no larger
+    than one tile are not tiled, so their result equals the untiled one exactly.
+
+    norm="image" (default): the network runs layer by layer, each layer tile by tile; every GroupNorm
+    normalises with the whole image's statistics, gathered over the tiles, convolutions read their halo
+    from the neighbouring tiles and the mid-block attention sees the whole latent (vae_scale/tiled.py), so
+    the result equals the untiled one to rounding. Tiles do not overlap (overlap is not used); the tile
+    must be a whole number of latent positions. Between layers the whole image's activations wait in host
+    memory when `offload` and the model is on an accelerator (the device holds one tile's window of a
+    layer and the lowest-resolution activation for attention; host memory holds what an untiled pass
+    would), else on the model's device.
+
+    norm="tile": diffusers' AutoencoderKL after enable_tiling(): each tile runs the whole encoder or
+    decoder alone. overlap: the fraction of a tile shared with the next one (diffusers: 0.25). Tiles start
+    every tile * (1 - overlap) pixels (the same in latent positions for decode); each result tile is
+    blended linearly into the one above and the one to its left over tile * overlap rows / columns, then
+    cropped to the stride. Every memory is that of one tile; tiles differ from the whole image in their
+    GroupNorm statistics and the mid-block attention's reach, so the result is close to, not equal to,
+    the untiled one (a grid of per-tile colour offsets, softened by the blending).
     """
 
     tile: int = 0
     overlap: float = 0.25
+    norm: str = "image"
+    offload: bool = True
 
     def geometry(self, factor: int, sample_size: int) -> tuple[int, int, int]:
         """(tile, stride, blend extent) in image pixels for a model with this downsampling factor; the
-        same divided by `factor` in latent positions. ValueError when they are not whole latent positions."""
+        same divided by `factor` in latent positions (norm="image": no overlap, no blending). ValueError
+        when they are not whole latent positions."""
         tile = self.tile or sample_size
+        if self.norm not in ("image", "tile"):
+            raise ValueError(f"tiling norm must be 'image' or 'tile', got {self.norm!r}")
+        if self.norm == "image":
+            if tile % factor or tile <= 0:
+                raise ValueError(
+                    f"tile {tile} px: tiles must cover a whole number of latent positions ({factor} px each)"
+                )
+            return tile, tile, 0
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"tiling overlap must be in [0, 1), got {self.overlap}")
         latent = tile // factor
@@ -475,6 +499,9 @@ class VAE(nn.Module):
         if tiling is not None:
             f = self.downsample_factor
             tile, stride, extent = tiling.geometry(f, self.config.sample_size)
+            if max(x.shape[2:]) > tile and tiling.norm == "image":
+                moments = encode_moments(self, x, self._tiled_run(tiling, tile))
+                return DiagonalGaussian(moments.to(x.device), self.kernels)
             if max(x.shape[2:]) > tile:
                 moments = tiled_apply(self._moments, x, tile, stride, tile // f, extent // f)
                 return DiagonalGaussian(moments, self.kernels)
@@ -490,9 +517,15 @@ class VAE(nn.Module):
         if tiling is not None:
             f = self.downsample_factor
             tile, stride, extent = tiling.geometry(f, self.config.sample_size)
+            if max(z.shape[2:]) > tile // f and tiling.norm == "image":
+                return decode_image(self, z, self._tiled_run(tiling, tile), f).to(z.device)
             if max(z.shape[2:]) > tile // f:
                 return tiled_apply(self._image, z, tile // f, stride // f, tile, extent)
         return self._image(z)
+
+    def _tiled_run(self, tiling: Tiling, tile: int) -> TiledRun:
+        device = self.decoder.conv_out.weight.device
+        return TiledRun(tile, device, torch.device("cpu") if tiling.offload else device)
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2C, h, w)

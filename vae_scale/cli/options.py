@@ -67,32 +67,39 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:
-    """--tile PX and --tile-overlap F: tiled encode/decode of images larger than a tile."""
+    """--tile PX, --tile-norm and --tile-overlap F: tiled encode/decode of images larger than a tile."""
     p.add_argument(
         "--tile",
         type=int,
         default=None,
-        help="encode/decode images larger than this many pixels tile by tile, blended as diffusers' "
-        "enable_tiling() does (default: the model's sample_size; 0: never tile)",
+        help="encode/decode images larger than this many pixels tile by tile (default: the model's "
+        "sample_size; 0: never tile)",
+    )
+    p.add_argument(
+        "--tile-norm",
+        choices=("image", "tile"),
+        default="image",
+        help="image: every GroupNorm uses the whole image's statistics, the untiled result to rounding "
+        "(default); tile: each tile alone, blended, as diffusers' enable_tiling()",
     )
     p.add_argument(
         "--tile-overlap",
         type=float,
         default=0.25,
-        help="fraction of a tile its neighbour shares (default 0.25)",
+        help="with --tile-norm tile: fraction of a tile its neighbour shares (default 0.25)",
     )
 
 
 def tiling_from_args(args: argparse.Namespace, vae):
-    """The Tiling --tile / --tile-overlap ask for, its tile resolved (False for --tile 0); InputError for a
-    bad geometry."""
+    """The Tiling --tile / --tile-norm / --tile-overlap ask for, its tile resolved (False for --tile 0);
+    InputError for a bad geometry."""
     from vae_scale.model import Tiling
 
     if args.tile == 0:
         return False
     if args.tile is not None and args.tile < 0:
         raise InputError(f"--tile must be >= 0, got {args.tile}")
-    tiling = Tiling(tile=args.tile or vae.config.sample_size, overlap=args.tile_overlap)
+    tiling = Tiling(tile=args.tile or vae.config.sample_size, overlap=args.tile_overlap, norm=args.tile_norm)
     try:
         tiling.geometry(vae.downsample_factor, vae.config.sample_size)
     except ValueError as e:
