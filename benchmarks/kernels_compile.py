@@ -222,8 +222,9 @@ def nan_dropping_minmax(ptx: str) -> int:
 
 def _check_case() -> None:
     """Every op forward and backward, every kernel once: channels_last bf16 GroupNorm+SiLU with fp32
-    weights, the posterior with in-kernel noise and a learned prior, and RMSNorm+ReLU in both layouts (its
-    row kernels tile NCHW and channels_last differently)."""
+    weights, the posterior with in-kernel noise and a learned prior, and RMSNorm+act in both layouts (its
+    row kernels tile NCHW and channels_last differently), ReLU on 512 channels (channel blocks of 256) and
+    SiLU on 128."""
     from vae_scale import kernels
 
     x = torch.empty(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -236,9 +237,10 @@ def _check_case() -> None:
     z, kl = kernels.gaussian_sample_kl(m, lv, None, m.detach(), lv.detach(), impl="triton")
     torch.autograd.backward((z, kl), (torch.empty_like(z), torch.empty_like(kl)))
     for fmt in (torch.channels_last, torch.contiguous_format):
-        x = torch.empty(2, 128, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
-        w, b = torch.empty(128).requires_grad_(), torch.empty(128).requires_grad_()
-        kernels.rms_norm_act(x, w, b, act="relu", impl="triton").backward(torch.empty_like(x))
+        for C, act in ((512, "relu"), (128, "silu")):
+            x = torch.empty(2, C, 24, 24, dtype=torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
+            w, b = torch.empty(C).requires_grad_(), torch.empty(C).requires_grad_()
+            kernels.rms_norm_act(x, w, b, act=act, impl="triton").backward(torch.empty_like(x))
 
 
 def compile_check(archs: tuple[int, ...] = (80, 90, 100)) -> list[dict[str, Any]]:

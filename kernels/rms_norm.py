@@ -38,6 +38,7 @@ from . import common
 from .common import silu_parts, tl, triton
 from .group_norm import (
     _bcs_strides,
+    _channels_last_like,
     _empty_like_layout,
     _grid,
     _grid_args,
@@ -52,11 +53,14 @@ from .group_norm import (
 ACTS = ("silu", "relu", "none")
 _ACT_CODE = {"none": 0, "relu": 1, "silu": 2}
 
-# Elements per tile with 8 warps, as GroupNorm's: 16 per thread in the forward, 8 in the backward, which holds
-# x, dy and two accumulators per element.
+# Elements per tile with 8 warps: 16 per thread in the forward; 4 in the backward, whose apply kernel holds
+# x, dy, two accumulators and the per-pixel and per-channel values (8, GroupNorm's, spilled on sm_100 with
+# 512 channels in channels_last).
 TILE_FWD = 4096
-TILE_BWD = 2048
+TILE_BWD = 1024
 NUM_WARPS = 8
+# Pixel tiles a row kernel's grid aims for in NCHW: a few waves of a large GPU's programs.
+ROW_TILES = 1024
 
 # --------------------------------------------------------------------------------------------------------
 # Eager reference (the specification)
@@ -374,9 +378,15 @@ def _row_grid_args(g: common.Grid, B: int) -> tuple[int, ...]:
 
 
 def _row_tiling(x: torch.Tensor, C: int, S: int, tile: int) -> dict:
-    """As the streaming tile, without the channel mask flag (a row kernel masks its channel loop)."""
-    t = _tiling(x, C, S, tile)
-    return dict(BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"])
+    """Tile of a row kernel: wide in channels for channels_last (as the streaming tile); in NCHW, pixels
+    enough for coalesced rows but few enough that the B * S pixels make about ROW_TILES tiles, since every
+    tile carries all C channels (a 1024-pixel tile would leave (32, 512, 64, 64) 128 programs)."""
+    if _channels_last_like(x):
+        t = _tiling(x, C, S, tile)
+        return dict(BLOCK_S=t["BLOCK_S"], BLOCK_C=t["BLOCK_C"])
+    want = triton.next_power_of_2(max(1, x.shape[0] * S // ROW_TILES))
+    block_s = max(1, min(triton.next_power_of_2(S), max(32, min(256, want))))
+    return dict(BLOCK_S=block_s, BLOCK_C=max(1, min(triton.next_power_of_2(C), tile // block_s)))
 
 
 def _launch_forward(x, weight, bias, eps, act):

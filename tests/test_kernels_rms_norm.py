@@ -35,10 +35,10 @@ TOL = {
     torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
     torch.float16: dict(rtol=4e-3, atol=4e-3),
 }
-# (shape, layout). Odd sizes throughout; batch 1 and a single channel; channels over two channel blocks
-# with a partial second one (C=300 in blocks of 256, both layouts); a spatial extent split over programs in
-# each layout with full tiles before a partial one; 3-D and 2-D inputs; whole channel blocks (no channel
-# mask) in NCHW.
+# (shape, layout). Odd sizes throughout; batch 1 and a single channel; the row kernels' channel loop over
+# several blocks with a partial last one (C=300: blocks of 256, and of 64 in the NCHW backward, both
+# layouts); a spatial extent split over programs in each layout with full tiles before a partial one, and
+# (NCHW backward) programs of several runs; 3-D and 2-D inputs; whole channel blocks (no channel mask).
 CASES = [
     ((3, 5, 7, 9), "nchw"),
     ((1, 1, 3, 5), "nchw"),
