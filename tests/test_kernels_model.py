@@ -80,6 +80,7 @@ def both_ops(x, weight, bias, mean, logvar, eps, impl):
     return y.square().mean() + r.square().mean() + z.square().mean() + kl.mean() + kl_drawn.mean()
 
 
+@pytest.mark.compiles  # its own inductor cache: a graph cached by another run (other kernels) would be reused
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.slow])])
 def test_ops_compile_into_one_graph(impl):
     torch._dynamo.reset()
