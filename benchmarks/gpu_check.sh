@@ -6,7 +6,7 @@
 #   1. nvidia-smi and the versions of python, torch, CUDA and triton
 #   2. the kernel tests on the GPU, stopping at the first failure (`pytest -m gpu -x`)              (200)
 #   3. the kernel benchmarks, measured, beside the static report's prediction for this GPU:
-#      `python -m benchmarks.kernels --quick --only <op>`, one op at a time                     (80, 100)
+#      `python -m benchmarks.kernels --quick --only <op>`, one op at a time                 (80, 100, 80)
 #   4. where impl="auto" should switch to Triton: `python -m benchmarks.kernels --crossover`,
 #      fused against eager over sizes (kernels.AUTO_MIN_NUMEL is set from it)                        (60)
 #   5. the machine's two ceilings: a 1 GiB device-to-device copy (GB/s, bytes read + written) and
@@ -60,7 +60,8 @@ step() {
 
 kernel_tests() {
   "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
-    tests/test_kernels_gaussian.py tests/test_kernels_group_norm.py tests/test_kernels_model.py 2>&1 |
+    tests/test_kernels_gaussian.py tests/test_kernels_group_norm.py tests/test_kernels_rms_norm.py \
+    tests/test_kernels_model.py 2>&1 |
     tee "$OUT/pytest-gpu-kernels.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -71,6 +72,7 @@ kernel_bench() { # $1: the op; results in kernels-<gpu>-<op>.json/.md, with the 
 }
 posterior_bench() { kernel_bench gaussian_sample_kl; }
 group_norm_bench() { kernel_bench group_norm_silu; }
+rms_norm_bench() { kernel_bench rms_norm_act; }
 
 crossover() {
   "$PY" -m benchmarks.kernels --crossover --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
@@ -120,7 +122,8 @@ EOF
 other_tests() {
   "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
     --ignore=tests/test_kernels_gaussian.py --ignore=tests/test_kernels_group_norm.py \
-    --ignore=tests/test_kernels_model.py 2>&1 | tee "$OUT/pytest-gpu-all.txt"
+    --ignore=tests/test_kernels_rms_norm.py --ignore=tests/test_kernels_model.py 2>&1 |
+    tee "$OUT/pytest-gpu-all.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -132,7 +135,8 @@ suite() {
 }
 
 export PY OUT BENCH_ARGS
-export -f kernel_tests kernel_bench posterior_bench group_norm_bench crossover ceilings other_tests suite
+export -f kernel_tests kernel_bench posterior_bench group_norm_bench rms_norm_bench crossover ceilings \
+  other_tests suite
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -160,6 +164,7 @@ EOF
 [ -z "${SKIP_TESTS:-}" ] && step "2. kernel tests on the GPU" 60 200 kernel_tests
 step "3a. kernel benchmark: posterior" 30 80 posterior_bench
 step "3b. kernel benchmark: GroupNorm+SiLU" 30 100 group_norm_bench
+step "3c. kernel benchmark: RMSNorm+act" 30 80 rms_norm_bench
 step "4. AUTO_MIN_NUMEL crossover" 30 60 crossover
 step "5. ceilings" 10 20 ceilings
 [ -z "${SKIP_TESTS:-}" ] && step "6. other gpu tests" 30 "$BUDGET_S" other_tests

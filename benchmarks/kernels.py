@@ -1,9 +1,12 @@
-"""Fused kernels against eager PyTorch and torch.compile: the posterior (sample + KL) and GroupNorm+SiLU.
+"""Fused kernels against eager PyTorch and torch.compile: the posterior (sample + KL), GroupNorm+SiLU and
+RMSNorm+activation.
 
 For each op, size and pass (forward, backward, both): median time with p20/p80, achieved GB/s against the
 bytes the op must move, peak extra device memory, and speedups. Sizes are those of real runs (the posterior
 of sd-f8 and f8c16 at 256 and 512 px, batch 32; GroupNorm+SiLU at (32, 128, 256, 256) and (32, 512, 64, 64)),
-one that fills the GPU, and a small one (where "auto" must not lose to eager).
+one that fills the GPU, and a small one (where "auto" must not lose to eager). RMSNorm+act at DC-AE's
+shapes: its decoder's head (128 channels at full resolution, then ReLU) and a 512-channel ResBlock norm (no
+activation).
 
 Bytes each op must move (s = bytes per element, N = elements of mean or x):
   posterior, eps drawn in-kernel:  forward 3 N s (mean, logvar in; z out); backward 5 N s (mean, logvar,
@@ -13,6 +16,7 @@ Bytes each op must move (s = bytes per element, N = elements of mean or x):
                                    both 5 N s. The two-pass Triton design moves 3 N s and 5 N s (x is read
                                    once for the statistics and again to normalise), so its GB/s tops out at
                                    about 2/3 (forward) and 3/5 (backward) of copy bandwidth by construction.
+  RMSNorm+act:                     as GroupNorm+SiLU (two passes each way, the statistics per pixel).
 
 On a GPU the script checks the Triton outputs against eager on the benchmark inputs before timing, rotates
 input sets so that small sizes do not run out of L2, and times with CUDA events. On a CPU only eager and
@@ -41,6 +45,7 @@ from benchmarks.harness import RESULTS_DIR, device_slug, environment, measure, r
 from vae_scale import kernels
 from vae_scale.kernels.gaussian import gaussian_sample_kl_reference
 from vae_scale.kernels.group_norm import group_norm_silu_reference
+from vae_scale.kernels.rms_norm import rms_norm_act_reference
 
 # (label, shape) of the posterior's mean / logvar
 POSTERIOR_SIZES = [
@@ -57,8 +62,18 @@ GROUP_NORM_SIZES = [
     ("512 ch 64x64 b32", (32, 512, 64, 64), 32),
     ("small", (2, 128, 32, 32), 32),
 ]
+# (label, shape, act) of RMSNorm+act's input
+RMS_NORM_SIZES = [
+    ("dc-ae dec head, 256px b32", (32, 128, 256, 256), "relu"),
+    ("ResBlock 512 ch 64x64 b32", (32, 512, 64, 64), "none"),
+    ("small", (2, 128, 32, 32), "relu"),
+]
 CPU_POSTERIOR_SIZES = [("sd-f8 256px b2", (2, 4, 32, 32)), ("f8c16 256px b8", (8, 16, 32, 32))]
 CPU_GROUP_NORM_SIZES = [("128 ch 32x32 b2", (2, 128, 32, 32), 32), ("64 ch 64x64 b4", (4, 64, 64, 64), 32)]
+CPU_RMS_NORM_SIZES = [
+    ("128 ch 32x32 b2", (2, 128, 32, 32), "relu"),
+    ("64 ch 64x64 b4", (4, 64, 64, 64), "none"),
+]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = [
     "subject",
@@ -173,6 +188,13 @@ def _group_norm_ops(device: torch.device) -> dict[str, Callable]:
     return ops
 
 
+def _rms_norm_ops(device: torch.device) -> dict[str, Callable]:
+    ops = {"eager": rms_norm_act_reference, "compile": torch.compile(rms_norm_act_reference)}
+    if device.type == "cuda" and kernels.HAS_TRITON:
+        ops["triton"] = lambda **kw: kernels.rms_norm_act(**kw, impl="triton")
+    return ops
+
+
 def _check_posterior(shape, dtype, device):
     """Triton against eager on a given eps (the in-kernel noise differs by design), before any timing."""
     mean, logvar, eps = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -190,6 +212,14 @@ def _check_group_norm(shape, groups, dtype, layout, device):
     )
     y = kernels.group_norm_silu(x, groups, w, b, impl="triton")
     y_ref = group_norm_silu_reference(x.float(), groups, w.float(), b.float())
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=3e-2)
+
+
+def _check_rms_norm(shape, act, dtype, layout, device):
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    w, b = (torch.randn(shape[1], device=device, dtype=dtype) for _ in range(2))
+    y = kernels.rms_norm_act(x, w, b, act=act, impl="triton")
+    y_ref = rms_norm_act_reference(x.float(), w.float(), b.float(), act=act)
     torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=3e-2)
 
 
@@ -259,6 +289,41 @@ def bench_group_norm(sizes, dtype, device, repeats, env) -> list[dict]:
     return rows
 
 
+def bench_rms_norm(sizes, dtype, device, repeats, env) -> list[dict]:
+    rows = []
+    ops = _rms_norm_ops(device)
+    s = torch.finfo(dtype).bits // 8
+    for label, shape, act in sizes:
+        n = math.prod(shape)
+        for layout_name, layout in (
+            ("NCHW", torch.contiguous_format),
+            ("channels_last", torch.channels_last),
+        ):
+            if "triton" in ops:
+                _check_rms_norm(shape, act, dtype, layout, device)
+
+            def make(shape=shape, act=act, layout=layout):
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+                return {
+                    "x": x.requires_grad_(),
+                    "act": act,
+                    # as for GroupNorm: weights in x's dtype, the eager baseline's fastest
+                    "weight": torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True),
+                    "bias": torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True),
+                }
+
+            sets = _input_sets(make, n * s, device)
+            grad_y = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+            results = {
+                v: _time_case(Case(op, sets, lambda out, g=(grad_y,): g), device, repeats)
+                for v, op in ops.items()
+            }
+            moved = {"fwd": 2 * n * s, "bwd": 3 * n * s, "fwd+bwd": 5 * n * s}
+            rows += _rows(f"rms_norm_act ({act})", label, layout_name, shape, dtype, results, moved, env)
+            del sets
+    return rows
+
+
 def _rows(subject, label, layout, shape, dtype, results, moved, env) -> list[dict]:
     rows = []
     for p in PASSES:
@@ -280,17 +345,19 @@ def _rows(subject, label, layout, shape, dtype, results, moved, env) -> list[dic
 
 
 def run(quick: bool = False, device: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
-    """Benchmark both ops (or `only` one) on the first GPU (bf16) or on this CPU (fp32, small sizes)."""
+    """Benchmark every op (or `only` one) on the first GPU (bf16) or on this CPU (fp32, small sizes)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     if gpu:
         posterior = POSTERIOR_SIZES if not quick else [POSTERIOR_SIZES[i] for i in (0, 3, 4, 5)]
         group_norm = GROUP_NORM_SIZES
+        rms_norm = RMS_NORM_SIZES
         repeats = 10 if quick else 30
     else:
         posterior = CPU_POSTERIOR_SIZES[:1] if quick else CPU_POSTERIOR_SIZES
         group_norm = CPU_GROUP_NORM_SIZES[:1] if quick else CPU_GROUP_NORM_SIZES
+        rms_norm = CPU_RMS_NORM_SIZES[:1] if quick else CPU_RMS_NORM_SIZES
         repeats = 3 if quick else 7
     torch.manual_seed(0)
     env = environment(dev)
@@ -299,6 +366,8 @@ def run(quick: bool = False, device: str | None = None, only: str | None = None)
         rows += bench_posterior(posterior, dtype, dev, repeats, env)
     if only in (None, "group_norm_silu"):
         rows += bench_group_norm(group_norm, dtype, dev, repeats, env)
+    if only in (None, "rms_norm_act"):
+        rows += bench_rms_norm(rms_norm, dtype, dev, repeats, env)
     if gpu:
         copy = copy_bandwidth_gb_per_s(dev)
         for r in rows:
@@ -337,6 +406,7 @@ def attach_predictions(rows: list[dict], device: str, results: Path = RESULTS_DI
 CROSSOVER_SHAPES = {
     # (B, C, H, W), 16k to 16.8M elements, C and (NCHW) H * W >= 1024 fixed so the tiles stay the same
     "group_norm_silu": [(1, 64, 16, 16), (1, 64, 16, 32)] + [(b, 64, 32, 32) for b in (1, 4, 16, 64, 256)],
+    "rms_norm_act": [(1, 64, 16, 16), (1, 64, 16, 32)] + [(b, 64, 32, 32) for b in (1, 4, 16, 64, 256)],
     "gaussian_sample_kl": [(b, 16, 32, 32) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)],
 }
 
@@ -352,6 +422,16 @@ def _fwd_bwd(op: str, shape: tuple, layout: str, impl: str, dev: torch.device) -
 
         def call():
             return torch.autograd.grad(kernels.group_norm_silu(x, 32, w, b, impl=impl), (x, w, b), grad_y)
+
+        return call
+    if op == "rms_norm_act":
+        x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+        w, b = (torch.randn(shape[1], device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+        grad_y = torch.randn_like(x)
+
+        def call():
+            y = kernels.rms_norm_act(x, w, b, act="relu", impl=impl)
+            return torch.autograd.grad(y, (x, w, b), grad_y)
 
         return call
     m, lv = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -372,7 +452,7 @@ def crossover(device: str | None = None, repeats: int = 20) -> list[dict[str, An
     env = environment(dev)
     rows = []
     for op, shapes in CROSSOVER_SHAPES.items():
-        for layout in ("NCHW", "channels_last") if op == "group_norm_silu" else ("-",):
+        for layout in ("NCHW", "channels_last") if op != "gaussian_sample_kl" else ("-",):
             faster = []
             for shape in shapes:
                 times = {
@@ -405,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 minutes on a CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--only", choices=("gaussian_sample_kl", "group_norm_silu"), help="one op")
+    p.add_argument("--only", choices=("gaussian_sample_kl", "group_norm_silu", "rms_norm_act"), help="one op")
     p.add_argument("--crossover", action="store_true", help="fused against eager over sizes (GPU)")
     args = p.parse_args(argv)
     if args.crossover:

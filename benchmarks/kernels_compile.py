@@ -187,7 +187,7 @@ def compile_only(target: Target):
         try:
             from vae_scale.kernels import common
         except ImportError:  # kernels from before the occupancy rule: grids of 4 programs per SM
-            for module in (kernels.gaussian, kernels.group_norm):
+            for module in (kernels.gaussian, kernels.group_norm):  # (rms_norm came later)
                 _patch(patches, module, "_target_programs", lambda device: 4 * target.sms)
         else:
             gpu = common.GPU(
@@ -221,8 +221,10 @@ def nan_dropping_minmax(ptx: str) -> int:
 
 
 def _check_case() -> None:
-    """Both ops forward and backward, every kernel once: channels_last bf16 GroupNorm+SiLU with fp32
-    weights, and the posterior with in-kernel noise and a learned prior."""
+    """Every op forward and backward, every kernel once: channels_last bf16 GroupNorm+SiLU with fp32
+    weights, the posterior with in-kernel noise and a learned prior, and RMSNorm+act in both layouts (its
+    row kernels tile NCHW and channels_last differently), ReLU on 512 channels (channel blocks of 256) and
+    SiLU on 128."""
     from vae_scale import kernels
 
     x = torch.empty(2, 64, 40, 40, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -234,6 +236,11 @@ def _check_case() -> None:
     m, lv = (torch.empty(2, 4, 40, 40, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     z, kl = kernels.gaussian_sample_kl(m, lv, None, m.detach(), lv.detach(), impl="triton")
     torch.autograd.backward((z, kl), (torch.empty_like(z), torch.empty_like(kl)))
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        for C, act in ((512, "relu"), (128, "silu")):
+            x = torch.empty(2, C, 24, 24, dtype=torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
+            w, b = torch.empty(C).requires_grad_(), torch.empty(C).requires_grad_()
+            kernels.rms_norm_act(x, w, b, act=act, impl="triton").backward(torch.empty_like(x))
 
 
 def compile_check(archs: tuple[int, ...] = (80, 90, 100)) -> list[dict[str, Any]]:
@@ -246,10 +253,15 @@ def compile_check(archs: tuple[int, ...] = (80, 90, 100)) -> list[dict[str, Any]
         seen = {}
         for launch in launches:
             c = launch.compiled
-            seen.setdefault(launch.kernel, {
+            row = {
                 "arch": f"sm_{arch}", "kernel": launch.kernel, "regs": c.n_regs, "spill_bytes": c.local_bytes,
                 "spill_instructions": c.spill_instructions, "smem": c.shared,
                 "nan_dropping_minmax": nan_dropping_minmax(c.ptx),
-            })  # fmt: skip
+            }  # fmt: skip
+            # a kernel compiled several ways (RMSNorm's two layouts) reports its worst compilation
+            worst = ("spill_bytes", "spill_instructions", "nan_dropping_minmax", "regs")
+            old = seen.get(launch.kernel)
+            if old is None or tuple(row[k] for k in worst) > tuple(old[k] for k in worst):
+                seen[launch.kernel] = row
         rows += seen.values()
     return rows

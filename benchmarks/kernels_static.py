@@ -225,6 +225,10 @@ def _bytes_per_element(kernel: str, meta: dict, s: int) -> tuple[int, int] | Non
         "_gn_fwd_apply_kernel": (2 * s, s),
         "_gn_bwd_reduce_kernel": (2 * s, 2 * s),
         "_gn_bwd_apply_kernel": (3 * s, 2 * s),
+        "_rms_stats_kernel": (s, s),
+        "_rms_fwd_apply_kernel": (2 * s, s),
+        "_rms_bwd_reduce_kernel": (2 * s, 2 * s),
+        "_rms_bwd_apply_kernel": (3 * s, 2 * s),
     }
     return table.get(kernel)
 
@@ -239,7 +243,11 @@ def _work(launch: Launch, shape: tuple[int, ...]) -> tuple[int, int]:
         return total, longest
     C, S = shape[1], math.prod(shape[2:])
     block_s, block_c = launch.meta["BLOCK_S"], launch.meta["BLOCK_C"]
-    total = B * math.ceil(C / block_c) * math.ceil(S / block_s)
+    # RMSNorm's row kernels: a tile is block_s pixels across all C channels
+    cblocks = (
+        1 if launch.kernel in ("_rms_stats_kernel", "_rms_bwd_reduce_kernel") else math.ceil(C / block_c)
+    )
+    total = B * cblocks * math.ceil(S / block_s)
     if "TILES_PER_SPLIT" in a:
         return total, a["TILES_PER_SPLIT"] * a.get("RUNS_PER_PROGRAM", 1)
     if "S_PER_SPLIT" in a:
@@ -309,7 +317,7 @@ def analyse(launch: Launch, target: Target, shape: tuple[int, ...], dtype: torch
 
 def cases() -> list[dict[str, Any]]:
     """The benchmark shapes (benchmarks/kernels.py), bf16, the ops as the benchmark calls them."""
-    from benchmarks.kernels import GROUP_NORM_SIZES, POSTERIOR_SIZES
+    from benchmarks.kernels import GROUP_NORM_SIZES, POSTERIOR_SIZES, RMS_NORM_SIZES
 
     out = [
         dict(op="gaussian_sample_kl", size=label, layout="-", shape=shape) for label, shape in POSTERIOR_SIZES
@@ -317,6 +325,9 @@ def cases() -> list[dict[str, Any]]:
     for label, shape, groups in GROUP_NORM_SIZES:
         for layout in ("NCHW", "channels_last"):
             out.append(dict(op="group_norm_silu", size=label, layout=layout, shape=shape, groups=groups))
+    for label, shape, act in RMS_NORM_SIZES:
+        for layout in ("NCHW", "channels_last"):
+            out.append(dict(op="rms_norm_act", size=label, layout=layout, shape=shape, act=act))
     return out
 
 
@@ -333,16 +344,23 @@ def _run_case(case: dict, dtype: torch.dtype) -> None:
         memory_format = torch.channels_last if case["layout"] == "channels_last" else torch.contiguous_format
         x = torch.empty(shape, dtype=dtype, memory_format=memory_format).requires_grad_()
         w, b = (torch.empty(shape[1], dtype=dtype).requires_grad_() for _ in range(2))
-        y = kernels.group_norm_silu(x, case["groups"], w, b, impl="triton")
+        if case["op"] == "rms_norm_act":
+            y = kernels.rms_norm_act(x, w, b, act=case["act"], impl="triton")
+        else:
+            y = kernels.group_norm_silu(x, case["groups"], w, b, impl="triton")
         y.backward(torch.empty_like(y))
 
 
 def static_rows(gpus: list[str], dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     """Every kernel of every case compiled for each GPU's architecture, one row per launch."""
+    from vae_scale import kernels
+
     rows = []
     for name in gpus:
         target = TARGETS[name]
         for case in cases():
+            if not hasattr(kernels, case["op"]):  # a baseline from before the op existed
+                continue
             with compile_only(target) as launches:
                 _run_case(case, dtype)
             for launch in launches:

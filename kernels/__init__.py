@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import common, gaussian, group_norm
+from . import common, gaussian, group_norm, rms_norm
 from .gaussian import gaussian_sample_kl_reference
 from .group_norm import group_norm_silu_reference
+from .rms_norm import rms_norm_act_reference
 
 IMPLS = ("auto", "triton", "torch")
 HAS_TRITON = common.HAS_TRITON
@@ -32,13 +33,23 @@ HAS_TRITON = common.HAS_TRITON
 #   tensors whose whole op takes a few microseconds. 2**16 elements (128 KiB in bf16, 0.04 us of H100
 #   bandwidth, under 1 us per kernel) is the size below which the kernels are all launch latency and the
 #   host decides; it is a model's estimate, not yet a measurement.
+# - RMSNorm+act: the same launch and byte counts (2 + 3 launches, 8 s bytes per element fused; eager is
+#   about 6 + 8 launches: square, mean, rsqrt, multiplies, add, activation), so the same estimate.
 # - The posterior replaces ~22 eager kernels with 2 and saves ~40 s bytes per element: fused at every n.
 # Where it is re-measured: `python -m benchmarks.kernels --crossover` (run by benchmarks/gpu_check.sh)
 # times both paths, host included, over 16k to 17M elements and writes
 # benchmarks/results/kernels-crossover-<gpu>.json with `crossover_numel`, the value these should take.
-AUTO_MIN_NUMEL = {"gaussian_sample_kl": 0, "group_norm_silu": 1 << 16}
+AUTO_MIN_NUMEL = {"gaussian_sample_kl": 0, "group_norm_silu": 1 << 16, "rms_norm_act": 1 << 16}
 
-__all__ = ["IMPLS", "HAS_TRITON", "AUTO_MIN_NUMEL", "gaussian_sample_kl", "group_norm_silu", "auto_backend"]
+__all__ = [
+    "IMPLS",
+    "HAS_TRITON",
+    "AUTO_MIN_NUMEL",
+    "gaussian_sample_kl",
+    "group_norm_silu",
+    "rms_norm_act",
+    "auto_backend",
+]
 
 
 def auto_backend(device: torch.device | str = "cuda") -> str:
@@ -111,3 +122,30 @@ def group_norm_silu(
     if _resolve(impl, x, "group_norm_silu") == "triton":
         return group_norm.group_norm_silu_triton(x, num_groups, weight, bias, eps, silu)
     return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu)
+
+
+def rms_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    act: str = "silu",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """RMSNorm over the channels (dim 1) of (B, C, *spatial) at each position, affine, then act; NCHW or
+    channels_last.
+
+    y = act(x / sqrt(mean_c(x^2) + eps) * weight + bias), act one of "silu", "relu", "none": DC-AE's
+    RMSNorm2d (diffusers' RMSNorm on x.movedim(1, -1), eps 1e-5, weight and bias), alone in its ResBlocks
+    (act="none") and followed by ReLU at the decoder's head (act="relu"). A (B, ..., C) tensor of
+    features-last layout is normalised by passing x.movedim(-1, 1), which the Triton path reads in place.
+
+    Computed in fp32; y comes back in x's dtype (float32, bfloat16, float16; the torch reference also takes
+    float64) and, for the Triton path, in x's layout (channels-last if x is, else contiguous). weight and
+    bias, shape (C,), may be x's dtype or float32 (mixed precision); under autocast the op keeps x's dtype,
+    as group_norm_silu does.
+    """
+    rms_norm.check_inputs(x, weight, bias, act)
+    if _resolve(impl, x, "rms_norm_act") == "triton":
+        return rms_norm.rms_norm_act_triton(x, weight, bias, eps, act)
+    return rms_norm_act_reference(x, weight, bias, eps, act)

@@ -79,9 +79,10 @@ def test_tiny_vae_trains_the_same_with_triton_and_torch_kernels():
 
 def both_ops(x, weight, bias, mean, logvar, eps, impl):
     y = kernels.group_norm_silu(x, 2, weight, bias, impl=impl)
+    r = kernels.rms_norm_act(x, weight, bias, act="relu", impl=impl)
     z, kl = kernels.gaussian_sample_kl(mean, logvar, eps, impl=impl)
     _, kl_drawn = kernels.gaussian_sample_kl(mean, logvar, impl=impl)  # noise drawn inside; kl doesn't use it
-    return y.square().mean() + z.square().mean() + kl.mean() + kl_drawn.mean()
+    return y.square().mean() + r.square().mean() + z.square().mean() + kl.mean() + kl_drawn.mean()
 
 
 @pytest.mark.compiles
@@ -112,17 +113,22 @@ def test_ops_compile_into_one_graph(impl):
 
 
 class TinyNet(nn.Module):
-    """conv -> GroupNorm + SiLU -> conv -> posterior sample and KL: both fused ops inside one module."""
+    """conv -> GroupNorm + SiLU -> RMSNorm + ReLU -> conv -> posterior sample and KL: every fused op inside
+    one module."""
 
     def __init__(self, impl: str):
         super().__init__()
         self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
         self.norm = GroupNorm(8, 4)
         self.norm.kernels = self.impl = impl
+        self.rms_weight = nn.Parameter(torch.randn(8) + 1)
+        self.rms_bias = nn.Parameter(torch.randn(8))
         self.conv_out = nn.Conv2d(8, 6, 3, padding=1)
 
     def forward(self, x, eps):
-        z, kl = DiagonalGaussian(self.conv_out(self.norm(self.conv_in(x))), self.impl).sample_kl(eps)
+        h = self.norm(self.conv_in(x))
+        h = kernels.rms_norm_act(h, self.rms_weight, self.rms_bias, act="relu", impl=self.impl)
+        z, kl = DiagonalGaussian(self.conv_out(h), self.impl).sample_kl(eps)
         return z.square().mean() + kl.mean()
 
 
@@ -168,6 +174,11 @@ KERNELS = {
     "_gn_bwd_reduce_kernel",
     "_gn_bwd_finalize_kernel",
     "_gn_bwd_apply_kernel",
+    "_rms_stats_kernel",
+    "_rms_fwd_apply_kernel",
+    "_rms_bwd_reduce_kernel",
+    "_rms_bwd_apply_kernel",
+    "_rms_bwd_param_kernel",
 }
 
 
@@ -228,6 +239,7 @@ import torch, kernels
 assert not kernels.HAS_TRITON and kernels.auto_backend("cuda") == "torch"
 x = torch.randn(2, 4, 3, 3)
 y = kernels.group_norm_silu(x, 2, None, None)
+y = kernels.rms_norm_act(x, None, None, act="relu")
 z, kl = kernels.gaussian_sample_kl(x, x, torch.zeros_like(x))
 try:
     kernels.gaussian_sample_kl(x, x, impl="triton")
