@@ -24,6 +24,7 @@ LAYERS = {
     "safe_dcp": 1,
     # 2. the model
     "model": 2,
+    "tiled": 2,  # the layer-by-layer tiled pass the model runs
     # 3. the parts of training and evaluation
     "data": 3,
     "ema": 3,
