@@ -150,7 +150,9 @@ def test_a_checkpoint_on_a_full_disk_stops_the_run_in_one_line_and_keeps_the_pre
     if nproc == 2:
         assert "exitcode  : 1" in err and err.count("exitcode  : ") == 2, err[-3000:]
     lines = [x[x.index("ERROR") :] for x in err.splitlines() if "could not be written" in x]  # after tqdm's
-    assert len(lines) == nproc and len(set(lines)) == 1, lines
+    # Every rank that gets to say it says the same line; once the first rank exits, the launcher sends the
+    # other its SIGTERM, which can land before that rank's line is written.
+    assert 1 <= len(lines) <= nproc and len(set(lines)) == 1, lines
     line, kept = lines[0], latest_checkpoint(run_dir)
     assert f"to {run_dir / 'checkpoints'} (No space left on device; 0 KiB free)" in line
     assert f"the newest checkpoint, {kept}, is untouched" in line
