@@ -115,7 +115,6 @@ def check_against_reference(shape, prior, given_eps, dtype, device):
     assert_matches(got, want, dtype)
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("given_eps", [True, False], ids=["eps", "in-kernel-eps"])
 @pytest.mark.parametrize("prior", PRIORS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -93,7 +93,6 @@ def check_against_reference(shape, groups, layout, silu, dtype, device, param_dt
         torch.testing.assert_close(g.double(), g_ref, **tol, msg=name)
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "no-silu"])
 @pytest.mark.parametrize("shape, groups, layout", CASES, ids=lambda v: str(v))
 def test_forward_and_every_gradient_match_float64_reference(shape, groups, layout, silu):
