@@ -106,6 +106,15 @@ def checkpoint_file(run_dir: Path, name: str = "vae.safetensors") -> dict[str, t
     return load_file(latest_checkpoint(run_dir) / name)
 
 
+def one_line_error(capsys, *names: str) -> str:
+    """The captured stderr, asserted to be one line, no traceback, naming each of `names`."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
 TRUE_ZERO_GRADIENT = ("to_k.bias",)
 """Weights whose true gradient is zero: a key bias shifts every logit of a query alike, which softmax
 ignores. Adam turns the rounding noise there into full-size steps, so two runs that round differently

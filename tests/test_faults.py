@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT, TINY, accelerate_launch, env
+from support import ROOT, TINY, accelerate_launch, env, one_line_error
 
 from vae_scale.checkpoint import (
     DamagedCheckpoint,
@@ -48,14 +48,6 @@ def run(tmp_path_factory) -> Path:
 def copy_of(run, tmp_path) -> Path:
     """A copy of the run folder this test may damage."""
     return Path(shutil.copytree(run, tmp_path / "run"))
-
-
-def one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for name in names:
-        assert name in err, (name, err)
-    return err
 
 
 # --------------------------------------------------------------------------------------------------------

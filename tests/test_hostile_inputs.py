@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import TINY
+from support import TINY, one_line_error
 
 from vae_scale.checkpoint import DamagedCheckpoint, latest_checkpoint, verify_checkpoint, write_manifest
 from vae_scale.cli import main as cli_main
@@ -34,14 +34,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for name in names:
-        assert name in err, (name, err)
-    return err
 
 
 @pytest.fixture(scope="module")
