@@ -40,8 +40,8 @@ from benchmarks.harness import (
     write_results,
 )
 from vae_scale.config import DataConfig
-from vae_scale.data import build_train_loader
-from vae_scale.shards import write_shards
+from vae_scale.data.loader import build_train_loader
+from vae_scale.data.shards import write_shards
 
 RESOLUTION = 256
 SOURCE = (1536, 1024)

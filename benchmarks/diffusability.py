@@ -7,8 +7,8 @@ A small f8 VAE with 16 latent channels is first trained on scikit-image's colour
 preset's data, optimiser and schedule; f8 from a fourth level). Then, from that checkpoint and with the same
 seed and steps, it is fine-tuned three ways (the papers' use: a short fine-tune of a trained autoencoder):
 without a regulariser, with scale equivariance and with EQ-VAE. Each is evaluated on every 64 px crop of the
-held-out photographs with `vae_scale.metrics.evaluate` (psnr, spectrum, equivariance): the latent's and the
-images' high-frequency share, PSNR of decode(T(z)) against T(x) per transform family, and PSNR.
+held-out photographs with `vae_scale.eval.metrics.evaluate` (psnr, spectrum, equivariance): the latent's and
+the images' high-frequency share, PSNR of decode(T(z)) against T(x) per transform family, and PSNR.
 
 Writes benchmarks/results/diffusability-<device>-<date>.json (every metric of every variant, the commands'
 config overrides, versions) and a markdown table beside it.
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import RESULTS_DIR, device_name, device_slug, environment
+from vae_scale.commands.demo import DATA_SOURCE, EVAL_RESOLUTION, SHARD_SIZE, heldout_crops
 from vae_scale.config import load_config
-from vae_scale.demo import DATA_SOURCE, EVAL_RESOLUTION, SHARD_SIZE, heldout_crops
-from vae_scale.metrics import evaluate
-from vae_scale.model import VAE
-from vae_scale.train import train
+from vae_scale.eval.metrics import evaluate
+from vae_scale.models.sd import VAE
+from vae_scale.train.trainer import train
 
 MODEL = [
     "model.block_out_channels=[16,32,64,64]",  # the demo's levels plus a fourth: f8
@@ -56,7 +56,7 @@ COLUMNS = ("latent HF share", "RGB HF share", *(f"equiv. PSNR {f} (dB)" for f in
 
 def write_data(data: Path) -> None:
     """The demo's shards (a quarter of the photographs held out), unless they are already there."""
-    from vae_scale.shards import write_shards
+    from vae_scale.data.shards import write_shards
 
     index = data / "index.json"
     if not index.is_file() or json.loads(index.read_text()).get("source") != DATA_SOURCE:

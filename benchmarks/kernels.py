@@ -23,9 +23,9 @@ input sets so that small sizes do not run out of L2, and times with CUDA events.
 compile run, at small sizes: Triton timings need a GPU (the interpreter measures Python, not the kernel).
 
     python -m benchmarks.kernels [--quick] [--device cuda|cpu] [--out DIR]
-    python -m benchmarks.kernels --static [--baseline main] [--gpus A100,H100,H200,B200] [--out DIR]
+    python -m benchmarks.kernels_static [--baseline main] [--gpus A100,H100,H200,B200] [--out DIR]
 
---static needs no GPU: every kernel at these shapes compiled for sm_80, sm_90 and sm_100 and read
+The static report needs no GPU: every kernel at these shapes compiled for sm_80, sm_90 and sm_100 and read
 (registers, occupancy, waves, instructions per element, predicted time); see benchmarks/kernels_static.py.
 """
 
@@ -42,38 +42,19 @@ from typing import Any
 import torch
 
 from benchmarks.harness import RESULTS_DIR, device_slug, environment, measure, result_row, write_results
+from benchmarks.kernel_sizes import (
+    CPU_GROUP_NORM_SIZES,
+    CPU_POSTERIOR_SIZES,
+    CPU_RMS_NORM_SIZES,
+    GROUP_NORM_SIZES,
+    POSTERIOR_SIZES,
+    RMS_NORM_SIZES,
+)
 from vae_scale import kernels
 from vae_scale.kernels.gaussian import gaussian_sample_kl_reference
 from vae_scale.kernels.group_norm import group_norm_silu_reference
 from vae_scale.kernels.rms_norm import rms_norm_act_reference
 
-# (label, shape) of the posterior's mean / logvar
-POSTERIOR_SIZES = [
-    ("sd-f8 256px b32", (32, 4, 32, 32)),
-    ("sd-f8 512px b32", (32, 4, 64, 64)),
-    ("f8c16 256px b32", (32, 16, 32, 32)),
-    ("f8c16 512px b32", (32, 16, 64, 64)),
-    ("fills the GPU", (64, 16, 256, 256)),
-    ("small", (2, 4, 32, 32)),
-]
-# (label, shape, groups) of GroupNorm+SiLU's input; the first is also the fills-the-GPU size (268M elements)
-GROUP_NORM_SIZES = [
-    ("enc level 0, 256px b32", (32, 128, 256, 256), 32),
-    ("512 ch 64x64 b32", (32, 512, 64, 64), 32),
-    ("small", (2, 128, 32, 32), 32),
-]
-# (label, shape, act) of RMSNorm+act's input
-RMS_NORM_SIZES = [
-    ("dc-ae dec head, 256px b32", (32, 128, 256, 256), "relu"),
-    ("ResBlock 512 ch 64x64 b32", (32, 512, 64, 64), "none"),
-    ("small", (2, 128, 32, 32), "relu"),
-]
-CPU_POSTERIOR_SIZES = [("sd-f8 256px b2", (2, 4, 32, 32)), ("f8c16 256px b8", (8, 16, 32, 32))]
-CPU_GROUP_NORM_SIZES = [("128 ch 32x32 b2", (2, 128, 32, 32), 32), ("64 ch 64x64 b4", (4, 64, 64, 64), 32)]
-CPU_RMS_NORM_SIZES = [
-    ("128 ch 32x32 b2", (2, 128, 32, 32), "relu"),
-    ("64 ch 64x64 b4", (4, 64, 64, 64), "none"),
-]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = [
     "subject",
@@ -475,12 +456,10 @@ def crossover(device: str | None = None, repeats: int = 20) -> list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure on this machine's GPU (or CPU), or with --static write the compiled-kernel report."""
+    """Measure on this machine's GPU (or CPU)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--static" in argv:
-        from benchmarks import kernels_static
-
-        return kernels_static.main([a for a in argv if a != "--static"])
+        raise SystemExit("the compiled-kernel report is `python -m benchmarks.kernels_static`")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 minutes on a CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -317,7 +317,7 @@ def analyse(launch: Launch, target: Target, shape: tuple[int, ...], dtype: torch
 
 def cases() -> list[dict[str, Any]]:
     """The benchmark shapes (benchmarks/kernels.py), bf16, the ops as the benchmark calls them."""
-    from benchmarks.kernels import GROUP_NORM_SIZES, POSTERIOR_SIZES, RMS_NORM_SIZES
+    from benchmarks.kernel_sizes import GROUP_NORM_SIZES, POSTERIOR_SIZES, RMS_NORM_SIZES
 
     out = [
         dict(op="gaussian_sample_kl", size=label, layout="-", shape=shape) for label, shape in POSTERIOR_SIZES

@@ -70,11 +70,11 @@ from benchmarks.harness import (
     write_results,
 )
 from vae_scale.config import Config, load_config
-from vae_scale.losses import LastLayer, VAELoss
-from vae_scale.model import VAE
-from vae_scale.train import Trainer
-from vae_scale.transforms import to_channels_last
-from vae_scale.weights import plain_name
+from vae_scale.formats.weights import plain_name
+from vae_scale.models.sd import VAE
+from vae_scale.train.objective import LastLayer, VAELoss
+from vae_scale.train.trainer import Trainer
+from vae_scale.train.wrapping import to_channels_last
 
 SUBJECT = "train_step"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -182,7 +182,7 @@ def diffusers_model(vae: VAE) -> nn.Module:
     """diffusers' AutoencoderKL with the same config and weights as `vae`."""
     from diffusers import AutoencoderKL
 
-    from vae_scale.weights import config_to_diffusers
+    from vae_scale.formats.weights import config_to_diffusers
 
     cfg = {k: v for k, v in config_to_diffusers(vae.config).items() if not k.startswith("_")}
     ref = AutoencoderKL(**cfg)
@@ -254,8 +254,8 @@ def _tensor_bytes(tensors: list[torch.Tensor], optimizers: list[torch.optim.Opti
 
 class Batches:
     """The step's input batches, already on the device, handed out in rotation with the interface of the
-    trainer's loaders (vae_scale.synthetic.SyntheticLoader): the loader's own work is the data benchmark's
-    subject, not this one's."""
+    trainer's loaders (vae_scale.data.synthetic.SyntheticLoader): the loader's own work is the data
+    benchmark's subject, not this one's."""
 
     def __init__(self, inputs: list[torch.Tensor]):
         self.inputs, self.position = inputs, 0

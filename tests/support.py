@@ -22,11 +22,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vae_scale import kernels
-from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.config import Config, load_config
-from vae_scale.losses import LPIPS_FILE, VGG16_FILE, VAELoss
-from vae_scale.model import VAE
-from vae_scale.shards import write_shards
+from vae_scale.data.shards import write_shards
+from vae_scale.eval.lpips import LPIPS_FILE, VGG16_FILE
+from vae_scale.formats.checkpoint import latest_checkpoint
+from vae_scale.models.sd import VAE
+from vae_scale.train.objective import VAELoss
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "accelerate"

@@ -156,7 +156,7 @@ def test_an_nchw_model_stays_nchw_through_attention(batch):
     attention block's output projection comes back channels-last strided, and a residual sum that kept that
     layout made every later convolution of an NCHW model run NHWC (25% slower backward on a CPU)."""
     from vae_scale.config import load_config
-    from vae_scale.model import VAE
+    from vae_scale.models.sd import VAE
 
     vae = VAE(load_config("sd-f8", list(TINY.overrides)).model)
     layouts: list[str] = []

@@ -99,7 +99,9 @@ def test_bad_data_flag_values_are_usage_errors(flag, value, capsys):
 
 def test_python_m_evaluate_is_the_eval_command():
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_scale.evaluate", "--run", "no-such-run"], capture_output=True, text=True
+        [sys.executable, "-m", "vae_scale.commands.evaluate", "--run", "no-such-run"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vae-scale eval: error: --run no-such-run: no such file or folder"

@@ -16,9 +16,9 @@ import webdataset as wds
 from PIL import Image
 from support import ROOT, free_port
 
-from vae_scale import data
 from vae_scale.config import DataConfig
-from vae_scale.data import BAD_KINDS, DataError, build_train_loader, build_val_loader
+from vae_scale.data import loader as data
+from vae_scale.data.loader import BAD_KINDS, DataError, build_train_loader, build_val_loader
 
 R = 32  # crop size in these tests
 
@@ -201,7 +201,7 @@ def keep_small_shards(root: Path, n: int = 100, small_every: int = 5, size: int 
     small_every-th one 36x30 (stored at its own size, below SIZE), 4 shards of n / 4."""
     from support import write_photo_like_images
 
-    from vae_scale.shards import write_shards
+    from vae_scale.data.shards import write_shards
 
     src = root / "src"
     write_photo_like_images(
@@ -348,7 +348,7 @@ def test_ranks_disjoint_and_equal(tmp_path, monkeypatch, sizes, index):
 _RANK_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from vae_scale.config import DataConfig
-    from vae_scale.data import build_train_loader
+    from vae_scale.data.loader import build_train_loader
     dist.init_process_group("gloo")
     cfg = DataConfig(train=sys.argv[1], resolution=32, batch_size=2, workers=2, shuffle_buffer=4)
     loader = build_train_loader(cfg, seed=1)   # rank and world size from torch.distributed

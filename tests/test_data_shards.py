@@ -10,8 +10,8 @@ from PIL import Image
 
 from vae_scale.cli.shards import shards_main
 from vae_scale.config import DataConfig
-from vae_scale.data import DataError, build_train_loader, build_val_loader
-from vae_scale.shards import SAMPLE_IMAGES
+from vae_scale.data.loader import DataError, build_train_loader, build_val_loader
+from vae_scale.data.shards import SAMPLE_IMAGES
 
 
 def _image(rng, w, h, mode="RGB"):

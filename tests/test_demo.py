@@ -13,12 +13,13 @@ import re
 import pytest
 import torch
 
-from vae_scale import demo
 from vae_scale.cli.train import demo_main
-from vae_scale.demo import Row, format_rows, verdict
-from vae_scale.metrics import bicubic_round_trip, equal_values_size, psnr
-from vae_scale.model import VAE, Attention, ResnetBlock
-from vae_scale.shards import SAMPLE_COLOR_IMAGES
+from vae_scale.commands import demo
+from vae_scale.commands.demo import Row, format_rows, verdict
+from vae_scale.data.shards import SAMPLE_COLOR_IMAGES
+from vae_scale.eval.metrics import bicubic_round_trip, equal_values_size, psnr
+from vae_scale.models.layers import Attention, ResnetBlock
+from vae_scale.models.sd import VAE
 
 TINY = [
     "model.block_out_channels=[8,16,16]",

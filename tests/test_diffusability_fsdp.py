@@ -15,8 +15,8 @@ from support import (
 )
 
 from vae_scale.config import load_config
-from vae_scale.equivariance import draw_transforms
-from vae_scale.monitor import read_metrics
+from vae_scale.eval.equivariance import draw_transforms
+from vae_scale.train.monitor import read_metrics
 
 FSDP = "fsdp.yaml"
 DDP = "cpu-2proc.yaml"

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from support import TINY, photo_like_shards, tiny_vae
 
-from vae_scale.build import Autoencoder
-from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.config import LossConfig, load_config
-from vae_scale.equivariance import Transform, TransformedDecode
-from vae_scale.losses import LastLayer, VAELoss
-from vae_scale.monitor import SPECTRUM_FILE, read_metrics
-from vae_scale.train import train
+from vae_scale.eval.equivariance import Transform, TransformedDecode
+from vae_scale.formats.checkpoint import latest_checkpoint
+from vae_scale.train.build import Autoencoder
+from vae_scale.train.monitor import SPECTRUM_FILE, read_metrics
+from vae_scale.train.objective import LastLayer, VAELoss
+from vae_scale.train.trainer import train
 
 # On TINY: no attention block, no checkpoints.
 RUN = [*TINY, "model.mid_block_attention=false", "checkpoint.every=0"]

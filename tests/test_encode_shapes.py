@@ -12,11 +12,12 @@ from PIL import Image
 
 from vae_scale.cli.evaluate import eval_main
 from vae_scale.cli.generate import encode_main
+from vae_scale.commands.generate import read_latent
 from vae_scale.config import load_config
-from vae_scale.generate import read_latent
-from vae_scale.image_reader import aspect_buckets, cover_crop, nearest_bucket
-from vae_scale.metrics import psnr
-from vae_scale.model import VAE, Tiling
+from vae_scale.data.image_reader import aspect_buckets, cover_crop, nearest_bucket
+from vae_scale.eval.metrics import psnr
+from vae_scale.models.sd import VAE
+from vae_scale.models.tiling import Tiling
 
 # (width, height) of the source images; 12x10 is too small for any 16 px bucket
 SIZES = [(48, 40), (40, 64), (72, 24), (36, 36), (12, 10), (50, 34)]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vae_scale.config import ConfigError, LossConfig, load_config
-from vae_scale.equivariance import EVAL_TRANSFORMS, Transform, draw_transforms
+from vae_scale.eval.equivariance import EVAL_TRANSFORMS, Transform, draw_transforms
 
 F8 = 8  # pixels per latent position of an f8 model
 

@@ -12,10 +12,9 @@ import torch
 from support import TINY, accelerate_launch, env, photo_like_shards, tiny_config
 
 from vae_scale.cli.evaluate import eval_main
+from vae_scale.commands.evaluate import baseline_verdict, format_table
 from vae_scale.config import load_config
-from vae_scale.evaluate import baseline_verdict, format_table
-from vae_scale.losses import VAELoss
-from vae_scale.metrics import (
+from vae_scale.eval.metrics import (
     InceptionFeatures,
     MetricError,
     bicubic_round_trip,
@@ -26,8 +25,9 @@ from vae_scale.metrics import (
     psnr,
     ssim,
 )
-from vae_scale.model import VAE
-from vae_scale.train import train
+from vae_scale.models.sd import VAE
+from vae_scale.train.objective import VAELoss
+from vae_scale.train.trainer import train
 
 # On TINY: no attention block, a faster learning rate, a log line every 5 steps.
 EVAL_RUN = ["model.mid_block_attention=false", "optim.lr=2e-3", "log.every=5"]
@@ -325,7 +325,7 @@ def test_eval_with_two_processes_gives_the_numbers_of_one(run, tmp_path, capsys)
         "cpu-2proc.yaml",
         2,
         [*args[1:], "--out", str(tmp_path / "two.json")],
-        program=("-m", "vae_scale.evaluate"),
+        program=("-m", "vae_scale.commands.evaluate"),
     )
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

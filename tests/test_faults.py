@@ -15,18 +15,18 @@ import pytest
 import torch
 from support import ROOT, TINY, accelerate_launch, env, one_line_error
 
-from vae_scale.checkpoint import (
+from vae_scale.cli import main as cli_main
+from vae_scale.config import load_config
+from vae_scale.formats.checkpoint import (
     DamagedCheckpoint,
     complete_checkpoints,
     latest_checkpoint,
     verify_checkpoint,
     write_manifest,
 )
-from vae_scale.cli import main as cli_main
-from vae_scale.config import load_config
-from vae_scale.model import VAE
-from vae_scale.monitor import read_metrics
-from vae_scale.train import train
+from vae_scale.models.sd import VAE
+from vae_scale.train.monitor import read_metrics
+from vae_scale.train.trainer import train
 
 SYNTHETIC = [*TINY, "data.train=synthetic"]
 

@@ -11,9 +11,9 @@ from support import tiny_diffusers_vae, write_lpips_weights, write_photo_like_im
 
 from vae_scale.cli.export import export_main, import_main
 from vae_scale.config import load_config
-from vae_scale.model import VAE
-from vae_scale.shards import write_shards
-from vae_scale.train import train
+from vae_scale.data.shards import write_shards
+from vae_scale.models.sd import VAE
+from vae_scale.train.trainer import train
 
 SMALL_RUN = [
     "data.resolution=32",

@@ -18,14 +18,14 @@ from support import (
     uneven_val_shards,
 )
 
-from vae_scale.build import Autoencoder
-from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.config import ConfigError, load_config
-from vae_scale.fsdp import UNIT_CLASSES, fsdp_plan, fsdp_units, shard
-from vae_scale.losses import VAELoss
-from vae_scale.model import VAE, count_parameters
-from vae_scale.monitor import read_metrics
-from vae_scale.transforms import prepare_model
+from vae_scale.formats.checkpoint import latest_checkpoint
+from vae_scale.models.sd import VAE, count_parameters
+from vae_scale.train.build import Autoencoder
+from vae_scale.train.fsdp import UNIT_CLASSES, fsdp_plan, fsdp_units, shard
+from vae_scale.train.monitor import read_metrics
+from vae_scale.train.objective import VAELoss
+from vae_scale.train.wrapping import prepare_model
 
 FSDP = "fsdp.yaml"
 DDP = "cpu-2proc.yaml"
@@ -304,7 +304,7 @@ def test_reduce_dtype_compute_compresses_ddp_gradients(one_rank_group):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from vae_scale.build import data_parallel
+    from vae_scale.train.build import data_parallel
 
     grads = {}
     for precision, reduce_dtype in (("fp16", "fp32"), ("fp16", "compute"), ("bf16", "compute")):

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from support import TINY, kill_tree, start, train_command
 
-from vae_scale.checkpoint import folder_bytes, free_bytes, latest_checkpoint, verify_checkpoint
 from vae_scale.cli import main as cli_main
 from vae_scale.config import load_config
-from vae_scale.monitor import read_metrics
-from vae_scale.preflight import checkpoint_bytes
+from vae_scale.files import folder_bytes, free_bytes
+from vae_scale.formats.checkpoint import latest_checkpoint, verify_checkpoint
+from vae_scale.train.monitor import read_metrics
+from vae_scale.train.preflight import checkpoint_bytes
 
 RUN = [*TINY, "data.train=synthetic"]
 

@@ -15,13 +15,13 @@ from support import run as run_process
 
 from vae_scale.cli.export import export_main, import_main
 from vae_scale.cli.generate import encode_main, reconstruct_main, sample_main
-from vae_scale.commands import iter_batches
+from vae_scale.commands.common import iter_batches
+from vae_scale.commands.export import ExportError
+from vae_scale.commands.generate import read_latent
 from vae_scale.config import ConfigError, load_config
-from vae_scale.export import ExportError
-from vae_scale.generate import read_latent
-from vae_scale.model import VAE
-from vae_scale.train import train
-from vae_scale.weights import WeightsError, load_init_weights
+from vae_scale.formats.weights import WeightsError, load_init_weights
+from vae_scale.models.sd import VAE
+from vae_scale.train.trainer import train
 
 # On TINY, its attention block kept (export maps those weights too): a faster learning rate, a log line
 # every 5 steps.

@@ -17,11 +17,22 @@ import pytest
 import torch
 from support import TINY, one_line_error
 
-from vae_scale.checkpoint import DamagedCheckpoint, latest_checkpoint, verify_checkpoint, write_manifest
 from vae_scale.cli import main as cli_main
 from vae_scale.config import load_config
-from vae_scale.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint, check_dcp_folder, read_metadata
-from vae_scale.train import train
+from vae_scale.formats.checkpoint import (
+    DamagedCheckpoint,
+    latest_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
+from vae_scale.formats.safe_dcp import (
+    SafePlanner,
+    SafeReader,
+    UnsafeCheckpoint,
+    check_dcp_folder,
+    read_metadata,
+)
+from vae_scale.train.trainer import train
 
 SYNTHETIC = [*TINY, "data.train=synthetic", "checkpoint.every=2", "optim.ema_decay=0.5"]
 
@@ -183,7 +194,7 @@ def test_inference_commands_refuse_a_pipe_from_a_checkpoint_config(copy_of, tmp_
 
 
 def test_train_refuses_a_pipe_from_a_run_folders_config_unless_typed(copy_of, tmp_path, capsys):
-    from vae_scale.startup import check_config_commands
+    from vae_scale.train.startup import check_config_commands
 
     marker = tmp_path / "pwned"
     saved = copy_of / "config.yaml"

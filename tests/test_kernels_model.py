@@ -21,8 +21,10 @@ import torch.nn as nn
 
 from vae_scale import kernels
 from vae_scale.config import ModelConfig
-from vae_scale.model import VAE, DiagonalGaussian, GroupNorm
-from vae_scale.transforms import apply_channels_last, to_channels_last
+from vae_scale.models.layers import GroupNorm
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.models.sd import VAE
+from vae_scale.train.wrapping import apply_channels_last, to_channels_last
 
 needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 ROOT = Path(__file__).resolve().parents[1]

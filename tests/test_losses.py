@@ -10,18 +10,12 @@ import torch.nn.functional as F
 from support import VGG_CONVS
 
 from vae_scale.config import ConfigError, LossConfig, ModelConfig
-from vae_scale.losses import (
-    LPIPS,
-    LPIPS_FILE,
-    VGG16_FILE,
-    LastLayer,
-    LossConfigError,
-    NLayerDiscriminator,
-    VAELoss,
-    discretized_logistic_log_prob,
-    find_lpips_weights,
-)
-from vae_scale.model import VAE, DiagonalGaussian
+from vae_scale.eval.likelihood import discretized_logistic_log_prob
+from vae_scale.eval.lpips import LPIPS, LPIPS_FILE, VGG16_FILE, LossConfigError, find_lpips_weights
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.models.sd import VAE
+from vae_scale.train.discriminator import NLayerDiscriminator
+from vae_scale.train.objective import LastLayer, VAELoss
 
 LN2 = math.log(2.0)
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from vae_scale.config import ModelConfig, load_config, preset_names
-from vae_scale.model import VAE, DiagonalGaussian, count_parameters
-from vae_scale.transforms import apply_activation_checkpointing, apply_channels_last, to_channels_last
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.models.sd import VAE, count_parameters
+from vae_scale.train.wrapping import apply_activation_checkpointing, apply_channels_last, to_channels_last
 
 
 def tiny(**kw) -> ModelConfig:

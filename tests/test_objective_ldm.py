@@ -20,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vae_scale.config import load_config
-from vae_scale.losses import LPIPS_FILE, VGG16_FILE, LastLayer, VAELoss
-from vae_scale.model import DiagonalGaussian
+from vae_scale.eval.lpips import LPIPS_FILE, VGG16_FILE
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.train.objective import LastLayer, VAELoss
 
 DISC_START = 3
 SIZE = 64  # image side: P = 3 * 64 * 64 = 12288

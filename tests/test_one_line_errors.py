@@ -16,13 +16,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 from support import ROOT, TINY, tiny_diffusers_vae, tiny_vae, write_photo_like_images
 
-from vae_scale.checkpoint import MARKER, checkpoint_name, latest_checkpoint
 from vae_scale.cli import main
 from vae_scale.config import load_config
-from vae_scale.model import VAE
-from vae_scale.shard_reader import DataError, expand_shards
-from vae_scale.shards import write_shards
-from vae_scale.weights import WEIGHTS_NAME, WeightsError
+from vae_scale.data.shard_reader import DataError, expand_shards
+from vae_scale.data.shards import write_shards
+from vae_scale.formats.checkpoint import MARKER, checkpoint_name, latest_checkpoint
+from vae_scale.formats.weights import WEIGHTS_NAME, WeightsError
+from vae_scale.models.sd import VAE
 
 
 def one_line(capsys, *names: str) -> str:
@@ -93,7 +93,7 @@ def test_non_finite_init_from_weights_stop_the_run_naming_the_tensor(tmp_path, c
 
 
 def test_the_dry_run_refuses_a_run_larger_than_the_host_memory(tmp_path, caplog):
-    from vae_scale.preflight import host_memory_available
+    from vae_scale.train.preflight import host_memory_available
 
     # sd-f8 at 1024 px with 64 images per step needs terabytes; no test machine has that much free.
     argv = ["train", "--config", "sd-f8", "--resolution", "1024", "--batch-size", "64", "--dry-run"]
@@ -115,7 +115,7 @@ def test_the_dry_run_refuses_a_run_larger_than_the_host_memory(tmp_path, caplog)
 
 LOCK_HOLDER = """
 import sys, time
-from vae_scale.checkpoint import RunLock
+from vae_scale.formats.checkpoint import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -145,7 +145,7 @@ def test_the_dry_run_reports_a_folder_another_run_holds(tmp_path, capsys):
 
 
 def test_wandb_reachability_is_bounded_even_when_name_resolution_hangs(monkeypatch):
-    from vae_scale.preflight import wandb_unreachable
+    from vae_scale.train.preflight import wandb_unreachable
 
     def hang(*args, **kwargs):
         time.sleep(30)
@@ -169,7 +169,7 @@ def test_wandb_online_without_a_network_logs_offline_and_says_so(tmp_path, monke
     run = tmp_path / "run"
     argv = ["train", *TINY, "data.train=synthetic", f"run.dir={run}", "train.steps=2", "log.wandb=online"]
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="vae_scale.preflight"):
+    with caplog.at_level(logging.WARNING, logger="vae_scale.train.preflight"):
         assert main(argv) == 0
     assert time.monotonic() - t0 < 300  # nothing waited on the network (W&B's own retries would be minutes)
     warning = next(r.getMessage() for r in caplog.records if "W&B cannot be reached" in r.getMessage())
@@ -195,7 +195,7 @@ def test_latest_pointing_outside_the_run_is_refused_and_the_run_scanned(tmp_path
     theirs = _fake_checkpoint(tmp_path / "victim", 9)
     text = pointer.format(name=theirs.name, victim=tmp_path / "victim")
     (tmp_path / "run" / "checkpoints" / "latest").write_text(text + "\n")
-    with caplog.at_level(logging.WARNING, logger="vae_scale.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="vae_scale.formats.checkpoint"):
         assert latest_checkpoint(tmp_path / "run") == ours
     assert any("not a checkpoint of this run" in r.getMessage() for r in caplog.records)
 
@@ -205,7 +205,7 @@ def test_a_checkpoint_that_is_a_link_elsewhere_is_not_this_runs(tmp_path):
     theirs = _fake_checkpoint(tmp_path / "victim", 9)
     (ours.parent / checkpoint_name(10)).symlink_to(theirs)  # a name that looks like ours, leading elsewhere
     (ours.parent / "latest").write_text(checkpoint_name(10) + "\n")
-    from vae_scale.checkpoint import checkpoints_newest_first
+    from vae_scale.formats.checkpoint import checkpoints_newest_first
 
     assert latest_checkpoint(tmp_path / "run") != ours.parent / checkpoint_name(10)
     assert checkpoints_newest_first(ours.parent)[0] != ours.parent / checkpoint_name(10)
@@ -221,7 +221,7 @@ def test_a_symlinked_caption_is_not_followed_and_is_counted(tmp_path, caplog):
     secret.write_text("the password")
     (src / "img00.txt").symlink_to(secret)
     (src / "img01.txt").write_text("a real caption")
-    with caplog.at_level(logging.WARNING, logger="vae_scale.shards"):
+    with caplog.at_level(logging.WARNING, logger="vae_scale.data.shards"):
         index = write_shards(str(src), tmp_path / "shards", val_fraction=0, progress=False)
     assert index["totals"]["symlinked_captions"] == 1 and index["totals"]["captions"] == 1
     assert any("symbolic link" in r.getMessage() and "img00.txt" in r.getMessage() for r in caplog.records)

@@ -55,7 +55,7 @@ def test_the_installed_wheel_imports_its_kernels(wheel, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     code = (
-        "import importlib.util, vae_scale.model\n"
+        "import importlib.util, vae_scale.models.sd\n"
         "from vae_scale import kernels\n"
         "print(kernels.__file__)\n"
         "spec = importlib.util.find_spec('kernels')\n"

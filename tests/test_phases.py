@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from support import TINY, tiny_config
 
-from vae_scale.checkpoint import latest_checkpoint
 from vae_scale.cli import main
 from vae_scale.config import ConfigError, load_config
-from vae_scale.startup import check_resume
-from vae_scale.train import Trainer, train
+from vae_scale.formats.checkpoint import latest_checkpoint
+from vae_scale.train.startup import check_resume
+from vae_scale.train.trainer import Trainer, train
 
 PHASE_1 = ["train.steps=3", "checkpoint.every=0", "optim.ema_decay=0.9"]
 """Three steps, one checkpoint at the end, an EMA that has moved away from the weights by then."""
@@ -103,7 +103,7 @@ def test_a_new_phase_in_its_own_run_folder_is_refused(phase_1, capsys):
 
 
 def test_export_of_a_phase_follows_the_chain_to_where_phase_1_started(phase_1, tmp_path):
-    from vae_scale.export import first_origin
+    from vae_scale.commands.export import first_origin
 
     phase_2 = tmp_path / "phase2"
     train(tiny_config(phase_2, "synthetic", "train.steps=1", f"model.init_from={phase_1}"))

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from vae_scale.config import load_config
-from vae_scale.preflight import WillNotFit, estimate_memory, preflight
+from vae_scale.train.preflight import WillNotFit, estimate_memory, preflight
 
 # Peak resident memory of a process over two real training steps, less what it held before the model
 # existed (after a throwaway step, so lazily loaded libraries are not counted). A fixed mmap threshold
@@ -18,9 +18,9 @@ MEASURE = textwrap.dedent("""
     import gc, re, sys, torch
     torch.set_num_threads(1)
     from vae_scale.config import load_config
-    from vae_scale.model import VAE
-    from vae_scale.transforms import prepare_model
-    from vae_scale.preflight import estimate_memory
+    from vae_scale.models.sd import VAE
+    from vae_scale.train.wrapping import prepare_model
+    from vae_scale.train.preflight import estimate_memory
     cfg = load_config("demo", sys.argv[1:])
     est = estimate_memory(cfg).total
     x = torch.rand(cfg.data.batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
@@ -79,7 +79,7 @@ def test_checkpointing_and_sharding_lower_the_estimate():
 def test_preflight_says_what_the_launch_does(monkeypatch):
     import torch
 
-    import vae_scale.preflight as pf
+    import vae_scale.train.preflight as pf
 
     # What the lines say, not whether the run fits: that depends on the host's free memory at the moment
     # (test_will_not_fit_stops_with_a_suggestion pins it to test the refusal).
@@ -104,7 +104,7 @@ def test_preflight_says_what_the_launch_does(monkeypatch):
 def test_will_not_fit_stops_with_a_suggestion(monkeypatch):
     import torch
 
-    import vae_scale.preflight as pf
+    import vae_scale.train.preflight as pf
 
     monkeypatch.setattr(pf, "device_memory", lambda device: 2 * 2**30)  # 2 GiB free for the process
     with pytest.raises(
@@ -137,7 +137,7 @@ def _empty_tar(path):
 def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
     import wandb
 
-    from vae_scale.preflight import problems_before_start
+    from vae_scale.train.preflight import problems_before_start
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login on this machine
@@ -170,8 +170,8 @@ def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
 def test_nothing_is_named_when_everything_is_there(tmp_path, monkeypatch):
     from support import write_photo_like_images
 
-    from vae_scale.preflight import problems_before_start
-    from vae_scale.shards import write_shards
+    from vae_scale.data.shards import write_shards
+    from vae_scale.train.preflight import problems_before_start
 
     write_photo_like_images(tmp_path / "photos", 8)
     write_shards(str(tmp_path / "photos"), tmp_path / "shards", size=32, val_fraction=0.25, progress=False)

@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 from support import tiny_vae as make_tiny_vae
 
-from vae_scale.evaluate import format_table
-from vae_scale.metrics import Lockstep, evaluate
-from vae_scale.monitor import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
-from vae_scale.spectrum import (
+from vae_scale.commands.evaluate import format_table
+from vae_scale.eval.metrics import Lockstep, evaluate
+from vae_scale.eval.spectrum import (
     BINS,
     HF_THRESHOLD,
     bin_centres,
@@ -27,6 +26,7 @@ from vae_scale.spectrum import (
     radial_spectrum,
     spectrum_sums,
 )
+from vae_scale.train.monitor import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
 
 
 def reference_sums(x: np.ndarray, bins: int = BINS) -> dict[str, np.ndarray]:

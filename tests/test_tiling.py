@@ -9,8 +9,9 @@ from support import TINY
 from torch.overrides import TorchFunctionMode
 
 from vae_scale.config import load_config
-from vae_scale.model import VAE, Tiling, tiled_apply
-from vae_scale.tiled import TiledRun, decode_image
+from vae_scale.models.sd import VAE
+from vae_scale.models.tiled import TiledRun, decode_image
+from vae_scale.models.tiling import Tiling, tiled_apply
 
 PER_TILE = Tiling(norm="tile")  # diffusers' enable_tiling(): sample_size tiles, overlap 0.25
 
@@ -118,7 +119,7 @@ def test_whole_image_norms_equal_untiled_to_rounding(vae, shape, tile):
 def test_whole_image_norms_keep_every_window_within_the_tile(vae):
     """What is computed at once is a tile and its halo whatever the image size; only attention sees the
     whole (lowest-resolution) latent. The whole image's activations wait between layers (in host memory
-    when the model is on an accelerator, vae_scale/tiled.py)."""
+    when the model is on an accelerator, vae_scale/models/tiled.py)."""
     moved = {}
     for h, w in ((64, 96), (160, 224)):
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(w)) * 2 - 1
@@ -234,11 +235,11 @@ def test_tiling_a_trained_vae_stays_close_to_untiled(tmp_path):
     at least 22 dB from them (about 22 dB at 64 px tiles: per-tile colour offsets), and a smooth image shows
     no seam."""
     pytest.importorskip("skimage")
-    from vae_scale.commands import iter_batches
-    from vae_scale.demo import DATA_SOURCE, SHARD_SIZE
-    from vae_scale.metrics import psnr
-    from vae_scale.shards import write_shards
-    from vae_scale.train import train
+    from vae_scale.commands.common import iter_batches
+    from vae_scale.commands.demo import DATA_SOURCE, SHARD_SIZE
+    from vae_scale.data.shards import write_shards
+    from vae_scale.eval.metrics import psnr
+    from vae_scale.train.trainer import train
 
     data = tmp_path / "data"
     write_shards(DATA_SOURCE, data, size=SHARD_SIZE, val_fraction=0.25, seed=0, progress=False)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from support import TINY, initial_weights, tiny_config
 
-from vae_scale.checkpoint import latest_checkpoint
-from vae_scale.train import Trainer, train
+from vae_scale.formats.checkpoint import latest_checkpoint
+from vae_scale.train.trainer import Trainer, train
 
 
 def tiny_cfg(run_dir, *extra: str):

@@ -6,8 +6,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 from vae_scale.config import ModelConfig
-from vae_scale.model import VAE
-from vae_scale.weights import DiffusersFormatError, config_to_diffusers
+from vae_scale.formats.weights import DiffusersFormatError, config_to_diffusers
+from vae_scale.models.sd import VAE
 
 # Small versions of the two families: SD-style (quant convs, 4 latent channels) and FLUX-style (none, 16).
 STYLES = {

@@ -1,6 +1,6 @@
 """`vae-scale <command>`: the command line. This package parses and checks each command's flags and calls the
-library functions that do the work (vae_scale.evaluate, export, generate, shards, compare, demo, train); a
-Python user calls those directly. Each command is a `*_main(argv)` callable in-process.
+library functions that do the work (vae_scale.commands.evaluate, export, generate, shards, compare, demo,
+train); a Python user calls those directly. Each command is a `*_main(argv)` callable in-process.
 
 Usage errors (unknown command, bad flag, bad config key or value, bad input path) print one line and exit
 with code 2; they never show a traceback.
@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a diffusers AutoencoderKL folder (an imported VAE's latent contract kept)",
     ),
     "import": ("export:import_main", "start a run folder from a diffusers VAE to fine-tune it"),
-    "compare": ("shards:compare_main", "runs' latest and best metrics, and their curves overlaid"),
+    "compare": ("compare:compare_main", "runs' latest and best metrics, and their curves overlaid"),
 }
 
 
@@ -49,12 +49,12 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     # FileNotFoundError: every command names the flag and the path in its message.
     errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError]
     for mod, name in (
-        ("vae_scale.weights", "WeightsError"),
-        ("vae_scale.shard_reader", "DataError"),
-        ("vae_scale.commands", "InputError"),
-        ("vae_scale.metrics", "MetricError"),
-        ("vae_scale.outputs", "OutputError"),
-        ("vae_scale.checkpoint", "DamagedCheckpoint"),
+        ("vae_scale.formats.weights", "WeightsError"),
+        ("vae_scale.data.shard_reader", "DataError"),
+        ("vae_scale.commands.common", "InputError"),
+        ("vae_scale.eval.metrics", "MetricError"),
+        ("vae_scale.files", "OutputError"),
+        ("vae_scale.formats.checkpoint", "DamagedCheckpoint"),
     ):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):

@@ -1,4 +1,4 @@
-"""`vae-scale eval`: its flags, checked, then vae_scale.evaluate.evaluate_model."""
+"""`vae-scale eval`: its flags, checked, then vae_scale.commands.evaluate.evaluate_model."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from vae_scale.cli.options import (
     non_negative_int,
     tiling_from_args,
 )
-from vae_scale.commands import processes
-from vae_scale.metrics import INCEPTION_FILE, METRICS
-from vae_scale.outputs import check_writable_file
+from vae_scale.commands.common import processes
+from vae_scale.eval.metrics import INCEPTION_FILE, METRICS
+from vae_scale.files import check_writable_file
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`vae-scale eval --run RUN | --ckpt PATH [--data P] [--metrics ...] [--iw K] [--ema] [--out F]`."""
-    from vae_scale.evaluate import eval_heading, evaluate_model, format_table
+    from vae_scale.commands.evaluate import eval_heading, evaluate_model, format_table
 
     args = eval_parser().parse_args(argv)
     log_warnings()

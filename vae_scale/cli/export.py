@@ -1,4 +1,5 @@
-"""`vae-scale export` and `vae-scale import`: their flags, checked, then vae_scale.export's functions."""
+"""`vae-scale export` and `vae-scale import`: their flags, checked, then the functions of
+vae_scale.commands.export."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from vae_scale.cli.options import (
     model_and_data,
     positive_int,
 )
-from vae_scale.commands import processes
-from vae_scale.export import DEFAULT_STATS_SAMPLES, ExportError, export_vae, import_vae
-from vae_scale.outputs import check_output_dir, check_output_file
+from vae_scale.commands.common import processes
+from vae_scale.commands.export import DEFAULT_STATS_SAMPLES, ExportError, export_vae, import_vae
+from vae_scale.files import check_output_dir, check_output_file
 
 
 def export_parser() -> argparse.ArgumentParser:

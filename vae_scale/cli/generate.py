@@ -1,4 +1,5 @@
-"""`vae-scale sample`, `reconstruct` and `encode`: their flags, checked, then vae_scale.generate's code."""
+"""`vae-scale sample`, `reconstruct` and `encode`: their flags, checked, then the functions of
+vae_scale.commands.generate."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from vae_scale.cli.options import (
     positive_int,
     tiling_from_args,
 )
-from vae_scale.commands import check_resolution, load_model, processes
-from vae_scale.generate import (
+from vae_scale.commands.common import check_resolution, load_model, processes
+from vae_scale.commands.generate import (
     DTYPES,
     LATENT_FORMATS,
     encode_latents,
@@ -26,8 +27,8 @@ from vae_scale.generate import (
     sample_images,
     write_sample_grid,
 )
-from vae_scale.image_reader import SHAPES
-from vae_scale.outputs import check_output_dir, check_output_file
+from vae_scale.data.image_reader import SHAPES
+from vae_scale.files import check_output_dir, check_output_file
 
 
 def sample_main(argv: list[str]) -> int:

@@ -29,7 +29,7 @@ def info_main(argv: list[str]) -> int:
     import torch
 
     from vae_scale import kernels
-    from vae_scale.model import count_parameters
+    from vae_scale.models.sd import count_parameters
 
     print(f"python       {platform.python_version()} ({platform.machine()}, {platform.system()})")
     for name in ("torch", "triton", "accelerate", "webdataset", "wandb", "safetensors", "vae_scale"):

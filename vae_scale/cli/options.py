@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 
-from vae_scale.commands import DataOptions, InputError, LoadedModel, load_model
+from vae_scale.commands.common import DataOptions, InputError, LoadedModel, load_model
 from vae_scale.config import DataConfig
 
 SPLITS = ("train", "val")
@@ -93,7 +93,7 @@ def add_tiling_args(p: argparse.ArgumentParser) -> None:
 def tiling_from_args(args: argparse.Namespace, vae):
     """The Tiling --tile / --tile-norm / --tile-overlap ask for, its tile resolved (False for --tile 0);
     InputError for a bad geometry."""
-    from vae_scale.model import Tiling
+    from vae_scale.models.tiling import Tiling
 
     if args.tile == 0:
         return False

@@ -1,4 +1,4 @@
-"""`vae-scale shards` and `vae-scale compare`: the commands that read no model.
+"""`vae-scale shards`: its flags, checked, then the shard writer (vae_scale/data/shards.py).
 
 `shards` writes data rather than reading it through the loader: its --workers are encoding processes and its
 --seed seeds the train/val split, not the shared data options of the commands that read shards.
@@ -10,12 +10,12 @@ import argparse
 import os
 from pathlib import Path
 
-from vae_scale.outputs import check_output_dir
+from vae_scale.files import check_output_dir
 
 
 def shards_main(argv: list[str]) -> int:
     """`vae-scale shards SRC OUT`: write WebDataset tar shards and index.json; returns 0."""
-    from vae_scale.shards import FORMATS, skip_summary, write_shards
+    from vae_scale.data.shards import FORMATS, skip_summary, write_shards
 
     p = argparse.ArgumentParser(prog="vae-scale shards", description=shards_main.__doc__)
     p.add_argument(
@@ -92,21 +92,4 @@ def shards_main(argv: list[str]) -> int:
             f"  the {t['kept_small']} kept below --size {args.size}: training at data.resolution={args.size} "
             "skips them (counted apart from bad data) unless data.upscale_small=true"
         )
-    return 0
-
-
-def compare_main(argv: list[str]) -> int:
-    """`vae-scale compare RUN... [--metrics M ...] [--out compare.html]`."""
-    from vae_scale.compare import compare_runs
-
-    p = argparse.ArgumentParser(
-        prog="vae-scale compare", description="Latest and best metrics of runs, and their curves overlaid."
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
-    p.add_argument("--metrics", nargs="+", help="metrics to compare (default: every varying one)")
-    p.add_argument("--out", default="compare.html", help="the HTML page (default compare.html)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out page")
-    args = p.parse_args(argv)
-    print(compare_runs(args.runs, args.metrics, args.out, args.overwrite))
-    print(f"wrote {args.out}")
     return 0

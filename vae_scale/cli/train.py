@@ -8,7 +8,7 @@ import logging
 from vae_scale.cli.options import add_data_args, data_overrides, log_warnings
 from vae_scale.config import config_parser, load_config
 
-log = logging.getLogger("vae_scale.train")
+log = logging.getLogger("vae_scale.train.trainer")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -26,9 +26,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     """`vae-scale train --config NAME|PATH [--dry-run] [data options] [key=value ...]`."""
-    from vae_scale.preflight import WillNotFit
-    from vae_scale.startup import check_config_commands
-    from vae_scale.train import TrainingStopped, train
+    from vae_scale.train.preflight import WillNotFit
+    from vae_scale.train.startup import check_config_commands
+    from vae_scale.train.trainer import TrainingStopped, train
 
     p = train_parser()
     args = p.parse_intermixed_args(argv)  # key=value overrides before, between or after the flags
@@ -50,7 +50,7 @@ def train_main(argv: list[str]) -> int:
 
 def demo_parser() -> argparse.ArgumentParser:
     """`vae-scale demo`'s flags. Its --data is where it writes the sample shards it then trains on."""
-    from vae_scale import demo
+    from vae_scale.commands import demo
 
     guard = demo.DEFAULT_TIME_GUARD_S
     p = argparse.ArgumentParser(prog="vae-scale demo", description=demo.__doc__.split("\n\n")[0])
@@ -70,7 +70,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: list[str]) -> int:
     """`vae-scale demo [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
-    from vae_scale.demo import run_demo
+    from vae_scale.commands.demo import run_demo
 
     p = demo_parser()
     args = p.parse_intermixed_args(argv)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, latent spectra, equivariance, the latent diffusion probe."""

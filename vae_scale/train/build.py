@@ -1,0 +1,268 @@
+"""The pieces a training run is made of, each built from the config by one function:
+
+    acc = build_accelerator(cfg, run_dir)        # process group, device, autocast, loss scaler, W&B
+    cfg = resolved_config(cfg, acc)              # a copy with what the launch decided ("auto" precision)
+    vae = build_vae(cfg, sharded)                # the model, model.init_from, then its transforms
+    ae, line = parallelize(model, cfg, plan, acc)  # FSDP2 shards or DDP, and the start-up line saying which
+    opt = build_optimizer(model, cfg, device)
+    disc_ddp, disc_opt = build_discriminator(criterion.discriminator, cfg, acc)
+    ema = build_ema(vae, cfg)
+    loader = build_loader(cfg, rank, world)
+
+vae_scale/train/trainer.py's Trainer puts them together in this order (the order fixes what the seeded random
+numbers initialise, so a run is repeatable) and runs the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+
+from vae_scale.config import Config
+from vae_scale.data.loader import build_train_loader
+from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
+from vae_scale.eval.equivariance import Transform, TransformedDecode
+from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.models.sd import VAE
+from vae_scale.train.ema import EMA
+from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
+from vae_scale.train.run_state import phase_start, read_phase_weights
+from vae_scale.train.wrapping import prepare_model
+
+
+class Autoencoder(nn.Module):
+    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss).
+
+    forward is one training forward; encode/decode run the VAE outside it (image logging, evaluation),
+    which FSDP is told about so that it gathers the root's parameters for them too.
+    """
+
+    def __init__(self, vae: VAE, likelihood: nn.Module | None, sample_posterior: bool = True):
+        super().__init__()
+        self.vae = vae
+        self.likelihood = likelihood
+        self.sample_posterior = sample_posterior
+
+    @property
+    def config(self):
+        """The VAE's ModelConfig."""
+        return self.vae.config
+
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of an image of that size."""
+        return self.vae.latent_shape(height, width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        transforms: dict[str, Transform] | None = None,
+        eps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode]]:
+        """(x_hat, posterior, KL per image, decodes of the transformed latents).
+
+        transforms: this micro-batch's {term: Transform} (equivariance.draw_transforms), decoded from the
+        same latent as x_hat. They run here, inside the one forward, because under FSDP every unit's forward
+        is a collective that all ranks must enter together. eps: the posterior's noise, (B, C, h, w), to
+        decode a given sample (a check against another implementation); None draws it.
+        """
+        posterior = self.vae.encode(x)
+        if self.sample_posterior:
+            z, kl = posterior.sample_kl(eps)
+        else:
+            z, kl = posterior.mode(), posterior.kl()
+        f = self.vae.downsample_factor
+        # Before the main decode: LastLayer keeps the decoder's latest input, and the adversarial weight
+        # must read the main reconstruction's.
+        extra = [
+            TransformedDecode(term, t, self.vae.decode(t.apply(z)), f)
+            for term, t in (transforms or {}).items()
+        ]
+        return self.vae.decode(z), posterior, kl, extra
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """The posterior of x, (B, 3, H, W) in [-1, 1]."""
+        return self.vae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images from latents."""
+        return self.vae.decode(z)
+
+
+def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    """Accelerate's process group, device, autocast, loss scaler and W&B tracker for this launch."""
+    return Accelerator(
+        # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
+        log_with=None if cfg.log.wandb == "disabled" else "wandb",
+        project_dir=str(run_dir),
+    )
+
+
+def resolved_config(cfg: Config, acc: Accelerator) -> Config:
+    """A copy of cfg with what the launch decided: train.mixed_precision=auto becomes the precision the
+    accelerator really uses (what config.yaml and the checkpoints record). cfg itself is left as given."""
+    train = dataclasses.replace(cfg.train, mixed_precision=str(acc.mixed_precision))
+    return dataclasses.replace(cfg, train=train)
+
+
+def build_vae(cfg: Config, sharded: bool) -> VAE:
+    """The VAE with identical initial weights on every rank (seeded by train.seed), model.init_from's weights
+    when fine-tuning or starting a new phase from a run's checkpoint (a checkpoint to resume from overrides
+    them later), then checkpointing, channels_last and train.compile (transforms.prepare_model)."""
+    torch.manual_seed(cfg.train.seed)
+    vae = VAE(cfg.model)
+    if cfg.model.init_from:
+        phase = phase_start(cfg.model.init_from)
+        if phase is None:  # a diffusers folder or a .safetensors file
+            load_init_weights(vae, cfg.model.init_from)
+        else:  # a run or a checkpoint: a new phase of training from its weights
+            sd = read_phase_weights(phase[0], "vae")
+            load_weights(vae, sd or {}, f"model.init_from={cfg.model.init_from!r} ({phase[0]})")
+    return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
+
+
+def ensure_process_group(acc: Accelerator) -> None:
+    """FSDP needs a process group even for one process (sharding then keeps everything on it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if acc.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def data_parallel(module: nn.Module, acc: Accelerator, reduce_dtype: str) -> str:
+    """The start-up line of a DDP (or single-process) run; under reduce_dtype=compute, installs DDP's
+    bf16/fp16 gradient compression hook."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(module, DistributedDataParallel):
+        return f"one process on {acc.device.type}: nothing to shard or all-reduce"
+    backend = torch.distributed.get_backend()
+    reduce = "fp32"
+    if reduce_dtype == "compute" and acc.mixed_precision in ("bf16", "fp16"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if acc.mixed_precision == "bf16" and backend != "nccl":
+            reduce = "fp32 (train.reduce_dtype=compute: bf16 compression needs NCCL)"
+        else:
+            bf16 = acc.mixed_precision == "bf16"
+            module.register_comm_hook(
+                None, default_hooks.bf16_compress_hook if bf16 else default_hooks.fp16_compress_hook
+            )
+            reduce = str(acc.mixed_precision)
+    return (
+        f"DDP over {acc.num_processes} processes ({backend}): full weights, gradients and optimizer state on "
+        f"every process; gradients all-reduced in {reduce}"
+    )
+
+
+def parallelize(model: Autoencoder, cfg: Config, plan: FSDPPlan, acc: Accelerator) -> tuple[nn.Module, str]:
+    """The model as the steps run it -- FSDP2 shards (plan.enabled) or Accelerate's DDP / single-process
+    model -- and the start-up line that says which. cfg: the resolved config."""
+    if plan.enabled:
+        ensure_process_group(acc)
+        units = fsdp_units(model, plan.unit_classes)
+        t = cfg.train
+        ae = shard(
+            model,
+            plan,
+            units,
+            acc.device,
+            t.mixed_precision,
+            t.reduce_dtype,
+            forward_methods=("encode", "decode"),
+        )
+        return ae, describe(plan, units, t.mixed_precision, t.reduce_dtype)
+    ae = acc.prepare_model(model)
+    return ae, data_parallel(ae, acc, cfg.train.reduce_dtype)
+
+
+def replicate(module: nn.Module, acc: Accelerator) -> nn.Module:
+    """A small module data-parallel across ranks (DDP, buffers from rank 0), or itself in one process."""
+    if acc.num_processes == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [acc.device.index] if acc.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
+
+
+def _fused(device: torch.device) -> dict[str, bool]:
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (fused on CUDA). Built after sharding, so that under FSDP
+    it holds the shards (DTensors)."""
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        weight_decay=o.weight_decay,
+        **_fused(device),
+    )
+
+
+def build_discriminator(
+    disc: nn.Module | None, cfg: Config, acc: Accelerator
+) -> tuple[nn.Module | None, torch.optim.AdamW | None]:
+    """(the discriminator as its steps run it, its AdamW), or (None, None) without one.
+
+    Replicated (a few million parameters) and data-parallel on every strategy, sharded or not. Its AdamW has
+    the VAE's betas and weight decay (optim.weight_decay, not torch's default 0.01: 0 is latent diffusion's
+    Adam).
+    """
+    if disc is None:
+        return None, None
+    ddp = replicate(disc, acc)
+    opt = torch.optim.AdamW(
+        disc.parameters(),
+        lr=cfg.loss.disc_lr or cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        **_fused(acc.device),
+    )
+    return ddp, opt
+
+
+def vae_names(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters with state-dict names (wrapper prefixes removed)."""
+    return [(plain_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def build_ema(vae: VAE, cfg: Config) -> EMA | None:
+    """The EMA of the VAE's weights (optim.ema_decay > 0), or None."""
+    return EMA(vae_names(vae), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+
+def build_loader(cfg: Config, rank: int, world: int):
+    """The training batches of this rank: shard loader, or synthetic images for `data.train=synthetic`."""
+    if cfg.data.train == SYNTHETIC:
+        return SyntheticLoader(
+            cfg.data.resolution,
+            cfg.data.batch_size,
+            rank,
+            world,
+            cfg.train.seed,
+            cfg.data.batches_per_epoch or 1000,
+        )
+    return build_train_loader(cfg.data, rank=rank, world_size=world, seed=cfg.train.seed)
+
+
+def learning_rate(cfg: Config, step: int, scale: float = 1.0) -> float:
+    """LR at `step`: linear warm-up to optim.lr, then constant or cosine down to min_lr_ratio * lr."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return scale * o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return scale * o.lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train.steps - o.warmup_steps))
+    return scale * o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,606 @@
+"""The training loop: one code path for a CPU, one GPU, or `accelerate launch` on many GPUs and nodes.
+
+    vae-scale train --config sd-f8 data.train='/data/train-{000000..000999}.tar' run.name=sd-ft
+
+Per step: grad_accum micro-batches of encode -> fused sample+KL -> decode -> loss -> backward (and the
+discriminator's step on detached reconstructions once it is active); then the ranks agree in one small
+all-reduce whether every loss and gradient is finite and whether anyone was asked to stop; then clip,
+optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT
+(a stop request during an evaluation ends it before its next batch, on every rank, and the run saves).
+Re-running the same command resumes from the newest intact checkpoint of the run folder.
+
+Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the
+sharding the launch asks for, the run folder writable and not in use by another run (startup.py). The
+pieces a run is made of are built in build.py; a Trainer puts them together:
+
+    trainer = Trainer(cfg)           # built, resumed from the run folder's newest checkpoint if any
+    logs, stop = trainer.train_step()
+    trainer.fit()                    # the loop: steps, logs, images, evaluations, checkpoints, summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate.utils import set_seed
+from torch.distributed.checkpoint import CheckpointException
+
+from vae_scale import kernels
+from vae_scale.config import Config
+from vae_scale.eval.equivariance import draw_transforms
+from vae_scale.eval.metrics import load_eval_nets
+from vae_scale.files import folder_bytes
+from vae_scale.formats.checkpoint import CheckpointNotWritten, DamagedCheckpoint
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.train.build import (
+    Autoencoder,
+    build_accelerator,
+    build_discriminator,
+    build_ema,
+    build_loader,
+    build_optimizer,
+    build_vae,
+    learning_rate,
+    parallelize,
+    resolved_config,
+)
+from vae_scale.train.checkpoints import CheckpointManager
+from vae_scale.train.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
+from vae_scale.train.log import TrainLog
+from vae_scale.train.monitor import Monitor
+from vae_scale.train.objective import LastLayer, VAELoss
+from vae_scale.train.preflight import NotReady, preflight, problems_before_start, sample_lines, wandb_fallback
+from vae_scale.train.run_state import (
+    load_phase_start,
+    load_trained_weights,
+    phase_start,
+    trained_weights,
+    weights_fingerprint,
+)
+from vae_scale.train.signals import StopFlag
+from vae_scale.train.startup import (
+    check_new_phase,
+    check_resume,
+    check_trainable,
+    prepare_run_dir,
+    resume_plan,
+)
+from vae_scale.train.summary import summary
+from vae_scale.train.wrapping import to_channels_last
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite steps with rollback off); the message says why."""
+
+
+class Trainer:
+    """Holds the prepared model, optimizers, loader, monitor and counters of one run.
+
+    Everything is made in __init__ (and restored there from the checkpoint to resume), so `train_step` runs
+    on a new Trainer as it runs inside `fit`. The config it was given is not changed: `self.cfg` is a copy
+    with what the launch decided (see build.resolved_config).
+    """
+
+    def __init__(self, cfg: Config, plan: FSDPPlan | None = None, dry_run: bool = False, loader: Any = None):
+        """Everything a run needs, built, checked and resumed. dry_run: the same, but nothing is written or
+        resumed (no config.yaml, no monitor, no evaluation networks loaded); `plan_lines` say what the launch
+        does. loader: batches to train on in place of data.train's (the interface of SyntheticLoader)."""
+        self.dry_run = dry_run
+        # What the launch asks for is checked before the process group starts (one line, exit 2); train()
+        # checks it before the run folder is touched and passes the plan on.
+        self.plan: FSDPPlan = plan if plan is not None else fsdp_plan(cfg, cuda=torch.cuda.is_available())
+        self.fsdp = self.plan.enabled
+        self.run_dir = Path(cfg.run.dir)
+        self.acc = acc = build_accelerator(cfg, self.run_dir)
+        self.cfg = cfg = resolved_config(cfg, acc)
+        self.device = acc.device
+        set_seed(cfg.train.seed, device_specific=True)  # different noise per rank, repeatable per rank
+        if acc.is_main_process and not dry_run:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        acc.wait_for_everyone()
+
+        # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
+        self.vae = vae = build_vae(cfg, sharded=self.fsdp)
+        self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
+        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
+        model.to(self.device)
+        # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
+        self.disc = self.criterion.discriminator
+        self.last_layer = LastLayer(vae.decoder.conv_out) if self.disc is not None else None
+        self.ae, strategy = parallelize(model, cfg, self.plan, acc)
+        self.opt = build_optimizer(model, cfg, self.device)
+        self.disc_ddp, self.disc_opt = build_discriminator(self.disc, cfg, acc)
+        self.ema = build_ema(vae, cfg)
+        if loader is None:
+            loader = build_loader(cfg, acc.process_index, acc.num_processes)
+        self.loader = loader
+
+        self.plan_lines = preflight(
+            cfg,
+            world_size=acc.num_processes,
+            device=self.device,
+            kernels_backend=kernels.auto_backend(self.device)
+            if cfg.model.kernels == "auto"
+            else cfg.model.kernels,
+            n_params=sum(p.numel() for p in vae.parameters()),
+            batches_per_epoch=self.loader.batches_per_epoch,
+            fsdp=self.fsdp,
+            disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
+            strategy=strategy,
+        )
+        if acc.is_main_process:
+            print("\n".join(self.plan_lines), flush=True)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, acc)
+        self.step = 0
+        self.samples_seen = 0
+        self.lr_scale = 1.0
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self.rollbacks_in_a_row = 0  # since the last healthy checkpoint
+        self._skipped_at_save = 0  # self.skipped when the last checkpoint was saved or restored
+        self.last_saved = -1  # the step of the newest checkpoint this run saved or restored
+        self.last_path: Path | None = None
+        self.last_posterior: DiagonalGaussian | None = None  # the latest micro-batch's, for the logs
+        self.last_x: torch.Tensor | None = None
+        self.started = time.time()
+        if dry_run:  # nothing is written or resumed: no monitor, and no batch is drawn
+            self.monitor: Monitor | None = None
+            self.train_log = TrainLog(cfg, acc, None, {}, self.fsdp)
+            self._it: Iterator[dict[str, Any]] | None = None
+            return
+        # Missing LPIPS / Inception weights stop the run here, before anything is resumed.
+        eval_nets = load_eval_nets(cfg, cfg.eval.metrics) if cfg.eval.every else {}
+        self.ckpt.clean_partial()
+        path = self.resume_path()
+        phase = phase_start(cfg.model.init_from) if cfg.model.init_from and path is None else None
+        if path is not None:
+            self.restore(path)
+        elif phase is not None:  # build_vae loaded the VAE weights; the rest of what carries over
+            started = load_phase_start(*phase, cfg, self.model, self.criterion, self.disc, self.ema)
+        self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
+        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp)  # rows, previews, evals
+        if path is not None:
+            self.monitor.write(f"resumed from {path} at step {self.step}")
+        elif phase is not None:
+            self.monitor.write(started)
+        self._it = iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the loader's workers and close the monitor (report, W&B, progress bar)."""
+        self.loader.close()
+        if self.monitor is not None:
+            self.monitor.close()
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The counters a checkpoint keeps (trainer_state.json)."""
+        healthy = self.skipped == self._skipped_at_save  # no skipped step since the last checkpoint
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "lr_scale": self.lr_scale,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+            "rollbacks_in_a_row": 0 if healthy else self.rollbacks_in_a_row,
+            "healthy": healthy,
+            "world_size": self.acc.num_processes,
+            "parallel": "fsdp" if self.fsdp else "ddp",
+        }
+
+    def optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """What checkpoints hold optimizer state for: name -> (module of its parameters, optimizer)."""
+        out = {"vae": (self.model, self.opt)}
+        if self.disc_opt is not None:
+            out["discriminator"] = (self.disc, self.disc_opt)
+        return out
+
+    def save(self) -> Path:
+        """Checkpoint the run at this step (every rank: a collective); returns its folder.
+
+        TrainingStopped, on every rank, when it cannot be written (a full disk): its partial files are
+        removed and the previous checkpoint stays the newest.
+        """
+        try:
+            path = self.ckpt.save(
+                self.step,
+                trainer_state=self.trainer_state(),
+                rank_state={
+                    "data": self.loader.state_dict(),
+                    "weights_fingerprint": weights_fingerprint(self.model),
+                },
+                weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
+                optimizers=self.optimizers(),
+                config_yaml=self.cfg.to_yaml(),
+                scaler=self.acc.scaler,
+            )
+        except CheckpointNotWritten as e:
+            raise TrainingStopped(str(e)) from None
+        self.last_saved, self.last_path = self.step, path
+        self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
+        if self.acc.is_main_process:
+            size = folder_bytes(path)
+            size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            self.monitor.write(f"checkpoint  step {self.step} -> {path} ({size})")
+        return path
+
+    def _after_save_or_restore(self, healthy: bool) -> None:
+        """A healthy checkpoint is progress: rollbacks count again from zero."""
+        self._skipped_at_save = self.skipped
+        if healthy:
+            self.rollbacks_in_a_row = 0
+
+    def restore(self, path: Path) -> None:
+        """Weights, optimizers, counters, data position and RNG state from the checkpoint at `path`."""
+        try:
+            state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
+        except (OSError, ValueError, KeyError, RuntimeError, CheckpointException) as e:  # verified, yet fails
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpoint(
+                f"{path} cannot be restored ({why}); move it out of checkpoints/ to resume the one before"
+            ) from None
+        main = self.acc.is_main_process
+        load_trained_weights(weights, self.model, self.criterion, self.disc, self.ema, path, main)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.lr_scale, self.skipped = state["lr_scale"], state["skipped"]
+        self.rollbacks = state.get("rollbacks", 0)
+        self.rollbacks_in_a_row = state.get("rollbacks_in_a_row", 0)
+        if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
+            log.warning(
+                "%s was written by %d processes, this run has %d: weights and optimizer state resharded; "
+                "the data stream restarts from its epoch plan",
+                path.name,
+                state["world_size"],
+                self.acc.num_processes,
+            )
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["data"])
+        self.last_saved = self.step
+        self._after_save_or_restore(healthy=False)
+
+    def resume_path(self) -> Path | None:
+        """The intact checkpoint checkpoint.resume leads to (see CheckpointManager.select), or None."""
+        return self.ckpt.select(self.cfg.checkpoint.resume)
+
+    # -- one step ----------------------------------------------------------------------------------------
+
+    def _images(self) -> torch.Tensor:
+        """The next micro-batch on the device, in the model's memory format."""
+        batch = next(self._it)
+        x = batch["images"].to(self.device, non_blocking=True)
+        return to_channels_last(x) if self.cfg.model.channels_last else x
+
+    def _accumulating(self, module: nn.Module, sync: bool):
+        """No gradient all-reduce for a data-parallel module before the last micro-batch.
+
+        Under FSDP gradients are reduce-scattered after every micro-batch and accumulate sharded: holding
+        unsharded gradients across micro-batches would cost as much memory as the whole model's.
+        """
+        if sync or self.fsdp and module is self.ae or not hasattr(module, "no_sync"):
+            return nullcontext()
+        return module.no_sync()
+
+    def _clip(self, opt: torch.optim.Optimizer) -> torch.Tensor:
+        """Unscale (fp16) and clip to optim.grad_clip the gradients of the parameters `opt` steps; their
+        global norm (across shards under FSDP)."""
+        if self.acc.scaler is not None:
+            self.acc.scaler.unscale_(opt)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)).detach().float()
+
+    def forward_loss(
+        self, x: torch.Tensor, transforms: dict | None = None, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's training forward and VAE loss under autocast: (x_hat, posterior, loss, logs).
+
+        transforms: the equivariance terms' draw (see train_step); eps: the posterior's noise, to compare
+        the step with another implementation on the same sample (None draws it, as training does).
+        """
+        with self.acc.autocast():
+            x_hat, posterior, kl, transformed = self.ae(x, transforms, eps=eps)
+            loss, logs = self.criterion.autoencoder_loss(
+                x, x_hat, posterior, kl, self.step, last_layer=self.last_layer, transformed=transformed
+            )
+        return x_hat, posterior, loss, logs
+
+    def train_step(
+        self, stop: StopFlag | None = None, over_budget: bool = False
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop).
+
+        `stop` is read at the agreement, so a signal that arrives before it stops the run after this step;
+        over_budget: this rank is past train.time_budget_s. Every rank calls it together.
+        """
+        cfg, acc = self.cfg, self.acc
+        accum = cfg.train.grad_accum
+        disc_on = self.disc is not None and self.criterion.disc_active(self.step)
+        sums: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), device=self.device)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            x = self._images()
+            self.train_log.window.data_wait += time.perf_counter() - t0
+            sync = micro == accum - 1
+            # The same draw on every rank (FSDP needs the same forwards) and again after a resume.
+            transforms = draw_transforms(cfg.loss, cfg.train.seed, self.step, micro)
+            with self._accumulating(self.ae, sync):
+                x_hat, posterior, loss, logs = self.forward_loss(x, transforms)
+                if (
+                    cfg.train.debug_nonfinite_step == self.step
+                    and cfg.train.debug_nonfinite_rank == acc.process_index
+                ):
+                    loss = loss * float("nan")
+                finite = finite * torch.isfinite(loss.detach())
+                acc.backward(loss / accum)
+            if disc_on:
+                with self._accumulating(self.disc_ddp, sync):
+                    with acc.autocast():
+                        d_loss, d_logs = self.criterion.discriminator_loss(
+                            x, x_hat.detach(), self.step, discriminator=self.disc_ddp
+                        )
+                    finite = finite * torch.isfinite(d_loss.detach())
+                    acc.backward(d_loss / accum)
+                logs = {**logs, **d_logs}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / accum
+        self.last_posterior, self.last_x = posterior, x
+
+        grad_norm = self._clip(self.opt)
+        finite = finite * torch.isfinite(grad_norm)
+        if disc_on:
+            finite = finite * torch.isfinite(self._clip(self.disc_opt))
+        # The one host sync of the step: every rank learns whether any rank saw a non-finite value or a
+        # stop request, so they all skip or stop together.
+        flags = torch.stack(
+            [
+                1 - finite,
+                torch.tensor(float(stop is not None and stop.requested), device=self.device),
+                torch.tensor(float(over_budget), device=self.device),
+            ]
+        ).float()
+        nonfinite, stop, budget = (acc.reduce(flags, reduction="sum") > 0).tolist()
+
+        lr = learning_rate(cfg, self.step, self.lr_scale)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        scaler = acc.scaler
+        if nonfinite:  # every rank skips; fp16 lowers its loss scale as the GradScaler would
+            if scaler is not None:
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            self.skipped += 1
+            self.consecutive_skips += 1
+        else:
+            optimizers = [self.opt]
+            if disc_on:
+                for group in self.disc_opt.param_groups:
+                    group["lr"] = (cfg.loss.disc_lr or cfg.optim.lr) * self.lr_scale
+                optimizers.append(self.disc_opt)
+            for opt in optimizers:
+                scaler.step(opt) if scaler is not None else opt.step()
+            if scaler is not None:
+                scaler.update()
+            self.consecutive_skips = 0
+            if self.ema is not None:
+                self.ema.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.disc_opt is not None:
+            self.disc_opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += cfg.data.batch_size * accum * acc.num_processes
+        sums["grad_norm"] = grad_norm
+        sums["lr"] = torch.tensor(lr)
+        return sums, bool(stop or budget)
+
+    # -- rollback --------------------------------------------------------------------------------------
+
+    def rollback(self) -> None:
+        """After too many non-finite steps in a row: back to the newest healthy checkpoint with a lower LR.
+
+        TrainingStopped, naming the step, the LR scale and what to try, when rollback is off, there is no
+        healthy checkpoint, or train.max_rollbacks rollbacks came in a row without a healthy checkpoint
+        in between (rolling back again would only repeat them).
+        """
+        cfg = self.cfg.train
+        stuck = (
+            f"{self.consecutive_skips} non-finite steps in a row (train.max_consecutive_skips="
+            f"{cfg.max_consecutive_skips}) at step {self.step}"
+        )
+        if cfg.rollback_lr_scale == 0:
+            raise TrainingStopped(f"{stuck}, and train.rollback_lr_scale is 0. {self._advice()}")
+        if self.rollbacks_in_a_row >= cfg.max_rollbacks:
+            raise TrainingStopped(
+                f"{stuck} after {self.rollbacks_in_a_row} rollbacks in a row with no healthy checkpoint in "
+                f"between (train.max_rollbacks={cfg.max_rollbacks}); {self._advice()}"
+            )
+        path = self.ckpt.select("auto", healthy_only=True)  # newer (unhealthy) ones are moved aside
+        if path is None:
+            raise TrainingStopped(
+                f"{stuck}, and there is no healthy checkpoint to roll back to. {self._advice()}"
+            )
+        scale = self.lr_scale * cfg.rollback_lr_scale
+        skipped, rollbacks, in_a_row = self.skipped, self.rollbacks + 1, self.rollbacks_in_a_row + 1
+        self.restore(path)
+        self.lr_scale, self.skipped = scale, skipped
+        self.rollbacks, self.rollbacks_in_a_row = rollbacks, in_a_row
+        self._skipped_at_save = skipped
+        self.consecutive_skips = 0
+        self._it = iter(self.loader)
+        self.monitor.write(
+            f"rolled back to {path.name} after repeated non-finite steps; LR scale now {scale:g} "
+            f"(rollback {in_a_row} of at most {cfg.max_rollbacks} in a row)"
+        )
+
+    def _advice(self) -> str:
+        """The LR scale, the LR and what to try, for the message that stops a diverging run."""
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.step, self.lr_scale)
+        tips = [f"a lower optim.lr (now {cfg.optim.lr:g})", "more optim.warmup_steps"]
+        if cfg.optim.grad_clip == 0:
+            tips.append("optim.grad_clip=1 (clipping is off)")
+        if self.acc.mixed_precision == "fp16":
+            tips.append("train.mixed_precision=bf16 instead of fp16")
+        return (
+            f"LR scale {self.lr_scale:g} (LR {lr:g}). Try {', '.join(tips)}, or look for bad data around "
+            f"step {self.step}"
+        )
+
+    # -- forwards outside training -----------------------------------------------------------------------
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Run the training model outside training (eval mode, no gradients), every rank together.
+
+        Under FSDP every rank must take part in each forward; afterwards the gathered parameters are
+        freed, so that neither a later training forward nor EMA weights (EMA.applied) reuse them.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                yield
+        finally:
+            self.model.train(was_training)
+            if self.fsdp:
+                reshard(self.model)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def fit(self, stop: StopFlag | None = None) -> dict[str, float]:
+        """Train to train.steps, a stop signal or the time budget; returns the last logged metrics.
+
+        `stop`: an installed StopFlag (train() installs one before the Trainer is built); else one is
+        installed here for the loop.
+        """
+        cfg, acc = self.cfg, self.acc
+        if self.dry_run:
+            raise RuntimeError("a dry-run Trainer does not train")
+        own_stop = stop is None
+        if own_stop:
+            stop = StopFlag()
+            stop.install()
+        t_start = time.time()
+        last: dict[str, float] = {}
+        stopped_by = None
+        self.ae.train()
+        try:
+            while self.step < cfg.train.steps:
+                if stop.requested and acc.num_processes == 1:  # came after the last step's agreement
+                    stopped_by = stop.name
+                    break
+                over = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
+                logs, should_stop = self.train_step(stop, over)
+                self.train_log.add(logs, finite=self.consecutive_skips == 0, x=self.last_x)
+                if should_stop:
+                    stopped_by = stop.name or ("time budget" if over else "signal")
+                # A stop wins over a rollback: it saves this state (marked unhealthy), and the resumed run
+                # rolls back if its steps are still non-finite.
+                if self.consecutive_skips >= cfg.train.max_consecutive_skips and not should_stop:
+                    last = self._log() or last  # the steps that led to it, at their own step
+                    self.rollback()
+                    continue
+                if self.step % cfg.log.every == 0 or should_stop or self.step == cfg.train.steps:
+                    last = self._log() or last
+                if cfg.log.images_every and self.step % cfg.log.images_every == 0:
+                    self.train_log.images(self.step, self.model, self.ema, self.inference)
+                    self.monitor.report()
+                if should_stop:
+                    break
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    # A stop request ends the evaluation between two batches: the run saves now, not after
+                    # an evaluation that may outlast the time a scheduler leaves between signal and kill.
+                    results = self.train_log.evaluate(
+                        self.step, self.model, self.criterion, self.inference, lambda: stop.requested
+                    )
+                    if results is None:
+                        stopped_by = stop.name or "a stop request on another rank"
+                        break
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+            last = self._log() or last  # steps not logged yet (a stop that came between steps)
+            if self.last_saved != self.step:
+                self.save()
+            if stopped_by:
+                self.monitor.write(f"stopped by {stopped_by} at step {self.step}; checkpoint saved")
+        finally:
+            if own_stop:
+                stop.restore()
+            self.close()
+        result = {**last, "step": self.step, "stopped_by": stopped_by or ""}
+        if acc.is_main_process:
+            lines = summary(
+                result,
+                total_steps=cfg.train.steps,
+                seconds=time.time() - self.started,
+                last_eval=self.train_log.last_eval,
+                report=self.run_dir / "report.html",
+                checkpoint=self.last_path,
+                wandb_run=self.monitor.wandb,
+            )
+            print("\n".join(lines), flush=True)
+        return result
+
+    def _log(self) -> dict[str, float]:
+        """One metrics row of the steps since the last (TrainLog.row); {} when there were none."""
+        return self.train_log.row(
+            self.step,
+            posterior=self.last_posterior if self.consecutive_skips == 0 else None,  # not a skipped step's
+            loader=self.loader,
+            samples_seen=self.samples_seen,
+            skipped=self.skipped,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
+    """Train with a resolved config; returns the last logged metrics plus the final step.
+
+    Checks everything that can be checked before a process group starts or a file is written (NotReady
+    lists every missing thing at once); a stop signal from then on ends the run with a checkpoint at the end
+    of the step in flight. dry_run: the checks, then the Trainer built as the run would build it and its
+    plan printed; nothing is trained or written. Returns {} then.
+    """
+    check_trainable(cfg)
+    check_resume(cfg)
+    phase = check_new_phase(cfg)
+    if phase is not None:  # that checkpoint, not the run's newest when read again: config.yaml records it
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(phase)))
+    plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
+    problems = problems_before_start(cfg)
+    if problems:
+        raise NotReady(problems)
+    cfg = wandb_fallback(cfg)
+    lock = prepare_run_dir(cfg, dry_run=dry_run)
+    if dry_run:
+        resume = resume_plan(cfg)
+        trainer = Trainer(cfg, plan, dry_run=True)
+        trainer.loader.close()
+        if trainer.acc.is_main_process:
+            print(resume)
+            print("\n".join(sample_lines(cfg)))
+            print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
+        return {}
+    stop = StopFlag()
+    stop.install()
+    try:
+        return Trainer(cfg, plan).fit(stop)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
