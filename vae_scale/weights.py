@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
+
+C = TypeVar("C")  # a family's config type
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -222,8 +225,14 @@ def _folder(path: str | Path) -> Path:
     return path
 
 
-def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+def read_diffusers_folder(
+    path: str | Path, parse_config: Callable[[dict[str, Any], str], C]
+) -> tuple[C, dict[str, torch.Tensor]]:
+    """(parsed config, state dict as stored) of a diffusers model folder, or of a pipeline folder's vae/.
+
+    parse_config(config.json's dict, its path) maps the config to a family's and refuses what the family
+    cannot represent; it runs before any weights are read, so a refused folder costs no weight I/O.
+    """
     path = _folder(path)
     if not path.is_dir():
         raise DiffusersFormatError(f"{path}: not a folder")
@@ -233,9 +242,15 @@ def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         raw = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
-    cfg = config_from_diffusers(raw, str(path / CONFIG_NAME))
+    cfg = parse_config(raw, str(path / CONFIG_NAME))
     sd = _read_weights(path)
     check_finite(sd, str(path))
+    return cfg, sd
+
+
+def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+    cfg, sd = read_diffusers_folder(path, config_from_diffusers)
     return cfg, state_dict_from_diffusers(sd)
 
 
