@@ -24,6 +24,7 @@ LAYERS = {
     "safe_dcp": 1,
     # 2. the model
     "model": 2,
+    "models": 2,  # the model families, one module each
     "tiled": 2,  # the layer-by-layer tiled pass the model runs
     # 3. the parts of training and evaluation
     "data": 3,
@@ -67,6 +68,7 @@ def _package_modules() -> dict[str, list[Path]]:
     modules = {p.stem: [p] for p in (ROOT / "vae_scale").glob("*.py")}
     modules["kernels"] = [ROOT / "kernels" / "__init__.py"]
     modules["cli"] = sorted((ROOT / "vae_scale" / "cli").glob("*.py"))
+    modules["models"] = sorted((ROOT / "vae_scale" / "models").glob("*.py"))
     return modules
 
 
