@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderDC
 
+from vae_scale import kernels
 from vae_scale.models.dcae import (
     DCAE,
     PRESETS,
@@ -169,13 +170,10 @@ def test_unsupported_config_refused_naming_class_and_field(saved, tmp_path, key,
 
 
 @pytest.mark.numerics
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_equal_torch(nan_kernel_outputs):
     """Every RMSNorm (alone, and fused with the decoder's output ReLU) through the Triton kernel, on a CPU
     through the interpreter, into NaN-filled buffers: the same images as the torch path."""
-    from vae_scale import kernels
-
-    if not kernels.HAS_TRITON:
-        pytest.skip("triton is not installed")
     torch.manual_seed(0)
     model = DCAE.from_preset("dc-ae-tiny").eval()
     randomize_norms(model)
@@ -206,6 +204,8 @@ def test_latent_interface():
     model = DCAE.from_preset("dc-ae-tiny", scaling_factor=0.5)
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     x_hat, post = model(x)
+    x_hat.square().mean().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
     assert x_hat.shape == x.shape and post.mode().shape == (2, 16, 2, 3) == (2, *model.latent_shape(32, 48))
     z, kl = post.sample_kl()
     assert z is post.mode() and post.sample() is z
