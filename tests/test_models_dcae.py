@@ -3,6 +3,8 @@ and images, our export loads back into diffusers, unsupported configs are refuse
 path equals the torch path, and the presets build the same modules as diffusers.
 """
 
+import dataclasses
+import inspect
 import json
 import shutil
 
@@ -185,6 +187,18 @@ def test_triton_kernels_equal_torch(nan_kernel_outputs):
         got = model(x)[0]
     # The kernel's fp32 norm differs from torch's by a few u per element, below a conv's K * u.
     assert rel_err(got, want) < rounding_bound(model, 48 * 80 // 64)
+
+
+def test_config_defaults_are_diffusers_defaults():
+    """A config.json without a key means diffusers' default for it: DCAEConfig's must be the same."""
+    ours = config_to_diffusers(DCAEConfig())
+    theirs = {
+        name: p.default
+        for name, p in inspect.signature(AutoencoderDC.__init__).parameters.items()
+        if name != "self"
+    }
+    assert {f.name for f in dataclasses.fields(DCAEConfig)} - {"kernels"} == set(theirs)
+    assert {k: v for k, v in ours.items() if not k.startswith("_")} == json.loads(json.dumps(theirs))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

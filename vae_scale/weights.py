@@ -8,7 +8,8 @@ sometimes stored as 1x1 convs) are mapped on load. Configs this architecture can
 with a message naming the field. diffusers itself is not needed at run time.
 
 This module sits below the model (it reads and writes tensors and configs, never builds a VAE):
-VAE.from_diffusers and VAE.save_diffusers are built on it.
+VAE.from_diffusers and VAE.save_diffusers are built on it, and the other families' (vae_scale/models/) on
+read_diffusers_folder and write_diffusers, with their own config mapping.
 """
 
 from __future__ import annotations
@@ -293,8 +294,8 @@ def load_init_weights(module: torch.nn.Module, path: str | Path) -> None:
 
 
 def write_diffusers(sd: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> None:
-    """Write a diffusers AutoencoderKL folder from a state dict (our names) and its config.json dict;
-    files appear complete or not at all."""
+    """Write a diffusers model folder (AutoencoderKL's, or another family's) from a state dict (our names)
+    and its config.json dict; files appear complete or not at all."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_diffusers(sd)
