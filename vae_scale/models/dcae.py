@@ -402,11 +402,12 @@ class MultiscaleLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
-        # The three projections as one 1x1 conv: one GEMM over x in its own layout (NCHW or channels_last).
+        # to_q, to_k and to_v are the three thirds of the original's single qkv projection, not q, k and v:
+        # that projection lays each head out as its q, k and v (3d consecutive channels), as the reshape
+        # below reads it. One 1x1 conv computes it as one GEMM over x in its own layout (NCHW or NHWC).
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])[:, :, None, None]
-        qkv = F.conv2d(x, w_qkv)  # (B, 3 * inner, H, W): all heads' q, then k, then v
+        qkv = F.conv2d(x, w_qkv)  # (B, 3 * inner, H, W)
         qkv = torch.cat([qkv, *(p(qkv) for p in self.to_qkv_multiscale)], dim=1)
-        # diffusers' (and the original's) grouping: consecutive runs of 3*d channels form one head's q, k, v.
         # fp32 even under autocast: the output divides by a sum over every position.
         with torch.autocast(x.device.type, enabled=False):
             qkv = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W)  # (B, G, 3d, N)
@@ -452,6 +453,7 @@ class EfficientViTBlock(nn.Module):
 def make_block(
     block_type: str, channels: int, head_dim: int, kernel_sizes: tuple[int, ...], norm_type: str, act_fn: str
 ) -> nn.Module:
+    """diffusers' get_block: a ResBlock, or an EfficientViTBlock (whose RMSNorms ignore act_fn)."""
     if block_type == "ResBlock":
         return ResBlock(channels, norm_type, act_fn)
     return EfficientViTBlock(channels, head_dim, kernel_sizes, norm_type)
