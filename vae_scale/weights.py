@@ -222,21 +222,35 @@ def _folder(path: str | Path) -> Path:
     return path
 
 
-def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+def read_diffusers_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(folder, config.json as a dict) of a diffusers model folder, or of a pipeline folder's vae/.
+
+    Any model family's reader starts here, then maps the dict to its own config (refusing what it cannot
+    represent) before it reads the weights with read_diffusers_weights.
+    """
     path = _folder(path)
     if not path.is_dir():
         raise DiffusersFormatError(f"{path}: not a folder")
     if not (path / CONFIG_NAME).is_file():
         raise DiffusersFormatError(f"{path}: {CONFIG_NAME} is missing")
     try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
+        return path, json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
+
+
+def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers model folder as stored (diffusers' names), checked finite."""
+    sd = _read_weights(folder)
+    check_finite(sd, str(folder))
+    return sd
+
+
+def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+    path, raw = read_diffusers_config(path)
     cfg = config_from_diffusers(raw, str(path / CONFIG_NAME))
-    sd = _read_weights(path)
-    check_finite(sd, str(path))
-    return cfg, state_dict_from_diffusers(sd)
+    return cfg, state_dict_from_diffusers(read_diffusers_weights(path))
 
 
 def load_weights(
