@@ -119,7 +119,10 @@ class WanConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
-            setattr(self, name, list(getattr(self, name)))
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{self.diffusers_class}: field {name!r} is {value!r}; not a list")
+            setattr(self, name, list(value))
         if problem := self.problem():
             name, why = problem
             raise ValueError(f"{self.diffusers_class}: field {name!r} is {getattr(self, name)!r}; {why}")
@@ -261,9 +264,9 @@ class RMSNorm(nn.Module):
     kernels="torch", or "auto" off CUDA, runs exactly Wan's math (float16/bfloat16 normalised in float32).
     "triton", or "auto" on CUDA, runs the fused rms_norm_act: x / sqrt(mean_c(x^2) + eps) * gamma equals
     x / |x|_2 * sqrt(C) * gamma when eps = 0; eps = 1e-24 / C takes the place of Wan's clamp at |x|_2 = 1e-12.
-    The two agree to float32 rounding wherever |x|_2 > 3e-9 (eps moves the result by under half an ulp
-    there) and at x = 0 (both give 0); they differ only for channel vectors of norm in (0, 3e-9), where Wan's
-    clamp and the added eps treat a numerically vanishing vector differently.
+    eps moves the result by a relative 0.5e-24 / |x|_2^2, below float32's rounding (6e-8) once |x|_2 > 3e-9,
+    and both give 0 at x = 0: the two differ beyond rounding only for channel vectors of norm in (0, 3e-9),
+    numerically vanishing ones, where Wan's clamp and the added eps treat them differently.
     """
 
     def __init__(self, dim: int, images: bool = False, act: str = "silu"):
