@@ -226,6 +226,30 @@ def _folder(path: str | Path) -> Path:
     return path
 
 
+def read_diffusers_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(folder, config.json as a dict) of a diffusers model folder, or of a pipeline folder's vae/.
+
+    Any model family's reader starts here, then maps the dict to its own config (refusing what it cannot
+    represent) before it reads the weights with read_diffusers_weights.
+    """
+    path = _folder(path)
+    if not path.is_dir():
+        raise DiffusersFormatError(f"{path}: not a folder")
+    if not (path / CONFIG_NAME).is_file():
+        raise DiffusersFormatError(f"{path}: {CONFIG_NAME} is missing")
+    try:
+        return path, json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
+
+
+def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers model folder as stored (diffusers' names), checked finite."""
+    sd = _read_weights(folder)
+    check_finite(sd, str(folder))
+    return sd
+
+
 def read_diffusers_folder(
     path: str | Path, parse_config: Callable[[dict[str, Any], str], C]
 ) -> tuple[C, dict[str, torch.Tensor]]:
@@ -234,19 +258,9 @@ def read_diffusers_folder(
     parse_config(config.json's dict, its path) maps the config to a family's and refuses what the family
     cannot represent; it runs before any weights are read, so a refused folder costs no weight I/O.
     """
-    path = _folder(path)
-    if not path.is_dir():
-        raise DiffusersFormatError(f"{path}: not a folder")
-    if not (path / CONFIG_NAME).is_file():
-        raise DiffusersFormatError(f"{path}: {CONFIG_NAME} is missing")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
-    cfg = parse_config(raw, str(path / CONFIG_NAME))
-    sd = _read_weights(path)
-    check_finite(sd, str(path))
-    return cfg, sd
+    folder, raw = read_diffusers_config(path)
+    cfg = parse_config(raw, str(folder / CONFIG_NAME))
+    return cfg, read_diffusers_weights(folder)
 
 
 def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

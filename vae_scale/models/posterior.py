@@ -18,7 +18,7 @@ class DiagonalGaussian:
     """
 
     def __init__(self, moments: torch.Tensor, kernels_impl: str = "auto"):
-        self.moments = moments  # (B, 2C, h, w)
+        self.moments = moments  # (B, 2C, h, w), or (B, 2C, t, h, w) for a video latent
         self.mean, self._logvar = torch.chunk(moments, 2, dim=1)
         self.kernels = kernels_impl
 
@@ -54,12 +54,13 @@ class DiagonalGaussian:
         return self.sample_kl(eps)[0]
 
     def kl_per_channel(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample and latent channel, summed over positions: (B, C), float32.
+        """KL(q || N(0, I)) per sample and latent channel, summed over positions and frames: (B, C), float32.
 
         The eager math of the fused op's KL (logvar clamped as above), without drawing or computing z.
         """
         mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar).sum((2, 3))
+        kl = 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar)  # (B, C, h, w) or (B, C, t, h, w)
+        return kl.sum(tuple(range(2, kl.ndim)))
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, shape (B,), float32."""
