@@ -26,6 +26,7 @@ from vae_scale.formats.weights import CONFIG_NAME, DiffusersFormatError
 
 FAMILIES: dict[str, str] = {
     "sd": "vae_scale.models.sd:VAE",
+    "flux2": "vae_scale.models.flux2:Flux2VAE",
 }
 """model.family -> "module:class" of its model; the module is imported when the family is used."""
 

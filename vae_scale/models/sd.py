@@ -85,13 +85,17 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.decoder = Decoder(self.decoder_config(config))
         c = 2 * config.latent_channels
         self.quant_conv = nn.Conv2d(c, c, 1) if config.quant_convs else None
         self.post_quant_conv = nn.Conv2d(c // 2, c // 2, 1) if config.quant_convs else None
         if config.zero_init_residual:
             self._zero_residual_branches()
         self.set_kernels(config.kernels)
+
+    def decoder_config(self, config: ModelConfig) -> ModelConfig:
+        """The config the decoder is built from: the model's own here; FLUX.2's gives it its own widths."""
+        return config
 
     def _zero_residual_branches(self) -> None:
         """Zero the last layer of every residual branch: each block starts as its skip path, and the gradient
