@@ -66,9 +66,15 @@ class RunConfig:
             self.dir = f"runs/{self.name}"
 
 
+FAMILIES = ("sd", "dcae", "wan")
+"""model.family's choices; vae_scale/models/interface.py maps each to its model class (a test checks both)."""
+
+
 @dataclass
 class ModelConfig:
     WEIGHT_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "family",
+        "arch",
         "in_channels",
         "out_channels",
         "block_out_channels",
@@ -84,6 +90,15 @@ class ModelConfig:
 
     preset: str = ""
     """Preset this architecture comes from; overriding it swaps in that preset's whole model section."""
+    family: str = "sd"
+    """Model family: sd (latent diffusion's AutoencoderKL: SD, SDXL, FLUX.1) | flux2 (FLUX.2's
+    AutoencoderKLFlux2) | dcae (DC-AE's AutoencoderDC) | wan (Wan 2.1's and Qwen-Image's causal 3D VAE).
+    docs/families.md describes each."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """The family's own architecture keys, named as in its diffusers config.json (dcae: encoder_block_types,
+    decoder_block_out_channels, ...; flux2: decoder_block_out_channels, batch_norm_eps, ...; wan: base_dim,
+    dim_mult, ...), set one at a time as `model.arch.KEY=value`; the family checks them when it builds the
+    model. Empty for sd."""
     in_channels: int = 3
     """Image channels in."""
     out_channels: int = 3
@@ -128,6 +143,11 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        _check_choice("model.family", self.family, FAMILIES)
+        if self.arch and self.family == "sd":
+            raise ConfigError(
+                f"model.arch is for the other families; model.family=sd takes none: {self.arch}"
+            )
         if not self.block_out_channels:
             raise ConfigError("model.block_out_channels must list at least one level")
         for c in self.block_out_channels:
@@ -157,8 +177,13 @@ class ModelConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial reduction from image to latent."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        """Spatial reduction from image to latent: one halving per level after the first (the encoder's
+        levels: dcae's encoder_block_out_channels, wan's dim_mult; the others' block_out_channels)."""
+        levels = {
+            "dcae": self.arch.get("encoder_block_out_channels"),
+            "wan": self.arch.get("dim_mult"),
+        }.get(self.family) or self.block_out_channels
+        return 2 ** (len(levels) - 1)
 
 
 @dataclass
@@ -544,6 +569,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, args[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping (set one entry as {key}.NAME=value), got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -595,9 +624,18 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     parts = key.split(".")
     sections = _field_types(Config)
-    if len(parts) != 2 or parts[0] not in sections or parts[1] not in _field_types(sections[parts[0]]):
+    if len(parts) < 2 or parts[0] not in sections or parts[1] not in _field_types(sections[parts[0]]):
         raise _unknown(key)
-    tree.setdefault(parts[0], {})[parts[1]] = value
+    if len(parts) == 2:
+        tree.setdefault(parts[0], {})[parts[1]] = value
+        return
+    # section.field.name=value: one entry of a mapping field (model.arch.attention_head_dim=32)
+    if typing.get_origin(_field_types(sections[parts[0]])[parts[1]]) is not dict or len(parts) != 3:
+        raise _unknown(key)
+    entries = tree.setdefault(parts[0], {}).setdefault(parts[1], {})
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{parts[0]}.{parts[1]} expects a mapping, got {entries!r}")
+    entries[parts[2]] = value
 
 
 def _build(tree: dict[str, Any]) -> Config:
