@@ -214,8 +214,8 @@ def register_metric(name: str) -> Callable[[type[Metric]], type[Metric]]:
 
 
 def metric_names() -> list[str]:
-    """The names `eval.metrics` / `--metrics` take (the always-on ones left out)."""
-    return [name for name, cls in METRICS.items() if not cls.always]
+    """The names `eval.metrics` / `--metrics` take (the always-on ones left out), in table order."""
+    return [cls.name for cls in by_table_position() if not cls.always]
 
 
 def check_metrics(metrics: Any) -> list[str]:
