@@ -189,7 +189,7 @@ def evaluate_model(
     if "rfid" in metrics:
         synthetic_seed = cfg.train.seed + 1 if data.data == SYNTHETIC else None
         inputs["rfid"] = rfid_reference(
-            data, nets["inception"], shape, n, max_batches, eval_cfg.rfid_cache, synthetic_seed
+            data, nets["inception"], shape, n, max_batches, eval_cfg.rfid_cache, synthetic_seed, procs
         )
     results = evaluate(
         vae,
@@ -240,13 +240,15 @@ def rfid_reference(
     n: int,
     max_batches: int,
     cache: str,
-    synthetic_seed: int | None = None,
+    synthetic_seed: int | None,
+    procs: Processes,
 ) -> RFIDReference:
     """rFID's reference for this evaluation: its protocol and, when cached under it, its statistics.
 
     The image count is part of the protocol, so statistics are cached only when it is known before the
     pass: synthetic data (n images, 256 by default as iter_batches makes) and local shards, evaluated whole
     (no --max-batches). cache: a folder, "" for the default (rfid.default_cache), "off" for none.
+    Cached statistics are used only when every process found them (see below).
     """
     images: int | None = None
     if max_batches == 0 and data.data == SYNTHETIC:
@@ -266,6 +268,14 @@ def rfid_reference(
     reference = RFIDReference.open(protocol, folder)
     if max_batches:
         reference.notes[:] = ["not cached: --max-batches evaluates part of the data"]
+    # Every process must keep the same sums for the one reduce, so a file that some processes do not see
+    # (nodes that do not share the cache's file system) is used by none.
+    found = procs.gather(reference.mu is not None)
+    if not all(found):
+        reference.mu = reference.cov = None
+        reference.source = "computed"
+        if any(found):
+            reference.notes.append("the cached file is not on every process")
     return reference
 
 
