@@ -425,25 +425,41 @@ class EvalConfig:
         "rfid",
         "spectrum",
         "equivariance",
+        "tile_consistency",
     )
+    """The metric names eval.metrics takes: the registered ones (vae_scale/eval/registry.py); config.py sits
+    below eval/, so tests/test_metric_registry.py checks that the two lists agree."""
 
     every: int = 0
     """Evaluate on data.val every N steps; 0 is off."""
     max_batches: int = 0
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
-    """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance."""
+    """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance
+    tile_consistency."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
+    rfid_cache: str = ""
+    """rfid: folder of cached reference statistics, a file per protocol; "" is $XDG_CACHE_HOME/vae-scale/rfid,
+    "off" never caches."""
+    consistency_tile: int = 0
+    """tile_consistency: tile size in px (0: half the image's shorter side, in whole groups of 4 latent
+    positions)."""
+    consistency_norm: str = "tile"
+    """tile_consistency: the tiling measured: tile (each tile alone, diffusers' enable_tiling()) | image."""
+    consistency_overlap: float = 0.25
+    """tile_consistency with consistency_norm tile: the fraction of a tile its neighbour shares."""
     iw: int = 0
     """Importance samples per image for the bpd_iw bound (tighter than the ELBO, K decodes); 0 is off."""
 
     def __post_init__(self):
         for m in self.metrics:
             _check_choice("eval.metrics", m, self.METRICS)
-        for key in ("every", "max_batches", "iw"):
+        for key in ("every", "max_batches", "iw", "consistency_tile"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        _check_choice("eval.consistency_norm", self.consistency_norm, ("tile", "image"))
+        _check_range("eval.consistency_overlap", self.consistency_overlap, 0.0, 1.0, high_open=True)
 
 
 @dataclass
