@@ -18,7 +18,7 @@ av = pytest.importorskip("av")
 
 from vae_scale.cli.shards import shards_main  # noqa: E402
 from vae_scale.config import ConfigError, DataConfig  # noqa: E402
-from vae_scale.data.clip_loader import batch_frames, build_clip_loader  # noqa: E402
+from vae_scale.data.clip_loader import batch_frames, build_clip_loader, build_clip_val_loader  # noqa: E402
 from vae_scale.data.shard_reader import DataError  # noqa: E402
 
 FRAMES = 11
@@ -225,6 +225,14 @@ def test_sample_video_writes_camera_motion_clips(tmp_path):
     assert x.shape == (4, 3, 9, 32, 32)
     # the camera moves: the last frame differs from the first far beyond codec error
     assert ((x[:, :, -1] - x[:, :, 0]).abs().mean(dim=(1, 2, 3)) > 10 * LEVEL_TOLERANCE).all()
+    # validation: finite, every val clip once across two ranks, center crops of the first 9 frames
+    val = _cfg(out, val=str(out), frames=9, batch_size=3)
+    seen = []
+    for rank in (0, 1):
+        for b in build_clip_val_loader(val, rank, 2):
+            assert b["clips"].shape == (b["count"], 3, 9, 32, 32) and b["count"] <= 3
+            seen += b["keys"]
+    assert len(seen) == len(set(seen)) == 4
 
 
 def test_clip_settings_are_checked_at_load():

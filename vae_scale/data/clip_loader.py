@@ -57,11 +57,13 @@ from vae_scale.data.loader import (
     _Fatal,
     _iterate,
     _Lane,
+    _plan_lanes,
     _rank_world,
     _seed,
     _shuffle,
     _stop_workers,
     _TrainStream,
+    _ValStream,
 )
 from vae_scale.data.shard_reader import (
     IMAGE_EXTENSIONS,
@@ -75,7 +77,7 @@ from vae_scale.data.shard_reader import (
 )
 from vae_scale.data.video import VideoError, clip_span, read_clip, read_frame
 
-__all__ = ["ClipLoader", "build_clip_loader"]
+__all__ = ["ClipLoader", "ClipValLoader", "build_clip_loader", "build_clip_val_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,20 @@ def _to_clips(arrays: list[np.ndarray]) -> torch.Tensor:
         out.share_memory_()
     out.copy_(x)
     return out.div_(127.5).sub_(1.0)
+
+
+def _crop_frames(
+    frames: list[Image.Image], size: int, seed: int | None, flip: bool, resize: bool, upscale: bool
+) -> np.ndarray:
+    """(T, size, size, 3): every frame with the same crop and flip (a random one drawn from `seed`, the
+    same for each frame; centered without flip for seed None), resized as the image loader resizes."""
+    w, h = frames[0].size
+    if min(w, h) < size and not upscale:
+        raise _Bad(TOO_SMALL, f"{w}x{h} is smaller than the {size} px crop", min(w, h))
+    resize = resize or min(w, h) < size
+    return np.stack(
+        [_crop(f, size, None if seed is None else random.Random(seed), flip, resize) for f in frames]
+    )
 
 
 class _Stream(_Lane):
@@ -124,22 +140,15 @@ class _Stream(_Lane):
         rng = random.Random(_seed(ds.seed, kind, "buffer", self.epoch, ds.rank, self.lane, self.pass_no))
         return _shuffle(raws, ds.shuffle_buffer, rng)
 
-    def _frames(self, frames: list[Image.Image], seed: int) -> np.ndarray:
-        """(T, R, R, 3): every frame with the same crop and flip (the same seed for each)."""
-        ds = self.ds
-        w, h = frames[0].size
-        if min(w, h) < ds.resolution and not ds.upscale:
-            raise _Bad(TOO_SMALL, f"{w}x{h} is smaller than the {ds.resolution} px crop", min(w, h))
-        resize = ds.resize or min(w, h) < ds.resolution
-        return np.stack([_crop(f, ds.resolution, random.Random(seed), ds.flip, resize) for f in frames])
-
     def _decode(self, raw, seed: int) -> np.ndarray:
         ds = self.ds
         if raw.ext not in VIDEO_EXTENSIONS:  # an image: a one-frame clip
             return _decode(raw, ds.resolution, random.Random(seed), ds.flip, ds.resize, ds.upscale)[None]
         if self.kind == "images":
-            return self._frames([read_frame(raw.data, random.Random(seed))], seed)
-        return self._frames(read_clip(raw.data, ds.frames, ds.stride, random.Random(seed)), seed)
+            frames = [read_frame(raw.data, random.Random(seed))]
+        else:
+            frames = read_clip(raw.data, ds.frames, ds.stride, random.Random(seed))
+        return _crop_frames(frames, ds.resolution, seed, ds.flip, ds.resize, ds.upscale)
 
     def next_batch(self) -> dict[str, Any]:
         ds, arrays, keys = self.ds, [], []
@@ -363,6 +372,93 @@ class ClipLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             _stop_workers(it)
         self._loader._iterator = None
+
+
+class _ClipValStream(_ValStream):
+    """One pass over this rank's share of the val shards: clips from each video's first frame, center crops;
+    a short last batch per lane. With data.frames > 1 image samples are passed over (a batch has one T)."""
+
+    def __init__(self, urls, counts, cfg: DataConfig, rank: int, world_size: int):
+        super().__init__(urls, counts, cfg, rank, world_size)
+        self.cfg, self.frames, self.stride, self.flip = cfg, cfg.frames, cfg.frame_stride, False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        lane = info.id if info else 0
+        plan = _plan_lanes(self.urls, self.counts, self.world_size * self.lanes, list(range(len(self.urls))))
+        tally, small, short, arrays, keys = BadTally(), BadTally(), BadTally(), [], []
+        for raw in (
+            raw for u in plan[self.rank * self.lanes + lane] for raw in read_unit(u, tally, media=MEDIA)
+        ):
+            if self.frames > 1 and raw.ext not in VIDEO_EXTENSIONS:
+                continue
+            try:
+                arrays.append(self._decode(raw))
+            except _Bad as b:
+                (small if b.kind == TOO_SMALL else tally).add(b.kind, raw.url, raw.key, b.detail)
+                continue
+            except VideoError as v:
+                (short if v.kind == TOO_SHORT else tally).add(v.kind, raw.url, raw.key, v.detail)
+                continue
+            keys.append(f"{raw.url}#{raw.key}")
+            if len(arrays) == self.batch_size:
+                yield self._clip_batch(arrays, keys, tally, small, short)
+                arrays, keys = [], []
+        if arrays or tally.kinds or small.kinds or short.kinds:
+            yield self._clip_batch(arrays, keys, tally, small, short)
+
+    def _decode(self, raw) -> np.ndarray:
+        if raw.ext not in VIDEO_EXTENSIONS:
+            return _decode(raw, self.resolution, None, False, self.resize, self.upscale)[None]
+        frames = (
+            read_clip(raw.data, self.frames, self.stride, None)
+            if self.frames > 1
+            else [read_frame(raw.data, None)]
+        )
+        return _crop_frames(frames, self.resolution, None, False, self.resize, self.upscale)
+
+    def _clip_batch(self, arrays, keys, tally: BadTally, small: BadTally, short: BadTally) -> dict[str, Any]:
+        r = self.resolution
+        clips = _to_clips(arrays) if arrays else torch.empty(0, 3, self.frames, r, r)
+        meta = {"samples": len(arrays), "bad": tally.take(), "small": small.take(), "short": short.take()}
+        return {"clips": clips, "frames": self.frames, "keys": keys, "count": len(arrays), "_meta": meta}
+
+
+class ClipValLoader:
+    """Finite validation clips for one rank; across ranks every good val clip appears exactly once.
+
+    Each batch: "clips" float32 (n, 3, T, R, R), T = data.frames, the first T frames at data.frame_stride of
+    each video, center-cropped; "count" n (<= batch_size; the last batch of a lane is short), "keys".
+    """
+
+    def __init__(self, urls, counts, cfg: DataConfig, rank: int, world_size: int):
+        self.cfg, self.rank = cfg, rank
+        self._dataset = _ClipValStream(urls, counts, cfg, rank, world_size)
+        self._loader = _dataloader(self._dataset, cfg.workers, persistent=False, seed=0)
+        self._bad = _ClipBadLog(cfg, f"data.val (rank {rank})")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._bad = _ClipBadLog(self.cfg, f"data.val (rank {self.rank})")
+        for item in _iterate(self._loader):
+            self._bad.add(item.pop("_meta"))
+            if item["count"]:
+                yield item
+        self._bad.check(epoch_end=True)
+
+    def counters(self) -> dict[str, int]:
+        """Samples, bad samples (by kind), too_small and too_short of the latest pass on this rank."""
+        return self._bad.counters()
+
+
+def build_clip_val_loader(
+    cfg: DataConfig, rank: int | None = None, world_size: int | None = None
+) -> ClipValLoader:
+    """The clip validation loader of this rank over cfg.val (finite, exact, center crops, first frames)."""
+    rank, world_size = _rank_world(rank, world_size)
+    if not cfg.val:
+        raise DataError("data.val is empty: no validation shards")
+    urls = expand_shards(cfg.val, "val")
+    return ClipValLoader(urls, shard_counts(urls, scan=False), cfg, rank, world_size)
 
 
 def build_clip_loader(
