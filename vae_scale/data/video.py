@@ -16,7 +16,7 @@ strided clip picks (the packets are demuxed, which costs no decoding, and only t
 decoder); intra-coded H.264 is smaller than 4:4:4 JPEG at a lower error (camera-motion clips at 256x256 on
 the 2-core Xeon: 21 KiB a frame at crf 10, mean error 1.7 levels of 255; 30 KiB at crf 6, error 1.3; JPEG
 q95 36 KiB, error 1.5), and a uint8 array is 192 KiB. The price is decoding: H.264 decodes several times
-slower than JPEG (17 frames of 256x256: about 110-140 ms against 20-40 ms for PIL's JPEG, on the loaded
+slower than JPEG (17 frames of 256x256: about 110-140 ms against 18-40 ms for PIL's JPEG, on the loaded
 2-core machine), so a loader needs more workers per GPU than for images; per-frame JPEG members would
 decode faster at about 1.7x the size. 4:4:4 because a VAE learns its data's artifacts, 4:2:0 chroma blur
 too. What
@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,11 @@ class VideoError(Exception):
 
 class Clip:
     """An encoded video in memory, demuxed (no frame decoded yet): `len(clip)` frames, any of them decoded
-    with `frames(indices)`."""
+    by one call of `frames(indices)`, which closes it."""
 
     def __init__(self, data: bytes):
         av = _av()
+        self._container = None
         try:
             self._container = av.open(io.BytesIO(data))
             self._stream = self._container.streams.video[0]
@@ -117,15 +119,16 @@ class Clip:
             # one packet per frame; the demuxer's final empty packet is no frame
             self._packets = [p for p in self._container.demux(self._stream) if p.size]
         except Exception as e:
+            self.close()
             raise VideoError("undecodable", _describe(e)) from None
         self._intra = all(p.is_keyframe for p in self._packets)
-        self.fps = float(self._stream.average_rate or 0)
 
     def __len__(self) -> int:
         return len(self._packets)
 
     def close(self) -> None:
-        self._container.close()
+        if self._container is not None:
+            self._container.close()
 
     def frames(self, indices: list[int]) -> list[Image.Image]:
         """The frames at `indices` (ascending, presentation order) as RGB images."""
@@ -197,7 +200,7 @@ def encode_clip(frames: list[np.ndarray], fps: float = 8.0, crf: int = DEFAULT_C
     h, w = frames[0].shape[:2]
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=round(fps) or 1)
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
         stream.codec_context.gop_size = 1  # intra only: any frame decodes alone
         # one thread: x264's output is then a function of the frames only (byte-identical shards)
@@ -276,13 +279,13 @@ def _resize_even(img: Image.Image, size: int | None) -> np.ndarray:
 def _encode_video(job: _ClipJob) -> dict[str, Any]:
     """One video: {"clips": [{"data", "start", "frames"}], "size", "source_size", "fps"} or {"skip", ...}."""
     av = _av()
-    clips, buf, n, source_size, fps = [], [], 0, None, 0.0
+    clips, buf, clip_frames, n, source_size, fps = [], [], [], 0, None, 8.0
     try:
         if os.path.getsize(job.source.path) == 0:
             return {"skip": "empty", "detail": "zero-length file", "source_size": None}
         with av.open(job.source.path) as container:
             stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0) or 8.0
+            fps = float(stream.average_rate or 0) or fps
             for frame in container.decode(stream):
                 img = frame.to_image()
                 if source_size is None:
@@ -296,6 +299,7 @@ def _encode_video(job: _ClipJob) -> dict[str, Any]:
                 buf.append(_resize_even(img, job.size))
                 n += 1
                 if len(buf) == job.frames:
+                    clip_frames = buf
                     clips.append(
                         {"data": encode_clip(buf, fps, job.crf), "start": n - len(buf), "frames": len(buf)}
                     )
@@ -310,15 +314,8 @@ def _encode_video(job: _ClipJob) -> dict[str, Any]:
         }
     if len(buf) >= job.min_frames:
         clips.append({"data": encode_clip(buf, fps, job.crf), "start": n - len(buf), "frames": len(buf)})
-    return {"clips": clips, "size": _even_size(source_size, job.size), "source_size": source_size, "fps": fps}
-
-
-def _even_size(source_size: tuple[int, int], size: int | None) -> tuple[int, int]:
-    w, h = source_size
-    if size is not None:
-        s = size / min(w, h)
-        w, h = max(size, round(w * s)), max(size, round(h * s))
-    return w // 2 * 2, h // 2 * 2
+    h, w = (buf or clip_frames)[0].shape[:2]
+    return {"clips": clips, "size": (w, h), "source_size": source_size, "fps": fps}
 
 
 def _motion_clips(job: _ClipJob) -> dict[str, Any]:
