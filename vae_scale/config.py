@@ -214,10 +214,21 @@ class DataConfig:
     """Stop the run when more than this fraction of samples is bad."""
     log_bad_every: int = 1000
     """Log a summary of skipped bad samples every this many (the first one is logged in full)."""
+    frames: int = 1
+    """Frames per training clip, 1 + 4k (the causal video VAE's shape); 1 means images (the clip loader
+    then yields one-frame clips)."""
+    frame_stride: int = 1
+    """Clips take every this-many-th frame of the stored video (2 halves the frame rate)."""
+    image_fraction: float = 0.0
+    """With data.frames > 1: the fraction of batches that are images (one-frame clips, T = 1), drawn per
+    batch from a seeded schedule the same on every rank (joint image and video training)."""
 
     def __post_init__(self):
-        for key in ("resolution", "batch_size"):
+        for key in ("resolution", "batch_size", "frame_stride"):
             _check_positive(f"data.{key}", getattr(self, key))
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ConfigError(f"data.frames must be 1 + 4k (1, 5, 9, 13, ...), got {self.frames}")
+        _check_range("data.image_fraction", self.image_fraction, low=0, high=1)
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         _check_range("data.max_error_fraction", self.max_error_fraction, low=0, high=1)
