@@ -22,6 +22,7 @@ from vae_scale.models.dcae import (
     DeterministicLatent,
     config_to_diffusers,
     count_parameters,
+    preset,
 )
 
 RES, EVIT = "ResBlock", "EfficientViTBlock"
@@ -203,7 +204,7 @@ def test_config_defaults_are_diffusers_defaults():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_match_diffusers_on_meta(name):
-    cfg = PRESETS[name]
+    cfg = preset(name)
     with torch.device("meta"):
         ours = DCAE(cfg)
         ref = AutoencoderDC(**{k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")})
@@ -215,7 +216,7 @@ def test_presets_match_diffusers_on_meta(name):
 
 
 def test_latent_interface():
-    model = DCAE.from_preset("dc-ae-tiny", scaling_factor=0.5)
+    model = DCAE.from_preset("dc-ae-tiny", ["model.scaling_factor=0.5"])
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     x_hat, post = model(x)
     x_hat.square().mean().backward()

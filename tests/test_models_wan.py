@@ -26,6 +26,7 @@ from vae_scale.models.wan import (
     WanVAE,
     config_to_diffusers,
     count_parameters,
+    preset,
 )
 
 CLASSES = {WAN: AutoencoderKLWan, QWEN_IMAGE: AutoencoderKLQwenImage}
@@ -94,7 +95,7 @@ def tolerance(model: WanVAE, scale: float) -> float:
 def test_diffusers_folder_loads_with_equal_encode_and_decode(cls, folders):
     ref = CLASSES[cls].from_pretrained(folders[cls]).eval()
     ours = WanVAE.from_diffusers(folders[cls], kernels="torch").eval()
-    assert ours.config == dataclasses.replace(TINY[cls], kernels="torch")
+    assert ours.arch == dataclasses.replace(TINY[cls], kernels="torch")
     assert set(ours.state_dict()) == set(ref.state_dict())
     torch.manual_seed(1)
     worst = 0.0
@@ -223,7 +224,7 @@ def test_unsupported_folders_are_refused_naming_class_and_field(cls, key, value,
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_have_the_parameters_of_diffusers_class_on_the_same_config(name):
-    cfg = PRESETS[name]
+    cfg = preset(name)
     with torch.device("meta"):
         ref = CLASSES[cfg.diffusers_class](**diffusers_kwargs(cfg))
     shapes = {k: t.shape for k, t in ref.state_dict().items()}

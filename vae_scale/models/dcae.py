@@ -14,6 +14,7 @@ channels_last, compile and FSDP are applied from outside, to block_modules().
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,51 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vae_scale import kernels
+from vae_scale.config import ModelConfig, load_config
 from vae_scale.formats import weights
-
-# --------------------------------------------------------------------------------------------------------
-# The posterior
-
-
-class DeterministicLatent:
-    """The "posterior" of a deterministic autoencoder: a point mass at the encoder's output.
-
-    It has DiagonalGaussian's methods so the trainer treats both families alike: every sample is the latent
-    itself and every KL is zero (float32 zeros, no gradient), so loss.kl_weight has nothing to act on.
-    """
-
-    def __init__(self, latent: torch.Tensor):
-        self.latent = latent  # (B, C, h, w)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.latent
-
-    def mode(self) -> torch.Tensor:
-        """The latent."""
-        return self.latent
-
-    def sample(self, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """The latent: there is no noise to add (eps is accepted for the common interface and ignored)."""
-        return self.latent
-
-    def sample_kl(
-        self,
-        eps: torch.Tensor | None = None,
-        prior_mean: torch.Tensor | None = None,
-        prior_logvar: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent, zeros (B,) float32): the interface of DiagonalGaussian.sample_kl."""
-        return self.latent, self.kl()
-
-    def kl_per_channel(self) -> torch.Tensor:
-        """Zeros (B, C), float32."""
-        return torch.zeros(self.latent.shape[:2], dtype=torch.float32, device=self.latent.device)
-
-    def kl(self) -> torch.Tensor:
-        """Zeros (B,), float32."""
-        return torch.zeros(self.latent.shape[0], dtype=torch.float32, device=self.latent.device)
-
+from vae_scale.models.interface import arch_config, model_config
+from vae_scale.models.posterior import DeterministicLatent
+from vae_scale.models.tiling import refuse_tiles
 
 # --------------------------------------------------------------------------------------------------------
 # Config
@@ -269,57 +230,22 @@ class DCAEConfig:
 # Released configurations, from diffusers' scripts/convert_dcae_to_diffusers.py (get_ae_config and
 # convert_ae) and, for the f32c32 SANA model, its config.json on the Hub
 # (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers: "downsample_block_type": "Conv").
-_EVIT3 = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
-PRESETS: dict[str, DCAEConfig] = {
-    # SANA 1.0's autoencoder: f32, 32 latent channels; EfficientViT stages with a 5x5 q/k/v branch.
-    "dc-ae-f32c32": DCAEConfig(
-        latent_channels=32,
-        encoder_block_types=_EVIT3,
-        decoder_block_types=_EVIT3,
-        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
-        decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-        decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-        downsample_block_type="Conv",
-        upsample_block_type="interpolate",
-        decoder_norm_types="rms_norm",
-        decoder_act_fns="silu",
-        scaling_factor=0.41407,
-    ),
-    # dc-ae-f64c128-in-1.0 / -mix-1.0: f64, 128 latent channels; pixel (un)shuffle resampling, no stage-0
-    # blocks, BatchNorm + ReLU in the decoder's ResBlock stages. The script sets no scaling_factor (so 1.0):
-    # take the released config.json's when importing those weights.
-    "dc-ae-f64c128": DCAEConfig(
-        latent_channels=128,
-        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 4,
-        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 4,
-        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024, 2048),
-        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024, 2048),
-        encoder_layers_per_block=(0, 4, 8, 2, 2, 2, 2),
-        decoder_layers_per_block=(0, 5, 10, 2, 2, 2, 2),
-        encoder_qkv_multiscales=((),) * 7,
-        decoder_qkv_multiscales=((),) * 7,
-        decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 4,
-        decoder_act_fns=("relu",) * 3 + ("silu",) * 4,
-    ),
-    # A CPU-sized f16 model with every block and resampling type of dc-ae-f32c32, for tests and smoke runs.
-    "dc-ae-tiny": DCAEConfig(
-        latent_channels=16,
-        attention_head_dim=8,
-        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 2,
-        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 2,
-        encoder_block_out_channels=(16, 16, 32, 32, 64),
-        decoder_block_out_channels=(16, 16, 32, 32, 64),
-        encoder_layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1),
-        encoder_qkv_multiscales=((), (), (), (5,), (5,)),
-        decoder_qkv_multiscales=((), (), (), (5,), (5,)),
-        downsample_block_type="Conv",
-        upsample_block_type="interpolate",
-    ),
+SHARED = {
+    "in_channels": "in_channels",
+    "latent_channels": "latent_channels",
+    "scaling_factor": "scaling_factor",
+    "kernels": "kernels",
 }
+"""DCAEConfig fields that are ModelConfig's own keys (model.latent_channels, ...); the rest are model.arch."""
+
+
+PRESETS = ("dc-ae-f32c32", "dc-ae-f64c128", "dc-ae-tiny")
+"""This family's presets: vae_scale/configs/<name>.yaml, each citing where its architecture comes from."""
+
+
+def preset(name: str) -> DCAEConfig:
+    """The DCAEConfig of a preset (its YAML's model section)."""
+    return arch_config(load_config(name).model, DCAEConfig, SHARED)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -378,6 +304,13 @@ class MultiscaleProjection(nn.Module):
         return self.proj_out(self.proj_in(x))
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off on `device` (a no-op where autocast does not exist, e.g. the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class MultiscaleLinearAttention(nn.Module):
     """ReLU linear attention (EfficientViT) over q/k/v and their multi-scale aggregates, plus the identity.
 
@@ -410,7 +343,7 @@ class MultiscaleLinearAttention(nn.Module):
         qkv = F.conv2d(x, w_qkv)  # (B, 3 * inner, H, W)
         qkv = torch.cat([qkv, *(p(qkv) for p in self.to_qkv_multiscale)], dim=1)
         # fp32 even under autocast: the output divides by a sum over every position.
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device):
             qkv = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W)  # (B, G, 3d, N)
             q, k, v = qkv.chunk(3, dim=2)  # (B, G, d, N) each
             q, k = self.nonlinearity(q), self.nonlinearity(k)
@@ -594,23 +527,24 @@ class DCAE(nn.Module):
     """The deep compression autoencoder: encode to a DeterministicLatent, decode a latent to an image."""
 
     family: ClassVar[str] = "dcae"
-    diffusers_class: ClassVar[tuple[str, ...]] = ("AutoencoderDC",)
+    diffusers_classes: ClassVar[tuple[str, ...]] = ("AutoencoderDC",)
 
-    def __init__(self, config: DCAEConfig):
+    def __init__(self, config: ModelConfig | DCAEConfig):
         super().__init__()
+        if isinstance(config, DCAEConfig):
+            config = model_config(config, "dcae", SHARED)
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.set_kernels(config.kernels)
+        self.arch = arch_config(config, DCAEConfig, SHARED)
+        self.encoder = Encoder(self.arch)
+        self.decoder = Decoder(self.arch)
+        self.set_kernels(self.arch.kernels)
 
     # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> DCAE:
-        """Random-init DCAE of a preset in PRESETS, with DCAEConfig fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DC-AE preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(dataclasses.replace(PRESETS[name], **overrides))
+    def from_preset(cls, name: str, overrides: list[str] | None = None) -> DCAE:
+        """Random-init DCAE of a preset (or a YAML path) with `model.key=value` overrides."""
+        return cls(load_config(name, overrides).model)
 
     @classmethod
     def from_diffusers(cls, path: str | Path, **config_overrides: Any) -> DCAE:
@@ -630,9 +564,25 @@ class DCAE(nn.Module):
         )
         return model
 
-    def save_diffusers(self, path: str | Path) -> None:
-        """Write a folder (config.json + safetensors) that diffusers' AutoencoderDC.from_pretrained loads."""
-        weights.write_diffusers(self.state_dict(), config_to_diffusers(self.config), path)
+    def save_diffusers(self, path: str | Path, config: dict | None = None) -> None:
+        """Write a folder (config.json + safetensors) that diffusers' AutoencoderDC.from_pretrained loads.
+
+        config: the config.json to write (default: this model's), e.g. one with a measured scaling_factor.
+        """
+        config = config_to_diffusers(self.arch) if config is None else config
+        weights.write_diffusers(self.state_dict(), config, path)
+
+    def blocks(self) -> list[str]:
+        """Every ResBlock and EfficientViT block: where activation checkpointing and FSDP cut."""
+        return [n for n, m in self.named_modules() if isinstance(m, (ResBlock, EfficientViTBlock))]
+
+    def compile_units(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder]
+
+    def last_layer(self) -> tuple[nn.Conv2d, int]:
+        """The decoder's output convolution, and 2 when a pixel shuffle follows it (no stage-0 blocks)."""
+        out = self.decoder.conv_out
+        return (out, 1) if isinstance(out, nn.Conv2d) else (out.conv, 1 if out.interpolate else 2)
 
     def set_kernels(self, impl: str) -> None:
         """Choose the fused RMSNorm+activation backend of every RMSNorm2d: auto | triton | torch."""
@@ -651,40 +601,40 @@ class DCAE(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return self.config.downsample_factor
+        return self.arch.downsample_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.config.latent_channels
+        return self.arch.latent_channels
 
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latent of an image of the given size."""
         width = height if width is None else width
         f = self.downsample_factor
-        return (self.config.latent_channels, height // f, width // f)
+        return (self.arch.latent_channels, height // f, width // f)
 
     # -- forward -------------------------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, tiled: bool = False) -> DeterministicLatent:
         """x: (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> the latent (B, C, H/f, W/f).
 
-        tiled=True is refused: DC-AE has no tiled path here yet (diffusers' blends overlapping tiles).
+        tiled: an image larger than one tile is refused: DC-AE has no tiled path here yet.
         """
-        c, f = self.config.in_channels, self.downsample_factor
+        c, f = self.arch.in_channels, self.downsample_factor
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(
                 f"expected an image batch of shape (B, {c}, H, W) with H and W multiples of {f}, "
                 f"got {tuple(x.shape)}"
             )
-        _refuse_tiled(tiled)
+        refuse_tiles(self.family, tiled, tuple(x.shape[2:]), 1, self.config.sample_size)
         return DeterministicLatent(self.encoder(x))
 
     def decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """z: (B, latent_channels, h, w) -> image (B, in_channels, h*f, w*f) in [-1, 1] (not clamped)."""
-        c = self.config.latent_channels
+        c = self.arch.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise ValueError(f"expected a latent batch of shape (B, {c}, h, w), got {tuple(z.shape)}")
-        _refuse_tiled(tiled)
+        refuse_tiles(self.family, tiled, tuple(z.shape[2:]), self.downsample_factor, self.config.sample_size)
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, DeterministicLatent]:
@@ -696,19 +646,14 @@ class DCAE(nn.Module):
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         """The latent a diffusion model sees: z * scaling_factor."""
-        return z * self.config.scaling_factor
+        return z * self.arch.scaling_factor
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         """The latent to decode from a diffusion model's output: z / scaling_factor."""
-        return z / self.config.scaling_factor
+        return z / self.arch.scaling_factor
 
 
-def _refuse_tiled(tiled: bool) -> None:
-    if tiled:
-        raise NotImplementedError("DCAE has no tiled encode/decode; pass tiled=False")
-
-
-def count_parameters(config: DCAEConfig) -> int:
+def count_parameters(config: ModelConfig | DCAEConfig) -> int:
     """Parameters of a DCAE with this config, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
         return sum(p.numel() for p in DCAE(config).parameters())

@@ -25,9 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vae_scale import kernels
+from vae_scale.config import ModelConfig, load_config
 from vae_scale.formats import weights
 from vae_scale.formats.weights import DiffusersFormatError
-from vae_scale.models.sd import DiagonalGaussian
+from vae_scale.models.interface import arch_config, model_config
+from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.models.tiling import refuse_tiles
 
 FrameCache = dict  # dict[nn.Module, torch.Tensor]: each causal layer's frames from the previous chunk
 
@@ -220,11 +223,24 @@ def config_to_diffusers(cfg: WanConfig) -> dict[str, Any]:
 # num_res_blocks 2, attn_scales [], temperal_downsample [false, true, true], dropout 0.0 and Wan 2.1's
 # latents_mean / latents_std, i.e. the same architecture. wan-tiny: Wan's structure (f8, 4 frames per latent
 # frame, 16 channels) at a width and depth a CPU runs in moments.
-PRESETS: dict[str, WanConfig] = {
-    "wan2.1": WanConfig(),
-    "qwen-image": WanConfig(diffusers_class=QWEN_IMAGE),
-    "wan-tiny": WanConfig(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+SHARED = {
+    "z_dim": "latent_channels",
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "latents_mean": "latents_mean",
+    "latents_std": "latents_std",
+    "kernels": "kernels",
 }
+"""WanConfig fields that are ModelConfig's own keys (z_dim is model.latent_channels); the rest go in
+model.arch."""
+
+PRESETS = ("wan2.1", "qwen-image", "wan-tiny")
+"""This family's presets: vae_scale/configs/<name>.yaml, each citing where its architecture comes from."""
+
+
+def preset(name: str) -> WanConfig:
+    """The WanConfig of a preset (its YAML's model section)."""
+    return arch_config(load_config(name).model, WanConfig, SHARED)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -475,26 +491,27 @@ class WanVAE(nn.Module):
     (B, 16, 1 + k, H/8, W/8) and back. An image (B, 3, H, W) is a one-frame clip, and comes back 4-D."""
 
     family: ClassVar[str] = "wan"
-    diffusers_class: ClassVar[tuple[str, ...]] = (WAN, QWEN_IMAGE)
+    diffusers_classes: ClassVar[tuple[str, ...]] = (WAN, QWEN_IMAGE)
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: ModelConfig | WanConfig):
         super().__init__()
+        if isinstance(config, WanConfig):
+            config = model_config(config, "wan", SHARED)
         self.config = config
-        z = config.z_dim
-        self.encoder = Encoder(config)
+        self.arch = arch = arch_config(config, WanConfig, SHARED)
+        z = arch.z_dim
+        self.encoder = Encoder(arch)
         self.quant_conv = CausalConv3d(2 * z, 2 * z, 1)
         self.post_quant_conv = CausalConv3d(z, z, 1)
-        self.decoder = Decoder(config)
-        self.set_kernels(config.kernels)
+        self.decoder = Decoder(arch)
+        self.set_kernels(arch.kernels)
 
     # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **config_overrides) -> WanVAE:
-        """Random-init model of a preset in PRESETS, with WanConfig fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown Wan preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(dataclasses.replace(PRESETS[name], **config_overrides))
+    def from_preset(cls, name: str, overrides: list[str] | None = None) -> WanVAE:
+        """Random-init model of a preset (or a YAML path) with `model.key=value` overrides."""
+        return cls(load_config(name, overrides).model)
 
     @classmethod
     def from_diffusers(cls, path: str | Path, **config_overrides) -> WanVAE:
@@ -509,9 +526,25 @@ class WanVAE(nn.Module):
         )
         return model
 
-    def save_diffusers(self, path: str | Path) -> None:
-        """Write a folder that config.diffusers_class's from_pretrained loads unchanged."""
-        weights.write_diffusers(self.state_dict(), config_to_diffusers(self.config), path)
+    def save_diffusers(self, path: str | Path, config: dict | None = None) -> None:
+        """Write a folder that model.arch.diffusers_class's from_pretrained loads unchanged (config: the
+        config.json to write instead of this model's, e.g. with measured latent statistics)."""
+        config = config_to_diffusers(self.arch) if config is None else config
+        weights.write_diffusers(self.state_dict(), config, path)
+
+    def blocks(self) -> list[str]:
+        """Residual blocks, attention blocks and resamples: where activation checkpointing and FSDP cut
+        (sound for the whole-clip pass, which is what runs under autograd)."""
+        kinds = (ResidualBlock, AttentionBlock, Resample)
+        return [n for n, m in self.named_modules() if isinstance(m, kinds)]
+
+    def compile_units(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder]
+
+    def last_layer(self) -> None:
+        """None: the output convolution is causal 3D (padded in its forward), which LastLayer does not
+        differentiate; the discriminator's weight is then loss.disc_weight itself, not LDM's adaptive one."""
+        return None
 
     def set_kernels(self, impl: str) -> None:
         """Choose the backend of every RMS norm and of the posterior: auto | triton | torch (see RMSNorm)."""
@@ -532,16 +565,16 @@ class WanVAE(nn.Module):
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent position along height and width."""
-        return 2 ** (len(self.config.dim_mult) - 1)
+        return 2 ** (len(self.arch.dim_mult) - 1)
 
     @property
     def temporal_downsample_factor(self) -> int:
         """Frames per latent frame after the first (the first frame has a latent frame of its own)."""
-        return 2 ** sum(map(bool, self.config.temperal_downsample))
+        return 2 ** sum(map(bool, self.arch.temperal_downsample))
 
     @property
     def latent_channels(self) -> int:
-        return self.config.z_dim
+        return self.arch.z_dim
 
     def latent_shape(
         self, height: int, width: int | None = None, frames: int | None = None
@@ -550,16 +583,16 @@ class WanVAE(nn.Module):
         width = height if width is None else width
         f = self.downsample_factor
         if frames is None:
-            return (self.config.z_dim, height // f, width // f)
+            return (self.arch.z_dim, height // f, width // f)
         return (
-            self.config.z_dim,
+            self.arch.z_dim,
             1 + (frames - 1) // self.temporal_downsample_factor,
             height // f,
             width // f,
         )
 
     def _check_clip(self, x: torch.Tensor) -> torch.Tensor:
-        c, f, ft = self.config.in_channels, self.downsample_factor, self.temporal_downsample_factor
+        c, f, ft = self.arch.in_channels, self.downsample_factor, self.temporal_downsample_factor
         frames = x.shape[2] if x.ndim == 5 else 1
         if x.ndim not in (4, 5) or x.shape[1] != c or x.shape[-2] % f or x.shape[-1] % f or (frames - 1) % ft:
             raise ValueError(
@@ -569,15 +602,13 @@ class WanVAE(nn.Module):
         return x if x.ndim == 5 else x.unsqueeze(2)
 
     def _check_latent(self, z: torch.Tensor) -> torch.Tensor:
-        c = self.config.z_dim
+        c = self.arch.z_dim
         if z.ndim not in (4, 5) or z.shape[1] != c:
             raise ValueError(f"expected a latent (B, {c}, t, h, w) or (B, {c}, h, w), got {tuple(z.shape)}")
         return z if z.ndim == 5 else z.unsqueeze(2)
 
     @staticmethod
-    def _chunked(chunked: bool | None, tiled: bool) -> bool:
-        if tiled:
-            raise NotImplementedError("WanVAE has no tiled pass; the chunked pass bounds memory along time")
+    def _chunked(chunked: bool | None) -> bool:
         if chunked is None:
             return not torch.is_grad_enabled()
         if chunked and torch.is_grad_enabled():
@@ -598,8 +629,9 @@ class WanVAE(nn.Module):
         autograd; False: the whole clip at once, the default under autograd. Equal up to float rounding.
         """
         clip = self._check_clip(x)
+        refuse_tiles(self.family, tiled, tuple(clip.shape[3:]), 1, self.config.sample_size)
         ft = self.temporal_downsample_factor
-        if self._chunked(chunked, tiled) and clip.shape[2] > 1:
+        if self._chunked(chunked) and clip.shape[2] > 1:
             cache: FrameCache = {}
             chunks = [clip[:, :, :1], *clip[:, :, 1:].split(ft, dim=2)]
             h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
@@ -616,7 +648,10 @@ class WanVAE(nn.Module):
         autograd; False: the whole latent at once, the default under autograd. Equal up to float rounding.
         """
         latent = self.post_quant_conv(self._check_latent(z))
-        if self._chunked(chunked, tiled) and latent.shape[2] > 1:
+        refuse_tiles(
+            self.family, tiled, tuple(latent.shape[3:]), self.downsample_factor, self.config.sample_size
+        )
+        if self._chunked(chunked) and latent.shape[2] > 1:
             cache: FrameCache = {}
             out = torch.cat([self.decoder(frame, cache) for frame in latent.split(1, dim=2)], dim=2)
         else:
@@ -632,9 +667,9 @@ class WanVAE(nn.Module):
     # -- latent normalisation ------------------------------------------------------------------------------
 
     def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.config.z_dim) + (1,) * (z.ndim - 2)
-        mean = torch.tensor(self.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
-        std = torch.tensor(self.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+        shape = (1, self.arch.z_dim) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(self.arch.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+        std = torch.tensor(self.arch.latents_std, device=z.device, dtype=z.dtype).view(shape)
         return mean, std
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -650,7 +685,7 @@ class WanVAE(nn.Module):
         return z * std + mean
 
 
-def count_parameters(config: WanConfig) -> int:
+def count_parameters(config: ModelConfig | WanConfig) -> int:
     """Parameters of a WanVAE with this config, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
         return sum(p.numel() for p in WanVAE(config).parameters())
