@@ -20,13 +20,14 @@ from vae_scale.formats.weights import DiffusersFormatError
 from vae_scale.models import interface
 from vae_scale.models.interface import build_model, load_checkpoint, load_diffusers
 
-TINY_PRESETS = {"dcae": "dc-ae-tiny", "wan": "wan-tiny"}
+TINY_PRESETS = {"dcae": "dc-ae-tiny", "wan": "wan-tiny", "flux2": "flux2-tiny"}
 """Each family's CPU-sized preset (the SD family's is tests/support.py's TINY)."""
 
 FAMILY_PRESETS = {
     "dcae": ["dc-ae-f32c32", "dc-ae-f64c128", "dc-ae-tiny"],
     "wan": ["wan2.1", "qwen-image", "wan-tiny"],
     "sd": ["sd-f8", "f8c16", "f16c32", "xl", "demo"],
+    "flux2": ["flux2", "flux2-tiny"],
 }
 
 

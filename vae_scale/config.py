@@ -66,7 +66,7 @@ class RunConfig:
             self.dir = f"runs/{self.name}"
 
 
-FAMILIES = ("sd", "dcae", "wan")
+FAMILIES = ("sd", "flux2", "dcae", "wan")
 """model.family's choices; vae_scale/models/interface.py maps each to its model class (a test checks both)."""
 
 

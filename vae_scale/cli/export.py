@@ -44,8 +44,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--measure-latents",
         action="store_true",
-        help="write measured statistics into config.json even for a fine-tune of imported weights (for a "
-        "new diffusion model trained on these latents; the imported one expects the kept values)",
+        help="write measured statistics into config.json (FLUX.2: into bn's running statistics) even for a "
+        "fine-tune of imported weights (for a new diffusion model trained on these latents; the imported "
+        "one expects the kept values)",
     )
     p.add_argument(
         "--no-stats",

@@ -27,6 +27,12 @@ VAE has). --no-stats measures nothing and writes the model config's values as th
 Statistics are measured on N training samples (center crops through the validation reader, deterministic;
 the posterior mean unless --sample).
 
+A family whose statistics are part of its weights (FLUX.2: the running mean and variance of `bn`, per
+channel of the 2x2-patchified latent, which its pipelines normalise with) has them measured the same way,
+per channel of the layout the model names (statistics_layout), and written into those weights
+(set_latent_statistics) instead of config.json; a drop-in fine-tune keeps the imported ones, since training
+never moves them, and gets the measured ones as advice.
+
 `--format safetensors` writes one file in the original latent-diffusion layout (encoder.down.0.block.0...,
 attention as 1x1 convs), the single-file VAE format of ComfyUI, A1111 and diffusers' from_single_file,
 with the diffusers config (statistics included) in its metadata under "config".
@@ -89,9 +95,9 @@ def latent_statistics(
     Sums are float64. Returns {"samples", "mean", "std", "channel_mean", "channel_std", "latent"}.
     """
     vae.eval()
-    C = vae.config.latent_channels
-    s1 = torch.zeros(C, dtype=torch.float64)
-    s2 = torch.zeros(C, dtype=torch.float64)
+    layout = getattr(vae, "statistics_layout", None)  # the family's statistics are per channel of it
+    s1 = s2 = None
+    n1 = n2 = 0.0  # sums of the latents normalised with the statistics the model holds (layout families)
     count, samples = 0, 0
     for batch in batches:
         k = min(int(batch["count"]), n - samples) if n else int(batch["count"])
@@ -103,7 +109,13 @@ def latent_statistics(
         if sample:
             keys = list(batch["keys"][:k]) if batch.get("keys") is not None else None
             z = post.sample(key_noise(keys, tuple(z.shape), seed, 0, samples).to(device))
-        z = z.double().cpu()
+        if layout is not None:
+            normalised = vae.normalize_latents(z).double()
+            n1, n2 = n1 + float(normalised.sum()), n2 + float(normalised.square().sum())
+        z = (z if layout is None else layout(z)).double().cpu()
+        if s1 is None:
+            s1 = torch.zeros(z.shape[1], dtype=torch.float64)
+            s2 = torch.zeros(z.shape[1], dtype=torch.float64)
         s1 += z.sum((0, 2, 3))
         s2 += z.square().sum((0, 2, 3))
         count += z.shape[0] * z.shape[2] * z.shape[3]
@@ -114,11 +126,12 @@ def latent_statistics(
         raise ExportError("no samples to measure latent statistics on (empty data)")
     if n and samples < n:
         log.warning("latent statistics from %d samples, fewer than the %d asked for", samples, n)
+    C = len(s1)
     channel_mean = s1 / count
     channel_var = (s2 / count - channel_mean.square()).clamp_min(0)
     mean = float(s1.sum() / (count * C))
     var = max(float(s2.sum() / (count * C)) - mean**2, 0.0)
-    return {
+    out = {
         "samples": samples,
         "mean": mean,
         "std": var**0.5,
@@ -126,6 +139,10 @@ def latent_statistics(
         "channel_std": channel_var.sqrt().tolist(),
         "latent": "sample" if sample else "posterior mean",
     }
+    if layout is not None:  # what the pipeline would see with the statistics the model held here
+        out["normalised_mean"] = n1 / (count * C)
+        out["normalised_std"] = max(n2 / (count * C) - out["normalised_mean"] ** 2, 0.0) ** 0.5
+    return out
 
 
 def with_statistics(config, stats: dict[str, Any], shift: bool = True, channel_stats: bool = True):
@@ -228,16 +245,25 @@ def first_origin(init_from: str) -> str:
     return init_from
 
 
-def _describes(config: dict[str, Any], model) -> bool:
+def _describes(config: dict[str, Any], vae) -> bool:
     """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
     from vae_scale.formats.weights import DiffusersFormatError, config_from_diffusers
 
+    own = getattr(vae, "diffusers_config", None)
+    if own is not None:  # a family that writes its own class's config.json: the same, but for these keys
+        try:
+            theirs = type(vae).config_to_diffusers(type(vae).config_from_diffusers(config))
+        except DiffusersFormatError:
+            return False
+        free = ("_diffusers_version", "sample_size")
+        mine = own()
+        return all(theirs[k] == mine[k] for k in mine if k not in free)
     try:
         theirs = config_from_diffusers(config)
     except DiffusersFormatError:
         return False
     return all(
-        getattr(theirs, k) == getattr(model, k) for k in ARCHITECTURE if k not in ("preset", "norm_eps")
+        getattr(theirs, k) == getattr(vae.config, k) for k in ARCHITECTURE if k not in ("preset", "norm_eps")
     )
 
 
@@ -346,11 +372,23 @@ def export_vae(
         written = out if out.suffix == ".safetensors" else out / "vae.safetensors"
         check_output_file(written, "--out", overwrite, reads)
     cfg, vae = loaded.config, loaded.vae
+    # FLUX.2 keeps its latent statistics in its weights (bn's running statistics), not in config.json.
+    in_weights = hasattr(vae, "set_latent_statistics")
+    if in_weights and fmt != "diffusers":
+        raise ExportError(
+            f"--format {fmt} writes the SD family's single-file layout; model.family={cfg.model.family} "
+            "exports as a diffusers folder"
+        )
+    if in_weights and not (shift and channel_stats):
+        raise ExportError(
+            f"--no-shift / --no-channel-stats shape config.json's factors; model.family={cfg.model.family} "
+            "keeps its latent statistics per channel in its weights"
+        )
     # Weights that came from a diffusers VAE carry its latent contract; a diffusion model relies on it.
     origin = first_origin(cfg.model.init_from) if loaded.checkpoint is not None else loaded.source
     imported = bool(origin)
     contract = imported_config(origin) if imported else None
-    if contract is not None and not _describes(contract, vae.config):
+    if contract is not None and not _describes(contract, vae):
         log.warning("%s's config.json does not describe this model; writing the model config instead", origin)
         contract = None
     into_config = not no_stats and (measure_latents or not imported)
@@ -364,7 +402,10 @@ def export_vae(
     stats, advice_error, removed = None, None, []
     if into_config:
         stats = _measure(loaded, vae, device, data, n, sample, seed)
-        vae.config = with_statistics(vae.config, stats, shift=shift, channel_stats=channel_stats)
+        if in_weights:
+            vae.set_latent_statistics(stats["channel_mean"], [s * s for s in stats["channel_std"]])
+        else:
+            vae.config = with_statistics(vae.config, stats, shift=shift, channel_stats=channel_stats)
     elif not no_stats:  # advice only: an export without data still keeps the contract
         try:
             stats = _measure(loaded, vae, device, data, n, sample, seed)
@@ -373,9 +414,9 @@ def export_vae(
     if loaded.checkpoint is not None and not imported:  # diffusers' sample_size is the training resolution
         vae.config = dataclasses.replace(vae.config, sample_size=cfg.data.resolution)
     vae.cpu()
-    config = config_to_diffusers(vae.config)
+    config = vae.diffusers_config() if hasattr(vae, "diffusers_config") else config_to_diffusers(vae.config)
     if contract is not None:
-        measured = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+        measured = () if in_weights else ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
         config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
 
     if fmt == "diffusers":
@@ -394,10 +435,21 @@ def export_vae(
         save_file(sd, tmp, metadata=meta)
         tmp.replace(written)
 
+    report = _statistics_lines if in_weights else _factor_lines
+    lines = report(written, fmt, loaded, config, stats, into_config, origin, contract, advice_error)
+    if removed:
+        lines.append(f"removed what an earlier export left in {out}: {', '.join(removed)}")
+    return lines
+
+
+def _factor_lines(
+    written, fmt, loaded, config, stats, into_config, origin, contract, advice_error
+) -> list[str]:
+    """export's report for a family whose latent statistics are config.json's factors (SD's)."""
     scale, shift_factor = config["scaling_factor"], config.get("shift_factor")
     if into_config:
         how = f"measured on {stats['samples']} samples ({stats['latent']})"
-    elif imported:
+    elif origin:
         how = f"the latent contract of {origin} kept (its config.json" + (
             ")" if contract else ", from the run)"
         )
@@ -420,8 +472,36 @@ def export_vae(
         )
     elif advice_error is not None:
         lines.append(f"latent statistics not measured ({advice_error}); the contract is kept all the same")
-    if removed:
-        lines.append(f"removed what an earlier export left in {out}: {', '.join(removed)}")
+    return lines
+
+
+def _statistics_lines(
+    written, fmt, loaded, config, stats, into_config, origin, contract, advice_error
+) -> list[str]:
+    """export's report for a family whose latent statistics are in its weights (FLUX.2's bn)."""
+    if into_config:
+        how = f"measured on {stats['samples']} samples ({stats['latent']})"
+    elif origin:
+        how = f"kept from {origin} (training does not move them)"
+    else:
+        how = "as the model holds them"
+    kind = f"{fmt}{', EMA' if loaded.ema else ''}"
+    lines = [
+        f"wrote {written} ({kind}): latent statistics (in the weights) {how}, "
+        f"sample_size {config['sample_size']}"
+    ]
+    if stats is not None and not into_config:
+        lines.append(
+            f"measured on {stats['samples']} samples ({stats['latent']}): with the kept statistics the "
+            f"normalised latents have mean {stats['normalised_mean']:.3f} and std "
+            f"{stats['normalised_std']:.3f}. "
+            "A diffusion model trained on the original VAE keeps working with the kept statistics; for a "
+            "new one trained on these latents, export with --measure-latents"
+        )
+    elif advice_error is not None:
+        lines.append(
+            f"latent statistics not measured ({advice_error}); the kept ones are written all the same"
+        )
     return lines
 
 
@@ -440,7 +520,7 @@ def import_vae(
     """
     from vae_scale.formats.checkpoint import latest_checkpoint
     from vae_scale.formats.weights import CONFIG_NAME
-    from vae_scale.models.sd import VAE
+    from vae_scale.models.interface import load_diffusers
 
     src, run, overrides = Path(diffusers), Path(run), list(overrides)
     if not src.exists():
@@ -456,7 +536,7 @@ def import_vae(
     if (run / "config.yaml").exists() and not force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
-    vae = VAE.from_diffusers(src)  # validates the folder: config mapping and every weight
+    vae = load_diffusers(src)  # validates the folder: config mapping and every weight
     cfg = load_config(config, [*overrides, f"run.dir={run}"])
     if not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         cfg.run.name = run.name

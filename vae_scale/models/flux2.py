@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from vae_scale.config import ConfigError, ModelConfig
 from vae_scale.formats import weights
+from vae_scale.models.interface import arch_config
 from vae_scale.models.sd import VAE
 
 DIFFUSERS_CLASS = "AutoencoderKLFlux2"
@@ -55,26 +56,17 @@ class Flux2Arch:
     patch_size: tuple[int, int] = (2, 2)
     """The patchification of the latent the statistics are per channel of (FLUX.2's pipelines: 2x2)."""
 
+    def __post_init__(self) -> None:  # YAML and JSON give lists
+        if self.decoder_block_out_channels is not None:
+            object.__setattr__(self, "decoder_block_out_channels", tuple(self.decoder_block_out_channels))
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
     @classmethod
     def of(cls, cfg: ModelConfig) -> Flux2Arch:
         """The FLUX.2 keys of cfg.arch, checked against cfg; ConfigError naming model.arch.KEY."""
-        arch = dict(cfg.arch or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(arch) - fields)
-        if unknown:
-            raise ConfigError(
-                f"model.arch.{unknown[0]} is not a key of the flux2 family ({', '.join(sorted(fields))})"
-            )
-        try:
-            if arch.get("decoder_block_out_channels") is not None:
-                arch["decoder_block_out_channels"] = tuple(int(c) for c in arch["decoder_block_out_channels"])
-            if "patch_size" in arch:
-                arch["patch_size"] = tuple(int(p) for p in arch["patch_size"])
-            out = cls(**arch)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.arch: {e}") from None
-        out.check(cfg)
-        return out
+        arch = arch_config(cfg, cls, {})
+        arch.check(cfg)
+        return arch
 
     def check(self, cfg: ModelConfig) -> None:
         dec = self.decoder_block_out_channels
@@ -208,6 +200,16 @@ class Flux2VAE(VAE):
     def diffusers_config(self) -> dict[str, Any]:
         """This model's AutoencoderKLFlux2 config.json."""
         return config_to_diffusers(self.config)
+
+    @staticmethod
+    def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """The ModelConfig of an AutoencoderKLFlux2 config.json dict (see the module's function)."""
+        return config_from_diffusers(d, source)
+
+    @staticmethod
+    def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
+        """The AutoencoderKLFlux2 config.json of a ModelConfig (see the module's function)."""
+        return config_to_diffusers(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -34,9 +34,12 @@ def trained_weights(
     checkpoint. model: the Autoencoder (VAE + learned likelihood). Gathered under FSDP: call on every rank.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    vae = {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")}
     return {
-        "vae": {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")},
-        "ema": ema.state_dict() if ema is not None else None,
+        "vae": vae,
+        # A whole state dict, loadable as the model: the averaged parameters and the model's buffers, which
+        # are not averaged (FLUX.2's latent statistics, BatchNorm running statistics).
+        "ema": {**vae, **ema.state_dict()} if ema is not None else None,
         "loss": criterion.likelihood_state(),
         "discriminator": disc.state_dict() if disc is not None else None,
     }
