@@ -512,7 +512,7 @@ def _statistics_lines(
 def import_vae(
     diffusers: str | Path, run: str | Path, config: str | None = "sd-f8", overrides=(), force: bool = False
 ) -> list[str]:
-    """`vae-scale import`: start run folder `run` from a diffusers AutoencoderKL folder, to fine-tune it.
+    """`vae-scale import`: start run folder `run` from a diffusers folder of any family, to fine-tune it.
 
     config (a preset or YAML) and `key.sub=value` overrides give the rest of the run's config; the model
     section comes from the folder's config.json. force replaces an existing config.yaml / init weights.
@@ -559,9 +559,11 @@ def import_vae(
         if cfg.loss.disc_weight == 0
         else f"loss.disc_weight={cfg.loss.disc_weight:g}"
     )
+    in_weights = hasattr(vae, "set_latent_statistics")  # FLUX.2: bn's running statistics
+    contract = "latent statistics in the weights" if in_weights else f"scaling_factor {m.scaling_factor:g}"
     return [
         f"imported {src} into {run}: {n_params:,} parameters, {m.latent_channels} latent channels, "
-        f"f{m.downsample_factor}, scaling_factor {m.scaling_factor:g}",
+        f"f{m.downsample_factor}, {contract}",
         "the discriminator is freshly initialised: a diffusers folder holds no discriminator weights "
         f"({disc})",
         f"train with: vae-scale train --config {run / 'config.yaml'} data.train=PATTERN",
