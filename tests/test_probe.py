@@ -2,8 +2,10 @@
 an autoencoder's latent scale and offset do not change it, and the command writes every autoencoder and
 seed, or stops with one line naming the flag."""
 
+import io
 import json
 import math
+import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -243,6 +245,14 @@ def test_missing_or_empty_latents_exit_2_naming_them(tmp_path, capsys):
     empty.mkdir()
     assert main(["probe", str(empty), "--out", str(tmp_path / "o2")]) == 2
     one_line_error(capsys, "latents", "empty")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    with tarfile.open(damaged / "latents-000-000000.tar", "w") as tar:
+        member = tarfile.TarInfo("000001.safetensors")
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"\x00junk"))
+    assert main(["probe", str(damaged), "--out", str(tmp_path / "o3")]) == 2
+    one_line_error(capsys, "latents", "latents-000-000000.tar", "cannot be read")
 
 
 def test_too_few_latents_to_hold_some_out_is_an_error(tmp_path):

@@ -152,9 +152,9 @@ def read_latents(spec: str, what: str = "latents") -> LatentSet:
                     if key in found:
                         raise DataError(f"{what} {spec}: key {key!r} appears twice ({url})")
                     found[key] = read_latent(tar.extractfile(member).read(), ext).float()
-        except (tarfile.TarError, OSError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
+        except DataError:
+            raise
+        except Exception as e:  # a damaged tar or latent member (safetensors and numpy raise their own)
             raise DataError(f"{what} {spec}: {url} cannot be read ({describe_error(e)})") from None
     if not found:
         raise DataError(f"{what} {spec}: no .safetensors or .npy latents in {len(urls)} shard(s)")
@@ -282,6 +282,7 @@ def train_probe(
         torch.manual_seed(seed)
         model = SiT(tuple(train.shape[1:]), budget.width, budget.depth, budget.heads, budget.patch_size)
     start = time.perf_counter()
+    train = train.to(device)  # once: the probe holds every latent in memory anyway
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -297,7 +298,7 @@ def train_probe(
         draw = torch.randn(n, generator=g)
         t = torch.sigmoid(draw) if budget.time_sampling == "logit-normal" else torch.rand(n, generator=g)
         eps = torch.randn(n, *train.shape[1:], generator=g)
-        loss = flow_loss(model, train[idx].to(device), t.to(device), eps.to(device)).mean()
+        loss = flow_loss(model, train[idx.to(train.device)], t.to(device), eps.to(device)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if budget.grad_clip:
@@ -464,6 +465,7 @@ def probe(
             "fid_sampler_steps": fid.sampler_steps if fid else None,
         },
         "device": str(device) if torch.device(device).type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "autoencoders": rows,
     }
@@ -497,7 +499,7 @@ def format_table(report: dict[str, Any]) -> str:
     budget = (
         f"{b['steps']} steps x {b['batch_size']} latents, SiT width {b['width']} depth {b['depth']} "
         f"heads {b['heads']} patch {b['patch_size']}, lr {b['lr']:g}, t {b['time_sampling']}, "
-        f"seeds {', '.join(map(str, b['seeds']))}; on {report['device']}"
+        f"seeds {', '.join(map(str, b['seeds']))}; on {report['device']}, {report['threads']} CPU threads"
     )
     notes = [
         "",
