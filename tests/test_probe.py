@@ -192,10 +192,17 @@ def test_the_command_reports_every_autoencoder_and_seed(latent_dirs, encoded, tm
     assert "structured seed 1: held-out loss" in capsys.readouterr().out
 
 
+# Copied from tests/test_evaluate.py::_Features
+class _Features(torch.nn.Module):
+    """A stand-in feature extractor with the calling convention of NVIDIA's inception-2015-12-05.pt."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 3).flatten(1)  # (B, 27)
+        return torch.cat([f, f.square()], 1) if return_features else f
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_fid_of_decoded_samples_with_the_projects_inception(encoded, tmp_path):
-    from test_evaluate import _Features
-
     latents, vae = encoded
     features = tmp_path / "features.pt"
     torch.jit.save(torch.jit.script(_Features()), str(features))
