@@ -86,13 +86,13 @@ class Autoencoder(nn.Module):
         ]
         return self.vae.decode(z), posterior, kl, extra
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior of x, (B, 3, H, W) in [-1, 1]."""
-        return self.vae.encode(x)
+    def encode(self, x: torch.Tensor, tiled=False) -> DiagonalGaussian:
+        """The posterior of x, (B, 3, H, W) in [-1, 1] (tiled: as the model's encode takes it)."""
+        return self.vae.encode(x, tiled=tiled)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images from latents."""
-        return self.vae.decode(z)
+    def decode(self, z: torch.Tensor, tiled=False) -> torch.Tensor:
+        """Images from latents (tiled: as the model's decode takes it)."""
+        return self.vae.decode(z, tiled=tiled)
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
