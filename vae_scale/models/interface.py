@@ -108,6 +108,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model_class(cfg.family)(cfg)
 
 
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a model with this config, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())
+
+
 def diffusers_family(path: str | Path) -> str:
     """The family whose classes include the `_class_name` of a diffusers folder's config.json (or of a
     pipeline folder's vae/); DiffusersFormatError names the class when no family reads it."""
