@@ -175,6 +175,26 @@ def test_the_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_encoders_last
         torch.testing.assert_close(got[name], p.grad, rtol=1e-6, atol=1e-12, msg=name)
 
 
+def test_without_the_adaptive_weight_the_term_is_align_weight_over_the_pixels(vit_file):
+    cfg = align_cfg(vit_file, recon="l1", kl_weight=0.0, align_adaptive=False)
+    vae = tiny_vae(0).double()
+    crit = VAELoss(cfg).double()
+    proj = LatentProjection(4, crit.alignment.feature_dim, cfg).double()
+    model = Autoencoder(vae, None, False, proj)  # the posterior mean: z = mean
+    x = torch.rand(2, 3, 12, 12, dtype=torch.float64) * 2 - 1
+    x_hat, post, kl, _, aligned = model(x)
+    loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, 0, aligned=aligned)
+    vf, _, _ = vf_loss(proj.proj(post.mean), crit.alignment.encoder.features(x, (6, 6)), 0.5, 0.25)
+    (g_want,) = torch.autograd.grad(0.1 / 432 * vf, proj.proj.weight, retain_graph=True)
+    loss.backward()
+    # float64, the same sums: ~1e-15 relative; the weight without / P (432) or the term left out is O(1) off.
+    # The logged weight is a float32 constant: 6e-8 relative.
+    assert logs["align_adaptive"].item() == pytest.approx(0.1 / 432, rel=1e-7)
+    # The objective's L1 term is float32 (~1e-7 relative); the VF term is ~3e-4 of the loss.
+    assert loss.item() == pytest.approx((x - x_hat).abs().mean().item() + 0.1 / 432 * vf.item(), rel=1e-6)
+    torch.testing.assert_close(proj.proj.weight.grad, g_want, rtol=1e-9, atol=1e-15)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The encoder file
 

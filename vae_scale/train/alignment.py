@@ -386,8 +386,8 @@ class VFAlignment(nn.Module):
         if aligned.weight is not None:
             term, weight = vf - vf.detach(), aligned.weight
         else:
+            term = c.align_weight / pixels * vf
             weight = torch.tensor(c.align_weight / pixels, device=x.device)
-            term = weight * vf
         logs = {
             "align_loss": vf.detach(),
             "align_cos": cos.detach(),
