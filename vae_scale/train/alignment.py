@@ -167,6 +167,7 @@ class FoundationEncoder(nn.Module):
             )
         if any(k.startswith("reg_token") for k in sd) or "blocks.0.mlp.w12.weight" in sd:
             raise LossConfigError(f"{where}: register tokens and SwiGLU (giant) are not supported")
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # a half-precision file
         dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
