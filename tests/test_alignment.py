@@ -25,6 +25,7 @@ from vae_scale.train.alignment import FoundationEncoder, LatentProjection, encod
 from vae_scale.train.build import Autoencoder
 from vae_scale.train.monitor import read_metrics
 from vae_scale.train.objective import VAELoss
+from vae_scale.train.startup import check_resume
 from vae_scale.train.trainer import train
 
 
@@ -252,6 +253,9 @@ def test_a_short_run_logs_the_terms_and_checkpoints_and_resumes_the_projection(v
     last = load_file(latest_checkpoint(tmp_path) / "loss.safetensors")["align.proj.weight"]
     start = initial_loss_weights(overrides)["align.proj.weight"]
     assert not torch.equal(first, start) and not torch.equal(last, first)
+    # Resuming without the term (or, the other way round, with it) is another model: refused in one line.
+    with pytest.raises(ConfigError, match="loss.align_weight 0.1 -> 0"):
+        check_resume(load_config(None, [*overrides, "loss.align_weight=0"]))
 
 
 def initial_loss_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
