@@ -3,6 +3,7 @@
     acc = build_accelerator(cfg, run_dir)        # process group, device, autocast, loss scaler, W&B
     cfg = resolved_config(cfg, acc)              # a copy with what the launch decided ("auto" precision)
     vae = build_vae(cfg, sharded)                # the model, model.init_from, then its transforms
+    align = build_projection(cfg, criterion)     # the VF loss's latent projection, or None
     ae, line = parallelize(model, cfg, plan, acc)  # FSDP2 shards or DDP, and the start-up line saying which
     opt = build_optimizer(model, cfg, device)
     disc_ddp, disc_opt = build_discriminator(criterion.discriminator, cfg, acc)
@@ -31,6 +32,7 @@ from vae_scale.formats.weights import load_init_weights, load_weights, plain_nam
 from vae_scale.models.interface import Autoencoder as VAE
 from vae_scale.models.interface import build_model
 from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.train.alignment import Aligned, LatentProjection
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
@@ -38,17 +40,27 @@ from vae_scale.train.wrapping import prepare_model
 
 
 class Autoencoder(nn.Module):
-    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss).
+    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss)
+    and the VF loss's latent projection (loss.align_weight > 0), both trained with the VAE.
 
     forward is one training forward; encode/decode run the VAE outside it (image logging, evaluation),
     which FSDP is told about so that it gathers the root's parameters for them too.
     """
 
-    def __init__(self, vae: VAE, likelihood: nn.Module | None, sample_posterior: bool = True):
+    def __init__(
+        self,
+        vae: VAE,
+        likelihood: nn.Module | None,
+        sample_posterior: bool = True,
+        align: LatentProjection | None = None,
+    ):
         super().__init__()
         self.vae = vae
         self.likelihood = likelihood
         self.sample_posterior = sample_posterior
+        self.align = align
+        if align is not None:
+            align.attach(vae)
 
     @property
     def config(self):
@@ -64,8 +76,9 @@ class Autoencoder(nn.Module):
         x: torch.Tensor,
         transforms: dict[str, Transform] | None = None,
         eps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode]]:
-        """(x_hat, posterior, KL per image, decodes of the transformed latents).
+    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode], Aligned | None]:
+        """(x_hat, posterior, KL per image, decodes of the transformed latents, the projected latent for
+        the VF loss or None).
 
         transforms: this micro-batch's {term: Transform} (equivariance.draw_transforms), decoded from the
         same latent as x_hat. They run here, inside the one forward, because under FSDP every unit's forward
@@ -77,6 +90,9 @@ class Autoencoder(nn.Module):
             z, kl = posterior.sample_kl(eps)
         else:
             z, kl = posterior.mode(), posterior.kl()
+        aligned = None
+        if self.align is not None:  # z passes through the adaptive weight's junction (alignment.py)
+            z, aligned = self.align(z, posterior, x[0].numel())
         f = self.vae.downsample_factor
         # Before the main decode: LastLayer keeps the decoder's latest input, and the adversarial weight
         # must read the main reconstruction's.
@@ -84,7 +100,7 @@ class Autoencoder(nn.Module):
             TransformedDecode(term, t, self.vae.decode(t.apply(z)), f)
             for term, t in (transforms or {}).items()
         ]
-        return self.vae.decode(z), posterior, kl, extra
+        return self.vae.decode(z), posterior, kl, extra, aligned
 
     def encode(self, x: torch.Tensor, tiled=False) -> DiagonalGaussian:
         """The posterior of x, (B, 3, H, W) in [-1, 1] (tiled: as the model's encode takes it)."""
@@ -127,6 +143,14 @@ def build_vae(cfg: Config, sharded: bool) -> VAE:
             sd = read_phase_weights(phase[0], "vae")
             load_weights(vae, sd or {}, f"model.init_from={cfg.model.init_from!r} ({phase[0]})")
     return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
+
+
+def build_projection(cfg: Config, criterion: nn.Module) -> LatentProjection | None:
+    """The VF loss's learned latent projection (loss.align_weight > 0; the criterion holds the ViT whose
+    width it maps to), or None. Drawn from the global seed, so call it where every rank draws alike."""
+    if criterion.alignment is None:
+        return None
+    return LatentProjection(cfg.model.latent_channels, criterion.alignment.feature_dim, cfg.loss)
 
 
 def ensure_process_group(acc: Accelerator) -> None:

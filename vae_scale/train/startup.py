@@ -109,6 +109,8 @@ def check_resume(cfg: Config) -> None:
     differ = [f"{key} {a} -> {b}" for key, a, b in pairs if a != b]
     if (old.disc_weight > 0) != (new.disc_weight > 0):  # the discriminator comes or goes
         differ.append(f"loss.disc_weight {old.disc_weight:g} -> {new.disc_weight:g}")
+    if (old.align_weight > 0) != (new.align_weight > 0):  # the VF loss's projection comes or goes
+        differ.append(f"loss.align_weight {old.align_weight:g} -> {new.align_weight:g}")
     if differ:
         raise ConfigError(
             f"{path} was trained with another model than this config ({'; '.join(differ)}): give the "

@@ -47,6 +47,7 @@ from vae_scale.train.build import (
     build_ema,
     build_loader,
     build_optimizer,
+    build_projection,
     build_vae,
     learning_rate,
     parallelize,
@@ -113,8 +114,9 @@ class Trainer:
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
-        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
+        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior, align)
         model.to(self.device)
         # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
         self.disc = self.criterion.discriminator
@@ -312,9 +314,16 @@ class Trainer:
         the step with another implementation on the same sample (None draws it, as training does).
         """
         with self.acc.autocast():
-            x_hat, posterior, kl, transformed = self.ae(x, transforms, eps=eps)
+            x_hat, posterior, kl, transformed, aligned = self.ae(x, transforms, eps=eps)
             loss, logs = self.criterion.autoencoder_loss(
-                x, x_hat, posterior, kl, self.step, last_layer=self.last_layer, transformed=transformed
+                x,
+                x_hat,
+                posterior,
+                kl,
+                self.step,
+                last_layer=self.last_layer,
+                transformed=transformed,
+                aligned=aligned,
             )
         return x_hat, posterior, loss, logs
 
