@@ -228,10 +228,19 @@ def first_origin(init_from: str) -> str:
     return init_from
 
 
-def _describes(config: dict[str, Any], model) -> bool:
+LATENT_CONTRACT = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+"""The config.json keys a diffusion model relies on: measured by an export, kept by a drop-in fine-tune."""
+
+
+def _describes(config: dict[str, Any], vae) -> bool:
     """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
     from vae_scale.formats.weights import DiffusersFormatError, config_from_diffusers
 
+    model = vae.config
+    if model.family != "sd":  # the family's own config.json, key for key, but for the latent contract
+        ours = vae.diffusers_config()
+        skip = (*LATENT_CONTRACT, "sample_size")
+        return all(config.get(k) == v for k, v in ours.items() if not k.startswith("_") and k not in skip)
     try:
         theirs = config_from_diffusers(config)
     except DiffusersFormatError:
@@ -335,7 +344,6 @@ def export_vae(
     this one does not write (weights variants and shards such as diffusion_pytorch_model.fp16.safetensors,
     which from_pretrained(variant=...) would load; latent_statistics.json), and nothing else.
     """
-    from vae_scale.formats.weights import config_to_diffusers
 
     out = Path(out)
     reads = export_sources(loaded)
@@ -350,7 +358,7 @@ def export_vae(
     origin = first_origin(cfg.model.init_from) if loaded.checkpoint is not None else loaded.source
     imported = bool(origin)
     contract = imported_config(origin) if imported else None
-    if contract is not None and not _describes(contract, vae.config):
+    if contract is not None and not _describes(contract, vae):
         log.warning("%s's config.json does not describe this model; writing the model config instead", origin)
         contract = None
     into_config = not no_stats and (measure_latents or not imported)
@@ -373,10 +381,10 @@ def export_vae(
     if loaded.checkpoint is not None and not imported:  # diffusers' sample_size is the training resolution
         vae.config = dataclasses.replace(vae.config, sample_size=cfg.data.resolution)
     vae.cpu()
-    config = config_to_diffusers(vae.config)
+    config = vae.diffusers_config()
     if contract is not None:
-        measured = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-        config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
+        measured = [k for k in LATENT_CONTRACT if k in config] if into_config else []
+        config = {**contract, **{k: config[k] for k in measured}}
 
     if fmt == "diffusers":
         vae.save_diffusers(out, config)
@@ -385,6 +393,11 @@ def export_vae(
         removed = remove_stale_export(out, keep_statistics=stats is not None)
         written = out
     else:
+        if vae.config.family != "sd":
+            raise ExportError(
+                "--format safetensors writes latent diffusion's single-file layout, which only the SD "
+                f"family has; export model.family={vae.config.family} as a diffusers folder"
+            )
         written.parent.mkdir(parents=True, exist_ok=True)
         sd = state_dict_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))
         meta = {"format": "pt", "config": json.dumps(config)}
@@ -394,7 +407,7 @@ def export_vae(
         save_file(sd, tmp, metadata=meta)
         tmp.replace(written)
 
-    scale, shift_factor = config["scaling_factor"], config.get("shift_factor")
+    scale, shift_factor = config.get("scaling_factor", 1.0), config.get("shift_factor")
     if into_config:
         how = f"measured on {stats['samples']} samples ({stats['latent']})"
     elif imported:
@@ -406,7 +419,8 @@ def export_vae(
     kind = f"{fmt}{', EMA' if loaded.ema else ''}"
     lines = [
         f"wrote {written} ({kind}): {_factors(scale, shift_factor)}, "
-        f"sample_size {config['sample_size']}, {how}"
+        + (f"sample_size {config['sample_size']}, " if "sample_size" in config else "")
+        + how
     ]
     if stats is not None and not into_config:
         measured_scale, measured_shift = 1.0 / stats["std"], stats["mean"]
@@ -432,7 +446,7 @@ def export_vae(
 def import_vae(
     diffusers: str | Path, run: str | Path, config: str | None = "sd-f8", overrides=(), force: bool = False
 ) -> list[str]:
-    """`vae-scale import`: start run folder `run` from a diffusers AutoencoderKL folder, to fine-tune it.
+    """`vae-scale import`: start run folder `run` from a diffusers folder of any family, to fine-tune it.
 
     config (a preset or YAML) and `key.sub=value` overrides give the rest of the run's config; the model
     section comes from the folder's config.json. force replaces an existing config.yaml / init weights.
@@ -440,14 +454,14 @@ def import_vae(
     """
     from vae_scale.formats.checkpoint import latest_checkpoint
     from vae_scale.formats.weights import CONFIG_NAME
-    from vae_scale.models.sd import VAE
+    from vae_scale.models.interface import load_diffusers
 
     src, run, overrides = Path(diffusers), Path(run), list(overrides)
     if not src.exists():
         raise FileNotFoundError(f"--diffusers {src}: no such folder")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key.startswith("model.") and key[len("model.") :] in ARCHITECTURE:
+        if key.startswith("model.") and key.split(".")[1] in ARCHITECTURE:
             raise ConfigError(f"{key} comes from {src}/{CONFIG_NAME} on import and cannot be overridden")
     if latest_checkpoint(run) is not None:
         raise ExportError(
@@ -456,7 +470,7 @@ def import_vae(
     if (run / "config.yaml").exists() and not force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
-    vae = VAE.from_diffusers(src)  # validates the folder: config mapping and every weight
+    vae = load_diffusers(src)  # any family's folder; validates the config mapping and every weight
     cfg = load_config(config, [*overrides, f"run.dir={run}"])
     if not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         cfg.run.name = run.name

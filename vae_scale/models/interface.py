@@ -57,6 +57,8 @@ class Autoencoder(Protocol):
     """model.family of this class."""
     diffusers_classes: ClassVar[tuple[str, ...]]
     """The diffusers class names whose folders this family reads (the first is what it writes)."""
+    uses_every_parameter: ClassVar[bool]
+    """Whether every step's backward reaches every parameter (DDP then need not search for unused ones)."""
     config: ModelConfig
 
     def encode(self, x: torch.Tensor, tiled=False) -> Posterior: ...
@@ -93,6 +95,9 @@ class Autoencoder(Protocol):
     @classmethod
     def from_diffusers(cls, path: str | Path, **config_overrides) -> Autoencoder: ...
     def save_diffusers(self, path: str | Path, config: dict | None = None) -> None: ...
+    def diffusers_config(self) -> dict:
+        """The config.json this model writes (its diffusers class's keys), from its ModelConfig."""
+        ...
 
 
 def model_class(family: str) -> type:

@@ -30,7 +30,7 @@ from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
 from vae_scale.models.interface import Autoencoder as VAE
-from vae_scale.models.interface import build_model
+from vae_scale.models.interface import build_model, model_class
 from vae_scale.models.posterior import DiagonalGaussian
 from vae_scale.train.alignment import Aligned, LatentProjection
 from vae_scale.train.ema import EMA
@@ -113,7 +113,13 @@ class Autoencoder(nn.Module):
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     """Accelerate's process group, device, autocast, loss scaler and W&B tracker for this launch."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # DDP must look for parameters a step leaves unused only in a family that has some (Wan's temporal
+    # layers sit out a one-frame clip); the search costs a pass over the graph every step.
+    every = model_class(cfg.model.family).uses_every_parameter
     return Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not every)],
         # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
         cpu=not torch.cuda.is_available(),
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
