@@ -12,6 +12,7 @@ from support import TINY, accelerate_launch, checkpoint_file, initial_weights, p
 
 from vae_scale.cli.evaluate import eval_main
 from vae_scale.config import ConfigError, load_config
+from vae_scale.models.interface import load_checkpoint
 from vae_scale.train.monitor import read_metrics
 from vae_scale.train.startup import check_trainable
 from vae_scale.train.trainable import trainable_names
@@ -29,15 +30,15 @@ def shards(tmp_path_factory) -> Path:
 
 
 def run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A 3-step TINY run that evaluates latent_drift at its end and keeps an EMA."""
+    """A 2-step TINY run that evaluates latent_drift at its end and keeps an EMA."""
     return [
         *TINY,
         "model.mid_block_attention=false",
         f"data.train={shards}",
         f"data.val={shards}",
         f"run.dir={run_dir}",
-        "train.steps=3",
-        "eval.every=3",
+        "train.steps=2",
+        "eval.every=2",
         "eval.metrics=[psnr,latent_drift]",
         "optim.ema_decay=0.9",
         "checkpoint.every=0",
@@ -66,6 +67,10 @@ def test_a_decoder_only_run_keeps_the_encoder_bit_identical_and_reports_zero_dri
     # The EMA averages the trainable parameters only: the frozen ones are not stored twice.
     ema = checkpoint_file(runs["decoder"], "ema.safetensors")
     assert set(ema) == set(start) - set(frozen)
+    # ... and the EMA model takes them from vae.safetensors (what export --ema writes).
+    averaged = load_checkpoint(runs["decoder"], ema=True).state_dict()
+    assert all(torch.equal(averaged[k], start[k]) for k in frozen)
+    assert all(torch.equal(averaged[k], ema[k]) for k in ema)
 
     val = [r for r in read_metrics(runs["decoder"]) if "val/latent_drift_psnr" in r][-1]
     assert val["val/latent_drift_psnr"] == math.inf
@@ -78,6 +83,19 @@ def test_a_full_run_reports_its_drift(runs):
     assert math.isfinite(val["val/latent_drift_psnr"])
     assert val["val/latent_drift_mse"] > 0
     assert val["val/latent_drift_mean_shift"] > 0
+
+
+def test_a_new_phase_may_train_other_parameters(runs, shards, tmp_path):
+    """From the decoder-only run, a phase that trains the encoder alone: the decoder stays as phase 1 left
+    it, the encoder moves, and the EMA of the encoder starts from its weights (phase 1's EMA has none)."""
+    run_dir = tmp_path / "phase2"
+    args = run_args(shards, run_dir, "train.trainable=[encoder]", f"model.init_from={runs['decoder']}")
+    train(load_config(None, [*args, "eval.every=0"]))
+    before, after = checkpoint_file(runs["decoder"]), checkpoint_file(run_dir)
+    decoder = [k for k in before if not k.startswith("encoder.")]
+    assert all(torch.equal(after[k], before[k]) for k in decoder)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("encoder."))
+    assert set(checkpoint_file(run_dir, "ema.safetensors")) == set(before) - set(decoder)
 
 
 def test_eval_against_a_run_measures_the_drift_between_two_encoders(runs, shards, tmp_path, capsys):
