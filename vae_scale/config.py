@@ -394,6 +394,11 @@ class TrainConfig:
     """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
     debug_nonfinite_rank: int = 0
     """Rank that debug_nonfinite_step poisons."""
+    trainable: list[str] = field(default_factory=list)
+    """Glob patterns over the VAE's parameter names (decoder.*, encoder.down_blocks.3.*; a bare module name
+    such as decoder means all of it) of the parameters that train; empty trains every parameter."""
+    frozen: list[str] = field(default_factory=list)
+    """Glob patterns of parameters kept frozen even where train.trainable matches them."""
 
     def __post_init__(self):
         _check_positive("train.steps", self.steps)
@@ -408,6 +413,10 @@ class TrainConfig:
         _check_range("train.max_rollbacks", self.max_rollbacks, low=0)
         _check_range("train.debug_nonfinite_step", self.debug_nonfinite_step, low=-1)
         _check_range("train.debug_nonfinite_rank", self.debug_nonfinite_rank, low=0)
+        for key in ("trainable", "frozen"):
+            for pattern in getattr(self, key):
+                if not str(pattern).strip():
+                    raise ConfigError(f"train.{key}: an empty pattern; give parameter names or globs")
 
 
 @dataclass
@@ -457,6 +466,7 @@ class EvalConfig:
         "spectrum",
         "equivariance",
         "tile_consistency",
+        "latent_drift",
     )
     """The metric names eval.metrics takes: the registered ones (vae_scale/eval/registry.py); config.py sits
     below eval/, so tests/test_metric_registry.py checks that the two lists agree."""
@@ -467,7 +477,7 @@ class EvalConfig:
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
     """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance
-    tile_consistency."""
+    tile_consistency latent_drift."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
     rfid_cache: str = ""

@@ -162,6 +162,8 @@ def load_checkpoint(path: str | Path, ema: bool = False, **config_overrides) -> 
     # Both files checked against the checkpoint's manifest: DamagedCheckpoint names a damaged one.
     cfg = config_from_dict(yaml.safe_load(read_checkpoint_file(ckpt, "config.yaml"))).model
     state = read_checkpoint_file(ckpt, weights.name)
+    if ema:  # the EMA averages the trainable parameters only (train.trainable): frozen ones are vae's
+        state = {**read_checkpoint_file(ckpt, "vae.safetensors"), **state}
     model = build_model(dataclasses.replace(cfg, **config_overrides))
     model.load_state_dict(state)
     return model

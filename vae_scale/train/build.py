@@ -2,7 +2,7 @@
 
     acc = build_accelerator(cfg, run_dir)        # process group, device, autocast, loss scaler, W&B
     cfg = resolved_config(cfg, acc)              # a copy with what the launch decided ("auto" precision)
-    vae = build_vae(cfg, sharded)                # the model, model.init_from, then its transforms
+    vae = build_vae(cfg, sharded)                # the model, model.init_from, what trains, its transforms
     align = build_projection(cfg, criterion)     # the VF loss's latent projection, or None
     ae, line = parallelize(model, cfg, plan, acc)  # FSDP2 shards or DDP, and the start-up line saying which
     opt = build_optimizer(model, cfg, device)
@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from vae_scale.config import Config
 from vae_scale.data.loader import build_train_loader
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
+from vae_scale.eval.drift import DriftReference
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
 from vae_scale.models.interface import Autoencoder as VAE
@@ -36,6 +37,7 @@ from vae_scale.train.alignment import Aligned, LatentProjection
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
+from vae_scale.train.trainable import freeze
 from vae_scale.train.wrapping import prepare_model
 
 
@@ -135,10 +137,9 @@ def resolved_config(cfg: Config, acc: Accelerator) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
-def build_vae(cfg: Config, sharded: bool) -> VAE:
-    """The VAE with identical initial weights on every rank (seeded by train.seed), model.init_from's weights
-    when fine-tuning or starting a new phase from a run's checkpoint (a checkpoint to resume from overrides
-    them later), then checkpointing, channels_last and train.compile (transforms.prepare_model)."""
+def initial_vae(cfg: Config) -> VAE:
+    """The VAE's weights at step 0, every parameter trainable: the seeded initialisation (train.seed), then
+    model.init_from's weights when fine-tuning or starting a new phase from a run's checkpoint."""
     torch.manual_seed(cfg.train.seed)
     vae = build_model(cfg.model)
     if cfg.model.init_from:
@@ -148,6 +149,15 @@ def build_vae(cfg: Config, sharded: bool) -> VAE:
         else:  # a run or a checkpoint: a new phase of training from its weights
             sd = read_phase_weights(phase[0], "vae")
             load_weights(vae, sd or {}, f"model.init_from={cfg.model.init_from!r} ({phase[0]})")
+    return vae
+
+
+def build_vae(cfg: Config, sharded: bool) -> VAE:
+    """The VAE with identical initial weights on every rank (initial_vae; a checkpoint to resume from
+    overrides them later), train.trainable's requires_grad (train/trainable.py), then checkpointing,
+    channels_last and train.compile (transforms.prepare_model)."""
+    vae = initial_vae(cfg)
+    freeze(vae, cfg.train)
     return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
 
 
@@ -157,6 +167,23 @@ def build_projection(cfg: Config, criterion: nn.Module) -> LatentProjection | No
     if criterion.alignment is None:
         return None
     return LatentProjection(cfg.model.latent_channels, criterion.alignment.feature_dim, cfg.loss)
+
+
+def build_drift_reference(cfg: Config) -> DriftReference | None:
+    """latent_drift's reference in periodic evaluation: the run's step-0 weights (initial_vae), rebuilt from
+    the config rather than copied from the model, so that a resumed run has the same one; on the CPU (eval
+    moves it to the device for the pass). None when evaluation does not measure latent_drift.
+
+    Rebuilding the weights, not caching the step-0 latents: latents would need an evaluation pass before
+    step 1 and a place in every checkpoint; the weights cost host memory only. The global RNG is left as
+    it was, so the run's seeded draws are those of a run without it.
+    """
+    if not cfg.eval.every or "latent_drift" not in cfg.eval.metrics:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        vae = initial_vae(cfg)
+    source = f"model.init_from={cfg.model.init_from}" if cfg.model.init_from else f"seed {cfg.train.seed}"
+    return DriftReference(vae, f"the run's step-0 weights ({source})")
 
 
 def ensure_process_group(acc: Accelerator) -> None:

@@ -151,8 +151,10 @@ def load_phase_start(
     if ema is not None:
         weights = read_phase_weights(path, "ema")
         if weights is not None:
-            ema.load_state_dict(weights)
-            kept.append("EMA")
+            # A parameter this phase trains that the checkpoint's EMA lacks (frozen there) starts from its
+            # weights.
+            missing = ema.load_state_dict(weights)
+            kept.append(f"EMA ({len(missing)} tensors from the weights)" if missing else "EMA")
         else:
             fresh.append("EMA (from the VAE weights)")
     if criterion.likelihood is not None:

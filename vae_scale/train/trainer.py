@@ -44,6 +44,7 @@ from vae_scale.train.build import (
     Autoencoder,
     build_accelerator,
     build_discriminator,
+    build_drift_reference,
     build_ema,
     build_loader,
     build_optimizer,
@@ -75,6 +76,7 @@ from vae_scale.train.startup import (
     resume_plan,
 )
 from vae_scale.train.summary import summary
+from vae_scale.train.trainable import describe as describe_trainable
 from vae_scale.train.wrapping import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,8 @@ class Trainer:
             disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
             strategy=strategy,
         )
+        if cfg.train.trainable or cfg.train.frozen:
+            self.plan_lines.append(describe_trainable(vae, cfg.train))
         if acc.is_main_process:
             print("\n".join(self.plan_lines), flush=True)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, acc)
@@ -174,7 +178,9 @@ class Trainer:
         elif phase is not None:  # build_vae loaded the VAE weights; the rest of what carries over
             started = load_phase_start(*phase, cfg, self.model, self.criterion, self.disc, self.ema)
         self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
-        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp)  # rows, previews, evals
+        drift = build_drift_reference(cfg)
+        inputs = {"latent_drift": drift} if drift is not None else {}
+        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp, inputs)  # rows, evals
         if path is not None:
             self.monitor.write(f"resumed from {path} at step {self.step}")
         elif phase is not None:
