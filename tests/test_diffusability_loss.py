@@ -72,7 +72,7 @@ def test_the_autoencoder_decodes_transformed_latents_before_the_main_one():
     last = LastLayer(model.vae.decoder.conv_out)
     model(x, {"se": SE2})
     assert last.input.shape[-2:] == (16, 16)  # conv_out last saw the main decode (16 px), not the 8 px one
-    x_hat, post, kl, extra = model(x, {"se": SE2, "eq": ROT})
+    x_hat, post, kl, extra, _ = model(x, {"se": SE2, "eq": ROT})
     z = post.mode()
     with torch.no_grad():
         # guards the wrong latent decoded (O(1)); the same decoder on the same latents in one process
@@ -96,7 +96,7 @@ def test_the_adversarial_weight_reads_the_main_reconstruction():
         crit = VAELoss(cfg)
         model = tiny_model()
         last = LastLayer(model.vae.decoder.conv_out)
-        x_hat, post, kl, extra = model(x, transforms)
+        x_hat, post, kl, extra, _ = model(x, transforms)
         loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, last_layer=last, transformed=extra)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -147,7 +147,7 @@ def test_bf16_autocast_matches_fp32():
     for dtype in (torch.float32, torch.bfloat16):
         model, crit = tiny_model(), VAELoss(cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            x_hat, post, kl, extra = model(x, transforms)
+            x_hat, post, kl, extra, _ = model(x, transforms)
             loss, logs = crit.autoencoder_loss(x, x_hat, post, kl, step=0, transformed=extra)
         loss.backward()
         assert loss.dtype == torch.float32 and torch.isfinite(loss)

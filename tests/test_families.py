@@ -144,3 +144,37 @@ def test_each_family_resumes_onto_the_uninterrupted_run_bit_for_bit(tmp_path, sh
         a = checkpoint_file(tmp_path / "straight", f"{file}.safetensors")
         b = checkpoint_file(resumed, f"{file}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (family, file)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_PRESETS))
+def test_a_fine_tune_of_a_released_folder_goes_back_in_its_own_class_with_its_latent_contract(
+    tmp_path, shards, family
+):
+    """import -> train -> export, as docs/finetune.md's journey, for each family's own diffusers class."""
+    import diffusers
+
+    from vae_scale.cli import main
+
+    torch.manual_seed(0)
+    released = build_model(load_config(TINY_PRESETS[family]).model)
+    released.save_diffusers(tmp_path / "released")
+    contract = json.loads((tmp_path / "released" / "config.json").read_text())
+    contract["scaling_factor" if family == "dcae" else "latents_std"] = (
+        0.5 if family == "dcae" else [0.5] * len(contract["latents_std"])
+    )
+    (tmp_path / "released" / "config.json").write_text(json.dumps(contract))
+    run_dir = tmp_path / "run"
+    assert main(["import", "--diffusers", str(tmp_path / "released"), "--out", str(run_dir)]) == 0
+    train = _args(family, shards, "train.steps=2")
+    run(train_command(["--config", str(run_dir / "config.yaml"), *train[2:], f"run.dir={run_dir}"]))
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["_class_name"] == contract["_class_name"]
+    key = "scaling_factor" if family == "dcae" else "latents_std"
+    assert written[key] == contract[key]  # the latent contract a diffusion model relies on is kept
+    back = getattr(diffusers, contract["_class_name"]).from_pretrained(tmp_path / "out")
+    trained = checkpoint_file(run_dir)
+    theirs = back.state_dict()
+    assert trained.keys() == theirs.keys() and all(torch.equal(trained[k], theirs[k]) for k in trained)
+    moved = any(not torch.equal(trained[k], v) for k, v in released.state_dict().items())
+    assert moved, "the fine-tune did not change the weights"

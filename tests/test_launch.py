@@ -93,7 +93,7 @@ def test_the_gpu_configs_resolve_to_the_launch_they_promise(monkeypatch):
 
     plugin = FullyShardedDataParallelPlugin()  # what Accelerator builds from that environment; validates it
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.transformer_cls_names_to_wrap == ["DownBlock", "UpBlock", "MidBlock"]
+    assert plugin.transformer_cls_names_to_wrap is None  # none named: the trainer shards the model's blocks()
     assert plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
     assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
     # The trainer checkpoints activations itself (model.gradient_checkpointing), not through accelerate.

@@ -228,7 +228,7 @@ def test_latent_interface():
     assert torch.equal(post.kl_per_channel(), torch.zeros(2, 16))
     assert torch.equal(model.normalize_latents(z), z * 0.5)
     assert torch.equal(model.denormalize_latents(model.normalize_latents(z)), z)
-    assert len(model.block_modules()) == 10  # 5 encoder + 5 decoder blocks
+    assert len(model.blocks()) == 10  # 5 encoder + 5 decoder blocks
     with pytest.raises(ValueError, match="multiples of 16"):
         model.encode(torch.zeros(1, 3, 40, 48))
     with pytest.raises(ValueError, match="DCAEConfig.decoder_act_fns"):

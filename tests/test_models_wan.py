@@ -184,7 +184,7 @@ def test_training_runs_the_whole_clip_and_refuses_chunks_under_autograd():
     plain = gradients(model)
     assert len(plain) == len(list(model.parameters()))
     # the block modules recomputed in backward (as the trainer checkpoints them) give the same gradients
-    blocks = {id(b) for b in model.block_modules()}
+    blocks = {id(model.get_submodule(b)) for b in model.blocks()}
     places = [(p, n, c) for p in model.modules() for n, c in p.named_children() if id(c) in blocks]
     assert len(places) == len(blocks) > 0
     for parent, name, block in places:

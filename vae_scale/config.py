@@ -289,6 +289,22 @@ class LossConfig:
     """EQ-VAE: transform families drawn from (scale | rotate | flip), one drawn per micro-batch."""
     eq_scale_min: float = 0.25
     """EQ-VAE: scale factors are drawn uniformly from [eq_scale_min, 1)."""
+    align_weight: float = 0.0
+    """VA-VAE alignment: weight of the VF loss (VA-VAE's vf_weight, relative to the NLL per image); 0: off."""
+    align_encoder: str = ""
+    """VA-VAE alignment: local file of the frozen DINOv2 ViT (timm's vit_*_patch14_dinov2 weights)."""
+    align_adaptive: bool = True
+    """VA-VAE alignment: scale the VF loss by ||grad rec|| / ||grad vf|| at the encoder's last layer."""
+    align_cos_margin: float = 0.5
+    """VA-VAE alignment: cosine similarity to the features within 1 - margin costs nothing."""
+    align_distmat_margin: float = 0.25
+    """VA-VAE alignment: distance-matrix (patch-pair cosine) differences within the margin cost nothing."""
+    align_cos_weight: float = 1.0
+    """VA-VAE alignment: weight of the marginal cosine term within the VF loss."""
+    align_distmat_weight: float = 1.0
+    """VA-VAE alignment: weight of the marginal distance-matrix term within the VF loss."""
+    align_imagenet_norm: bool = False
+    """VA-VAE alignment: feed the ViT ImageNet-normalised images (VA-VAE feeds them in [-1, 1])."""
 
     def __post_init__(self):
         _check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
@@ -311,6 +327,10 @@ class LossConfig:
             _check_choice("loss.eq_transforms", t, self.EQ_TRANSFORMS)
         if not 0.0 < self.eq_scale_min < 1.0:
             raise ConfigError(f"loss.eq_scale_min must be in (0, 1), got {self.eq_scale_min}")
+        for key in ("align_weight", "align_cos_weight", "align_distmat_weight"):
+            _check_range(f"loss.{key}", getattr(self, key), low=0)
+        for key in ("align_cos_margin", "align_distmat_margin"):  # cosines and their differences: in [0, 2]
+            _check_range(f"loss.{key}", getattr(self, key), low=0, high=2)
 
 
 @dataclass
@@ -374,6 +394,11 @@ class TrainConfig:
     """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
     debug_nonfinite_rank: int = 0
     """Rank that debug_nonfinite_step poisons."""
+    trainable: list[str] = field(default_factory=list)
+    """Glob patterns over the VAE's parameter names (decoder.*, encoder.down_blocks.3.*; a bare module name
+    such as decoder means all of it) of the parameters that train; empty trains every parameter."""
+    frozen: list[str] = field(default_factory=list)
+    """Glob patterns of parameters kept frozen even where train.trainable matches them."""
 
     def __post_init__(self):
         _check_positive("train.steps", self.steps)
@@ -388,6 +413,10 @@ class TrainConfig:
         _check_range("train.max_rollbacks", self.max_rollbacks, low=0)
         _check_range("train.debug_nonfinite_step", self.debug_nonfinite_step, low=-1)
         _check_range("train.debug_nonfinite_rank", self.debug_nonfinite_rank, low=0)
+        for key in ("trainable", "frozen"):
+            for pattern in getattr(self, key):
+                if not str(pattern).strip():
+                    raise ConfigError(f"train.{key}: an empty pattern; give parameter names or globs")
 
 
 @dataclass
@@ -437,6 +466,7 @@ class EvalConfig:
         "spectrum",
         "equivariance",
         "tile_consistency",
+        "latent_drift",
     )
     """The metric names eval.metrics takes: the registered ones (vae_scale/eval/registry.py); config.py sits
     below eval/, so tests/test_metric_registry.py checks that the two lists agree."""
@@ -447,7 +477,7 @@ class EvalConfig:
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
     """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance
-    tile_consistency."""
+    tile_consistency latent_drift."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
     rfid_cache: str = ""

@@ -1,6 +1,7 @@
 """`vae-scale <command>`: the command line. This package parses and checks each command's flags and calls the
-library functions that do the work (vae_scale.commands.evaluate, export, generate, shards, compare, demo,
-train); a Python user calls those directly. Each command is a `*_main(argv)` callable in-process.
+library functions that do the work (vae_scale.commands.evaluate, export, generate, compare, demo, probe,
+vae_scale.data.shards, vae_scale.train.trainer); a Python user calls those directly. Each command is a
+`*_main(argv)` callable in-process.
 
 Usage errors (unknown command, bad flag, bad config key or value, bad input path) print one line and exit
 with code 2; they never show a traceback.
@@ -37,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "import": ("export:import_main", "start a run folder from a diffusers VAE to fine-tune it"),
     "compare": ("compare:compare_main", "runs' latest and best metrics, and their curves overlaid"),
+    "probe": ("probe:probe_main", "train one small latent diffusion model per latent set: diffusability"),
 }
 
 

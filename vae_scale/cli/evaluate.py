@@ -32,6 +32,12 @@ def eval_parser() -> argparse.ArgumentParser:
         help=f"any of {' '.join(METRICS)} (default: the run's "
         "eval.metrics, plus lpips / rfid when their weights are given)",
     )
+    p.add_argument(
+        "--against",
+        metavar="RUN_OR_DIR",
+        help="a run folder, checkpoint or diffusers folder: adds latent_drift, how far the evaluated "
+        "encoder's latents moved from its (PSNR, channel mean/std shift)",
+    )
     p.add_argument("--iw", type=non_negative_int, help="importance samples for bpd_iw (default eval.iw)")
     p.add_argument("--out", help="write the results as JSON to this new file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -92,6 +98,7 @@ def eval_main(argv: list[str]) -> int:
         consistency_tile=args.consistency_tile,
         procs=procs,
         progress_bar=sys.stderr.isatty(),
+        against=args.against,
     )
     if procs.is_main:
         print(eval_heading(report))

@@ -29,7 +29,7 @@ def info_main(argv: list[str]) -> int:
     import torch
 
     from vae_scale import kernels
-    from vae_scale.models.sd import count_parameters
+    from vae_scale.models.interface import count_parameters
 
     print(f"python       {platform.python_version()} ({platform.machine()}, {platform.system()})")
     for name in ("torch", "triton", "accelerate", "webdataset", "wandb", "safetensors", "vae_scale"):
@@ -42,10 +42,10 @@ def info_main(argv: list[str]) -> int:
         print(f"devices      cpu ({torch.get_num_threads()} threads), no CUDA device")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"kernels      auto -> {kernels.auto_backend(device)} on {device}")
-    print("\npreset       parameters   latent at 256 px   downsampling")
+    print("\npreset                parameters   latent at 256 px   downsampling   family")
     for name in preset_names():
         m = load_config(name).model
         c, f = m.latent_channels, m.downsample_factor
         shape = f"{c} x {256 // f} x {256 // f}"
-        print(f"{name:<12} {count_parameters(m):>12,}   {shape:<18} f{f}")
+        print(f"{name:<21} {count_parameters(m):>12,}   {shape:<18} f{f:<13} {m.family}")
     return 0

@@ -1,2 +1,2 @@
 """The commands as functions a Python user calls (eval, sample, reconstruct, encode, export, import, compare,
-demo); their flags are parsed in vae_scale/cli/."""
+probe, demo); their flags are parsed in vae_scale/cli/."""

@@ -3,6 +3,7 @@ vae_scale/cli/evaluate.py).
 
     vae-scale eval --run runs/sd-ft --data '/data/val-{000..003}.tar' --out eval.json
     accelerate launch -m vae_scale eval --run runs/sd-ft --metrics psnr ssim bpd lpips --iw 64
+    vae-scale eval --run runs/sd-ft --against sd-vae-ft-mse/ --data ...   # + latent_drift against it
 
 What each metric means, and how the pass stays exact across processes: vae_scale/eval/metrics.py.
 """
@@ -23,12 +24,14 @@ from vae_scale.commands.common import (
     LoadedModel,
     Processes,
     check_resolution,
+    load_model,
     processes,
     progress,
 )
 from vae_scale.data.shard_reader import DataError, count_samples, expand_shards
 from vae_scale.data.synthetic import SYNTHETIC
 from vae_scale.eval.metrics import (
+    DriftReference,
     RFIDReference,
     check_metrics,
     evaluate,
@@ -147,6 +150,7 @@ def evaluate_model(
     consistency_tile: int | None = None,
     procs: Processes | None = None,
     progress_bar: bool = False,
+    against: str | None = None,
 ) -> dict[str, Any]:
     """`vae-scale eval`: the metrics of a loaded VAE over `data`, summed exactly across `procs`.
 
@@ -154,8 +158,10 @@ def evaluate_model(
     data.resolution; "native": each image at its own size (tiled by `tiling`, a model.Tiling or False).
     n: how many images `synthetic` data has (default 256); seed: the sampled latents' noise (per sample key).
     rfid_cache, consistency_tile: eval.rfid_cache and eval.consistency_tile unless given.
+    against: a run folder, checkpoint or diffusers folder whose encoder latent_drift compares with (asked
+    for by giving it); without it, a run's own eval.metrics' latent_drift compares with its model.init_from.
     Returns the report `--out` writes: {"metrics": {...}, "source", "step", "ema", "data", ...}, with
-    "rfid_protocol" (one line) when rfid was measured.
+    "rfid_protocol" (one line) when rfid was measured, "against" when latent_drift was.
     """
     cfg = loaded.config
     eval_cfg = dataclasses.replace(
@@ -165,7 +171,9 @@ def evaluate_model(
     )
     if not data.data:
         raise InputError(f"--data is needed: {loaded.source} has no data.{data.split}")
+    asked = bool(metrics)
     metrics = run_metrics(cfg, metrics, lpips_path, inception_path)
+    metrics, against = drift_reference_path(cfg, metrics, against, asked)
     iw = cfg.eval.iw if iw is None else iw
     nets = load_eval_nets(
         cfg, metrics, lpips_path=lpips_path, vgg_path=vgg_path, inception_path=inception_path
@@ -191,6 +199,9 @@ def evaluate_model(
         inputs["rfid"] = rfid_reference(
             data, nets["inception"], shape, n, max_batches, eval_cfg.rfid_cache, synthetic_seed, procs
         )
+    if against is not None:
+        ref = load_model(ckpt=against)
+        inputs["latent_drift"] = DriftReference(ref.vae, ref.source)
     results = evaluate(
         vae,
         progress(batches, enabled=procs.is_main and progress_bar, desc="eval"),
@@ -230,7 +241,32 @@ def evaluate_model(
         "seed": seed,
         "world_size": procs.world,
         **({"rfid_protocol": reference.describe()} if reference is not None else {}),
+        **({"against": inputs["latent_drift"].source} if "latent_drift" in inputs else {}),
     }
+
+
+def drift_reference_path(
+    cfg, metrics: list[str], against: str | None, asked: bool
+) -> tuple[list[str], str | None]:
+    """(metrics, the reference of latent_drift or None): --against adds latent_drift; latent_drift asked
+    for without it is an InputError; from a run's own eval.metrics it compares with the run's
+    model.init_from, and is left out (logged) when that is not on disk."""
+    if against is not None:
+        if not Path(against).exists():
+            raise InputError(f"--against {against}: no such run, checkpoint or diffusers folder")
+        return (metrics if "latent_drift" in metrics else [*metrics, "latent_drift"]), against
+    if "latent_drift" not in metrics:
+        return metrics, None
+    init = cfg.model.init_from
+    if asked:
+        raise InputError(
+            "latent_drift compares with a reference encoder: give --against RUN_OR_DIR (a run, a checkpoint "
+            "or a diffusers folder)"
+        )
+    if init and Path(init).exists():
+        return metrics, init
+    log.info("latent_drift left out: the run's model.init_from is not on disk; give --against RUN_OR_DIR")
+    return [m for m in metrics if m != "latent_drift"], None
 
 
 def rfid_reference(

@@ -245,25 +245,25 @@ def first_origin(init_from: str) -> str:
     return init_from
 
 
+LATENT_CONTRACT = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+"""The config.json keys a diffusion model relies on: measured by an export, kept by a drop-in fine-tune."""
+
+
 def _describes(config: dict[str, Any], vae) -> bool:
     """Whether a diffusers config.json describes this model's architecture (so it can be written with it)."""
     from vae_scale.formats.weights import DiffusersFormatError, config_from_diffusers
 
-    own = getattr(vae, "diffusers_config", None)
-    if own is not None:  # a family that writes its own class's config.json: the same, but for these keys
-        try:
-            theirs = type(vae).config_to_diffusers(type(vae).config_from_diffusers(config))
-        except DiffusersFormatError:
-            return False
-        free = ("_diffusers_version", "sample_size")
-        mine = own()
-        return all(theirs[k] == mine[k] for k in mine if k not in free)
+    model = vae.config
+    if model.family != "sd":  # the family's own config.json, key for key, but for the latent contract
+        ours = vae.diffusers_config()
+        skip = (*LATENT_CONTRACT, "sample_size")
+        return all(config.get(k) == v for k, v in ours.items() if not k.startswith("_") and k not in skip)
     try:
         theirs = config_from_diffusers(config)
     except DiffusersFormatError:
         return False
     return all(
-        getattr(theirs, k) == getattr(vae.config, k) for k in ARCHITECTURE if k not in ("preset", "norm_eps")
+        getattr(theirs, k) == getattr(model, k) for k in ARCHITECTURE if k not in ("preset", "norm_eps")
     )
 
 
@@ -361,7 +361,6 @@ def export_vae(
     this one does not write (weights variants and shards such as diffusion_pytorch_model.fp16.safetensors,
     which from_pretrained(variant=...) would load; latent_statistics.json), and nothing else.
     """
-    from vae_scale.formats.weights import config_to_diffusers
 
     out = Path(out)
     reads = export_sources(loaded)
@@ -374,11 +373,6 @@ def export_vae(
     cfg, vae = loaded.config, loaded.vae
     # FLUX.2 keeps its latent statistics in its weights (bn's running statistics), not in config.json.
     in_weights = hasattr(vae, "set_latent_statistics")
-    if in_weights and fmt != "diffusers":
-        raise ExportError(
-            f"--format {fmt} writes the SD family's single-file layout; model.family={cfg.model.family} "
-            "exports as a diffusers folder"
-        )
     if in_weights and not (shift and channel_stats):
         raise ExportError(
             f"--no-shift / --no-channel-stats shape config.json's factors; model.family={cfg.model.family} "
@@ -414,10 +408,10 @@ def export_vae(
     if loaded.checkpoint is not None and not imported:  # diffusers' sample_size is the training resolution
         vae.config = dataclasses.replace(vae.config, sample_size=cfg.data.resolution)
     vae.cpu()
-    config = vae.diffusers_config() if hasattr(vae, "diffusers_config") else config_to_diffusers(vae.config)
+    config = vae.diffusers_config()
     if contract is not None:
-        measured = () if in_weights else ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-        config = {**contract, **({k: config[k] for k in measured} if into_config else {})}
+        measured = [k for k in LATENT_CONTRACT if k in config] if into_config else []
+        config = {**contract, **{k: config[k] for k in measured}}
 
     if fmt == "diffusers":
         vae.save_diffusers(out, config)
@@ -426,6 +420,11 @@ def export_vae(
         removed = remove_stale_export(out, keep_statistics=stats is not None)
         written = out
     else:
+        if vae.config.family != "sd":
+            raise ExportError(
+                "--format safetensors writes latent diffusion's single-file layout, which only the SD "
+                f"family has; export model.family={vae.config.family} as a diffusers folder"
+            )
         written.parent.mkdir(parents=True, exist_ok=True)
         sd = state_dict_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))
         meta = {"format": "pt", "config": json.dumps(config)}
@@ -446,7 +445,7 @@ def _factor_lines(
     written, fmt, loaded, config, stats, into_config, origin, contract, advice_error
 ) -> list[str]:
     """export's report for a family whose latent statistics are config.json's factors (SD's)."""
-    scale, shift_factor = config["scaling_factor"], config.get("shift_factor")
+    scale, shift_factor = config.get("scaling_factor", 1.0), config.get("shift_factor")
     if into_config:
         how = f"measured on {stats['samples']} samples ({stats['latent']})"
     elif origin:
@@ -458,7 +457,8 @@ def _factor_lines(
     kind = f"{fmt}{', EMA' if loaded.ema else ''}"
     lines = [
         f"wrote {written} ({kind}): {_factors(scale, shift_factor)}, "
-        f"sample_size {config['sample_size']}, {how}"
+        + (f"sample_size {config['sample_size']}, " if "sample_size" in config else "")
+        + how
     ]
     if stats is not None and not into_config:
         measured_scale, measured_shift = 1.0 / stats["std"], stats["mean"]
@@ -527,7 +527,7 @@ def import_vae(
         raise FileNotFoundError(f"--diffusers {src}: no such folder")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key.startswith("model.") and key[len("model.") :] in ARCHITECTURE:
+        if key.startswith("model.") and key.split(".")[1] in ARCHITECTURE:
             raise ConfigError(f"{key} comes from {src}/{CONFIG_NAME} on import and cannot be overridden")
     if latest_checkpoint(run) is not None:
         raise ExportError(
@@ -536,7 +536,7 @@ def import_vae(
     if (run / "config.yaml").exists() and not force:
         raise ExportError(f"--out {run}/config.yaml exists (pass --force to replace it)")
 
-    vae = load_diffusers(src)  # validates the folder: config mapping and every weight
+    vae = load_diffusers(src)  # any family's folder; validates the config mapping and every weight
     cfg = load_config(config, [*overrides, f"run.dir={run}"])
     if not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         cfg.run.name = run.name

@@ -1,1 +1,2 @@
-"""Evaluation: metrics, latent spectra, equivariance, the latent diffusion probe."""
+"""Evaluation: the metrics and their registry, likelihoods, LPIPS, latent spectra, equivariance, and the SiT
+that `vae-scale probe` trains."""

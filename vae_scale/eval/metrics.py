@@ -12,6 +12,7 @@ Each metric is a class in the module of its concern, registered by name:
 - spectrum: vae_scale/eval/spectrum.py
 - equivariance: vae_scale/eval/equivariance.py
 - tile_consistency: vae_scale/eval/tile_consistency.py
+- latent_drift (against a reference encoder): vae_scale/eval/drift.py
 
 Exactness across processes: every metric is a sum over samples; each rank sums its own slice in float64
 and `reduce` adds the ranks' sums once, at the end. The noise of the sampled latents is seeded by each
@@ -31,7 +32,17 @@ import torch.nn as nn
 from vae_scale.config import Config, EvalConfig
 
 # The metric modules: importing each registers its metrics (a new metric module is added here).
-from vae_scale.eval import equivariance, latent, likelihood, reconstruction, rfid, spectrum, tile_consistency
+from vae_scale.eval import (
+    drift,
+    equivariance,
+    latent,
+    likelihood,
+    reconstruction,
+    rfid,
+    spectrum,
+    tile_consistency,
+)
+from vae_scale.eval.drift import DriftReference
 from vae_scale.eval.latent import ACTIVE_THRESHOLD, active_units, latent_stats
 from vae_scale.eval.likelihood import has_likelihood, key_noise, log_likelihood
 from vae_scale.eval.reconstruction import (
@@ -65,6 +76,7 @@ __all__ = [  # the pass, and what callers of the pass import with it
     "ACTIVE_THRESHOLD",
     "INCEPTION_FILE",
     "METRICS",
+    "DriftReference",
     "EvaluationInterrupted",
     "InceptionFeatures",
     "Lockstep",
@@ -89,7 +101,7 @@ __all__ = [  # the pass, and what callers of the pass import with it
     "ssim",
 ]
 
-METRIC_MODULES = (equivariance, latent, likelihood, reconstruction, rfid, spectrum, tile_consistency)
+METRIC_MODULES = (drift, equivariance, latent, likelihood, reconstruction, rfid, spectrum, tile_consistency)
 """The modules whose import registers the metrics."""
 
 METRICS: tuple[str, ...] = tuple(metric_names())
@@ -257,7 +269,8 @@ def evaluate(
     (needs a learned likelihood; adds bpd). baseline: psnr also measures bicubic through a thumbnail that
     keeps at least the latent's numbers (adds psnr). lpips / inception: the networks of those metrics
     (load_eval_nets); lpips falls back to criterion.perceptual. config: the eval section (the options of
-    tile_consistency). inputs: further inputs by metric name (rfid: an RFIDReference).
+    tile_consistency). inputs: further inputs by metric name (rfid: an RFIDReference; latent_drift: a
+    DriftReference).
 
     Returns floats: samples, mse (always), and each asked metric's figures (see its class).
     """

@@ -287,10 +287,12 @@ def load_weights(
         )
 
 
-def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def read_init_weights(path: str | Path, sd_names: bool = True) -> dict[str, torch.Tensor]:
     """The state dict (our names) of model.init_from: a diffusers folder or a .safetensors file.
 
-    FileNotFoundError or WeightsError naming model.init_from when it is missing or unreadable.
+    sd_names: map AutoencoderKL's deprecated names and 1x1-conv attention projections (the SD family's);
+    the other families' module names are diffusers' own, taken as they are. FileNotFoundError or
+    WeightsError naming model.init_from when it is missing or unreadable.
     """
     path = Path(path)
     if not path.exists():
@@ -298,13 +300,14 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     what = f"model.init_from={str(path)!r}"
     sd = _read_weights(_folder(path)) if path.is_dir() else read_safetensors(path, what)
     check_finite(sd, what)
-    return state_dict_from_diffusers(sd)
+    return state_dict_from_diffusers(sd) if sd_names else sd
 
 
 def load_init_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Load model.init_from into `module` in place (see read_init_weights); WeightsError when it does not
-    fit the model config."""
-    load_weights(module, read_init_weights(path), f"model.init_from={str(path)!r}")
+    """Load model.init_from into `module` (a model of any family) in place (see read_init_weights);
+    WeightsError when it does not fit the model config."""
+    sd = read_init_weights(path, sd_names=getattr(module, "family", "sd") == "sd")
+    load_weights(module, sd, f"model.init_from={str(path)!r}")
 
 
 def write_diffusers(sd: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> None:

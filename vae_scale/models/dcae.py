@@ -9,7 +9,7 @@ over channels, which the fused rms_norm_act kernel computes.
 
 Module names equal diffusers' AutoencoderDC (0.42), so state_dict() keys are diffusers' keys and weights
 move between the two with load_state_dict. The model is written for one device: activation checkpointing,
-channels_last, compile and FSDP are applied from outside, to block_modules().
+channels_last, compile and FSDP are applied from outside, at blocks().
 """
 
 from __future__ import annotations
@@ -528,6 +528,7 @@ class DCAE(nn.Module):
 
     family: ClassVar[str] = "dcae"
     diffusers_classes: ClassVar[tuple[str, ...]] = ("AutoencoderDC",)
+    uses_every_parameter: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig | DCAEConfig):
         super().__init__()
@@ -569,8 +570,13 @@ class DCAE(nn.Module):
 
         config: the config.json to write (default: this model's), e.g. one with a measured scaling_factor.
         """
-        config = config_to_diffusers(self.arch) if config is None else config
+        config = self.diffusers_config() if config is None else config
         weights.write_diffusers(self.state_dict(), config, path)
+
+    def diffusers_config(self) -> dict:
+        """This model's config.json, from its ModelConfig as it stands (an export's measured latent
+        statistics included)."""
+        return config_to_diffusers(arch_config(self.config, DCAEConfig, SHARED))
 
     def blocks(self) -> list[str]:
         """Every ResBlock and EfficientViT block: where activation checkpointing and FSDP cut."""
@@ -592,10 +598,6 @@ class DCAE(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm2d):
                 m.kernels = impl
-
-    def block_modules(self) -> list[nn.Module]:
-        """The repeated blocks (ResBlock, EfficientViTBlock): FSDP's wrap units and the checkpointed units."""
-        return [m for m in self.modules() if isinstance(m, (ResBlock, EfficientViTBlock))]
 
     # -- shapes --------------------------------------------------------------------------------------------
 

@@ -201,16 +201,6 @@ class Flux2VAE(VAE):
         """This model's AutoencoderKLFlux2 config.json."""
         return config_to_diffusers(self.config)
 
-    @staticmethod
-    def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """The ModelConfig of an AutoencoderKLFlux2 config.json dict (see the module's function)."""
-        return config_from_diffusers(d, source)
-
-    @staticmethod
-    def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
-        """The AutoencoderKLFlux2 config.json of a ModelConfig (see the module's function)."""
-        return config_to_diffusers(cfg)
-
 
 # --------------------------------------------------------------------------------------------------------
 # config.json of AutoencoderKLFlux2

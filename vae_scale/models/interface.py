@@ -58,6 +58,8 @@ class Autoencoder(Protocol):
     """model.family of this class."""
     diffusers_classes: ClassVar[tuple[str, ...]]
     """The diffusers class names whose folders this family reads (the first is what it writes)."""
+    uses_every_parameter: ClassVar[bool]
+    """Whether every step's backward reaches every parameter (DDP then need not search for unused ones)."""
     config: ModelConfig
 
     def encode(self, x: torch.Tensor, tiled=False) -> Posterior: ...
@@ -94,6 +96,9 @@ class Autoencoder(Protocol):
     @classmethod
     def from_diffusers(cls, path: str | Path, **config_overrides) -> Autoencoder: ...
     def save_diffusers(self, path: str | Path, config: dict | None = None) -> None: ...
+    def diffusers_config(self) -> dict:
+        """The config.json this model writes (its diffusers class's keys), from its ModelConfig."""
+        ...
 
 
 def model_class(family: str) -> type:
@@ -107,6 +112,12 @@ def model_class(family: str) -> type:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A randomly initialised model of cfg.family (seeded by torch's global generator)."""
     return model_class(cfg.family)(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a model with this config, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def diffusers_family(path: str | Path) -> str:
@@ -152,6 +163,8 @@ def load_checkpoint(path: str | Path, ema: bool = False, **config_overrides) -> 
     # Both files checked against the checkpoint's manifest: DamagedCheckpoint names a damaged one.
     cfg = config_from_dict(yaml.safe_load(read_checkpoint_file(ckpt, "config.yaml"))).model
     state = read_checkpoint_file(ckpt, weights.name)
+    if ema:  # the EMA averages the trainable parameters only (train.trainable): frozen ones are vae's
+        state = {**read_checkpoint_file(ckpt, "vae.safetensors"), **state}
     model = build_model(dataclasses.replace(cfg, **config_overrides))
     model.load_state_dict(state)
     return model

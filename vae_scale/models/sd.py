@@ -80,6 +80,7 @@ class VAE(nn.Module):
 
     family = "sd"
     diffusers_classes = ("AutoencoderKL",)
+    uses_every_parameter = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -141,8 +142,12 @@ class VAE(nn.Module):
         config: the config.json to write (default: this model's, in diffusers' keys), e.g. the one a
         fine-tune was imported from, kept key for key.
         """
-        config = weights.config_to_diffusers(self.config) if config is None else config
+        config = self.diffusers_config() if config is None else config
         weights.write_diffusers(self.state_dict(), config, path)
+
+    def diffusers_config(self) -> dict:
+        """This model's config.json in diffusers' AutoencoderKL keys."""
+        return weights.config_to_diffusers(self.config)
 
     def set_kernels(self, impl: str) -> None:
         """Choose the fused-op backend for every GroupNorm and the posterior: auto | triton | torch."""

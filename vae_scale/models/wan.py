@@ -492,6 +492,7 @@ class WanVAE(nn.Module):
 
     family: ClassVar[str] = "wan"
     diffusers_classes: ClassVar[tuple[str, ...]] = (WAN, QWEN_IMAGE)
+    uses_every_parameter: ClassVar[bool] = False  # its temporal layers sit out a one-frame clip (an image)
 
     def __init__(self, config: ModelConfig | WanConfig):
         super().__init__()
@@ -529,8 +530,13 @@ class WanVAE(nn.Module):
     def save_diffusers(self, path: str | Path, config: dict | None = None) -> None:
         """Write a folder that model.arch.diffusers_class's from_pretrained loads unchanged (config: the
         config.json to write instead of this model's, e.g. with measured latent statistics)."""
-        config = config_to_diffusers(self.arch) if config is None else config
+        config = self.diffusers_config() if config is None else config
         weights.write_diffusers(self.state_dict(), config, path)
+
+    def diffusers_config(self) -> dict:
+        """This model's config.json, from its ModelConfig as it stands (an export's measured latent
+        statistics included)."""
+        return config_to_diffusers(arch_config(self.config, WanConfig, SHARED))
 
     def blocks(self) -> list[str]:
         """Residual blocks, attention blocks and resamples: where activation checkpointing and FSDP cut
@@ -554,11 +560,6 @@ class WanVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.kernels = impl
-
-    def block_modules(self) -> list[nn.Module]:
-        """The repeated blocks (FSDP units, activation-checkpointing units): residual blocks, attention blocks
-        and resamples. Checkpointing is sound for the whole-clip pass, which is what runs under autograd."""
-        return [m for m in self.modules() if isinstance(m, (ResidualBlock, AttentionBlock, Resample))]
 
     # -- shapes --------------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
     acc = build_accelerator(cfg, run_dir)        # process group, device, autocast, loss scaler, W&B
     cfg = resolved_config(cfg, acc)              # a copy with what the launch decided ("auto" precision)
-    vae = build_vae(cfg, sharded)                # the model, model.init_from, then its transforms
+    vae = build_vae(cfg, sharded)                # the model, model.init_from, what trains, its transforms
+    align = build_projection(cfg, criterion)     # the VF loss's latent projection, or None
     ae, line = parallelize(model, cfg, plan, acc)  # FSDP2 shards or DDP, and the start-up line saying which
     opt = build_optimizer(model, cfg, device)
     disc_ddp, disc_opt = build_discriminator(criterion.discriminator, cfg, acc)
@@ -26,29 +27,42 @@ from accelerate import Accelerator
 from vae_scale.config import Config
 from vae_scale.data.loader import build_train_loader
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
+from vae_scale.eval.drift import DriftReference
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
 from vae_scale.models.interface import Autoencoder as VAE
-from vae_scale.models.interface import build_model
+from vae_scale.models.interface import build_model, model_class
 from vae_scale.models.posterior import DiagonalGaussian
+from vae_scale.train.alignment import Aligned, LatentProjection
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
+from vae_scale.train.trainable import freeze
 from vae_scale.train.wrapping import prepare_model
 
 
 class Autoencoder(nn.Module):
-    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss).
+    """What DDP/FSDP wraps: the VAE plus the loss's learned likelihood scale (a module shared with VAELoss)
+    and the VF loss's latent projection (loss.align_weight > 0), both trained with the VAE.
 
     forward is one training forward; encode/decode run the VAE outside it (image logging, evaluation),
     which FSDP is told about so that it gathers the root's parameters for them too.
     """
 
-    def __init__(self, vae: VAE, likelihood: nn.Module | None, sample_posterior: bool = True):
+    def __init__(
+        self,
+        vae: VAE,
+        likelihood: nn.Module | None,
+        sample_posterior: bool = True,
+        align: LatentProjection | None = None,
+    ):
         super().__init__()
         self.vae = vae
         self.likelihood = likelihood
         self.sample_posterior = sample_posterior
+        self.align = align
+        if align is not None:
+            align.attach(vae)
 
     @property
     def config(self):
@@ -64,8 +78,9 @@ class Autoencoder(nn.Module):
         x: torch.Tensor,
         transforms: dict[str, Transform] | None = None,
         eps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode]]:
-        """(x_hat, posterior, KL per image, decodes of the transformed latents).
+    ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor, list[TransformedDecode], Aligned | None]:
+        """(x_hat, posterior, KL per image, decodes of the transformed latents, the projected latent for
+        the VF loss or None).
 
         transforms: this micro-batch's {term: Transform} (equivariance.draw_transforms), decoded from the
         same latent as x_hat. They run here, inside the one forward, because under FSDP every unit's forward
@@ -77,6 +92,9 @@ class Autoencoder(nn.Module):
             z, kl = posterior.sample_kl(eps)
         else:
             z, kl = posterior.mode(), posterior.kl()
+        aligned = None
+        if self.align is not None:  # z passes through the adaptive weight's junction (alignment.py)
+            z, aligned = self.align(z, posterior, x[0].numel())
         f = self.vae.downsample_factor
         # Before the main decode: LastLayer keeps the decoder's latest input, and the adversarial weight
         # must read the main reconstruction's.
@@ -84,20 +102,26 @@ class Autoencoder(nn.Module):
             TransformedDecode(term, t, self.vae.decode(t.apply(z)), f)
             for term, t in (transforms or {}).items()
         ]
-        return self.vae.decode(z), posterior, kl, extra
+        return self.vae.decode(z), posterior, kl, extra, aligned
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior of x, (B, 3, H, W) in [-1, 1]."""
-        return self.vae.encode(x)
+    def encode(self, x: torch.Tensor, tiled=False) -> DiagonalGaussian:
+        """The posterior of x, (B, 3, H, W) in [-1, 1] (tiled: as the model's encode takes it)."""
+        return self.vae.encode(x, tiled=tiled)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images from latents."""
-        return self.vae.decode(z)
+    def decode(self, z: torch.Tensor, tiled=False) -> torch.Tensor:
+        """Images from latents (tiled: as the model's decode takes it)."""
+        return self.vae.decode(z, tiled=tiled)
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     """Accelerate's process group, device, autocast, loss scaler and W&B tracker for this launch."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # DDP must look for parameters a step leaves unused only in a family that has some (Wan's temporal
+    # layers sit out a one-frame clip); the search costs a pass over the graph every step.
+    every = model_class(cfg.model.family).uses_every_parameter
     return Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not every)],
         # cpu=True where there is no GPU makes a torchrun/accelerate-launched CPU job use gloo (MULTI_CPU).
         cpu=not torch.cuda.is_available(),
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
@@ -113,10 +137,9 @@ def resolved_config(cfg: Config, acc: Accelerator) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
-def build_vae(cfg: Config, sharded: bool) -> VAE:
-    """The VAE with identical initial weights on every rank (seeded by train.seed), model.init_from's weights
-    when fine-tuning or starting a new phase from a run's checkpoint (a checkpoint to resume from overrides
-    them later), then checkpointing, channels_last and train.compile (transforms.prepare_model)."""
+def initial_vae(cfg: Config) -> VAE:
+    """The VAE's weights at step 0, every parameter trainable: the seeded initialisation (train.seed), then
+    model.init_from's weights when fine-tuning or starting a new phase from a run's checkpoint."""
     torch.manual_seed(cfg.train.seed)
     vae = build_model(cfg.model)
     if cfg.model.init_from:
@@ -126,7 +149,41 @@ def build_vae(cfg: Config, sharded: bool) -> VAE:
         else:  # a run or a checkpoint: a new phase of training from its weights
             sd = read_phase_weights(phase[0], "vae")
             load_weights(vae, sd or {}, f"model.init_from={cfg.model.init_from!r} ({phase[0]})")
+    return vae
+
+
+def build_vae(cfg: Config, sharded: bool) -> VAE:
+    """The VAE with identical initial weights on every rank (initial_vae; a checkpoint to resume from
+    overrides them later), train.trainable's requires_grad (train/trainable.py), then checkpointing,
+    channels_last and train.compile (transforms.prepare_model)."""
+    vae = initial_vae(cfg)
+    freeze(vae, cfg.train)
     return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
+
+
+def build_projection(cfg: Config, criterion: nn.Module) -> LatentProjection | None:
+    """The VF loss's learned latent projection (loss.align_weight > 0; the criterion holds the ViT whose
+    width it maps to), or None. Drawn from the global seed, so call it where every rank draws alike."""
+    if criterion.alignment is None:
+        return None
+    return LatentProjection(cfg.model.latent_channels, criterion.alignment.feature_dim, cfg.loss)
+
+
+def build_drift_reference(cfg: Config) -> DriftReference | None:
+    """latent_drift's reference in periodic evaluation: the run's step-0 weights (initial_vae), rebuilt from
+    the config rather than copied from the model, so that a resumed run has the same one; on the CPU (eval
+    moves it to the device for the pass). None when evaluation does not measure latent_drift.
+
+    Rebuilding the weights, not caching the step-0 latents: latents would need an evaluation pass before
+    step 1 and a place in every checkpoint; the weights cost host memory only. The global RNG is left as
+    it was, so the run's seeded draws are those of a run without it.
+    """
+    if not cfg.eval.every or "latent_drift" not in cfg.eval.metrics:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        vae = initial_vae(cfg)
+    source = f"model.init_from={cfg.model.init_from}" if cfg.model.init_from else f"seed {cfg.train.seed}"
+    return DriftReference(vae, f"the run's step-0 weights ({source})")
 
 
 def ensure_process_group(acc: Accelerator) -> None:

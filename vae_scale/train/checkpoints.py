@@ -271,9 +271,22 @@ def load_optimizers(
 ) -> None:
     """Load what save_optimizers wrote into the optimizers, resharded to this run's parameters."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {name: get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()}
+    # A parameter no gradient has reached yet (Wan's temporal convolutions while it trains on images) has
+    # no optimizer state in the folder, and must have none after the load either, as in the run that saved.
+    saved = set(SafeReader(folder).read_metadata().state_dict_metadata)
+    stateless: dict[str, bool] = {}
+    for name, s in state.items():
+        missing = [f for f, v in s["state"].items() if not any(f"{name}.state.{f}.{k}" in saved for k in v)]
+        for fqn in missing:
+            del s["state"][fqn]
+        stateless[name] = bool(missing)
     # DCP's own reader and planner unpickle what the folder holds; these admit data only (safe_dcp).
     dcp.load(
         state,
@@ -283,7 +296,8 @@ def load_optimizers(
         no_dist=not _distributed(),
     )
     for name, (module, opt) in optimizers.items():
-        set_optimizer_state_dict(module, opt, optim_state_dict=state[name])
+        options = StateDictOptions(strict=not stateless[name])
+        set_optimizer_state_dict(module, opt, optim_state_dict=state[name], options=options)
 
 
 def _distributed() -> bool:

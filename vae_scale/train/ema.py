@@ -1,5 +1,8 @@
 """The exponential moving average of a model's weights, kept in fp32 beside them (`optim.ema_decay`).
 
+It averages the trainable parameters only (train.trainable): a frozen weight's average is the weight itself,
+so a checkpoint's ema.safetensors holds the trainable ones and readers take the rest from vae.safetensors.
+
 Under FSDP2 the average holds this rank's shard of each parameter only; state_dict gathers full weights.
 """
 
@@ -68,12 +71,22 @@ class EMA:
                 for p, b in zip(self.params, backup):
                     local_shard(p).copy_(b)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Full weights (as state_dict gives them) into the average; this rank's shard of each under FSDP."""
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Full weights (as state_dict gives them) into the average; this rank's shard of each under FSDP.
+
+        A parameter `state` lacks (one that was frozen where the average was saved: the EMA keeps trainable
+        parameters only) starts from its current weights. Returns the names of those.
+        """
+        missing = []
         for name, p, s in zip(self.names, self.params, self.shadow):
+            if name not in state:
+                s.copy_(local_shard(p).detach().float())
+                missing.append(name)
+                continue
             full = state[name].to(s.device)
             if hasattr(p, "device_mesh"):  # take this rank's shard of the full tensor
                 from torch.distributed.tensor import distribute_tensor
 
                 full = distribute_tensor(full, p.device_mesh, p.placements).to_local()
             s.copy_(full)
+        return missing

@@ -35,14 +35,22 @@ Inference = Callable[[], AbstractContextManager]
 class TrainLog:
     """The run's metrics rows, previews and evaluations (see the module docstring).
 
-    monitor: None in a dry run (nothing is written then); eval_nets: metrics.load_eval_nets's networks.
+    monitor: None in a dry run (nothing is written then); eval_nets: metrics.load_eval_nets's networks;
+    inputs: the metrics' fixed inputs by name (latent_drift: build.build_drift_reference's).
     """
 
     def __init__(
-        self, cfg: Config, acc, monitor: Monitor | None, eval_nets: dict[str, nn.Module], fsdp: bool
+        self,
+        cfg: Config,
+        acc,
+        monitor: Monitor | None,
+        eval_nets: dict[str, nn.Module],
+        fsdp: bool,
+        inputs: dict[str, Any] | None = None,
     ):
         self.cfg, self.acc, self.device, self.monitor = cfg, acc, acc.device, monitor
         self.eval_nets, self.fsdp = eval_nets, fsdp
+        self.inputs = dict(inputs or {})  # fixed inputs of metrics by name (latent_drift: its reference)
         self.window = LogWindow()  # the steps since the last metrics row, and their wait for data
         self.preview: torch.Tensor | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results)
@@ -126,7 +134,7 @@ class TrainLog:
             # Sharded forwards are collectives: a rank out of batches runs padding ones until all are. And
             # a stop request must end the evaluation at the same batch on every rank.
             lockstep = Lockstep(self._agree, (cfg.model.in_channels, r, r) if self.fsdp else None)
-        inputs = {}
+        inputs = dict(self.inputs)
         if "rfid" in cfg.eval.metrics:
             if self._features is None:
                 self._features = inception_protocol(self.eval_nets["inception"])

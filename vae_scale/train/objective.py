@@ -50,6 +50,7 @@ from vae_scale.eval.likelihood import (
     quantize_8bit,
 )
 from vae_scale.eval.lpips import LPIPS, LPIPS_MIN_SIZE, LossConfigError, find_lpips_weights
+from vae_scale.train.alignment import Aligned, VFAlignment
 from vae_scale.train.discriminator import NLayerDiscriminator
 
 if TYPE_CHECKING:
@@ -174,6 +175,8 @@ class VAELoss(nn.Module):
         self.discriminator: nn.Module | None = None
         if cfg.disc_weight > 0:
             self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)
+        # The VF loss's frozen ViT (align_weight > 0); its projection lives in the trainer's Autoencoder.
+        self.alignment = VFAlignment(cfg) if cfg.align_weight > 0 else None
 
     @property
     def logvar(self) -> torch.Tensor | None:
@@ -308,6 +311,7 @@ class VAELoss(nn.Module):
         step: int,
         last_layer: LastLayer | None = None,
         transformed: Sequence[TransformedDecode] = (),
+        aligned: Aligned | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss (0-dim, float32) and logs (0-dim detached tensors, no host sync).
 
@@ -318,6 +322,8 @@ class VAELoss(nn.Module):
         image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight, disc_factor], [bits_per_dim],
         [logvar | log_scale], [se_loss], [eq_loss]. transformed: decodes of transformed latents from this
         forward, for the scale-equivariance and EQ-VAE terms (transformed_loss), added as ordinary terms.
+        aligned: the projected latent of this forward, for the VF loss (alignment.py; loss.align_weight > 0),
+        which logs align_loss, align_cos, align_distmat and align_adaptive.
 
         With the adversarial term on and gradients enabled, the terms that depend on x_hat are computed on a
         detached copy, their gradients w.r.t. it taken there, weighted, and sent into the model through x_hat
@@ -364,6 +370,11 @@ class VAELoss(nn.Module):
             }
         if self.cfg.se_weight > 0 or self.cfg.eq_weight > 0 or transformed:
             loss = loss + self.transformed_loss(x, transformed, logs)
+        if self.alignment is not None:
+            if aligned is None:
+                raise ValueError("loss.align_weight > 0 needs the projected latent (aligned), got None")
+            term, align_logs = self.alignment.loss(x, aligned, P)
+            loss, logs = loss + term, logs | align_logs
 
         logs |= {
             "loss": loss.detach(),

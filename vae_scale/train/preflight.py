@@ -26,6 +26,7 @@ import torch
 from vae_scale.config import Config, ConfigError, DataConfig
 from vae_scale.models.interface import Autoencoder as VAE
 from vae_scale.models.interface import build_model
+from vae_scale.train.alignment import encoder_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -590,6 +591,8 @@ def _weights_problems(cfg: Config) -> list[str]:
             find_inception(cfg.eval.inception_path)
         except MetricError as e:
             problems.append(f"eval.metrics has rfid: {e}")
+    if cfg.loss.align_weight > 0 and encoder_file_problem(cfg.loss.align_encoder):
+        problems.append(encoder_file_problem(cfg.loss.align_encoder))
     if cfg.model.init_from and not Path(cfg.model.init_from).expanduser().exists():
         problems.append(f"model.init_from={cfg.model.init_from} does not exist")
     return problems

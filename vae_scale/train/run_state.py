@@ -26,21 +26,36 @@ from vae_scale.train.fsdp import local_shard
 
 log = logging.getLogger(__name__)
 
+ALIGN_PREFIX = "align."
+"""The VF loss's latent projection in the Autoencoder's and the loss file's names."""
+
+
+def _align_weights(model: nn.Module, saved: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The saved projection weights that fit this model's projection; {} when it has none or they differ
+    (a run that starts aligning, or aligns to another encoder, starts its projection afresh)."""
+    own = {k: p.shape for k, p in model.named_parameters() if k.startswith(ALIGN_PREFIX)}
+    saved = {k: v for k, v in (saved or {}).items() if k.startswith(ALIGN_PREFIX)}
+    if not own or saved.keys() != own.keys() or any(saved[k].shape != own[k] for k in own):
+        return {}
+    return saved
+
 
 def trained_weights(
     model: nn.Module, criterion: nn.Module, disc: nn.Module | None, ema: EMA | None
 ) -> dict[str, dict[str, torch.Tensor] | None]:
     """{"vae", "ema", "loss", "discriminator"} -> full state dict (None: the run has none), the files of a
-    checkpoint. model: the Autoencoder (VAE + learned likelihood). Gathered under FSDP: call on every rank.
+    checkpoint. model: the Autoencoder (VAE + learned likelihood + the VF loss's projection, which goes
+    into "loss" under its own names, align.*). Gathered under FSDP: call on every rank.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    align = {k: v for k, v in full.items() if k.startswith(ALIGN_PREFIX)}
     vae = {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")}
     return {
         "vae": vae,
         # A whole state dict, loadable as the model: the averaged parameters and the model's buffers, which
         # are not averaged (FLUX.2's latent statistics, BatchNorm running statistics).
         "ema": {**vae, **ema.state_dict()} if ema is not None else None,
-        "loss": criterion.likelihood_state(),
+        "loss": criterion.likelihood_state() | align,
         "discriminator": disc.state_dict() if disc is not None else None,
     }
 
@@ -60,7 +75,13 @@ def load_trained_weights(
     if criterion.likelihood is not None:
         name = criterion.likelihood.name
         full[f"likelihood.{name}"] = weights["loss"][name].reshape(-1)  # once saved 0-dim
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    align = _align_weights(model, weights.get("loss"))
+    fresh_align = not align and any(k.startswith(ALIGN_PREFIX) for k, _ in model.named_parameters())
+    full |= align
+    options = StateDictOptions(full_state_dict=True, strict=not fresh_align)
+    set_model_state_dict(model, full, options=options)
+    if fresh_align and main:
+        log.info("VF alignment on: %s has no projection of this shape; it starts afresh", path)
     if disc is not None and "discriminator" in weights:
         disc.load_state_dict(weights["discriminator"])
     if ema is not None and "ema" in weights:
@@ -133,8 +154,10 @@ def load_phase_start(
     if ema is not None:
         weights = read_phase_weights(path, "ema")
         if weights is not None:
-            ema.load_state_dict(weights)
-            kept.append("EMA")
+            # A parameter this phase trains that the checkpoint's EMA lacks (frozen there) starts from its
+            # weights.
+            missing = ema.load_state_dict(weights)
+            kept.append(f"EMA ({len(missing)} tensors from the weights)" if missing else "EMA")
         else:
             fresh.append("EMA (from the VAE weights)")
     if criterion.likelihood is not None:
@@ -151,6 +174,13 @@ def load_phase_start(
             kept.append(f"loss {name}")
         else:
             fresh.append(f"loss {name}")
+    if any(k.startswith(ALIGN_PREFIX) for k, _ in model.named_parameters()):
+        align = _align_weights(model, read_phase_weights(path, "loss"))
+        if align:
+            set_model_state_dict(model, align, options=StateDictOptions(full_state_dict=True, strict=False))
+            kept.append("VF projection")
+        else:
+            fresh.append("VF projection")
     if disc is not None:
         old, new = saved.loss, cfg.loss
         shape = ("disc_layers", "disc_channels")

@@ -29,6 +29,7 @@ from vae_scale.formats.checkpoint import (
     verify_checkpoint,
 )
 from vae_scale.train.run_state import phase_start
+from vae_scale.train.trainable import trainable_names
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no such file or folder")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
+    if cfg.train.trainable or cfg.train.frozen:  # the names of a model built on the meta device: no memory
+        import torch
+
+        from vae_scale.models.interface import build_model
+
+        with torch.device("meta"):
+            names = [n for n, _ in build_model(cfg.model).named_parameters()]
+        trainable_names(names, cfg.train)
 
 
 def check_resume(cfg: Config) -> None:
@@ -106,9 +115,13 @@ def check_resume(cfg: Config) -> None:
         pairs.append(("loss.logistic_per_channel", old.logistic_per_channel, new.logistic_per_channel))
     if old.disc_weight > 0 and new.disc_weight > 0:
         pairs += [(f"loss.{k}", getattr(old, k), getattr(new, k)) for k in ("disc_layers", "disc_channels")]
+    # What trains shapes the optimizer state and the EMA a checkpoint holds.
+    pairs += [(f"train.{k}", getattr(saved.train, k), getattr(cfg.train, k)) for k in ("trainable", "frozen")]
     differ = [f"{key} {a} -> {b}" for key, a, b in pairs if a != b]
     if (old.disc_weight > 0) != (new.disc_weight > 0):  # the discriminator comes or goes
         differ.append(f"loss.disc_weight {old.disc_weight:g} -> {new.disc_weight:g}")
+    if (old.align_weight > 0) != (new.align_weight > 0):  # the VF loss's projection comes or goes
+        differ.append(f"loss.align_weight {old.align_weight:g} -> {new.align_weight:g}")
     if differ:
         raise ConfigError(
             f"{path} was trained with another model than this config ({'; '.join(differ)}): give the "

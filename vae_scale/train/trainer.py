@@ -44,9 +44,11 @@ from vae_scale.train.build import (
     Autoencoder,
     build_accelerator,
     build_discriminator,
+    build_drift_reference,
     build_ema,
     build_loader,
     build_optimizer,
+    build_projection,
     build_vae,
     learning_rate,
     parallelize,
@@ -74,6 +76,7 @@ from vae_scale.train.startup import (
     resume_plan,
 )
 from vae_scale.train.summary import summary
+from vae_scale.train.trainable import describe as describe_trainable
 from vae_scale.train.wrapping import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -113,8 +116,9 @@ class Trainer:
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
-        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
+        self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior, align)
         model.to(self.device)
         # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
         self.disc = self.criterion.discriminator
@@ -141,6 +145,8 @@ class Trainer:
             disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
             strategy=strategy,
         )
+        if cfg.train.trainable or cfg.train.frozen:
+            self.plan_lines.append(describe_trainable(vae, cfg.train))
         if acc.is_main_process:
             print("\n".join(self.plan_lines), flush=True)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, acc)
@@ -172,7 +178,9 @@ class Trainer:
         elif phase is not None:  # build_vae loaded the VAE weights; the rest of what carries over
             started = load_phase_start(*phase, cfg, self.model, self.criterion, self.disc, self.ema)
         self.monitor = Monitor(cfg, acc, start_step=self.step, total_steps=cfg.train.steps)
-        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp)  # rows, previews, evals
+        drift = build_drift_reference(cfg)
+        inputs = {"latent_drift": drift} if drift is not None else {}
+        self.train_log = TrainLog(cfg, acc, self.monitor, eval_nets, self.fsdp, inputs)  # rows, evals
         if path is not None:
             self.monitor.write(f"resumed from {path} at step {self.step}")
         elif phase is not None:
@@ -312,9 +320,16 @@ class Trainer:
         the step with another implementation on the same sample (None draws it, as training does).
         """
         with self.acc.autocast():
-            x_hat, posterior, kl, transformed = self.ae(x, transforms, eps=eps)
+            x_hat, posterior, kl, transformed, aligned = self.ae(x, transforms, eps=eps)
             loss, logs = self.criterion.autoencoder_loss(
-                x, x_hat, posterior, kl, self.step, last_layer=self.last_layer, transformed=transformed
+                x,
+                x_hat,
+                posterior,
+                kl,
+                self.step,
+                last_layer=self.last_layer,
+                transformed=transformed,
+                aligned=aligned,
             )
         return x_hat, posterior, loss, logs
 
