@@ -267,7 +267,7 @@ def run_demo(
 def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str] | tuple[str, ...]) -> int:
     """run_demo's work, on the current torch threads."""
     from vae_scale.data.shards import write_shards
-    from vae_scale.models.sd import VAE
+    from vae_scale.models.interface import load_checkpoint
     from vae_scale.train.monitor import write_report
     from vae_scale.train.trainer import train
 
@@ -300,7 +300,7 @@ def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str]
         return 0
 
     ema = cfg.optim.ema_decay > 0  # the average of the last steps' weights, steadier than the last step's
-    vae = VAE.from_checkpoint(run_dir, ema=ema)
+    vae = load_checkpoint(run_dir, ema=ema)  # the demo preset, or any family's with model.preset=...
     crops = heldout_crops(data, EVAL_RESOLUTION)
     rows, shown = heldout_rows(vae, crops)
     pixel_values = crops[0].numel()
