@@ -20,7 +20,6 @@ pieces a run is made of are built in build.py; a Trainer puts them together:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from vae_scale import kernels
 from vae_scale.config import Config
+from vae_scale.data.source import BatchSource
 from vae_scale.eval.equivariance import draw_transforms
 from vae_scale.eval.metrics import load_eval_nets
 from vae_scale.files import folder_bytes
@@ -53,11 +53,12 @@ from vae_scale.train.build import (
     resolved_config,
 )
 from vae_scale.train.checkpoints import CheckpointManager
+from vae_scale.train.checks import WeightFiles, check_run, sample_lines, wandb_fallback
 from vae_scale.train.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
 from vae_scale.train.log import TrainLog
 from vae_scale.train.monitor import Monitor
 from vae_scale.train.objective import LastLayer, VAELoss
-from vae_scale.train.preflight import NotReady, preflight, problems_before_start, sample_lines, wandb_fallback
+from vae_scale.train.preflight import preflight
 from vae_scale.train.run_state import (
     load_phase_start,
     load_trained_weights,
@@ -66,13 +67,7 @@ from vae_scale.train.run_state import (
     weights_fingerprint,
 )
 from vae_scale.train.signals import StopFlag
-from vae_scale.train.startup import (
-    check_new_phase,
-    check_resume,
-    check_trainable,
-    prepare_run_dir,
-    resume_plan,
-)
+from vae_scale.train.startup import prepare_run_dir, resume_plan
 from vae_scale.train.summary import summary
 from vae_scale.train.wrapping import to_channels_last
 
@@ -91,14 +86,24 @@ class Trainer:
     with what the launch decided (see build.resolved_config).
     """
 
-    def __init__(self, cfg: Config, plan: FSDPPlan | None = None, dry_run: bool = False, loader: Any = None):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: FSDPPlan | None = None,
+        dry_run: bool = False,
+        loader: BatchSource | None = None,
+        weights: WeightFiles | None = None,
+    ):
         """Everything a run needs, built, checked and resumed. dry_run: the same, but nothing is written or
         resumed (no config.yaml, no monitor, no evaluation networks loaded); `plan_lines` say what the launch
-        does. loader: batches to train on in place of data.train's (the interface of SyntheticLoader)."""
+        does. loader: batches to train on in place of data.train's.
+
+        plan, weights: what train()'s check pass found (checks.check_run); a Trainer built without them
+        (a test's) makes the FSDP plan and looks the weight files up itself.
+        """
         self.dry_run = dry_run
-        # What the launch asks for is checked before the process group starts (one line, exit 2); train()
-        # checks it before the run folder is touched and passes the plan on.
         self.plan: FSDPPlan = plan if plan is not None else fsdp_plan(cfg, cuda=torch.cuda.is_available())
+        weights = weights or WeightFiles()
         self.fsdp = self.plan.enabled
         self.run_dir = Path(cfg.run.dir)
         self.acc = acc = build_accelerator(cfg, self.run_dir)
@@ -112,7 +117,7 @@ class Trainer:
 
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
-        self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        self.criterion = VAELoss(cfg.loss, cfg.model.in_channels, lpips_files=weights.lpips).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
         model.to(self.device)
@@ -123,9 +128,7 @@ class Trainer:
         self.opt = build_optimizer(model, cfg, self.device)
         self.disc_ddp, self.disc_opt = build_discriminator(self.disc, cfg, acc)
         self.ema = build_ema(vae, cfg)
-        if loader is None:
-            loader = build_loader(cfg, acc.process_index, acc.num_processes)
-        self.loader = loader
+        self.loader: BatchSource = loader or build_loader(cfg, acc.process_index, acc.num_processes)
 
         self.plan_lines = preflight(
             cfg,
@@ -162,7 +165,7 @@ class Trainer:
             self._it: Iterator[dict[str, Any]] | None = None
             return
         # Missing LPIPS / Inception weights stop the run here, before anything is resumed.
-        eval_nets = load_eval_nets(cfg, cfg.eval.metrics) if cfg.eval.every else {}
+        eval_nets = load_eval_nets(cfg, cfg.eval.metrics, **weights.paths()) if cfg.eval.every else {}
         self.ckpt.clean_partial()
         path = self.resume_path()
         phase = phase_start(cfg.model.init_from) if cfg.model.init_from and path is None else None
@@ -571,35 +574,28 @@ class Trainer:
 def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     """Train with a resolved config; returns the last logged metrics plus the final step.
 
-    Checks everything that can be checked before a process group starts or a file is written (NotReady
-    lists every missing thing at once); a stop signal from then on ends the run with a checkpoint at the end
-    of the step in flight. dry_run: the checks, then the Trainer built as the run would build it and its
-    plan printed; nothing is trained or written. Returns {} then.
+    The check pass (checks.check_run) runs first and stops the run with every problem it finds at once,
+    before a process group starts or a file is written; a stop signal from then on ends the run with a
+    checkpoint at the end of the step in flight. dry_run: the checks, then the Trainer built as the run
+    would build it and its plan printed; nothing is trained or written. Returns {} then.
     """
-    check_trainable(cfg)
-    check_resume(cfg)
-    phase = check_new_phase(cfg)
-    if phase is not None:  # that checkpoint, not the run's newest when read again: config.yaml records it
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(phase)))
-    plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
-    problems = problems_before_start(cfg)
-    if problems:
-        raise NotReady(problems)
-    cfg = wandb_fallback(cfg)
-    lock = prepare_run_dir(cfg, dry_run=dry_run)
+    findings = check_run(cfg)
+    findings.raise_if_any()
+    cfg = wandb_fallback(findings.cfg)
     if dry_run:
         resume = resume_plan(cfg)
-        trainer = Trainer(cfg, plan, dry_run=True)
+        trainer = Trainer(cfg, findings.plan, dry_run=True, weights=findings.weights)
         trainer.loader.close()
         if trainer.acc.is_main_process:
             print(resume)
             print("\n".join(sample_lines(cfg)))
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
+    lock = prepare_run_dir(cfg)
     stop = StopFlag()
     stop.install()
     try:
-        return Trainer(cfg, plan).fit(stop)
+        return Trainer(cfg, findings.plan, weights=findings.weights).fit(stop)
     finally:
         stop.restore()
         if lock is not None:
