@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from vae_scale.config import Config
 from vae_scale.data.loader import build_train_loader
+from vae_scale.data.source import BatchSource
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
@@ -243,7 +244,7 @@ def build_ema(vae: VAE, cfg: Config) -> EMA | None:
     return EMA(vae_names(vae), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
 
-def build_loader(cfg: Config, rank: int, world: int):
+def build_loader(cfg: Config, rank: int, world: int) -> BatchSource:
     """The training batches of this rank: shard loader, or synthetic images for `data.train=synthetic`."""
     if cfg.data.train == SYNTHETIC:
         return SyntheticLoader(
