@@ -334,10 +334,6 @@ class TrainConfig:
     """Rollbacks in a row (no new healthy checkpoint in between) before the run stops; 0 never rolls back."""
     sample_posterior: bool = True
     """Decode a reparameterised sample (a VAE); false decodes the posterior mean (KL still applies)."""
-    debug_nonfinite_step: int = -1
-    """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
-    debug_nonfinite_rank: int = 0
-    """Rank that debug_nonfinite_step poisons."""
 
     def __post_init__(self):
         _check_positive("train.steps", self.steps)
@@ -350,8 +346,6 @@ class TrainConfig:
         _check_positive("train.max_consecutive_skips", self.max_consecutive_skips)
         _check_range("train.rollback_lr_scale", self.rollback_lr_scale, low=0, high=1)
         _check_range("train.max_rollbacks", self.max_rollbacks, low=0)
-        _check_range("train.debug_nonfinite_step", self.debug_nonfinite_step, low=-1)
-        _check_range("train.debug_nonfinite_rank", self.debug_nonfinite_rank, low=0)
 
 
 @dataclass
@@ -613,6 +607,11 @@ def _build(tree: dict[str, Any]) -> Config:
     return Config(**built)
 
 
+RETIRED_KEYS = {"train.debug_nonfinite_step": -1, "train.debug_nonfinite_rank": 0}
+"""Keys that earlier versions wrote into every run's config.yaml and this one no longer has: a file that
+holds one at its old default (where it changed nothing) still reads; any other value is an unknown key."""
+
+
 def _flatten(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     sections = _field_types(Config)
     tree: dict[str, dict[str, Any]] = {}
@@ -624,7 +623,9 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section} in {source} must be a mapping")
         for k, v in values.items():
-            _set(tree, f"{section}.{k}", v)
+            key = f"{section}.{k}"
+            if key not in RETIRED_KEYS or v != RETIRED_KEYS[key]:
+                _set(tree, key, v)
     return tree
 
 

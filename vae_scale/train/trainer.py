@@ -342,11 +342,6 @@ class Trainer:
             transforms = draw_transforms(cfg.loss, cfg.train.seed, self.step, micro)
             with self._accumulating(self.ae, sync):
                 x_hat, posterior, loss, logs = self.forward_loss(x, transforms)
-                if (
-                    cfg.train.debug_nonfinite_step == self.step
-                    and cfg.train.debug_nonfinite_rank == acc.process_index
-                ):
-                    loss = loss * float("nan")
                 finite = finite * torch.isfinite(loss.detach())
                 acc.backward(loss / accum)
             if disc_on:
