@@ -10,7 +10,7 @@ from contextlib import closing
 from dataclasses import dataclass
 
 from vae_scale.config import DataConfig
-from vae_scale.data.loader import TOO_SMALL, _Bad, _decode
+from vae_scale.data.decode import TOO_SMALL, Unusable, decode_sample
 from vae_scale.data.shard_reader import BadTally, ShardUnit, expand_shards, read_unit
 
 SAMPLE_SIZE = 100
@@ -66,9 +66,9 @@ def read_data_sample(data: DataConfig, split: str = "train", n: int = SAMPLE_SIZ
                 if taken >= per_shard:
                     break
                 try:
-                    _decode(raw, data.resolution, None, False, data.resize, data.upscale_small)
+                    decode_sample(raw, data.resolution, None, False, data.resize, data.upscale_small)
                     sample.usable += 1
-                except _Bad as b:
+                except Unusable as b:
                     if b.kind == TOO_SMALL:
                         sides.append(b.short_side)
                     else:

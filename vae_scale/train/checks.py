@@ -226,7 +226,7 @@ def _sampled_splits(cfg: Config) -> list[str]:
 def _sample_problems(cfg: Config) -> list[str]:
     """A sample of data.train (and data.val when evaluating) must hold usable images, and not more bad
     ones than data.max_error_fraction allows."""
-    from vae_scale.data.loader import too_small_remedy
+    from vae_scale.data.decode import too_small_remedy
 
     problems = []
     for split in _sampled_splits(cfg):
