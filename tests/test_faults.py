@@ -25,7 +25,7 @@ from vae_scale.formats.checkpoint import (
     write_manifest,
 )
 from vae_scale.models.sd import VAE
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 from vae_scale.train.trainer import train
 
 SYNTHETIC = [*TINY, "data.train=synthetic"]

@@ -30,7 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from vae_scale.cli import main as cli_main
 from vae_scale.formats.checkpoint import complete_checkpoints, latest_checkpoint
 from vae_scale.models.sd import VAE
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 from vae_scale.train.trainer import TrainingStopped, train
 
 # The runs here write reconstructions on the way (every 4 steps), as a real run does.
