@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config, ConfigError
+from vae_scale.config import Config, ConfigError, DataConfig, LogConfig
 from vae_scale.data.sample import SAMPLE_SIZE, read_data_sample
 from vae_scale.data.shard_reader import DataError
 from vae_scale.data.synthetic import SYNTHETIC
@@ -120,8 +120,8 @@ def check_run(cfg: Config, cuda: bool | None = None) -> Findings:
     init = _init_from_problem_or_path(cfg, findings)
     with findings.catching():
         findings.plan = fsdp_plan(cfg, cuda=torch.cuda.is_available() if cuda is None else cuda)
-    val = _val_problem(cfg) if cfg.eval.every else None
-    wandb = _wandb_problem(cfg)
+    val = _val_problem(cfg.data, cfg.eval.every) if cfg.eval.every else None
+    wandb = _wandb_problem(cfg.log)
     findings.add(val)
     findings.add(wandb)
     if not (val or wandb) or not cfg.eval.every:  # data.val's sample only once it has samples
@@ -134,7 +134,7 @@ def check_run(cfg: Config, cuda: bool | None = None) -> Findings:
         findings.add(_missing_init_from(cfg))
     findings.add(disk_problem(cfg))
     with findings.catching():
-        check_run_dir(cfg)
+        check_run_dir(cfg.run.dir)
     return findings
 
 
@@ -180,38 +180,40 @@ def _missing_init_from(cfg: Config) -> str | None:
     return None
 
 
-def check_run_dir(cfg: Config) -> None:
+def check_run_dir(run_dir: str | Path) -> None:
     """run.dir and its checkpoints/ and images/ can be written (a missing run folder: its nearest existing
-    parent), and no other run holds the folder's lock. OutputError naming the place or the holder.
+    parent), and (on rank 0, the one that takes it) no other run holds the folder's lock. OutputError naming
+    the place or the holder.
 
     Creates and locks nothing: the run itself does that (startup.prepare_run_dir)."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = Path(run_dir)
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor))
     what = "run.dir" if existing == run_dir else f"run.dir {run_dir}: its parent"
     check_writable_dir(existing, what, create=False)
     for sub in ("checkpoints", "images"):
         check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
-    RunLock(run_dir).check_free()
+    if int(os.environ.get("RANK", "0")) == 0:  # the others would find rank 0's lock, taken once it passed
+        RunLock(run_dir).check_free()
 
 
 # --------------------------------------------------------------------------------------------------------
 # Data: validation samples, and a sample read as the loader reads it
 
 
-def _val_problem(cfg: Config) -> str | None:
-    """data.val must hold at least one sample when in-loop evaluation is on (local shards are counted;
-    remote ones are read at the first evaluation)."""
+def _val_problem(data: DataConfig, every: int) -> str | None:
+    """data.val must hold at least one sample when in-loop evaluation is on (eval.every > 0; local shards
+    are counted, remote ones are read at the first evaluation)."""
     from vae_scale.data.shard_reader import count_samples, expand_shards
 
-    if not cfg.data.val:
-        return f"eval.every={cfg.eval.every} evaluates on data.val, which is empty (set it, or eval.every=0)"
+    if not data.val:
+        return f"eval.every={every} evaluates on data.val, which is empty (set it, or eval.every=0)"
     try:
-        urls = expand_shards(cfg.data.val, "val")
+        urls = expand_shards(data.val, "val")
     except DataError as e:
-        return f"eval.every={cfg.eval.every}: data.val: {e}"
+        return f"eval.every={every}: data.val: {e}"
     if count_samples(urls) == 0:
         return (
-            f"eval.every={cfg.eval.every}: data.val={cfg.data.val} holds no samples ({len(urls)} empty "
+            f"eval.every={every}: data.val={data.val} holds no samples ({len(urls)} empty "
             "shards); write some with `vae-scale shards --val-fraction`, or set eval.every=0"
         )
     return None
@@ -288,9 +290,9 @@ def _find_weights(cfg: Config, findings: Findings) -> WeightFiles:
     return found
 
 
-def _wandb_problem(cfg: Config) -> str | None:
+def _wandb_problem(log_cfg: LogConfig) -> str | None:
     """log.wandb=online needs W&B credentials on this machine (checked without the network)."""
-    if cfg.log.wandb != "online":
+    if log_cfg.wandb != "online":
         return None
     try:
         import wandb
