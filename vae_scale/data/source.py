@@ -1,7 +1,7 @@
 """What the trainer draws its batches from: the interface the shard loader (loader.TrainLoader), the
 synthetic loader (synthetic.SyntheticLoader) and a benchmark's fixed batches share.
 
-    source: BatchSource = build_loader(cfg.data, ...)
+    source: BatchSource = build_loader(cfg.data, cfg.train.seed, rank, world)   # train/build.py
     for batch in source:                       # endless; batch["images"]: float32 (B, C, H, W) in [-1, 1]
         ...
     state = source.state_dict()                # the position, saved per rank in a checkpoint

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config
+from vae_scale.config import Config, ModelConfig
 from vae_scale.models.sd import VAE
 from vae_scale.train.disk import disk_line
 
@@ -74,17 +74,18 @@ def saved_activation_bytes(vae: VAE, resolution: int, batch: int = 1) -> tuple[i
     return sum(saved.values()), max(saved.values(), default=0)
 
 
-def _meta_vae(cfg: Config, checkpointing: bool) -> VAE:
+def _meta_vae(model: ModelConfig, checkpointing: bool) -> VAE:
+    """The model on the meta device (nothing allocated), with activation checkpointing when asked."""
     from vae_scale.train.wrapping import apply_activation_checkpointing
 
     with torch.device("meta"):
-        vae = VAE(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
+        vae = VAE(dataclasses.replace(model, gradient_checkpointing=False, kernels="torch"))
     return apply_activation_checkpointing(vae) if checkpointing else vae
 
 
-def _largest_block_bytes(cfg: Config) -> int:
+def _largest_block_bytes(model: ModelConfig, resolution: int) -> int:
     """Saved bytes of the most expensive checkpointed block (recomputed one at a time in backward)."""
-    vae = _meta_vae(cfg, checkpointing=False)
+    vae = _meta_vae(model, checkpointing=False)
     from vae_scale.train.wrapping import checkpointed_blocks
 
     shapes: dict[int, torch.Size] = {}
@@ -94,7 +95,7 @@ def _largest_block_bytes(cfg: Config) -> int:
         for i, b in enumerate(blocks)
     ]
     with torch.no_grad():
-        x = torch.zeros(1, cfg.model.in_channels, cfg.data.resolution, cfg.data.resolution, device="meta")
+        x = torch.zeros(1, model.in_channels, resolution, resolution, device="meta")
         vae.decode(vae.encode(x).mode())
     for h in hooks:
         h.remove()
@@ -113,7 +114,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Estimated peak bytes per process for training `cfg` (see the module docstring)."""
     checkpointing = cfg.model.gradient_checkpointing
-    vae = _meta_vae(cfg, checkpointing)
+    vae = _meta_vae(cfg.model, checkpointing)
     n_params = sum(p.numel() for p in vae.parameters())
     per_param = ADAMW_BYTES + (4 if cfg.optim.ema_decay > 0 else 0)
     params = n_params * per_param + disc_params * ADAMW_BYTES
@@ -128,8 +129,8 @@ def estimate_memory(
         params = params // world_size + 2 * largest
     per_image, largest = saved_activation_bytes(vae, cfg.data.resolution)
     if checkpointing:
-        per_image += _largest_block_bytes(cfg)
-        largest = max(largest, saved_activation_bytes(_meta_vae(cfg, False), cfg.data.resolution)[1])
+        per_image += _largest_block_bytes(cfg.model, cfg.data.resolution)
+        largest = max(largest, saved_activation_bytes(_meta_vae(cfg.model, False), cfg.data.resolution)[1])
     # In backward, at the largest activation: its gradient, its input's gradient, the GroupNorm+SiLU
     # backward's recomputed normalised values and SiLU derivative (the fused op saves x, not them) and the
     # convolution's workspace: about five activation-sized buffers (calibrated against measured CPU peaks).

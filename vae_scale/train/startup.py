@@ -163,12 +163,12 @@ def resume_plan(cfg: Config) -> str:
     return f"resume         from {path}{passed}"
 
 
-def prepare_run_dir(cfg: Config) -> RunLock | None:
+def prepare_run_dir(run_dir: str | Path) -> RunLock | None:
     """Create the run folder; rank 0 locks it and returns the lock. OutputError (one line naming the place
     or the run holding it) when it cannot be written or another run holds it: checks.check_run_dir said so
     before any process started, unless something changed since.
     """
-    run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    run_dir = check_writable_dir(run_dir, "run.dir")
     for sub in ("checkpoints", "images"):
         check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -124,11 +124,13 @@ class Trainer:
         # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
         self.disc = self.criterion.discriminator
         self.last_layer = LastLayer(vae.decoder.conv_out) if self.disc is not None else None
-        self.ae, strategy = parallelize(model, cfg, self.plan, acc)
-        self.opt = build_optimizer(model, cfg, self.device)
+        self.ae, strategy = parallelize(model, cfg.train, self.plan, acc)
+        self.opt = build_optimizer(model, cfg.optim, self.device)
         self.disc_ddp, self.disc_opt = build_discriminator(self.disc, cfg, acc)
-        self.ema = build_ema(vae, cfg)
-        self.loader: BatchSource = loader or build_loader(cfg, acc.process_index, acc.num_processes)
+        self.ema = build_ema(vae, cfg.optim)
+        if loader is None:
+            loader = build_loader(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
+        self.loader: BatchSource = loader
 
         self.plan_lines = preflight(
             cfg,
@@ -372,7 +374,7 @@ class Trainer:
         ).float()
         nonfinite, stop, budget = (acc.reduce(flags, reduction="sum") > 0).tolist()
 
-        lr = learning_rate(cfg, self.step, self.lr_scale)
+        lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
         for group in self.opt.param_groups:
             group["lr"] = lr
         scaler = acc.scaler
@@ -445,7 +447,7 @@ class Trainer:
     def _advice(self) -> str:
         """The LR scale, the LR and what to try, for the message that stops a diverging run."""
         cfg = self.cfg
-        lr = learning_rate(cfg, self.step, self.lr_scale)
+        lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
         tips = [f"a lower optim.lr (now {cfg.optim.lr:g})", "more optim.warmup_steps"]
         if cfg.optim.grad_clip == 0:
             tips.append("optim.grad_clip=1 (clipping is off)")
@@ -586,7 +588,7 @@ def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
             print("\n".join(sample_lines(cfg)))
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
-    lock = prepare_run_dir(cfg)
+    lock = prepare_run_dir(cfg.run.dir)
     stop = StopFlag()
     stop.install()
     try:
