@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.config import Config, ConfigError, DataConfig, LogConfig
+from vae_scale.config import Config, ConfigError, DataConfig, LogConfig, ModelConfig
 from vae_scale.data.sample import SAMPLE_SIZE, read_data_sample
 from vae_scale.data.shard_reader import DataError
 from vae_scale.data.synthetic import SYNTHETIC
@@ -131,7 +131,7 @@ def check_run(cfg: Config, cuda: bool | None = None) -> Findings:
     if init is not None:
         findings.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(init)))
     else:
-        findings.add(_missing_init_from(cfg))
+        findings.add(_missing_init_from(cfg.model))
     findings.add(disk_problem(cfg))
     with findings.catching():
         check_run_dir(cfg.run.dir)
@@ -173,8 +173,9 @@ def _init_from_problem_or_path(cfg: Config, findings: Findings) -> Path | None:
     return None
 
 
-def _missing_init_from(cfg: Config) -> str | None:
-    init = cfg.model.init_from
+def _missing_init_from(model: ModelConfig) -> str | None:
+    """model.init_from names a place that does not exist (a `~` in it expanded)."""
+    init = model.init_from
     if init and not Path(init).expanduser().exists():
         return f"model.init_from={init!r}: no such file or folder"
     return None
