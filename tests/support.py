@@ -319,3 +319,37 @@ def kill_tree(proc: subprocess.Popen) -> None:
         child.kill()
     proc.kill()
     proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------------
+# A non-finite step, injected from the tests
+
+NONFINITE_TRAIN = ROOT / "tests" / "nonfinite_train.py"
+"""`vae-scale train` with a non-finite loss at one step on one rank (see that file)."""
+
+
+def poison_loss(target, step: int, rank: int = 0) -> None:
+    """Make the training loss NaN at `step` on `rank` (every time that step is taken, as after a rollback),
+    by wrapping Trainer.forward_loss on `target`: the Trainer class (every trainer of this process) or one
+    trainer. The step then goes through the trainer's real finite check, skip and rollback."""
+    forward = target.forward_loss
+
+    def forward_loss(*args, **kwargs):
+        trainer = target if not isinstance(target, type) else args[0]
+        x_hat, posterior, loss, logs = forward(*args, **kwargs)
+        if trainer.step == step and trainer.acc.process_index == rank:
+            loss = loss * float("nan")
+        return x_hat, posterior, loss, logs
+
+    target.forward_loss = forward_loss
+
+
+def nonfinite_train_command(
+    args: list[str], step: int, rank: int = 0, nproc: int = 1, config: str = "cpu-2proc.yaml"
+) -> list[str]:
+    """train_command's `vae-scale train ARGS` with the loss made non-finite at `step` on `rank` (poison_loss);
+    nproc > 1 launches it under accelerate with launch/accelerate/CONFIG."""
+    poisoned = [f"--nonfinite-step={step}", f"--nonfinite-rank={rank}", *args]
+    if nproc == 1:
+        return [sys.executable, str(NONFINITE_TRAIN), *poisoned]
+    return accelerate_launch(config, nproc, poisoned, program=(str(NONFINITE_TRAIN),))

@@ -23,8 +23,8 @@ from vae_scale.formats.checkpoint import latest_checkpoint
 from vae_scale.models.sd import VAE
 from vae_scale.train.alignment import FoundationEncoder, LatentProjection, encoder_weight_grad, vf_loss
 from vae_scale.train.build import Autoencoder
-from vae_scale.train.monitor import read_metrics
 from vae_scale.train.objective import VAELoss
+from vae_scale.train.report import read_metrics
 from vae_scale.train.startup import check_resume
 from vae_scale.train.trainer import train
 

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import harness, run, scaling, train_step
 from benchmarks.run import exit_code, run_suite, write_suite
-from benchmarks.train_step import DiffusersStep, Setting, TrainStep, Variant
+from benchmarks.steps import DiffusersStep, Setting, TrainStep, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ from support import ROOT, free_port
 
 from vae_scale.config import DataConfig
 from vae_scale.data import loader as data
-from vae_scale.data.loader import BAD_KINDS, DataError, build_train_loader, build_val_loader
+from vae_scale.data.bad_samples import BAD_KINDS
+from vae_scale.data.loader import DataError, build_train_loader, build_val_loader
 
 R = 32  # crop size in these tests
 

@@ -16,7 +16,7 @@ from support import (
 
 from vae_scale.config import load_config
 from vae_scale.eval.equivariance import draw_transforms
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 
 FSDP = "fsdp.yaml"
 DDP = "cpu-2proc.yaml"

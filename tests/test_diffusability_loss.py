@@ -14,8 +14,8 @@ from vae_scale.config import LossConfig, load_config
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.checkpoint import latest_checkpoint
 from vae_scale.train.build import Autoencoder
-from vae_scale.train.monitor import SPECTRUM_FILE, read_metrics
 from vae_scale.train.objective import LastLayer, VAELoss
+from vae_scale.train.report import SPECTRUM_FILE, read_metrics
 from vae_scale.train.trainer import train
 
 # On TINY: no attention block, no checkpoints.

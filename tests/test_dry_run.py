@@ -10,7 +10,7 @@ from support import TINY, write_photo_like_images
 
 from vae_scale.cli import main as cli_main
 from vae_scale.data.shards import write_shards
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 
 
 def _train(run_dir, *extra):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT, TINY, accelerate_launch, env, one_line_error
+from support import ROOT, TINY, env, nonfinite_train_command, one_line_error
 
 from vae_scale.cli import main as cli_main
 from vae_scale.config import load_config
@@ -25,7 +25,7 @@ from vae_scale.formats.checkpoint import (
     write_manifest,
 )
 from vae_scale.models.sd import VAE
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 from vae_scale.train.trainer import train
 
 SYNTHETIC = [*TINY, "data.train=synthetic"]
@@ -338,13 +338,15 @@ def test_two_processes_roll_back_together_and_stop_together_when_rollbacks_run_o
         f"run.dir={run_dir}",
         "train.steps=10",
         "checkpoint.every=1",
-        "train.debug_nonfinite_step=2",
-        "train.debug_nonfinite_rank=1",
         "train.max_consecutive_skips=1",
         "train.max_rollbacks=1",
     ]
     proc = subprocess.run(
-        accelerate_launch("cpu-2proc.yaml", 2, args), env=env(), capture_output=True, text=True, timeout=300
+        nonfinite_train_command(args, step=2, rank=1, nproc=2),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stdout.count("rolled back to step-000000002") == 1

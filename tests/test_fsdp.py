@@ -23,8 +23,8 @@ from vae_scale.formats.checkpoint import latest_checkpoint
 from vae_scale.models.sd import VAE, count_parameters
 from vae_scale.train.build import Autoencoder
 from vae_scale.train.fsdp import fsdp_plan, fsdp_units, shard
-from vae_scale.train.monitor import read_metrics
 from vae_scale.train.objective import VAELoss
+from vae_scale.train.report import read_metrics
 from vae_scale.train.wrapping import prepare_model
 
 FSDP = "fsdp.yaml"

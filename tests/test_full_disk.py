@@ -20,8 +20,8 @@ from vae_scale.cli import main as cli_main
 from vae_scale.config import load_config
 from vae_scale.files import folder_bytes, free_bytes
 from vae_scale.formats.checkpoint import latest_checkpoint, verify_checkpoint
-from vae_scale.train.monitor import read_metrics
-from vae_scale.train.preflight import checkpoint_bytes
+from vae_scale.train.disk import checkpoint_bytes
+from vae_scale.train.report import read_metrics
 
 RUN = [*TINY, "data.train=synthetic"]
 

@@ -22,7 +22,7 @@ import yaml
 from support import ROOT, TINY, env, free_port, kill_tree, launch_args, start
 
 from vae_scale.formats.checkpoint import latest_checkpoint
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 
 ACCELERATE_CONFIGS = sorted((ROOT / "launch" / "accelerate").glob("*.yaml"))
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"

@@ -16,6 +16,7 @@ LAYERS = {
     # 0. what everything stands on: configuration, files and disk space, the fused ops
     "config": 0,
     "config_reference": 0,
+    "config_values": 0,  # below config.py: YAML, presets, overrides, coercion, range checks
     "configs": 0,  # the presets' YAML files
     "files": 0,
     "kernels": 0,

@@ -145,7 +145,7 @@ def test_the_dry_run_reports_a_folder_another_run_holds(tmp_path, capsys):
 
 
 def test_wandb_reachability_is_bounded_even_when_name_resolution_hangs(monkeypatch):
-    from vae_scale.train.preflight import wandb_unreachable
+    from vae_scale.train.checks import wandb_unreachable
 
     def hang(*args, **kwargs):
         time.sleep(30)
@@ -169,7 +169,7 @@ def test_wandb_online_without_a_network_logs_offline_and_says_so(tmp_path, monke
     run = tmp_path / "run"
     argv = ["train", *TINY, "data.train=synthetic", f"run.dir={run}", "train.steps=2", "log.wandb=online"]
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="vae_scale.train.preflight"):
+    with caplog.at_level(logging.WARNING, logger="vae_scale.train.checks"):
         assert main(argv) == 0
     assert time.monotonic() - t0 < 300  # nothing waited on the network (W&B's own retries would be minutes)
     warning = next(r.getMessage() for r in caplog.records if "W&B cannot be reached" in r.getMessage())

@@ -126,17 +126,17 @@ def test_export_of_a_phase_follows_the_chain_to_where_phase_1_started(phase_1, t
 @pytest.mark.slow
 def test_a_new_phase_under_fsdp_starts_from_every_carried_weight_exactly(tmp_path):
     """Phase 1 in one process; phase 2 sharded over two gloo processes with the GAN on. Phase 2's only step
-    is made non-finite (train.debug_nonfinite_step=0), so every rank skips it and phase 2's checkpoint holds
+    is made non-finite (support.poison_loss at step 0), so every rank skips it and phase 2's checkpoint holds
     its starting weights: they must equal phase 1's end exactly, gathered back from the shards."""
-    from support import accelerate_launch, run
+    from support import nonfinite_train_command, run
 
     likelihood = ["loss.recon=gaussian", "loss.logvar_init=0.5"]  # a learned scale to carry over
     phase_1 = tmp_path / "phase1"
     train(tiny_config(phase_1, "synthetic", *PHASE_1, *likelihood, "optim.lr=1e-2"))
     end = latest_checkpoint(phase_1)
     args = [*TINY, "data.train=synthetic", f"run.dir={tmp_path / 'phase2'}", *PHASE_1, *GAN_ON, *likelihood]
-    args += [f"model.init_from={phase_1}", "train.steps=1", "train.debug_nonfinite_step=0"]
-    proc = run(accelerate_launch("fsdp.yaml", 2, [*args, "train.mixed_precision=no"]), timeout=600)
+    args += [f"model.init_from={phase_1}", "train.steps=1", "train.mixed_precision=no"]
+    proc = run(nonfinite_train_command(args, step=0, nproc=2, config="fsdp.yaml"), timeout=600)
     assert "new phase from" in proc.stdout
     start = latest_checkpoint(tmp_path / "phase2")
     for name in ("vae", "ema", "loss"):

@@ -137,7 +137,7 @@ def _empty_tar(path):
 def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
     import wandb
 
-    from vae_scale.train.preflight import problems_before_start
+    from vae_scale.train.checks import check_run
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login on this machine
@@ -149,6 +149,7 @@ def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
     cfg = load_config(
         "demo",
         [
+            "data.train=synthetic",  # the demo preset leaves it to the command line
             "eval.every=5",
             f"data.val={empty_val}",
             "log.wandb=online",
@@ -157,7 +158,7 @@ def test_every_missing_thing_is_named_before_start(tmp_path, monkeypatch):
             f"model.init_from={tmp_path / 'no-such-vae'}",
         ],
     )
-    problems = problems_before_start(cfg)
+    problems = check_run(cfg).problems
     assert len(problems) == 5, problems
     val, wandb, lpips, rfid, init = problems
     assert "data.val" in val and "holds no samples" in val and "eval.every=0" in val
@@ -171,14 +172,15 @@ def test_nothing_is_named_when_everything_is_there(tmp_path, monkeypatch):
     from support import write_photo_like_images
 
     from vae_scale.data.shards import write_shards
-    from vae_scale.train.preflight import problems_before_start
+    from vae_scale.train.checks import check_run
 
     write_photo_like_images(tmp_path / "photos", 8)
     write_shards(str(tmp_path / "photos"), tmp_path / "shards", size=32, val_fraction=0.25, progress=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # checked on this machine only, never sent
-    cfg = load_config("demo", ["eval.every=5", f"data.val={tmp_path / 'shards'}", "log.wandb=online"])
-    assert problems_before_start(cfg) == []
+    run = ["data.train=synthetic", f"run.dir={tmp_path / 'run'}"]
+    cfg = load_config("demo", [*run, "eval.every=5", f"data.val={tmp_path / 'shards'}", "log.wandb=online"])
+    assert check_run(cfg).problems == []
     # Without eval, an empty data.val is nobody's problem.
-    cfg = load_config("demo", ["eval.every=0", "data.val=", "log.wandb=disabled"])
-    assert problems_before_start(cfg) == []
+    cfg = load_config("demo", [*run, "eval.every=0", "data.val=", "log.wandb=disabled"])
+    assert check_run(cfg).problems == []

@@ -9,7 +9,7 @@ from PIL import Image
 
 from vae_scale.cli import main
 from vae_scale.config import load_config
-from vae_scale.train.monitor import metric_order, svg_chart, write_report
+from vae_scale.train.report import metric_order, svg_chart, write_report
 
 BAD = [f"data/bad/{k}" for k in ("duplicate_key", "empty", "no_image", "too_small", "undecodable")]
 

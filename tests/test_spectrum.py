@@ -26,7 +26,7 @@ from vae_scale.eval.spectrum import (
     radial_spectrum,
     spectrum_sums,
 )
-from vae_scale.train.monitor import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
+from vae_scale.train.report import SPECTRUM_FILE, spectrum_curves, spectrum_svg, write_report
 
 
 def reference_sums(x: np.ndarray, bins: int = BINS) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from support import (
     checkpoint_file,
     env,
     initial_weights,
+    nonfinite_train_command,
     photo_like_shards,
     run,
     start,
@@ -29,7 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from vae_scale.cli import main as cli_main
 from vae_scale.formats.checkpoint import complete_checkpoints, latest_checkpoint
 from vae_scale.models.sd import VAE
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 from vae_scale.train.trainer import TrainingStopped, train
 
 # The runs here write reconstructions on the way (every 4 steps), as a real run does.
@@ -310,17 +311,17 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tmp_path):
     run_dir = tmp_path / "run"
     run(
-        train_command(
+        nonfinite_train_command(
             [
                 *TINY,
                 "data.train=synthetic",
                 "train.steps=5",
                 "checkpoint.every=0",
                 f"run.dir={run_dir}",
-                "train.debug_nonfinite_step=2",
-                "train.debug_nonfinite_rank=1",
                 "log.wandb=offline",
             ],
+            step=2,
+            rank=1,
             nproc=2,
         )
     )
@@ -349,16 +350,16 @@ def test_a_non_finite_step_in_mixed_precision_changes_no_weight_and_is_left_out_
     # On a CPU accelerate keeps no GradScaler for fp16: the skip must not hand NaN gradients to AdamW.
     # (A process of its own: accelerate's precision is fixed per process.)
     run(
-        train_command(
+        nonfinite_train_command(
             [
                 *TINY,
                 "data.train=synthetic",
                 f"run.dir={tmp_path / 'run'}",
                 "train.steps=3",
                 "checkpoint.every=1",
-                "train.debug_nonfinite_step=1",
                 f"train.mixed_precision={precision}",
-            ]
+            ],
+            step=1,
         )
     )
     ckpts = {int(p.name.split("-")[1]): p for p in complete_checkpoints(tmp_path / "run" / "checkpoints")}
@@ -416,12 +417,11 @@ def test_a_signal_during_repeated_rollbacks_still_stops_the_run(tmp_path):
         "data.train=synthetic",
         "train.steps=100000",
         "checkpoint.every=1",
-        "train.debug_nonfinite_step=2",  # poisons step 3 every time it is taken again
         "train.max_consecutive_skips=1",
         "train.max_rollbacks=100000",
         f"run.dir={run_dir}",
     ]
-    proc = start(train_command(args), new_session=False)
+    proc = start(nonfinite_train_command(args, step=2), new_session=False)  # step 3, each time it is taken
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(

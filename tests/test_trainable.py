@@ -13,7 +13,7 @@ from support import TINY, accelerate_launch, checkpoint_file, initial_weights, p
 from vae_scale.cli.evaluate import eval_main
 from vae_scale.config import ConfigError, load_config
 from vae_scale.models.interface import load_checkpoint
-from vae_scale.train.monitor import read_metrics
+from vae_scale.train.report import read_metrics
 from vae_scale.train.startup import check_trainable
 from vae_scale.train.trainable import trainable_names
 from vae_scale.train.trainer import train

@@ -11,38 +11,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML with only true/false as booleans (YAML 1.2): `mixed_precision: no` stays the string "no"."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+from vae_scale.config_values import (
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_range,
+    coerce,
+    parse_override,
+    preset_names,
+    read_yaml,
 )
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
-
 
 # --------------------------------------------------------------------------------------------------------
 # The tree
@@ -142,8 +127,8 @@ class ModelConfig:
     random init changes, not the weights' shapes or names."""
 
     def __post_init__(self):
-        _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
-        _check_choice("model.family", self.family, FAMILIES)
+        check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        check_choice("model.family", self.family, FAMILIES)
         if self.arch and self.family == "sd":
             raise ConfigError(
                 f"model.arch is for the other families; model.family=sd takes none: {self.arch}"
@@ -151,29 +136,29 @@ class ModelConfig:
         if not self.block_out_channels:
             raise ConfigError("model.block_out_channels must list at least one level")
         for c in self.block_out_channels:
-            _check_positive("model.block_out_channels", c)
+            check_positive("model.block_out_channels", c)
             if c % self.norm_num_groups:
                 raise ConfigError(
                     f"model.norm_num_groups={self.norm_num_groups} does not divide "
                     f"model.block_out_channels entry {c}"
                 )
         for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-            _check_positive(f"model.{key}", getattr(self, key))
+            check_positive(f"model.{key}", getattr(self, key))
         for key in ("latents_mean", "latents_std"):
             v = getattr(self, key)
             if v is not None and len(v) != self.latent_channels:
                 raise ConfigError(
                     f"model.{key} has {len(v)} entries, model.latent_channels is {self.latent_channels}"
                 )
-        _check_range("model.norm_eps", self.norm_eps, low=0, low_open=True)
-        _check_range("model.scaling_factor", self.scaling_factor, low=0, low_open=True)
-        _check_positive("model.sample_size", self.sample_size)
+        check_range("model.norm_eps", self.norm_eps, low=0, low_open=True)
+        check_range("model.scaling_factor", self.scaling_factor, low=0, low_open=True)
+        check_positive("model.sample_size", self.sample_size)
         if self.shift_factor is not None:
-            _check_range("model.shift_factor", self.shift_factor)
+            check_range("model.shift_factor", self.shift_factor)
         for v in self.latents_mean or []:
-            _check_range("model.latents_mean", v)
+            check_range("model.latents_mean", v)
         for v in self.latents_std or []:
-            _check_range("model.latents_std", v, low=0, low_open=True)
+            check_range("model.latents_std", v, low=0, low_open=True)
 
     @property
     def downsample_factor(self) -> int:
@@ -225,17 +210,17 @@ class DataConfig:
 
     def __post_init__(self):
         for key in ("resolution", "batch_size", "frame_stride"):
-            _check_positive(f"data.{key}", getattr(self, key))
+            check_positive(f"data.{key}", getattr(self, key))
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ConfigError(f"data.frames must be 1 + 4k (1, 5, 9, 13, ...), got {self.frames}")
-        _check_range("data.image_fraction", self.image_fraction, low=0, high=1)
+        check_range("data.image_fraction", self.image_fraction, low=0, high=1)
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
-        _check_range("data.max_error_fraction", self.max_error_fraction, low=0, high=1)
+        check_range("data.max_error_fraction", self.max_error_fraction, low=0, high=1)
         for key in ("shuffle_buffer", "batches_per_epoch"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
-        _check_positive("data.log_bad_every", self.log_bad_every)
+        check_positive("data.log_bad_every", self.log_bad_every)
 
 
 @dataclass
@@ -307,15 +292,15 @@ class LossConfig:
     """VA-VAE alignment: feed the ViT ImageNet-normalised images (VA-VAE feeds them in [-1, 1])."""
 
     def __post_init__(self):
-        _check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
-        _check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
+        check_choice("loss.recon", self.recon, ("l1", "l2", "gaussian", "logistic"))
+        check_choice("loss.disc_loss", self.disc_loss, ("hinge", "non_saturating"))
         nonnegative = ("kl_weight", "kl_warmup_steps", "free_bits", "perceptual_weight", "disc_weight")
         for key in (*nonnegative, "disc_start", "disc_lr", "se_weight", "eq_weight"):
-            _check_range(f"loss.{key}", getattr(self, key), low=0)
+            check_range(f"loss.{key}", getattr(self, key), low=0)
         for key in ("logvar_init", "log_scale_init"):
-            _check_range(f"loss.{key}", getattr(self, key))
+            check_range(f"loss.{key}", getattr(self, key))
         for key in ("disc_layers", "disc_channels"):
-            _check_positive(f"loss.{key}", getattr(self, key))
+            check_positive(f"loss.{key}", getattr(self, key))
         for key in ("se_prob", "eq_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"loss.{key} must be in [0, 1], got {getattr(self, key)}")
@@ -324,13 +309,13 @@ class LossConfig:
         if not self.eq_transforms:
             raise ConfigError("loss.eq_transforms must list at least one of scale | rotate | flip")
         for t in self.eq_transforms:
-            _check_choice("loss.eq_transforms", t, self.EQ_TRANSFORMS)
+            check_choice("loss.eq_transforms", t, self.EQ_TRANSFORMS)
         if not 0.0 < self.eq_scale_min < 1.0:
             raise ConfigError(f"loss.eq_scale_min must be in (0, 1), got {self.eq_scale_min}")
         for key in ("align_weight", "align_cos_weight", "align_distmat_weight"):
-            _check_range(f"loss.{key}", getattr(self, key), low=0)
+            check_range(f"loss.{key}", getattr(self, key), low=0)
         for key in ("align_cos_margin", "align_distmat_margin"):  # cosines and their differences: in [0, 2]
-            _check_range(f"loss.{key}", getattr(self, key), low=0, high=2)
+            check_range(f"loss.{key}", getattr(self, key), low=0, high=2)
 
 
 @dataclass
@@ -353,15 +338,15 @@ class OptimConfig:
     """EMA decay of the weights; 0 is off."""
 
     def __post_init__(self):
-        _check_positive("optim.lr", self.lr)
-        _check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
+        check_positive("optim.lr", self.lr)
+        check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
-        _check_range("optim.ema_decay", self.ema_decay, low=0, high=1, high_open=True)
-        _check_range("optim.weight_decay", self.weight_decay, low=0)
-        _check_range("optim.warmup_steps", self.warmup_steps, low=0)
-        _check_range("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
-        _check_range("optim.grad_clip", self.grad_clip, low=0)
+        check_range("optim.ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        check_range("optim.weight_decay", self.weight_decay, low=0)
+        check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_range("optim.grad_clip", self.grad_clip, low=0)
 
 
 @dataclass
@@ -390,10 +375,6 @@ class TrainConfig:
     """Rollbacks in a row (no new healthy checkpoint in between) before the run stops; 0 never rolls back."""
     sample_posterior: bool = True
     """Decode a reparameterised sample (a VAE); false decodes the posterior mean (KL still applies)."""
-    debug_nonfinite_step: int = -1
-    """Testing aid: inject a non-finite loss at this step (on debug_nonfinite_rank); -1 is off."""
-    debug_nonfinite_rank: int = 0
-    """Rank that debug_nonfinite_step poisons."""
     trainable: list[str] = field(default_factory=list)
     """Glob patterns over the VAE's parameter names (decoder.*, encoder.down_blocks.3.*; a bare module name
     such as decoder means all of it) of the parameters that train; empty trains every parameter."""
@@ -401,18 +382,16 @@ class TrainConfig:
     """Glob patterns of parameters kept frozen even where train.trainable matches them."""
 
     def __post_init__(self):
-        _check_positive("train.steps", self.steps)
-        _check_positive("train.grad_accum", self.grad_accum)
-        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
-        _check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
-        _check_choice("train.reduce_dtype", self.reduce_dtype, ("fp32", "compute"))
-        _check_range("train.seed", self.seed, low=0)
-        _check_range("train.time_budget_s", self.time_budget_s, low=0)
-        _check_positive("train.max_consecutive_skips", self.max_consecutive_skips)
-        _check_range("train.rollback_lr_scale", self.rollback_lr_scale, low=0, high=1)
-        _check_range("train.max_rollbacks", self.max_rollbacks, low=0)
-        _check_range("train.debug_nonfinite_step", self.debug_nonfinite_step, low=-1)
-        _check_range("train.debug_nonfinite_rank", self.debug_nonfinite_rank, low=0)
+        check_positive("train.steps", self.steps)
+        check_positive("train.grad_accum", self.grad_accum)
+        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        check_choice("train.reduce_dtype", self.reduce_dtype, ("fp32", "compute"))
+        check_range("train.seed", self.seed, low=0)
+        check_range("train.time_budget_s", self.time_budget_s, low=0)
+        check_positive("train.max_consecutive_skips", self.max_consecutive_skips)
+        check_range("train.rollback_lr_scale", self.rollback_lr_scale, low=0, high=1)
+        check_range("train.max_rollbacks", self.max_rollbacks, low=0)
         for key in ("trainable", "frozen"):
             for pattern in getattr(self, key):
                 if not str(pattern).strip():
@@ -429,7 +408,7 @@ class CheckpointConfig:
     """auto (newest in the run folder) | never | a checkpoint path."""
 
     def __post_init__(self):
-        _check_positive("checkpoint.keep", self.keep)
+        check_positive("checkpoint.keep", self.keep)
         if self.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
 
@@ -448,9 +427,9 @@ class LogConfig:
     """Log image grids every N steps; 0 is off."""
 
     def __post_init__(self):
-        _check_choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
-        _check_positive("log.every", self.every)
-        _check_range("log.images_every", self.images_every, low=0)
+        check_choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
+        check_positive("log.every", self.every)
+        check_range("log.images_every", self.images_every, low=0)
 
 
 @dataclass
@@ -495,12 +474,12 @@ class EvalConfig:
 
     def __post_init__(self):
         for m in self.metrics:
-            _check_choice("eval.metrics", m, self.METRICS)
+            check_choice("eval.metrics", m, self.METRICS)
         for key in ("every", "max_batches", "iw", "consistency_tile"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        _check_choice("eval.consistency_norm", self.consistency_norm, ("tile", "image"))
-        _check_range("eval.consistency_overlap", self.consistency_overlap, 0.0, 1.0, high_open=True)
+        check_choice("eval.consistency_norm", self.consistency_norm, ("tile", "image"))
+        check_range("eval.consistency_overlap", self.consistency_overlap, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -535,69 +514,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {' | '.join(choices)}")
-
-
-def _check_positive(key: str, value: float) -> None:
-    _check_range(key, value, low=0, low_open=True)
-
-
-def _check_range(
-    key: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise naming `key` unless `value` is finite and within [low, high] (an open end excludes it)."""
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low:g}, got {value}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high:g}, got {value}")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped in vae_scale/configs."""
-    return sorted(
-        p.name[: -len(".yaml")]
-        for p in resources.files("vae_scale.configs").iterdir()
-        if p.name.endswith(".yaml")
-    )
-
-
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {name_or_path} does not exist")
-        text = path.read_text()
-    else:
-        res = resources.files("vae_scale.configs") / f"{name_or_path}.yaml"
-        if not res.is_file():
-            near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else f"; presets: {', '.join(preset_names())}"
-            raise ConfigError(f"no preset or config file named {name_or_path!r}{hint}")
-        text = res.read_text()
-    try:
-        data = _yaml(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {name_or_path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {name_or_path} must be a mapping of sections, got {type(data).__name__}")
-    return data
+# Loading (the values themselves: config_values.py)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -616,66 +533,6 @@ def _unknown(key: str) -> ConfigError:
     near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
     hint = f" (did you mean {near[0]}?)" if near else ""
     return ConfigError(f"unknown config key {key}{hint}")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert a YAML (or override-string-parsed) value to a field's type, or raise naming the key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} expects a mapping (set one entry as {key}.NAME=value), got {value!r}")
-        return dict(value)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} expects a list, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} expects true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .inf / .nan never mean anything a run can use
-                raise ConfigError(f"{key} must be a finite number, got {value}")
-            return float(value)
-        raise ConfigError(f"{key} expects a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} expects a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {tp}")
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = _yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    # "1e-4" is a string to YAML 1.1; numbers written that way are what users type.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
@@ -703,9 +560,14 @@ def _build(tree: dict[str, Any]) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"config section {section} must be a mapping, got {raw!r}")
         types_ = _field_types(cls)
-        kwargs = {k: _coerce(f"{section}.{k}", v, types_[k]) for k, v in raw.items()}
+        kwargs = {k: coerce(f"{section}.{k}", v, types_[k]) for k, v in raw.items()}
         built[section] = cls(**kwargs)
     return Config(**built)
+
+
+RETIRED_KEYS = {"train.debug_nonfinite_step": -1, "train.debug_nonfinite_rank": 0}
+"""Keys that earlier versions wrote into every run's config.yaml and this one no longer has: a file that
+holds one at its old default (where it changed nothing) still reads; any other value is an unknown key."""
 
 
 def _flatten(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
@@ -719,7 +581,9 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section} in {source} must be a mapping")
         for k, v in values.items():
-            _set(tree, f"{section}.{k}", v)
+            key = f"{section}.{k}"
+            if key not in RETIRED_KEYS or v != RETIRED_KEYS[key]:
+                _set(tree, key, v)
     return tree
 
 
@@ -728,11 +592,11 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
     Overriding `model.preset` swaps in that preset's whole model section before the other model overrides.
     """
-    tree = _flatten(_read_yaml(name_or_path), name_or_path) if name_or_path else {}
-    parsed = [_parse_override(o) for o in overrides or []]
+    tree = _flatten(read_yaml(name_or_path), name_or_path) if name_or_path else {}
+    parsed = [parse_override(o) for o in overrides or []]
     for key, value in parsed:
         if key == "model.preset":
-            arch = _flatten(_read_yaml(str(value)), str(value)).get("model", {})
+            arch = _flatten(read_yaml(str(value)), str(value)).get("model", {})
             tree["model"] = {**arch, "preset": str(value)}
     for key, value in parsed:
         if key != "model.preset":

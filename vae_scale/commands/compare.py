@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vae_scale.commands.common import InputError
 from vae_scale.files import check_output_file, write_atomic
-from vae_scale.train.monitor import is_constant, metric_order, metric_series, read_metrics, svg_chart
+from vae_scale.train.report import is_constant, metric_order, metric_series, read_metrics, svg_chart
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "report.html", "run.lock")
 """A run folder's own files, which compare's page never replaces."""

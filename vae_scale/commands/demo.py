@@ -268,7 +268,7 @@ def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str]
     """run_demo's work, on the current torch threads."""
     from vae_scale.data.shards import write_shards
     from vae_scale.models.interface import load_checkpoint
-    from vae_scale.train.monitor import write_report
+    from vae_scale.train.report import write_report
     from vae_scale.train.trainer import train
 
     index = data / "index.json"

@@ -48,7 +48,7 @@ from vae_scale.data.shard_reader import DataError, describe_error, expand_shards
 from vae_scale.eval.metrics import frechet_distance, key_noise
 from vae_scale.eval.sit import SiT
 from vae_scale.files import write_atomic
-from vae_scale.train.monitor import PALETTE
+from vae_scale.train.report import PALETTE
 
 VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 """The times at which held-out latents are scored: low t is nearly clean (fine detail), high t nearly noise

@@ -47,21 +47,18 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from vae_scale.config import DataConfig
+from vae_scale.data.bad_samples import BadLog as _BadLog
+from vae_scale.data.decode import TOO_SMALL
+from vae_scale.data.decode import Unusable as _Bad
+from vae_scale.data.decode import crop as _crop
+from vae_scale.data.decode import decode_sample as _decode
 from vae_scale.data.loader import (
-    TOO_SMALL,
-    _Bad,
-    _BadLog,
-    _crop,
-    _dataloader,
-    _decode,
     _Fatal,
-    _iterate,
     _Lane,
     _plan_lanes,
     _rank_world,
     _seed,
     _shuffle,
-    _stop_workers,
     _TrainStream,
     _ValStream,
 )
@@ -76,6 +73,9 @@ from vae_scale.data.shard_reader import (
     shard_counts,
 )
 from vae_scale.data.video import VideoError, clip_span, read_clip, read_frame
+from vae_scale.data.workers import dataloader as _dataloader
+from vae_scale.data.workers import iterate as _iterate
+from vae_scale.data.workers import stop_workers as _stop_workers
 
 __all__ = ["ClipLoader", "ClipValLoader", "build_clip_loader", "build_clip_val_loader"]
 

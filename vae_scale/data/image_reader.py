@@ -34,7 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # The validation reader's dealing and square crop, so square mode reads exactly its samples and pixels.
-from vae_scale.data.loader import _Bad, _decode, _plan_lanes
+from vae_scale.data.decode import Unusable, decode_sample
+from vae_scale.data.loader import _plan_lanes
 from vae_scale.data.shard_reader import BadTally, describe_error, read_unit, to_rgb
 
 SHAPES = ("square", "native", "buckets")
@@ -98,11 +99,11 @@ class _Stream(IterableDataset):
     def _decode(self, raw) -> np.ndarray:
         r = self.r
         if r.shape == "square":
-            return _decode(raw, r.resolution, None, False, r.resize)
+            return decode_sample(raw, r.resolution, None, False, r.resize)
         try:
             img = Image.open(io.BytesIO(raw.data))
         except Exception as e:
-            raise _Bad("undecodable", describe_error(e)) from None
+            raise Unusable("undecodable", describe_error(e)) from None
         try:
             if r.shape == "buckets":
                 bucket = nearest_bucket(*img.size, r.buckets)
@@ -112,18 +113,18 @@ class _Stream(IterableDataset):
                 try:
                     img = cover_crop(to_rgb(img), *bucket)
                 except ValueError as e:
-                    raise _Bad("too_small", str(e)) from None
+                    raise Unusable("too_small", str(e)) from None
             else:
                 img.load()
                 try:
                     img = native_crop(to_rgb(img), r.multiple)
                 except ValueError as e:
-                    raise _Bad("too_small", str(e)) from None
+                    raise Unusable("too_small", str(e)) from None
             return np.asarray(img)
-        except _Bad:
+        except Unusable:
             raise
         except Exception as e:
-            raise _Bad("undecodable", describe_error(e)) from None
+            raise Unusable("undecodable", describe_error(e)) from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         r = self.r
@@ -135,7 +136,7 @@ class _Stream(IterableDataset):
             for raw in read_unit(unit, tally, sidecars=r.sidecars):
                 try:
                     array = self._decode(raw)
-                except _Bad as b:
+                except Unusable as b:
                     yield {"bad": b.kind, "n": 1, "detail": f"{raw.url}#{raw.key}: {b.detail}"}
                     continue
                 yield {

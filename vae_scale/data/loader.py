@@ -66,61 +66,45 @@ Validation is finite and exact: val shards are dealt to lanes without shuffling,
 by exactly one lane of one rank, and the last batch of a lane is short rather than padded. Ranks may make
 different numbers of batches, so sum metrics per sample with batch["count"] and all-reduce the sums once
 at the end; never run a collective per batch.
+
+Beside this file: decode.py turns a raw sample into a crop, workers.py runs the worker processes and keeps
+the stop signals from them, bad_samples.py counts and reports bad data.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import heapq
-import io
 import logging
 import os
 import random
-import signal
-import weakref
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from vae_scale.config import DataConfig
+from vae_scale.data.bad_samples import BadLog
+from vae_scale.data.decode import TOO_SMALL, Unusable, decode_sample, to_batch, too_small_remedy
+from vae_scale.data.decode import stats as decode_stats
 from vae_scale.data.shard_reader import (
     BadTally,
     DataError,
     RawSample,
     ShardUnit,
-    describe_error,
     expand_shards,
     read_unit,
     shard_counts,
-    to_rgb,
 )
+from vae_scale.data.workers import dataloader, iterate, stop_workers
 
 __all__ = ["DataError", "TrainLoader", "ValLoader", "build_train_loader", "build_val_loader"]
 
 log = logging.getLogger(__name__)
 
-BAD_KINDS = (
-    "undecodable",
-    "empty",
-    "no_image",
-    "duplicate_key",
-    "truncated_tar",
-    "shard_unreadable",
-)
-"""Kinds of skipped data, as counted in `counters()` under "bad/<kind>"."""
-TOO_SMALL = "too_small"
-"""Images smaller than the crop: skipped (unless data.upscale_small) and counted apart from bad data."""
-
-# The error fraction is judged once this many samples are seen (and at each epoch end).
-ERROR_CHECK_MIN_SAMPLES = 100
-_stats: Counter[str] = Counter()  # process-local: images decoded and raw samples replayed (tests, debugging)
+_stats = decode_stats  # process-local: images decoded and raw samples replayed (tests, debugging)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -149,85 +133,6 @@ def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[An
         k = rng.randrange(len(buf))
         buf[k], buf[-1] = buf[-1], buf[k]
         yield buf.pop()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-class _Bad(Exception):
-    def __init__(self, kind: str, detail: str, short_side: int = 0):
-        super().__init__(detail)
-        self.kind, self.detail, self.short_side = kind, detail, short_side
-
-
-def _crop(
-    img: Image.Image, size: int, rng: random.Random | None, flip: bool, resize: bool = True
-) -> np.ndarray:
-    """Resize the short side to `size` (down only; not at all with resize=False) and crop size x size:
-    random with rng, else centered."""
-    w, h = img.size
-    s = size / min(w, h) if resize else 1.0
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    if rng is None:
-        x0, y0 = (nw - size) // 2, (nh - size) // 2
-    else:
-        x0, y0 = rng.randint(0, nw - size), rng.randint(0, nh - size)
-    if (nw, nh) == (w, h):
-        out = img.crop((x0, y0, x0 + size, y0 + size))
-    else:  # resample only the crop's source region: the same pixels as resize-then-crop, less work
-        box = (x0 / s, y0 / s, min(w, (x0 + size) / s), min(h, (y0 + size) / s))
-        out = img.resize((size, size), Image.BICUBIC, box=box)
-    if flip and rng is not None and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
-
-
-def too_small_remedy(resolution: int, largest: int = 0) -> str:
-    """What to do about images smaller than the crop; largest: the largest short side among them, if known."""
-    lower = f"a data.resolution of at most {largest} px" if largest else "a lower data.resolution"
-    return (
-        f"data.upscale_small=true resizes them up to the {resolution} px crop (bicubic: they train the "
-        f"decoder on blurred images), or {lower} keeps them at their own scale"
-    )
-
-
-def _decode(
-    raw: RawSample,
-    size: int,
-    rng: random.Random | None,
-    flip: bool,
-    resize: bool = True,
-    upscale: bool = False,
-) -> np.ndarray:
-    """(size, size, 3) uint8 crop of one raw sample, or _Bad. upscale: an image smaller than the crop is
-    resized up to it (bicubic) rather than refused as too_small."""
-    _stats["decoded"] += 1
-    try:
-        img = Image.open(io.BytesIO(raw.data))
-    except Exception as e:
-        raise _Bad("undecodable", describe_error(e)) from None
-    w, h = img.size
-    small = min(w, h) < size
-    if small and not upscale:
-        raise _Bad(TOO_SMALL, f"{w}x{h} is smaller than the {size} px crop", min(w, h))
-    try:
-        if resize and img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (size, size))  # DCT-domain downscale by 1/2, 1/4 or 1/8; both sides stay >= size
-        img.load()
-        return _crop(to_rgb(img), size, rng, flip, resize or small)  # resize scales a small image up
-    except Exception as e:
-        raise _Bad("undecodable", describe_error(e)) from None
-
-
-def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(B, 3, R, R) float32 in [-1, 1] from B (R, R, 3) uint8 arrays."""
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    out = torch.empty(x.shape, dtype=torch.float32)
-    if get_worker_info() is not None:  # built in shared memory, so passing it to the main process is no copy
-        out.share_memory_()
-    out.copy_(x)
-    return out.div_(127.5).sub_(1.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,8 +241,8 @@ class _Lane:
             raw = self._next_raw()
             rng = random.Random(_seed(ds.seed, "crop", self.epoch, ds.rank, self.lane, self.cursor))
             try:
-                arrays.append(_decode(raw, ds.resolution, rng, ds.flip, ds.resize, ds.upscale))
-            except _Bad as b:
+                arrays.append(decode_sample(raw, ds.resolution, rng, ds.flip, ds.resize, ds.upscale))
+            except Unusable as b:
                 if b.kind == TOO_SMALL:
                     self.small.add(b.kind, raw.url, raw.key, b.detail)
                     self.largest_small = max(self.largest_small, b.short_side)
@@ -352,7 +257,7 @@ class _Lane:
             "bad": self.tally.take(),
             "small": self.small.take(),
         }
-        return {"images": _to_tensor(arrays), "keys": keys, "_meta": meta}
+        return {"images": to_batch(arrays), "keys": keys, "_meta": meta}
 
 
 class _TrainStream(IterableDataset):
@@ -408,142 +313,6 @@ class _TrainStream(IterableDataset):
             g += n
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-"""What ends a run cleanly: the trainer handles them; loader workers ignore them."""
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: the stop signals are the trainer's (workers start with them blocked)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-@contextmanager
-def _stop_signals_blocked():
-    """Block the stop signals while workers are forked (they inherit the mask), deliver them afterwards."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-_live_iterators: weakref.WeakSet = weakref.WeakSet()
-
-
-def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    """iter(loader), with workers that cannot be killed by a stop signal meant for the trainer."""
-    with _stop_signals_blocked():
-        it = iter(loader)
-    if hasattr(it, "_shutdown_workers"):
-        _live_iterators.add(it)
-    return it
-
-
-def _stop_workers(it: Any) -> None:
-    """Stop an iterator's workers now: asked to finish, then SIGKILL for one that does not (they ignore
-    SIGTERM, which is what DataLoader and multiprocessing send)."""
-    it._shutdown_workers()
-    for w in getattr(it, "_workers", []):
-        if w.is_alive():
-            w.kill()
-            w.join()
-
-
-@atexit.register  # runs before multiprocessing's own exit handler, which would wait on them forever
-def _stop_all_workers() -> None:
-    for it in list(_live_iterators):
-        _stop_workers(it)
-
-
-def _dataloader(dataset: IterableDataset, workers: int, persistent: bool, seed: int) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=persistent and workers > 0,
-        prefetch_factor=2 if workers else None,
-        in_order=True,
-        worker_init_fn=_ignore_stop_signals if workers else None,
-        # Its own generator: DataLoader would otherwise draw worker seeds from (and advance) the global RNG.
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-class _BadLog:
-    """Counters and bad-sample reporting in the main process, from the tallies that come with batches."""
-
-    def __init__(self, cfg: DataConfig, what: str):
-        self.cfg, self.what = cfg, what
-        self.counts: Counter[str] = Counter()
-        self.shards: Counter[str] = Counter()
-
-    def add(self, meta: dict[str, Any]) -> None:
-        bad, small = meta["bad"], meta["small"]
-        before = self.counts["bad"]
-        self.counts["samples"] += meta["samples"]
-        if small["first"] and not self.counts[TOO_SMALL]:
-            log.warning(
-                "%s: skipped an image smaller than the %d px crop (%s); such images are counted as "
-                "data/too_small, not as bad data. To train on them: %s",
-                self.what,
-                self.cfg.resolution,
-                small["first"],
-                too_small_remedy(self.cfg.resolution),
-            )
-        self.counts[TOO_SMALL] += sum(small["kinds"].values())
-        for kind, n in bad["kinds"].items():
-            self.counts[f"bad/{kind}"] += n
-            self.counts["bad"] += n
-        self.shards.update(bad["shards"])
-        every = self.cfg.log_bad_every
-        if before == 0 and bad["first"]:
-            log.warning(
-                "%s: skipped a bad sample (the first; a summary follows every %d): %s",
-                self.what,
-                every,
-                bad["first"],
-            )
-        elif before // every != self.counts["bad"] // every:
-            log.warning("%s: %s", self.what, self.summary())
-
-    def read(self) -> int:
-        """Samples read: delivered, bad and too small."""
-        return self.counts["samples"] + self.counts["bad"] + self.counts[TOO_SMALL]
-
-    def summary(self) -> str:
-        bad, read = self.counts["bad"], self.read()
-        kinds = ", ".join(f"{k} {self.counts[f'bad/{k}']}" for k in BAD_KINDS if self.counts[f"bad/{k}"])
-        small = f"; {self.counts[TOO_SMALL]} smaller than the crop" if self.counts[TOO_SMALL] else ""
-        return (
-            f"skipped {bad} bad of {read} samples ({bad / max(read, 1):.1%}: {kinds}){small}; "
-            f"worst shards: {self.worst()}"
-        )
-
-    def worst(self, n: int = 3) -> str:
-        return ", ".join(f"{u} ({c} bad)" for u, c in self.shards.most_common(n)) or "none"
-
-    def check(self, epoch_end: bool) -> None:
-        bad, read = self.counts["bad"], self.read()
-        if read >= ERROR_CHECK_MIN_SAMPLES or (epoch_end and read):
-            if bad / read > self.cfg.max_error_fraction:
-                raise DataError(
-                    f"{self.what}: {bad} of {read} samples are bad ({bad / read:.1%} > "
-                    f"data.max_error_fraction={self.cfg.max_error_fraction}); worst shards: "
-                    f"{self.worst()}"
-                )
-
-    def counters(self) -> dict[str, int]:
-        return {
-            "samples": self.counts["samples"],
-            "bad": self.counts["bad"],
-            **{f"bad/{k}": self.counts[f"bad/{k}"] for k in BAD_KINDS},
-            TOO_SMALL: self.counts[TOO_SMALL],
-        }
-
-
 class TrainLoader:
     """Endless, deterministic, resumable training batches for one rank (see the module docstring).
 
@@ -570,14 +339,14 @@ class TrainLoader:
         self._dataset = _TrainStream(
             urls, counts, cfg, rank, world_size, seed, batches_per_epoch, self._start
         )
-        self._loader = _dataloader(self._dataset, cfg.workers, persistent=True, seed=seed)
-        self._bad = _BadLog(cfg, f"data.train (rank {rank})")
+        self._loader = dataloader(self._dataset, cfg.workers, persistent=True, seed=seed)
+        self._bad = BadLog(cfg, f"data.train (rank {rank})")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """From the position on: {"images": float32 (B, 3, R, R) in [-1, 1], "keys": ["shard#key", ...]}."""
         self._start[0] = self.epoch * self.batches_per_epoch + self.batch
         self._start[1:] = torch.tensor(self._cursors)
-        for item in _iterate(self._loader):
+        for item in iterate(self._loader):
             if "_error" in item:
                 raise DataError(f"data.train (rank {self.rank}): {item['_error']}")
             meta = item.pop("_meta")
@@ -655,7 +424,7 @@ class TrainLoader:
         """Stop the worker processes now rather than at garbage collection."""
         it = getattr(self._loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
-            _stop_workers(it)
+            stop_workers(it)
         self._loader._iterator = None
 
 
@@ -678,8 +447,8 @@ class _ValStream(IterableDataset):
         tally, small, arrays, keys = BadTally(), BadTally(), [], []
         for raw in (raw for u in plan[self.rank * self.lanes + lane] for raw in read_unit(u, tally)):
             try:
-                arrays.append(_decode(raw, self.resolution, None, False, self.resize, self.upscale))
-            except _Bad as b:
+                arrays.append(decode_sample(raw, self.resolution, None, False, self.resize, self.upscale))
+            except Unusable as b:
                 (small if b.kind == TOO_SMALL else tally).add(b.kind, raw.url, raw.key, b.detail)
                 continue
             keys.append(f"{raw.url}#{raw.key}")
@@ -690,7 +459,7 @@ class _ValStream(IterableDataset):
             yield self._batch(arrays, keys, tally, small)
 
     def _batch(self, arrays, keys, tally: BadTally, small: BadTally) -> dict[str, Any]:
-        images = _to_tensor(arrays) if arrays else torch.empty(0, 3, self.resolution, self.resolution)
+        images = to_batch(arrays) if arrays else torch.empty(0, 3, self.resolution, self.resolution)
         return {
             "images": images,
             "keys": keys,
@@ -712,12 +481,12 @@ class ValLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._dataset = _ValStream(urls, counts, cfg, rank, world_size)
         # Not persistent: evaluation is occasional, and idle workers would hold memory between passes.
-        self._loader = _dataloader(self._dataset, cfg.workers, persistent=False, seed=0)
-        self._bad = _BadLog(cfg, f"data.val (rank {rank})")
+        self._loader = dataloader(self._dataset, cfg.workers, persistent=False, seed=0)
+        self._bad = BadLog(cfg, f"data.val (rank {rank})")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._bad = _BadLog(self.cfg, f"data.val (rank {self.rank})")
-        for item in _iterate(self._loader):
+        self._bad = BadLog(self.cfg, f"data.val (rank {self.rank})")
+        for item in iterate(self._loader):
             self._bad.add(item.pop("_meta"))
             if item["count"]:
                 yield item

@@ -4,11 +4,11 @@
     cfg = resolved_config(cfg, acc)              # a copy with what the launch decided ("auto" precision)
     vae = build_vae(cfg, sharded)                # the model, model.init_from, what trains, its transforms
     align = build_projection(cfg, criterion)     # the VF loss's latent projection, or None
-    ae, line = parallelize(model, cfg, plan, acc)  # FSDP2 shards or DDP, and the start-up line saying which
-    opt = build_optimizer(model, cfg, device)
+    ae, line = parallelize(model, cfg.train, plan, acc)  # FSDP2 shards or DDP, and the line saying which
+    opt = build_optimizer(model, cfg.optim, device)
     disc_ddp, disc_opt = build_discriminator(criterion.discriminator, cfg, acc)
-    ema = build_ema(vae, cfg)
-    loader = build_loader(cfg, rank, world)
+    ema = build_ema(vae, cfg.optim)
+    loader = build_loader(cfg.data, cfg.train.seed, rank, world)
 
 vae_scale/train/trainer.py's Trainer puts them together in this order (the order fixes what the seeded random
 numbers initialise, so a run is repeatable) and runs the steps.
@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from vae_scale.config import Config
+from vae_scale.config import Config, DataConfig, OptimConfig, TrainConfig
 from vae_scale.data.loader import build_train_loader
+from vae_scale.data.source import BatchSource
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.eval.drift import DriftReference
 from vae_scale.eval.equivariance import Transform, TransformedDecode
@@ -221,13 +222,14 @@ def data_parallel(module: nn.Module, acc: Accelerator, reduce_dtype: str) -> str
     )
 
 
-def parallelize(model: Autoencoder, cfg: Config, plan: FSDPPlan, acc: Accelerator) -> tuple[nn.Module, str]:
+def parallelize(
+    model: Autoencoder, t: TrainConfig, plan: FSDPPlan, acc: Accelerator
+) -> tuple[nn.Module, str]:
     """The model as the steps run it -- FSDP2 shards (plan.enabled) or Accelerate's DDP / single-process
-    model -- and the start-up line that says which. cfg: the resolved config."""
+    model -- and the start-up line that says which. t: the resolved config's train section."""
     if plan.enabled:
         ensure_process_group(acc)
         units = fsdp_units(model, plan.unit_classes)
-        t = cfg.train
         ae = shard(
             model,
             plan,
@@ -239,7 +241,7 @@ def parallelize(model: Autoencoder, cfg: Config, plan: FSDPPlan, acc: Accelerato
         )
         return ae, describe(plan, units, t.mixed_precision, t.reduce_dtype)
     ae = acc.prepare_model(model)
-    return ae, data_parallel(ae, acc, cfg.train.reduce_dtype)
+    return ae, data_parallel(ae, acc, t.reduce_dtype)
 
 
 def replicate(module: nn.Module, acc: Accelerator) -> nn.Module:
@@ -256,10 +258,9 @@ def _fused(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters (fused on CUDA). Built after sharding, so that under FSDP
     it holds the shards (DTensors)."""
-    o = cfg.optim
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=o.lr,
@@ -296,31 +297,26 @@ def vae_names(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(plain_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def build_ema(vae: VAE, cfg: Config) -> EMA | None:
+def build_ema(vae: VAE, optim: OptimConfig) -> EMA | None:
     """The EMA of the VAE's weights (optim.ema_decay > 0), or None."""
-    return EMA(vae_names(vae), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    return EMA(vae_names(vae), optim.ema_decay) if optim.ema_decay > 0 else None
 
 
-def build_loader(cfg: Config, rank: int, world: int):
+def build_loader(data: DataConfig, seed: int, rank: int, world: int) -> BatchSource:
     """The training batches of this rank: shard loader, or synthetic images for `data.train=synthetic`."""
-    if cfg.data.train == SYNTHETIC:
+    if data.train == SYNTHETIC:
         return SyntheticLoader(
-            cfg.data.resolution,
-            cfg.data.batch_size,
-            rank,
-            world,
-            cfg.train.seed,
-            cfg.data.batches_per_epoch or 1000,
+            data.resolution, data.batch_size, rank, world, seed, data.batches_per_epoch or 1000
         )
-    return build_train_loader(cfg.data, rank=rank, world_size=world, seed=cfg.train.seed)
+    return build_train_loader(data, rank=rank, world_size=world, seed=seed)
 
 
-def learning_rate(cfg: Config, step: int, scale: float = 1.0) -> float:
-    """LR at `step`: linear warm-up to optim.lr, then constant or cosine down to min_lr_ratio * lr."""
-    o = cfg.optim
+def learning_rate(o: OptimConfig, total_steps: int, step: int, scale: float = 1.0) -> float:
+    """LR at `step` of `total_steps` (train.steps): linear warm-up to optim.lr, then constant or cosine down
+    to min_lr_ratio * lr."""
     if o.warmup_steps and step < o.warmup_steps:
         return scale * o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return scale * o.lr
-    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train.steps - o.warmup_steps))
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
     return scale * o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

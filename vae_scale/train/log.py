@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from vae_scale.config import Config
 from vae_scale.data.loader import build_val_loader
+from vae_scale.data.source import BatchSource
 from vae_scale.eval.metrics import EvaluationInterrupted, Lockstep, RFIDReference, evaluate, latent_stats
 from vae_scale.eval.rfid import inception_protocol
 from vae_scale.models.posterior import DiagonalGaussian
@@ -64,7 +65,13 @@ class TrainLog:
         self.window.add(logs, finite)
 
     def row(
-        self, step: int, *, posterior: DiagonalGaussian | None, loader: Any, samples_seen: int, skipped: int
+        self,
+        step: int,
+        *,
+        posterior: DiagonalGaussian | None,
+        loader: BatchSource,
+        samples_seen: int,
+        skipped: int,
     ) -> dict[str, float]:
         """One metrics row from the window's steps (then emptied), logged at `step`; {} when it has none.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -159,7 +160,10 @@ class VAELoss(nn.Module):
     are non-persistent buffers, so state_dict() holds only the learned scale and the discriminator.
     """
 
-    def __init__(self, cfg: LossConfig, image_channels: int = 3):
+    def __init__(
+        self, cfg: LossConfig, image_channels: int = 3, lpips_files: tuple[Path, Path] | None = None
+    ):
+        """lpips_files: (heads, VGG16) as checks.check_run found them; None: find_lpips_weights."""
         super().__init__()
         self.cfg = cfg
         self.likelihood: LearnedScale | None = None
@@ -171,7 +175,7 @@ class VAELoss(nn.Module):
                 raise LossConfigError(
                     f"loss.perceptual_weight > 0 needs RGB input, not {image_channels} channels"
                 )
-            self.perceptual = LPIPS.from_files(*find_lpips_weights(cfg))
+            self.perceptual = LPIPS.from_files(*(lpips_files or find_lpips_weights(cfg)))
         self.discriminator: nn.Module | None = None
         if cfg.disc_weight > 0:
             self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)

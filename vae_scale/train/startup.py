@@ -1,10 +1,10 @@
-"""What is checked and prepared before a run's first step, before any process group starts or any file is
-written: a config that can train, a checkpoint to resume that was trained with the same model, a run folder
-that can be written and is not in use by another run (rank 0 locks it for the run's life), and a new phase
-(model.init_from naming a run) that keeps the model's shape.
+"""The run folder and what it resumes: a checkpoint to resume trained with the same model, a new phase
+(model.init_from naming a run) that keeps the model's shape, data commands a run folder's config.yaml may
+not run unless typed, what a dry run says it would resume, and the run folder created and locked (rank 0
+holds the lock for the run's life).
 
-Each check stops with one line naming the key or the place (ConfigError, OutputError); preflight.py lists
-the missing weights, logins and validation samples, and says what the launch will do.
+The checks raise one line naming the key or the place (ConfigError, DataError); checks.check_run gathers
+them with every other check before a run, so all problems are reported at once.
 """
 
 from __future__ import annotations
@@ -62,21 +62,9 @@ def check_config_commands(config_path: str | None, cfg: Config, typed: set[str])
 
 
 def check_trainable(cfg: Config) -> None:
-    """Stop before any process group starts when the config cannot train."""
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give shards (a pattern, folder or list) or 'synthetic'")
-    if cfg.model.downsample_factor > cfg.data.resolution or cfg.data.resolution % cfg.model.downsample_factor:
-        raise ConfigError(
-            f"data.resolution={cfg.data.resolution} is not a multiple of the model's "
-            f"downsampling factor {cfg.model.downsample_factor}"
-        )
-    if cfg.eval.every and not cfg.data.val:
-        raise ConfigError("eval.every > 0 needs validation shards in data.val")
-    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no such file or folder")
-    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
-    if cfg.train.trainable or cfg.train.frozen:  # the names of a model built on the meta device: no memory
+    """train.trainable / train.frozen select at least one parameter, each pattern at least one: checked on
+    the names of a model built on the meta device (no memory). ConfigError naming the pattern."""
+    if cfg.train.trainable or cfg.train.frozen:
         import torch
 
         from vae_scale.models.interface import build_model
@@ -140,7 +128,7 @@ def check_new_phase(cfg: Config) -> Path | None:
     """
     init = cfg.model.init_from
     if not init or not Path(init).exists():
-        return None  # check_trainable names a missing one
+        return None  # checks.check_run names a missing one
     phase = phase_start(init)
     if phase is None:  # a diffusers folder or a weights file (`vae-scale import` puts one in the run folder)
         return None
@@ -193,23 +181,12 @@ def resume_plan(cfg: Config) -> str:
     return f"resume         from {path}{passed}"
 
 
-def prepare_run_dir(cfg: Config, dry_run: bool = False) -> RunLock | None:
-    """Check that the run folder and its checkpoints can be written; rank 0 locks the folder and returns
-    the lock. OutputError (one line naming the place or the run holding it) otherwise.
-
-    dry_run: the same checks, creating and locking nothing (a missing run folder: its nearest existing
-    parent must be writable).
+def prepare_run_dir(run_dir: str | Path) -> RunLock | None:
+    """Create the run folder; rank 0 locks it and returns the lock. OutputError (one line naming the place
+    or the run holding it) when it cannot be written or another run holds it: checks.check_run_dir said so
+    before any process started, unless something changed since.
     """
-    if dry_run:
-        run_dir = Path(cfg.run.dir)
-        existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor))
-        what = "run.dir" if existing == run_dir else f"run.dir {run_dir}: its parent"
-        check_writable_dir(existing, what, create=False)
-        for sub in ("checkpoints", "images"):
-            check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
-        RunLock(run_dir).check_free()  # the real run would stop on another run's lock: so does the dry run
-        return None
-    run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    run_dir = check_writable_dir(run_dir, "run.dir")
     for sub in ("checkpoints", "images"):
         check_writable_dir(run_dir / sub, f"run.dir's {sub}/", create=False)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -20,7 +20,6 @@ pieces a run is made of are built in build.py; a Trainer puts them together:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from vae_scale import kernels
 from vae_scale.config import Config
+from vae_scale.data.source import BatchSource
 from vae_scale.eval.equivariance import draw_transforms
 from vae_scale.eval.metrics import load_eval_nets
 from vae_scale.files import folder_bytes
@@ -55,11 +55,12 @@ from vae_scale.train.build import (
     resolved_config,
 )
 from vae_scale.train.checkpoints import CheckpointManager
+from vae_scale.train.checks import WeightFiles, check_run, sample_lines, wandb_fallback
 from vae_scale.train.fsdp import FSDPPlan, fsdp_plan, full_tensor, reshard
 from vae_scale.train.log import TrainLog
 from vae_scale.train.monitor import Monitor
 from vae_scale.train.objective import LastLayer, VAELoss
-from vae_scale.train.preflight import NotReady, preflight, problems_before_start, sample_lines, wandb_fallback
+from vae_scale.train.preflight import preflight
 from vae_scale.train.run_state import (
     load_phase_start,
     load_trained_weights,
@@ -68,13 +69,7 @@ from vae_scale.train.run_state import (
     weights_fingerprint,
 )
 from vae_scale.train.signals import StopFlag
-from vae_scale.train.startup import (
-    check_new_phase,
-    check_resume,
-    check_trainable,
-    prepare_run_dir,
-    resume_plan,
-)
+from vae_scale.train.startup import prepare_run_dir, resume_plan
 from vae_scale.train.summary import summary
 from vae_scale.train.trainable import describe as describe_trainable
 from vae_scale.train.wrapping import to_channels_last
@@ -94,14 +89,24 @@ class Trainer:
     with what the launch decided (see build.resolved_config).
     """
 
-    def __init__(self, cfg: Config, plan: FSDPPlan | None = None, dry_run: bool = False, loader: Any = None):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: FSDPPlan | None = None,
+        dry_run: bool = False,
+        loader: BatchSource | None = None,
+        weights: WeightFiles | None = None,
+    ):
         """Everything a run needs, built, checked and resumed. dry_run: the same, but nothing is written or
         resumed (no config.yaml, no monitor, no evaluation networks loaded); `plan_lines` say what the launch
-        does. loader: batches to train on in place of data.train's (the interface of SyntheticLoader)."""
+        does. loader: batches to train on in place of data.train's.
+
+        plan, weights: what train()'s check pass found (checks.check_run); a Trainer built without them
+        (a test's) makes the FSDP plan and looks the weight files up itself.
+        """
         self.dry_run = dry_run
-        # What the launch asks for is checked before the process group starts (one line, exit 2); train()
-        # checks it before the run folder is touched and passes the plan on.
         self.plan: FSDPPlan = plan if plan is not None else fsdp_plan(cfg, cuda=torch.cuda.is_available())
+        weights = weights or WeightFiles()
         self.fsdp = self.plan.enabled
         self.run_dir = Path(cfg.run.dir)
         self.acc = acc = build_accelerator(cfg, self.run_dir)
@@ -115,7 +120,7 @@ class Trainer:
 
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
-        self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        self.criterion = VAELoss(cfg.loss, cfg.model.in_channels, lpips_files=weights.lpips).to(self.device)
         align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior, align)
@@ -124,13 +129,13 @@ class Trainer:
         self.disc = self.criterion.discriminator
         spec = vae.last_layer()
         self.last_layer = LastLayer(*spec) if self.disc is not None and spec is not None else None
-        self.ae, strategy = parallelize(model, cfg, self.plan, acc)
-        self.opt = build_optimizer(model, cfg, self.device)
+        self.ae, strategy = parallelize(model, cfg.train, self.plan, acc)
+        self.opt = build_optimizer(model, cfg.optim, self.device)
         self.disc_ddp, self.disc_opt = build_discriminator(self.disc, cfg, acc)
-        self.ema = build_ema(vae, cfg)
+        self.ema = build_ema(vae, cfg.optim)
         if loader is None:
-            loader = build_loader(cfg, acc.process_index, acc.num_processes)
-        self.loader = loader
+            loader = build_loader(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
+        self.loader: BatchSource = loader
 
         self.plan_lines = preflight(
             cfg,
@@ -169,7 +174,7 @@ class Trainer:
             self._it: Iterator[dict[str, Any]] | None = None
             return
         # Missing LPIPS / Inception weights stop the run here, before anything is resumed.
-        eval_nets = load_eval_nets(cfg, cfg.eval.metrics) if cfg.eval.every else {}
+        eval_nets = load_eval_nets(cfg, cfg.eval.metrics, **weights.paths()) if cfg.eval.every else {}
         self.ckpt.clean_partial()
         path = self.resume_path()
         phase = phase_start(cfg.model.init_from) if cfg.model.init_from and path is None else None
@@ -355,11 +360,6 @@ class Trainer:
             transforms = draw_transforms(cfg.loss, cfg.train.seed, self.step, micro)
             with self._accumulating(self.ae, sync):
                 x_hat, posterior, loss, logs = self.forward_loss(x, transforms)
-                if (
-                    cfg.train.debug_nonfinite_step == self.step
-                    and cfg.train.debug_nonfinite_rank == acc.process_index
-                ):
-                    loss = loss * float("nan")
                 finite = finite * torch.isfinite(loss.detach())
                 acc.backward(loss / accum)
             if disc_on:
@@ -390,7 +390,7 @@ class Trainer:
         ).float()
         nonfinite, stop, budget = (acc.reduce(flags, reduction="sum") > 0).tolist()
 
-        lr = learning_rate(cfg, self.step, self.lr_scale)
+        lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
         for group in self.opt.param_groups:
             group["lr"] = lr
         scaler = acc.scaler
@@ -463,7 +463,7 @@ class Trainer:
     def _advice(self) -> str:
         """The LR scale, the LR and what to try, for the message that stops a diverging run."""
         cfg = self.cfg
-        lr = learning_rate(cfg, self.step, self.lr_scale)
+        lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
         tips = [f"a lower optim.lr (now {cfg.optim.lr:g})", "more optim.warmup_steps"]
         if cfg.optim.grad_clip == 0:
             tips.append("optim.grad_clip=1 (clipping is off)")
@@ -587,35 +587,28 @@ class Trainer:
 def train(cfg: Config, dry_run: bool = False) -> dict[str, float]:
     """Train with a resolved config; returns the last logged metrics plus the final step.
 
-    Checks everything that can be checked before a process group starts or a file is written (NotReady
-    lists every missing thing at once); a stop signal from then on ends the run with a checkpoint at the end
-    of the step in flight. dry_run: the checks, then the Trainer built as the run would build it and its
-    plan printed; nothing is trained or written. Returns {} then.
+    The check pass (checks.check_run) runs first and stops the run with every problem it finds at once,
+    before a process group starts or a file is written; a stop signal from then on ends the run with a
+    checkpoint at the end of the step in flight. dry_run: the checks, then the Trainer built as the run
+    would build it and its plan printed; nothing is trained or written. Returns {} then.
     """
-    check_trainable(cfg)
-    check_resume(cfg)
-    phase = check_new_phase(cfg)
-    if phase is not None:  # that checkpoint, not the run's newest when read again: config.yaml records it
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(phase)))
-    plan = fsdp_plan(cfg, cuda=torch.cuda.is_available())  # a launch it cannot honour writes nothing
-    problems = problems_before_start(cfg)
-    if problems:
-        raise NotReady(problems)
-    cfg = wandb_fallback(cfg)
-    lock = prepare_run_dir(cfg, dry_run=dry_run)
+    findings = check_run(cfg)
+    findings.raise_if_any()
+    cfg = wandb_fallback(findings.cfg)
     if dry_run:
         resume = resume_plan(cfg)
-        trainer = Trainer(cfg, plan, dry_run=True)
+        trainer = Trainer(cfg, findings.plan, dry_run=True, weights=findings.weights)
         trainer.loader.close()
         if trainer.acc.is_main_process:
             print(resume)
             print("\n".join(sample_lines(cfg)))
             print(f"dry run: every check passed; nothing was trained or written to {cfg.run.dir}")
         return {}
+    lock = prepare_run_dir(cfg.run.dir)
     stop = StopFlag()
     stop.install()
     try:
-        return Trainer(cfg, plan).fit(stop)
+        return Trainer(cfg, findings.plan, weights=findings.weights).fit(stop)
     finally:
         stop.restore()
         if lock is not None:
