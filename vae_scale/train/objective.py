@@ -102,6 +102,12 @@ class LastLayer:
         self._hook.remove()
 
 
+def _filled(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 tensor of `value` on like's device: a fill (the number is a kernel argument), not a
+    tensor copied from the host, which on a GPU would wait for the copy."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
 def _whole(p: torch.Tensor) -> torch.Tensor:
     """The full value of a parameter: gathered when it is an FSDP shard (a collective), else itself."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -261,7 +267,7 @@ class VAELoss(nn.Module):
         loss.disc_weight without a last layer.
         """
         if last_layer is None:
-            return torch.tensor(self.cfg.disc_weight, device=g_grad.device)
+            return _filled(self.cfg.disc_weight, g_grad)
         rec_w, g_w = last_layer.weight_grad(rec_grad), last_layer.weight_grad(g_grad)
         weight = rec_w.norm() / (g_w.norm() + 1e-4)
         return weight.clamp(0.0, LDM_D_WEIGHT_MAX / pixels).detach() * self.cfg.disc_weight
@@ -348,14 +354,14 @@ class VAELoss(nn.Module):
                 loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
             elif adversarial:  # no gradients wanted (validation): the value only
                 g_loss = self.generator_loss(self.discriminator(x_hat.contiguous()))
-                d_weight = torch.tensor(self.cfg.disc_weight, device=x.device)
+                d_weight = _filled(self.cfg.disc_weight, x)
                 loss = loss + d_weight * factor * g_loss
             else:  # before disc_start: no discriminator forward at all
                 g_loss = d_weight = torch.zeros((), device=x.device)
             logs |= {
                 "g_loss": g_loss.detach(),
                 "d_weight": d_weight.detach(),
-                "disc_factor": torch.tensor(factor, device=x.device),
+                "disc_factor": _filled(factor, x),
             }
         if self.cfg.se_weight > 0 or self.cfg.eq_weight > 0 or transformed:
             loss = loss + self.transformed_loss(x, transformed, logs)
@@ -365,7 +371,7 @@ class VAELoss(nn.Module):
             "rec": rec_mean.detach(),
             "nll": nll_loss.detach(),
             "kl": kl_mean.detach(),
-            "kl_weight": torch.tensor(w_kl, device=x.device),
+            "kl_weight": _filled(w_kl, x),
         }
         if self.cfg.recon in ("gaussian", "logistic"):
             nats = nll_loss + kl_mean / P

@@ -319,8 +319,12 @@ class Trainer:
 
     def train_step(
         self, stop: StopFlag | None = None, over_budget: bool = False
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop).
+    ) -> tuple[dict[str, torch.Tensor | float], bool]:
+        """Accumulate, agree across ranks, step. Returns (logs, whether to stop): detached device tensors,
+        and the learning rate as a number.
+
+        One device-to-host sync (the agreement) and no blocking host-to-device copy
+        (tests/test_step_syncs.py).
 
         `stop` is read at the agreement, so a signal that arrives before it stops the run after this step;
         over_budget: this rank is past train.time_budget_s. Every rank calls it together.
@@ -364,22 +368,20 @@ class Trainer:
         if disc_on:
             finite = finite * torch.isfinite(self._clip(self.disc_opt))
         # The one host sync of the step: every rank learns whether any rank saw a non-finite value or a
-        # stop request, so they all skip or stop together.
+        # stop request, so they all skip or stop together. The host's two flags go in as fills (kernel
+        # arguments), not as tensors copied from the host.
+        asked = stop is not None and stop.requested
         flags = torch.stack(
-            [
-                1 - finite,
-                torch.tensor(float(stop is not None and stop.requested), device=self.device),
-                torch.tensor(float(over_budget), device=self.device),
-            ]
-        ).float()
-        nonfinite, stop, budget = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            [1 - finite, finite.new_full((), float(asked)), finite.new_full((), float(over_budget))]
+        )
+        nonfinite, stop, budget = (acc.reduce(flags.float(), reduction="sum") > 0).tolist()
 
         lr = learning_rate(cfg, self.step, self.lr_scale)
         for group in self.opt.param_groups:
             group["lr"] = lr
         scaler = acc.scaler
         if nonfinite:  # every rank skips; fp16 lowers its loss scale as the GradScaler would
-            if scaler is not None:
+            if scaler is not None:  # reads the scale: one sync more, on a skipped step only
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             self.skipped += 1
             self.consecutive_skips += 1
@@ -389,8 +391,11 @@ class Trainer:
                 for group in self.disc_opt.param_groups:
                     group["lr"] = (cfg.loss.disc_lr or cfg.optim.lr) * self.lr_scale
                 optimizers.append(self.disc_opt)
+            # Not scaler.step: every gradient is known finite on every rank (they were unscaled before the
+            # norm that the agreement read), and scaler.step would read its own inf flags again, a sync
+            # per optimizer. update() still grows the scale after growth_interval such steps.
             for opt in optimizers:
-                scaler.step(opt) if scaler is not None else opt.step()
+                opt.step()
             if scaler is not None:
                 scaler.update()
             self.consecutive_skips = 0
@@ -402,8 +407,8 @@ class Trainer:
         self.step += 1
         self.samples_seen += cfg.data.batch_size * accum * acc.num_processes
         sums["grad_norm"] = grad_norm
-        sums["lr"] = torch.tensor(lr)
-        return sums, bool(stop or budget)
+        logs: dict[str, torch.Tensor | float] = {**sums, "lr": lr}  # a host number: no copy to the device
+        return logs, bool(stop or budget)
 
     # -- rollback --------------------------------------------------------------------------------------
 
