@@ -195,12 +195,19 @@ def replicate(module: nn.Module, acc: Accelerator) -> nn.Module:
 
 
 def _fused(device: torch.device) -> dict[str, bool]:
-    return {"fused": True} if device.type == "cuda" else {}
+    """fused=True where torch has a fused AdamW for the device (CUDA, CPU, XPU, MPS...; float32/16/64, bf16).
+
+    One kernel per step instead of a loop over the parameters; its step counts stay on the device, where the
+    for-loop AdamW reads each with `.item()`. The state dicts are the same, so a run resumes either way.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {}
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters (fused on CUDA). Built after sharding, so that under FSDP
-    it holds the shards (DTensors)."""
+    """AdamW over the model's trainable parameters, fused where torch offers it (_fused). Built after
+    sharding, so that under FSDP it holds the shards (DTensors)."""
     o = cfg.optim
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
