@@ -246,6 +246,41 @@ class VAELoss(nn.Module):
             logs["perceptual"] = perceptual.detach()
         return rec_loss, nll_loss, rec.mean()
 
+    def _reconstruction_grad(
+        self, x: torch.Tensor, x_rec: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(d rec_loss / d x_rec, (rec_loss, nll_loss, rec_mean, {"perceptual": ...} or {})); x_rec detached.
+
+        torch.func rather than torch.autograd.grad, which torch.compile cannot trace: the objective compiles
+        into one graph. rec_loss keeps its gradient w.r.t. the learned likelihood scale (an ordinary autograd
+        input of the transformed function); the gradient returned is detached, as autograd.grad's is (it is
+        a function of that scale too, which must not be differentiated).
+        """
+
+        def reconstruction(t: torch.Tensor):
+            terms: dict[str, torch.Tensor] = {}
+            rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, t, terms)
+            return rec_loss, (rec_loss, nll_loss, rec_mean, terms)
+
+        grad, aux = torch.func.grad(reconstruction, has_aux=True)(x_rec)
+        return grad.detach(), aux
+
+    def _generator_grad(self, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d g_loss / d x_rec, g_loss) at a detached x_rec, through self.discriminator (in its current mode,
+        so BatchNorm's running statistics update as in a plain forward).
+
+        The discriminator runs with its parameters detached (the generator term trains no discriminator
+        weight) and its buffers passed in: a torch.func transform updates buffers only when they are inputs.
+        """
+        disc = self.discriminator
+        params = {k: v.detach() for k, v in disc.named_parameters()}
+
+        def generator(t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.generator_loss(torch.func.functional_call(disc, (params, buffers), (t.contiguous(),)))
+
+        grad, g_loss = torch.func.grad_and_value(generator)(x_rec, dict(disc.named_buffers()))
+        return grad.detach(), g_loss
+
     def generator_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
         """Generator term from reconstructions' patch logits: -mean (hinge) | mean softplus(-l) (non-sat.)."""
         logits_fake = logits_fake.float()
@@ -328,9 +363,13 @@ class VAELoss(nn.Module):
         P = x[0].numel()
         logs: dict[str, torch.Tensor] = {}
         adversarial = self.discriminator is not None and self.disc_active(step)
-        leaf = adversarial and torch.is_grad_enabled() and x_hat.requires_grad
-        x_rec = x_hat.detach().float().requires_grad_() if leaf else x_hat
-        rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, x_rec, logs)
+        split = adversarial and torch.is_grad_enabled() and x_hat.requires_grad
+        if split:
+            x_rec = x_hat.detach().float()
+            rec_grad, (rec_loss, nll_loss, rec_mean, perceptual) = self._reconstruction_grad(x, x_rec)
+            logs |= perceptual
+        else:
+            rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, x_hat, logs)
 
         kl_mean = kl.float().mean()
         if self.cfg.free_bits > 0:
@@ -345,10 +384,8 @@ class VAELoss(nn.Module):
 
         if self.discriminator is not None:
             factor = self.disc_factor(step)
-            if leaf:
-                g_loss = self.generator_loss(self.discriminator(x_rec.contiguous()))
-                (rec_grad,) = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)
-                (g_grad,) = torch.autograd.grad(g_loss, x_rec)
+            if split:
+                g_grad, g_loss = self._generator_grad(x_rec)
                 d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer, P)
                 push = (x_hat.float() * (rec_grad + d_weight * factor * g_grad)).sum()
                 loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
