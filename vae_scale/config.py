@@ -66,9 +66,15 @@ class RunConfig:
             self.dir = f"runs/{self.name}"
 
 
+FAMILIES = ("sd", "dcae", "wan")
+"""model.family's choices; vae_scale/models/interface.py maps each to its model class (a test checks both)."""
+
+
 @dataclass
 class ModelConfig:
     WEIGHT_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "family",
+        "arch",
         "in_channels",
         "out_channels",
         "block_out_channels",
@@ -84,6 +90,15 @@ class ModelConfig:
 
     preset: str = ""
     """Preset this architecture comes from; overriding it swaps in that preset's whole model section."""
+    family: str = "sd"
+    """Model family: sd (latent diffusion's AutoencoderKL: SD, SDXL, FLUX.1) | flux2 (FLUX.2's
+    AutoencoderKLFlux2) | dcae (DC-AE's AutoencoderDC) | wan (Wan 2.1's and Qwen-Image's causal 3D VAE).
+    docs/families.md describes each."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """The family's own architecture keys, named as in its diffusers config.json (dcae: encoder_block_types,
+    decoder_block_out_channels, ...; flux2: decoder_block_out_channels, batch_norm_eps, ...; wan: base_dim,
+    dim_mult, ...), set one at a time as `model.arch.KEY=value`; the family checks them when it builds the
+    model. Empty for sd."""
     in_channels: int = 3
     """Image channels in."""
     out_channels: int = 3
@@ -128,6 +143,11 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        _check_choice("model.family", self.family, FAMILIES)
+        if self.arch and self.family == "sd":
+            raise ConfigError(
+                f"model.arch is for the other families; model.family=sd takes none: {self.arch}"
+            )
         if not self.block_out_channels:
             raise ConfigError("model.block_out_channels must list at least one level")
         for c in self.block_out_channels:
@@ -157,8 +177,13 @@ class ModelConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial reduction from image to latent."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        """Spatial reduction from image to latent: one halving per level after the first (the encoder's
+        levels: dcae's encoder_block_out_channels, wan's dim_mult; the others' block_out_channels)."""
+        levels = {
+            "dcae": self.arch.get("encoder_block_out_channels"),
+            "wan": self.arch.get("dim_mult"),
+        }.get(self.family) or self.block_out_channels
+        return 2 ** (len(levels) - 1)
 
 
 @dataclass
@@ -189,10 +214,21 @@ class DataConfig:
     """Stop the run when more than this fraction of samples is bad."""
     log_bad_every: int = 1000
     """Log a summary of skipped bad samples every this many (the first one is logged in full)."""
+    frames: int = 1
+    """Frames per training clip, 1 + 4k (the causal video VAE's shape); 1 means images (the clip loader
+    then yields one-frame clips)."""
+    frame_stride: int = 1
+    """Clips take every this-many-th frame of the stored video (2 halves the frame rate)."""
+    image_fraction: float = 0.0
+    """With data.frames > 1: the fraction of batches that are images (one-frame clips, T = 1), drawn per
+    batch from a seeded schedule the same on every rank (joint image and video training)."""
 
     def __post_init__(self):
-        for key in ("resolution", "batch_size"):
+        for key in ("resolution", "batch_size", "frame_stride"):
             _check_positive(f"data.{key}", getattr(self, key))
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ConfigError(f"data.frames must be 1 + 4k (1, 5, 9, 13, ...), got {self.frames}")
+        _check_range("data.image_fraction", self.image_fraction, low=0, high=1)
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         _check_range("data.max_error_fraction", self.max_error_fraction, low=0, high=1)
@@ -400,25 +436,41 @@ class EvalConfig:
         "rfid",
         "spectrum",
         "equivariance",
+        "tile_consistency",
     )
+    """The metric names eval.metrics takes: the registered ones (vae_scale/eval/registry.py); config.py sits
+    below eval/, so tests/test_metric_registry.py checks that the two lists agree."""
 
     every: int = 0
     """Evaluate on data.val every N steps; 0 is off."""
     max_batches: int = 0
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
-    """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance."""
+    """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance
+    tile_consistency."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
+    rfid_cache: str = ""
+    """rfid: folder of cached reference statistics, a file per protocol; "" is $XDG_CACHE_HOME/vae-scale/rfid,
+    "off" never caches."""
+    consistency_tile: int = 0
+    """tile_consistency: tile size in px (0: half the image's shorter side, in whole groups of 4 latent
+    positions)."""
+    consistency_norm: str = "tile"
+    """tile_consistency: the tiling measured: tile (each tile alone, diffusers' enable_tiling()) | image."""
+    consistency_overlap: float = 0.25
+    """tile_consistency with consistency_norm tile: the fraction of a tile its neighbour shares."""
     iw: int = 0
     """Importance samples per image for the bpd_iw bound (tighter than the ELBO, K decodes); 0 is off."""
 
     def __post_init__(self):
         for m in self.metrics:
             _check_choice("eval.metrics", m, self.METRICS)
-        for key in ("every", "max_batches", "iw"):
+        for key in ("every", "max_batches", "iw", "consistency_tile"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        _check_choice("eval.consistency_norm", self.consistency_norm, ("tile", "image"))
+        _check_range("eval.consistency_overlap", self.consistency_overlap, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -544,6 +596,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, args[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping (set one entry as {key}.NAME=value), got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -595,9 +651,18 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     parts = key.split(".")
     sections = _field_types(Config)
-    if len(parts) != 2 or parts[0] not in sections or parts[1] not in _field_types(sections[parts[0]]):
+    if len(parts) < 2 or parts[0] not in sections or parts[1] not in _field_types(sections[parts[0]]):
         raise _unknown(key)
-    tree.setdefault(parts[0], {})[parts[1]] = value
+    if len(parts) == 2:
+        tree.setdefault(parts[0], {})[parts[1]] = value
+        return
+    # section.field.name=value: one entry of a mapping field (model.arch.attention_head_dim=32)
+    if typing.get_origin(_field_types(sections[parts[0]])[parts[1]]) is not dict or len(parts) != 3:
+        raise _unknown(key)
+    entries = tree.setdefault(parts[0], {}).setdefault(parts[1], {})
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{parts[0]}.{parts[1]} expects a mapping, got {entries!r}")
+    entries[parts[2]] = value
 
 
 def _build(tree: dict[str, Any]) -> Config:

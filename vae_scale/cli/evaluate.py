@@ -50,6 +50,16 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-path", default="", help="folder with LPIPS' vgg.pth and vgg16-397923af.pth")
     p.add_argument("--vgg-path", default="", help="torchvision's vgg16-397923af.pth, if not beside vgg.pth")
     p.add_argument("--inception-path", default="", help=f"TorchScript Inception for rfid ({INCEPTION_FILE})")
+    p.add_argument(
+        "--rfid-cache",
+        help="folder of rfid's cached reference statistics, a file per protocol (default eval.rfid_cache: "
+        "$XDG_CACHE_HOME/vae-scale/rfid); off: never cache",
+    )
+    p.add_argument(
+        "--consistency-tile",
+        type=non_negative_int,
+        help="tile_consistency's tile in px (default eval.consistency_tile; 0: half the shorter side)",
+    )
     add_seed_arg(p)
     add_data_args(p, split="val")
     return p
@@ -78,13 +88,20 @@ def eval_main(argv: list[str]) -> int:
         lpips_path=args.lpips_path,
         vgg_path=args.vgg_path,
         inception_path=args.inception_path,
+        rfid_cache=args.rfid_cache,
+        consistency_tile=args.consistency_tile,
         procs=procs,
         progress_bar=sys.stderr.isatty(),
     )
     if procs.is_main:
         print(eval_heading(report))
         latent_channels = loaded.config.model.latent_channels
-        print(format_table(report["metrics"], report["likelihood"] or "", latent_channels, report["iw"]))
+        protocols = {"rfid": report["rfid_protocol"]} if "rfid_protocol" in report else {}
+        print(
+            format_table(
+                report["metrics"], report["likelihood"] or "", latent_channels, report["iw"], protocols
+            )
+        )
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)

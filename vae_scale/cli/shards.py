@@ -19,7 +19,10 @@ def shards_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="vae-scale shards", description=shards_main.__doc__)
     p.add_argument(
-        "src", metavar="SRC", help="folder of images (recursive), a glob, 'sample' or 'sample-color'"
+        "src",
+        metavar="SRC",
+        help="folder of images (recursive), a glob, 'sample' or 'sample-color'; with --frames a folder of "
+        "videos (and images), or 'sample-video' (camera-motion clips of the sample photographs)",
     )
     p.add_argument("out", metavar="OUT", help="output folder")
     p.add_argument(
@@ -44,6 +47,28 @@ def shards_main(argv: list[str]) -> int:
         default=min(os.cpu_count() or 1, 16),
         help="image encoding processes (default: the CPU count, at most 16)",
     )
+    video = p.add_argument_group("clips (videos; see docs/video.md)")
+    video.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="write clip shards: frames per stored clip (videos are cut into these)",
+    )
+    video.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help="shortest clip kept, and shortest video not skipped (default --frames)",
+    )
+    video.add_argument(
+        "--crf", type=int, default=10, help="H.264 constant quality of the clips, 0-51 (default 10)"
+    )
+    video.add_argument(
+        "--clips-per-image",
+        type=int,
+        default=4,
+        help="sample-video: camera-motion clips per photograph (default 4)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--overwrite",
@@ -61,6 +86,10 @@ def shards_main(argv: list[str]) -> int:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.keep_small and args.size is None:
         p.error("--keep-small needs --size (without it every image keeps its own size)")
+    if args.src == "sample-video" and args.frames is None:
+        p.error("sample-video needs --frames (frames per clip, e.g. --frames 9)")
+    if args.frames is not None:
+        return _clip_shards(p, args)
     src = Path(args.src)
     reads = [] if args.src in ("sample", "sample-color") else [src if src.is_dir() else src.parent]
     check_output_dir(args.out, "OUT", args.overwrite, reads)
@@ -92,4 +121,47 @@ def shards_main(argv: list[str]) -> int:
             f"  the {t['kept_small']} kept below --size {args.size}: training at data.resolution={args.size} "
             "skips them (counted apart from bad data) unless data.upscale_small=true"
         )
+    return 0
+
+
+def _clip_shards(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`vae-scale shards SRC OUT --frames N`: clip shards (vae_scale/data/video.py)."""
+    from vae_scale.data.shards import skip_summary
+    from vae_scale.data.video import SAMPLE_VIDEO, write_clip_shards
+
+    if args.frames <= 0:
+        p.error(f"--frames must be > 0, got {args.frames}")
+    if args.min_frames is not None and not 1 <= args.min_frames <= args.frames:
+        p.error(f"--min-frames must be in 1..--frames ({args.frames}), got {args.min_frames}")
+    if not 0 <= args.crf <= 51:
+        p.error(f"--crf must be in 0..51, got {args.crf}")
+    if args.clips_per_image <= 0:
+        p.error(f"--clips-per-image must be > 0, got {args.clips_per_image}")
+    if args.keep_small or args.format != "jpg":
+        p.error("--keep-small and --format apply to image shards, not to clip shards (--frames)")
+    check_output_dir(args.out, "OUT", args.overwrite, [] if args.src == SAMPLE_VIDEO else [Path(args.src)])
+    index = write_clip_shards(
+        args.src,
+        args.out,
+        frames=args.frames,
+        size=args.size,
+        min_frames=args.min_frames,
+        crf=args.crf,
+        quality=args.quality,
+        clips_per_image=args.clips_per_image,
+        max_per_shard=args.max_per_shard,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    t = index["totals"]
+    print(
+        f"{args.out}: {t['train']} train + {t['val']} val samples ({t['clips']} clips, {t['images']} "
+        "images) in "
+        f"{len(index['splits']['train']['shards'])} + {len(index['splits']['val']['shards'])} shards, "
+        f"{t['skipped']} files skipped"
+    )
+    for line in skip_summary(index):
+        print(line)
     return 0

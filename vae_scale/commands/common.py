@@ -48,14 +48,14 @@ def _is_diffusers_folder(path: Path) -> bool:
 
 
 def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = False) -> LoadedModel:
-    """The VAE of a run folder (newest checkpoint), a checkpoint folder, or a diffusers AutoencoderKL folder.
+    """The VAE of a run folder (newest checkpoint), a checkpoint folder, or a diffusers folder of any family.
 
     FileNotFoundError names the path when there is nothing to load; InputError for --ema without EMA.
     """
     import yaml
 
     from vae_scale.formats.checkpoint import is_complete, read_checkpoint_file, resolve_checkpoint
-    from vae_scale.models.sd import VAE
+    from vae_scale.models.interface import load_checkpoint, load_diffusers
 
     flag = "--run" if run else "--ckpt"
     path = Path(run or ckpt or "")
@@ -66,14 +66,14 @@ def load_model(run: str | None = None, ckpt: str | None = None, ema: bool = Fals
     if ckpt and not is_complete(path) and _is_diffusers_folder(path):
         if ema:
             raise InputError(f"--ema: {path} is a diffusers folder, which holds one set of weights")
-        vae = VAE.from_diffusers(path)
+        vae = load_diffusers(path)
         return LoadedModel(vae, Config(model=vae.config), str(path))
     try:
         checkpoint = resolve_checkpoint(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{flag} {e}") from None
     try:
-        vae = VAE.from_checkpoint(checkpoint, ema=ema)  # checks its files against the manifest
+        vae = load_checkpoint(checkpoint, ema=ema)  # checks its files against the manifest
     except FileNotFoundError as e:
         raise InputError(f"--ema: {e}" if ema else str(e)) from None
     cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))

@@ -9,8 +9,10 @@ What each metric means, and how the pass stays exact across processes: vae_scale
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,14 +26,18 @@ from vae_scale.commands.common import (
     processes,
     progress,
 )
+from vae_scale.data.shard_reader import DataError, count_samples, expand_shards
 from vae_scale.data.synthetic import SYNTHETIC
 from vae_scale.eval.metrics import (
+    RFIDReference,
     check_metrics,
-    compression,
     evaluate,
     has_likelihood,
     load_eval_nets,
 )
+from vae_scale.eval.reconstruction import baseline_verdict  # noqa: F401  (callers import it from here)
+from vae_scale.eval.registry import TableInfo, by_note_position, by_table_position
+from vae_scale.eval.rfid import default_cache, inception_protocol
 
 log = logging.getLogger(__name__)
 
@@ -88,94 +94,26 @@ def likelihood_name(criterion) -> str:
 
 
 def format_table(
-    results: dict[str, float], likelihood: str = "", latent_channels: int | None = None, iw: int = 0
+    results: dict[str, float],
+    likelihood: str = "",
+    latent_channels: int | None = None,
+    iw: int = 0,
+    protocols: dict[str, str] | None = None,
 ) -> str:
-    """The results as a markdown table (what `vae-scale eval` prints), the likelihood of bits/dim below.
-
-    With the baseline's results (evaluate(..., baseline=True)) the table says how many numbers the latent
-    and the bicubic thumbnail keep per image against the pixels, and a line below says which reconstructs
-    better.
-    """
+    """The results as a markdown table (what `vae-scale eval` prints): each registered metric's rows, in
+    their table order, then their lines below it (the likelihood of bits/dim, rFID's protocol (protocols:
+    metric name -> one line), the bicubic baseline's verdict)."""
+    info = TableInfo(likelihood, latent_channels, iw, dict(protocols or {}))
     rows = [("samples", f"{int(results['samples'])}")]
-    base = "latent_values" in results and "psnr_bicubic" in results
-    if base:
-        pixels = results["pixel_values"]
-        for name, key in (("latent", "latent_values"), ("bicubic thumbnail", "bicubic_values")):
-            values = results[key]
-            rows.append(
-                (f"numbers kept per image: {name}", f"{values:,.0f} ({compression(values, pixels)} fewer)")
-            )
-    fmt = {
-        "psnr": ("PSNR (dB)", "{:.2f}"),
-        "ssim": ("SSIM", "{:.4f}"),
-        "mse": ("MSE ([0, 1] scale)", "{:.5f}"),
-        "lpips": ("LPIPS-VGG", "{:.4f}"),
-        "rfid": ("rFID", "{:.2f}"),
-    }
-    for key in ("psnr", "ssim", "mse", "lpips", "rfid"):
-        if key in results:
-            rows.append((fmt[key][0], fmt[key][1].format(results[key])))
-        if key == "psnr" and base:
-            rows.append(("PSNR (dB), bicubic thumbnail", f"{results['psnr_bicubic']:.2f}"))
-    if "bpd" in results:
-        rows.append(("bits/dim (ELBO)", f"{results['bpd']:.4f}"))
-    if "bpd_iw" in results:
-        label = f"bits/dim (IW bound, K={iw})" if iw else "bits/dim (IW bound)"
-        rows.append((label, f"{results['bpd_iw']:.4f}"))
-    if "kl" in results:
-        rows.append(("KL (nats per image)", f"{results['kl']:.2f}"))
-        per = [
-            results[k]
-            for k in sorted(
-                (k for k in results if k.startswith("kl_channel/")), key=lambda k: int(k.split("/")[1])
-            )
-        ]
-        rows.append(("KL per latent channel", " ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in per)))
-    if "active_units" in results:
-        of = f" / {latent_channels}" if latent_channels else ""
-        rows.append(("active latent channels", f"{int(results['active_units'])}{of}"))
-    if "latent_hf_share" in results:
-        rows.append(("high-frequency share, latent", f"{results['latent_hf_share']:.4f}"))
-        per = _indexed(results, "latent_hf_share/")
-        rows.append(("  per latent channel", " ".join(f"{v:.3f}" for v in per)))
-        rows.append(("high-frequency share, RGB", f"{results['rgb_hf_share']:.4f}"))
-        for side in ("latent", "rgb"):
-            curve = _indexed(results, f"spectrum/{side}/")
-            rows.append((f"spectrum, {side} (by frequency)", " ".join(f"{v:.3g}" for v in curve)))
-    for key in sorted(k for k in results if k.startswith("equivariance/")):
-        rows.append((f"equivariance PSNR, {key.split('/', 1)[1]} (dB)", f"{results[key]:.2f}"))
+    for cls in by_table_position():
+        rows += cls.rows(results, info)
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = [f"| {'metric':<{width}} | {'value':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
     lines += [f"| {name:<{width}} | {value:>{vwidth}} |" for name, value in rows]
-    if likelihood and "bpd" in results:
-        lines.append(f"\nbits/dim likelihood: {likelihood}")
-    if base and "psnr" in results:
-        lines.append("\n" + baseline_verdict(results))
+    for cls in by_note_position():
+        lines += ["\n" + note for note in cls.notes(results, info)]
     return "\n".join(lines)
-
-
-def _indexed(results: dict[str, float], prefix: str) -> list[float]:
-    """The values of prefix<i> keys in the order of i."""
-    keys = [k for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()]
-    return [results[k] for k in sorted(keys, key=lambda k: int(k[len(prefix) :]))]
-
-
-def baseline_verdict(results: dict[str, float]) -> str:
-    """One line: which has the higher PSNR, the VAE or bicubic through a thumbnail of at least its numbers."""
-    vae, bic = results["psnr"], results["psnr_bicubic"]
-    latent, thumb, pixels = results["latent_values"], results["bicubic_values"], results["pixel_values"]
-    same = (
-        f"the same {latent:,.0f} numbers per image"
-        if round(thumb) == round(latent)
-        else f"{thumb:,.0f} numbers per image against the latent's {latent:,.0f}"
-    )
-    # the winner's figure first, as the demo's verdict says it
-    who = f"the VAE beats bicubic ({vae:.2f}" if vae > bic else f"bicubic beats the VAE ({bic:.2f}"
-    return (
-        f"baseline: bicubic down to a thumbnail and back up, keeping {same} "
-        f"({compression(thumb, pixels)} fewer than the pixels): {who} against {min(vae, bic):.2f} dB)"
-    )
 
 
 def run_metrics(cfg, metrics: list[str] | None, lpips_path: str = "", inception_path: str = "") -> list[str]:
@@ -205,6 +143,8 @@ def evaluate_model(
     lpips_path: str = "",
     vgg_path: str = "",
     inception_path: str = "",
+    rfid_cache: str | None = None,
+    consistency_tile: int | None = None,
     procs: Processes | None = None,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
@@ -213,9 +153,16 @@ def evaluate_model(
     metrics None: run_metrics' default; iw None: the run's eval.iw. shape "square": center crops of
     data.resolution; "native": each image at its own size (tiled by `tiling`, a model.Tiling or False).
     n: how many images `synthetic` data has (default 256); seed: the sampled latents' noise (per sample key).
-    Returns the report `--out` writes: {"metrics": {...}, "source", "step", "ema", "data", ...}.
+    rfid_cache, consistency_tile: eval.rfid_cache and eval.consistency_tile unless given.
+    Returns the report `--out` writes: {"metrics": {...}, "source", "step", "ema", "data", ...}, with
+    "rfid_protocol" (one line) when rfid was measured.
     """
     cfg = loaded.config
+    eval_cfg = dataclasses.replace(
+        cfg.eval,
+        rfid_cache=cfg.eval.rfid_cache if rfid_cache is None else rfid_cache,
+        consistency_tile=cfg.eval.consistency_tile if consistency_tile is None else consistency_tile,
+    )
     if not data.data:
         raise InputError(f"--data is needed: {loaded.source} has no data.{data.split}")
     metrics = run_metrics(cfg, metrics, lpips_path, inception_path)
@@ -238,6 +185,12 @@ def evaluate_model(
         # synthetic images seeded apart from the training ones (train.seed), as held-out data is
         limit = n if data.data == SYNTHETIC else 0
         batches = data.batches(rank=procs.rank, world=procs.world, limit=limit, seed=cfg.train.seed + 1)
+    inputs: dict[str, Any] = {}
+    if "rfid" in metrics:
+        synthetic_seed = cfg.train.seed + 1 if data.data == SYNTHETIC else None
+        inputs["rfid"] = rfid_reference(
+            data, nets["inception"], shape, n, max_batches, eval_cfg.rfid_cache, synthetic_seed, procs
+        )
     results = evaluate(
         vae,
         progress(batches, enabled=procs.is_main and progress_bar, desc="eval"),
@@ -250,8 +203,19 @@ def evaluate_model(
         seed=seed,
         tiled=tiling,
         baseline="psnr" in metrics,
+        config=eval_cfg,
+        inputs=inputs,
         **nets,
     )
+    reference = inputs.get("rfid")
+    if reference is not None:
+        declared, evaluated = reference.protocol["images"], int(results["samples"])
+        if declared is not None and declared != evaluated:  # some images skipped: not the declared set
+            reference.cache = None
+            reference.notes.append(f"not cached: the data declares {declared} images, {evaluated} evaluated")
+        reference.protocol["images"] = evaluated
+        if procs.is_main and reference.save():
+            log.info("rfid reference statistics cached in %s", reference.cache)
     return {
         "metrics": results,
         "source": loaded.source,
@@ -265,7 +229,62 @@ def evaluate_model(
         "iw": iw,
         "seed": seed,
         "world_size": procs.world,
+        **({"rfid_protocol": reference.describe()} if reference is not None else {}),
     }
+
+
+def rfid_reference(
+    data: DataOptions,
+    inception,
+    shape: str,
+    n: int,
+    max_batches: int,
+    cache: str,
+    synthetic_seed: int | None,
+    procs: Processes,
+) -> RFIDReference:
+    """rFID's reference for this evaluation: its protocol and, when cached under it, its statistics.
+
+    The image count is part of the protocol, so statistics are cached only when it is known before the
+    pass: synthetic data (n images, 256 by default as iter_batches makes) and local shards, evaluated whole
+    (no --max-batches). cache: a folder, "" for the default (rfid.default_cache), "off" for none.
+    Cached statistics are used only when every process found them (see below).
+    """
+    images: int | None = None
+    if max_batches == 0 and data.data == SYNTHETIC:
+        images = n or 256
+    elif max_batches == 0:
+        images = declared_count(data)
+    name = data.data if synthetic_seed is None else f"{data.data} (seed {synthetic_seed})"
+    protocol = {
+        "data": name,
+        "split": data.split,
+        "crop": "center" if shape == "square" else "none (native size)",
+        "resize": f"shorter side to {data.resolution} px" if shape == "square" else "none",
+        "images": images,
+        "features": inception_protocol(inception),
+    }
+    folder = None if cache == "off" else Path(cache).expanduser() if cache else default_cache()
+    reference = RFIDReference.open(protocol, folder)
+    if max_batches:
+        reference.notes[:] = ["not cached: --max-batches evaluates part of the data"]
+    # Every process must keep the same sums for the one reduce, so a file that some processes do not see
+    # (nodes that do not share the cache's file system) is used by none.
+    found = procs.gather(reference.mu is not None)
+    if not all(found):
+        reference.mu = reference.cov = None
+        reference.source = "computed"
+        if any(found):
+            reference.notes.append("the cached file is not on every process")
+    return reference
+
+
+def declared_count(data: DataOptions) -> int | None:
+    """The samples in the shards (index.json, else their members counted), or None for remote shards."""
+    try:
+        return count_samples(expand_shards(data.data, data.split))
+    except (DataError, OSError):  # the pass itself reports unreadable data; here it only means "not known"
+        return None
 
 
 def eval_heading(report: dict[str, Any]) -> str:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 """Image file extensions the writer reads from a folder and the loader decodes from a shard (any case)."""
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+"""Video file extensions: what `vae-scale shards` reads as clips and the clip loader decodes (any case).
+video2dataset's shards hold `.mp4` members."""
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
@@ -206,8 +209,8 @@ def expand_shards(spec: str | list[str], split: str = "train") -> list[str]:
 
 
 def _count_samples(url: str) -> int:
-    """Samples (keys with an image member) in one shard, from member names only (a truncated tar counts
-    what it holds; an unreadable one 0)."""
+    """Samples (keys with an image or video member) in one shard, from member names only (a truncated tar
+    counts what it holds; an unreadable one 0)."""
     names: list[str] = []
     try:
         if _is_local(url):  # random access: seeks from header to header
@@ -221,7 +224,7 @@ def _count_samples(url: str) -> int:
     keys = set()
     for name in names:
         key, ext = base_plus_ext(name)
-        if key is not None and ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+        if key is not None and ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
             keys.add(key)
     return len(keys)
 
@@ -287,12 +290,14 @@ class ShardUnit:
 @dataclass
 class RawSample:
     """One sample as read from a shard: its image member's bytes, not decoded, and (when asked for) its
-    other members by extension (captions, metadata: "txt", "json", ...)."""
+    other members by extension (captions, metadata: "txt", "json", ...). `ext`: the extension of the data
+    member (read_unit's `media` decides which members count as data)."""
 
     url: str
     key: str
     data: bytes
     sidecars: dict[str, bytes] = field(default_factory=dict)
+    ext: str = ""
 
 
 class BadTally:
@@ -346,25 +351,32 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
-def _is_image_suffix(suffix: str) -> bool:
-    return suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+def _is_image_suffix(suffix: str, media: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    return suffix.rsplit(".", 1)[-1] in media
 
 
-def _image_member(members: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
+def _image_member(
+    members: dict[str, bytes], media: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> tuple[bytes, str] | tuple[None, str]:
+    """The data member's bytes and its extension (the first of `media` present), else (None, "")."""
+    for ext in media:
         if ext in members:
-            return members[ext]
+            return members[ext], ext
     for suffix, data in members.items():  # e.g. "input.jpg"
-        if suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-            return data
-    return None
+        if suffix.rsplit(".", 1)[-1] in media:
+            return data, suffix.rsplit(".", 1)[-1]
+    return None, ""
 
 
-def read_unit(unit: ShardUnit, tally: BadTally, sidecars: bool = False) -> Iterator[RawSample]:
+def read_unit(
+    unit: ShardUnit, tally: BadTally, sidecars: bool = False, media: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> Iterator[RawSample]:
     """The raw samples of one unit in tar order (WebDataset grouping: consecutive members share a key).
 
     Shard-level problems are counted by part 0 only, so a shard split into parts counts them once.
     sidecars: keep the bytes of the members that are not images (otherwise only their names are seen).
+    media: the member extensions that are a sample's data, in order of preference (the clip loader adds
+    VIDEO_EXTENSIONS); a sample with none of them is counted as no_image.
     """
     try:
         stream = open_shard(unit.url)
@@ -387,14 +399,14 @@ def read_unit(unit: ShardUnit, tally: BadTally, sidecars: bool = False) -> Itera
             return None
         for _ in range(dup):
             tally.add("duplicate_key", unit.url, key, "member repeated within the sample")
-        data = _image_member(members)
+        data, ext = _image_member(members, media)
         if data is None:
             tally.add("no_image", unit.url, key, f"no image member among {sorted(members)}")
         elif not data:
             tally.add("empty", unit.url, key, "zero-length image member")
         else:
-            extra = {k: v for k, v in members.items() if not _is_image_suffix(k)} if sidecars else {}
-            return RawSample(unit.url, key, data, extra)
+            extra = {k: v for k, v in members.items() if not _is_image_suffix(k, media)} if sidecars else {}
+            return RawSample(unit.url, key, data, extra, ext)
         return None
 
     try:
@@ -412,7 +424,7 @@ def read_unit(unit: ShardUnit, tally: BadTally, sidecars: bool = False) -> Itera
                 seen.add(k)
             if suffix in members:
                 dup += 1
-            elif suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+            elif suffix.rsplit(".", 1)[-1] in media:
                 members[suffix] = member["data"]
             else:  # a sidecar (.txt, .json, ...): for training only its presence matters
                 members[suffix] = member["data"] if sidecars else b""

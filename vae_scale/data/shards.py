@@ -446,8 +446,9 @@ def write_shards(
 
 SKIP_REASONS = {
     "too_small": "short side below --size (never upscaled; --keep-small stores them at their own size)",
-    "undecodable": "not a readable image",
+    "undecodable": "not a readable image (or video)",
     "empty": "zero-length file",
+    "too_short": "a video with fewer frames than --min-frames",
 }
 
 

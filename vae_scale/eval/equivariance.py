@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from vae_scale.config import LossConfig
+from vae_scale.eval.reconstruction import psnr
+from vae_scale.eval.registry import Batch, Metric, Sums, TableInfo, register_metric
 
 KINDS = ("down", "scale", "rotate", "flip")
 TERMS = ("se", "eq")
@@ -186,3 +188,35 @@ class TransformedDecode:
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """T(x) for the input batch x: the same size as x_hat."""
         return self.transform.apply(x, self.unit)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The metric
+
+
+@register_metric("equivariance")
+class Equivariance(Metric):
+    """`equivariance/<family>`: PSNR (dB) of decode(T(z)) against T(x), z the posterior mean, for each
+    transform of EVAL_TRANSFORMS. A decoder that commutes with T scores its plain reconstruction PSNR."""
+
+    higher_is_better = True
+    table_position = 100
+
+    def sums(self) -> dict[str, tuple[int, ...]]:
+        return {name: () for name in EVAL_TRANSFORMS}
+
+    def accumulate(self, batch: Batch, sums: Sums) -> None:
+        f, z, x = self.setup.vae.config.downsample_factor, batch.latent, batch.images
+        for name, t in EVAL_TRANSFORMS.items():
+            x_t = self.setup.decode(t.apply(z)).clamp(-1, 1)
+            sums[name] += psnr(x_t, t.apply(x, f)).double().sum()
+
+    def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
+        return {f"equivariance/{name}": float(total[name]) / samples for name in EVAL_TRANSFORMS}
+
+    @classmethod
+    def rows(cls, results: dict[str, float], info: TableInfo) -> list[tuple[str, str]]:
+        return [
+            (f"equivariance PSNR, {key.split('/', 1)[1]} (dB)", f"{results[key]:.2f}")
+            for key in sorted(k for k in results if k.startswith("equivariance/"))
+        ]

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from vae_scale.eval.registry import Batch, Metric, Sums, TableInfo, indexed, register_metric
+
 BINS = 16
 """Radial frequency bins of the averaged spectrum (some stay empty for latents under 16 x 16)."""
 HF_THRESHOLD = 0.5
@@ -110,3 +112,62 @@ def radial_spectrum(energy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 def bin_centres(bins: int = BINS) -> list[float]:
     """The normalised radial frequency at the middle of each bin."""
     return [(k + 0.5) / bins for k in range(bins)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The metric
+
+
+@register_metric("spectrum")
+class Spectrum(Metric):
+    """How much high-frequency energy the latents (posterior means) carry next to the images:
+    `latent_hf_share` (and per channel, `latent_hf_share/<c>`) and `rgb_hf_share`, and the radially averaged
+    spectra `spectrum/latent/<k>` and `spectrum/rgb/<k>` (bin k of BINS, empty bins left out), normalised
+    so that white noise is 1 everywhere."""
+
+    higher_is_better = None  # lower latent_hf_share is easier to diffuse, but it describes, not scores
+    table_position = 90
+
+    def sums(self) -> dict[str, tuple[int, ...]]:
+        C = self.setup.vae.config.latent_channels
+        return {
+            "latent_energy": (C, BINS),
+            "latent_count": (BINS,),
+            "latent_hf": (C,),
+            "latent_total": (C,),
+            "rgb_energy": (BINS,),
+            "rgb_count": (BINS,),
+            "rgb_hf": (),
+            "rgb_total": (),
+        }
+
+    def accumulate(self, batch: Batch, sums: Sums) -> None:
+        for side, t in (("latent", batch.mean), ("rgb", batch.images)):
+            parts = spectrum_sums(t)
+            sums[f"{side}_energy"] += parts["energy"] if side == "latent" else parts["energy"].sum(0)
+            sums[f"{side}_count"] += parts["count"]
+            for name in ("hf", "total"):
+                sums[f"{side}_{name}"] += parts[name] if side == "latent" else parts[name].sum()
+
+    def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
+        out = {"latent_hf_share": float(hf_share(total["latent_hf"].sum(), total["latent_total"].sum()))}
+        per_channel = hf_share(total["latent_hf"], total["latent_total"])
+        out.update({f"latent_hf_share/{c}": float(v) for c, v in enumerate(per_channel)})
+        out["rgb_hf_share"] = float(hf_share(total["rgb_hf"], total["rgb_total"]))
+        for side in ("latent", "rgb"):
+            curve = radial_spectrum(total[f"{side}_energy"], total[f"{side}_count"])
+            out.update({f"spectrum/{side}/{k}": float(v) for k, v in enumerate(curve) if not math.isnan(v)})
+        return out
+
+    @classmethod
+    def rows(cls, results: dict[str, float], info: TableInfo) -> list[tuple[str, str]]:
+        if "latent_hf_share" not in results:
+            return []
+        rows = [("high-frequency share, latent", f"{results['latent_hf_share']:.4f}")]
+        per = indexed(results, "latent_hf_share/")
+        rows.append(("  per latent channel", " ".join(f"{v:.3f}" for v in per)))
+        rows.append(("high-frequency share, RGB", f"{results['rgb_hf_share']:.4f}"))
+        for side in ("latent", "rgb"):
+            curve = indexed(results, f"spectrum/{side}/")
+            rows.append((f"spectrum, {side} (by frequency)", " ".join(f"{v:.3g}" for v in curve)))
+        return rows

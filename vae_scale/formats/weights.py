@@ -8,7 +8,8 @@ sometimes stored as 1x1 convs) are mapped on load. Configs this architecture can
 with a message naming the field. diffusers itself is not needed at run time.
 
 This module sits below the model (it reads and writes tensors and configs, never builds a VAE):
-VAE.from_diffusers and VAE.save_diffusers are built on it.
+VAE.from_diffusers and VAE.save_diffusers are built on it, and the other families' (vae_scale/models/) on
+read_diffusers_folder and write_diffusers, with their own config mapping.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +31,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
+
+C = TypeVar("C")  # a family's config type
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -222,20 +226,46 @@ def _folder(path: str | Path) -> Path:
     return path
 
 
-def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+def read_diffusers_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(folder, config.json as a dict) of a diffusers model folder, or of a pipeline folder's vae/.
+
+    Any model family's reader starts here, then maps the dict to its own config (refusing what it cannot
+    represent) before it reads the weights with read_diffusers_weights.
+    """
     path = _folder(path)
     if not path.is_dir():
         raise DiffusersFormatError(f"{path}: not a folder")
     if not (path / CONFIG_NAME).is_file():
         raise DiffusersFormatError(f"{path}: {CONFIG_NAME} is missing")
     try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
+        return path, json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise DiffusersFormatError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
-    cfg = config_from_diffusers(raw, str(path / CONFIG_NAME))
-    sd = _read_weights(path)
-    check_finite(sd, str(path))
+
+
+def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers model folder as stored (diffusers' names), checked finite."""
+    sd = _read_weights(folder)
+    check_finite(sd, str(folder))
+    return sd
+
+
+def read_diffusers_folder(
+    path: str | Path, parse_config: Callable[[dict[str, Any], str], C]
+) -> tuple[C, dict[str, torch.Tensor]]:
+    """(parsed config, state dict as stored) of a diffusers model folder, or of a pipeline folder's vae/.
+
+    parse_config(config.json's dict, its path) maps the config to a family's and refuses what the family
+    cannot represent; it runs before any weights are read, so a refused folder costs no weight I/O.
+    """
+    folder, raw = read_diffusers_config(path)
+    cfg = parse_config(raw, str(folder / CONFIG_NAME))
+    return cfg, read_diffusers_weights(folder)
+
+
+def read_diffusers(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict in our names) of a diffusers AutoencoderKL folder or pipeline folder."""
+    cfg, sd = read_diffusers_folder(path, config_from_diffusers)
     return cfg, state_dict_from_diffusers(sd)
 
 
@@ -278,8 +308,8 @@ def load_init_weights(module: torch.nn.Module, path: str | Path) -> None:
 
 
 def write_diffusers(sd: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> None:
-    """Write a diffusers AutoencoderKL folder from a state dict (our names) and its config.json dict;
-    files appear complete or not at all."""
+    """Write a diffusers model folder (AutoencoderKL's, or another family's) from a state dict (our names)
+    and its config.json dict; files appear complete or not at all."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_diffusers(sd)

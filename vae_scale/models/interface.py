@@ -21,11 +21,13 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn as nn
 
-from vae_scale.config import ModelConfig
+from vae_scale.config import ConfigError, ModelConfig
 from vae_scale.formats.weights import CONFIG_NAME, DiffusersFormatError
 
 FAMILIES: dict[str, str] = {
     "sd": "vae_scale.models.sd:VAE",
+    "dcae": "vae_scale.models.dcae:DCAE",
+    "wan": "vae_scale.models.wan:WanVAE",
 }
 """model.family -> "module:class" of its model; the module is imported when the family is used."""
 
@@ -74,8 +76,10 @@ class Autoencoder(Protocol):
         """The modules train.compile compiles (each traced whole, with the checkpointing inside)."""
         ...
 
-    def last_layer(self) -> nn.Conv2d:
-        """The decoder's last convolution: latent diffusion's adaptive weight reads its gradients."""
+    def last_layer(self) -> tuple[nn.Conv2d, int] | None:
+        """The decoder's last convolution, whose gradients latent diffusion's adaptive weight reads, and the
+        pixel-shuffle factor between its output and the image (1: its output is the image); None when the
+        family has no such 2D convolution (the adaptive weight is then loss.disc_weight itself)."""
         ...
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -150,3 +154,33 @@ def load_checkpoint(path: str | Path, ema: bool = False, **config_overrides) -> 
     model = build_model(dataclasses.replace(cfg, **config_overrides))
     model.load_state_dict(state)
     return model
+
+
+def arch_config(cfg: ModelConfig, arch_cls: type, shared: dict[str, str]):
+    """A family's own config dataclass (field names: its diffusers config.json's) from a ModelConfig:
+    model.arch, plus the keys the family shares with ModelConfig (`shared`: family field -> ModelConfig
+    field; a None there keeps the family's default). ConfigError names the key that does not fit."""
+    names = {f.name for f in dataclasses.fields(arch_cls)}
+    for key in cfg.arch:
+        if key in shared:
+            raise ConfigError(f"model.arch.{key}: set model.{shared[key]} instead")
+        if key not in names:
+            own = sorted(names - set(shared))
+            raise ConfigError(f"model.arch.{key} is not a {cfg.family} key (its keys: {', '.join(own)})")
+    given = {f: getattr(cfg, m) for f, m in shared.items() if getattr(cfg, m) is not None}
+    try:
+        return arch_cls(**cfg.arch, **given)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.arch ({cfg.family}): {e}") from None
+
+
+def _plain(v):
+    """Tuples as lists, all the way down: what YAML and JSON write."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def model_config(arch, family: str, shared: dict[str, str], **fields) -> ModelConfig:
+    """The ModelConfig of a family's own config dataclass: the inverse of arch_config."""
+    own = {f.name: _plain(getattr(arch, f.name)) for f in dataclasses.fields(arch) if f.name not in shared}
+    common = {m: _plain(getattr(arch, f)) for f, m in shared.items()}
+    return ModelConfig(family=family, arch=own, **{**common, **fields})

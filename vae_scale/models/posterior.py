@@ -18,7 +18,7 @@ class DiagonalGaussian:
     """
 
     def __init__(self, moments: torch.Tensor, kernels_impl: str = "auto"):
-        self.moments = moments  # (B, 2C, h, w)
+        self.moments = moments  # (B, 2C, h, w), or (B, 2C, t, h, w) for a video latent
         self.mean, self._logvar = torch.chunk(moments, 2, dim=1)
         self.kernels = kernels_impl
 
@@ -54,12 +54,13 @@ class DiagonalGaussian:
         return self.sample_kl(eps)[0]
 
     def kl_per_channel(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample and latent channel, summed over positions: (B, C), float32.
+        """KL(q || N(0, I)) per sample and latent channel, summed over positions and frames: (B, C), float32.
 
         The eager math of the fused op's KL (logvar clamped as above), without drawing or computing z.
         """
         mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar).sum((2, 3))
+        kl = 0.5 * (mean.square() + torch.exp(logvar) - 1.0 - logvar)  # (B, C, h, w) or (B, C, t, h, w)
+        return kl.sum(tuple(range(2, kl.ndim)))
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, shape (B,), float32."""
@@ -67,28 +68,40 @@ class DiagonalGaussian:
 
 
 class DeterministicLatent:
-    """The latent of an autoencoder without a posterior (DC-AE): z itself, KL zero.
+    """The "posterior" of a deterministic autoencoder: a point mass at the encoder's output.
 
-    The same methods as DiagonalGaussian, so the objective, the metrics and the commands need not know
-    which family they hold: sampling returns z (no noise is drawn), every KL is zeros of the right shape
-    (float32, on z's device), and the loss's KL term therefore contributes nothing whatever its weight.
+    It has DiagonalGaussian's methods so the trainer treats both families alike: every sample is the latent
+    itself and every KL is zero (float32 zeros, no gradient), so loss.kl_weight has nothing to act on.
     """
 
-    def __init__(self, z: torch.Tensor):
-        self.mean = z
+    def __init__(self, latent: torch.Tensor):
+        self.latent = latent  # (B, C, h, w)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.latent
 
     def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample_kl(self, eps: torch.Tensor | None = None, *_, **__) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, zeros (B,)): a deterministic latent has no sample to draw and no KL to pay."""
-        return self.mean, self.mean.new_zeros(self.mean.shape[0], dtype=torch.float32)
+        """The latent."""
+        return self.latent
 
     def sample(self, eps: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mean
+        """The latent: there is no noise to add (eps is accepted for the common interface and ignored)."""
+        return self.latent
+
+    def sample_kl(
+        self,
+        eps: torch.Tensor | None = None,
+        prior_mean: torch.Tensor | None = None,
+        prior_logvar: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent, zeros (B,) float32): the interface of DiagonalGaussian.sample_kl."""
+        return self.latent, self.kl()
 
     def kl_per_channel(self) -> torch.Tensor:
-        return self.mean.new_zeros(self.mean.shape[:2], dtype=torch.float32)
+        """Zeros (B, C), float32."""
+        return torch.zeros(self.latent.shape[:2], dtype=torch.float32, device=self.latent.device)
 
     def kl(self) -> torch.Tensor:
-        return self.mean.new_zeros(self.mean.shape[0], dtype=torch.float32)
+        """Zeros (B,), float32."""
+        return torch.zeros(self.latent.shape[0], dtype=torch.float32, device=self.latent.device)

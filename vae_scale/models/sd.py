@@ -122,28 +122,14 @@ class VAE(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = False, **config_overrides) -> VAE:
-        """Load the weights of a checkpoint, or of a run folder's newest complete checkpoint.
+        """Load the weights of a checkpoint, or of a run folder's newest complete checkpoint (see
+        vae_scale.models.interface.load_checkpoint, which reads any family's)."""
+        from vae_scale.models.interface import load_checkpoint
 
-        ema=True takes the EMA weights (an error if the run kept none). config_overrides set ModelConfig
-        fields that do not change the weights (kernels, channels_last, ...).
-        """
-        import yaml
-
-        from vae_scale.config import config_from_dict
-        from vae_scale.formats.checkpoint import read_checkpoint_file, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(path)
-        weights = ckpt / ("ema.safetensors" if ema else "vae.safetensors")
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"{ckpt}: no {weights.name}" + (" (optim.ema_decay was 0)" if ema else "")
-            )
-        # Both files checked against the checkpoint's manifest: DamagedCheckpoint names a damaged one.
-        cfg = config_from_dict(yaml.safe_load(read_checkpoint_file(ckpt, "config.yaml"))).model
-        state = read_checkpoint_file(ckpt, weights.name)
-        vae = cls(dataclasses.replace(cfg, **config_overrides))
-        vae.load_state_dict(state)
-        return vae
+        model = load_checkpoint(path, ema=ema, **config_overrides)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path}: a model.family={model.config.family} checkpoint, not an SD-family one")
+        return model
 
     def save_diffusers(self, path: str | Path, config: dict | None = None) -> None:
         """Write a folder that diffusers' AutoencoderKL.from_pretrained loads unchanged.
@@ -176,8 +162,8 @@ class VAE(nn.Module):
     def compile_units(self) -> list[nn.Module]:
         return [self.encoder, self.decoder]
 
-    def last_layer(self) -> nn.Conv2d:
-        return self.decoder.conv_out
+    def last_layer(self) -> tuple[nn.Conv2d, int]:
+        return self.decoder.conv_out, 1
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         """As diffusers' pipelines do: (z - latents_mean) * scaling_factor / latents_std when the config has

@@ -107,3 +107,18 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, stride: int, out_tile: int, out_
         rows.append(torch.cat([t[:, :, :limit, :limit] for t in row], dim=3))
         above = row
     return torch.cat(rows, dim=2)
+
+
+def refuse_tiles(family: str, tiled, size: tuple[int, ...], factor: int, sample_size: int) -> None:
+    """For a family without a tiled pass: nothing when `tiled` is off or the image (or latent: factor 1
+    given with its size times the factor) fits in one tile, so a command that tiles large images by default
+    still runs whole ones; NotImplementedError naming the family when tiles would be needed."""
+    if tiled is False or tiled is None:
+        return
+    tiling = Tiling() if tiled is True else tiled
+    tile = tiling.tile or sample_size
+    if max(size) * factor > tile:
+        raise NotImplementedError(
+            f"model.family={family} has no tiled encode/decode: an image of {max(size) * factor} px does not "
+            f"fit in one {tile} px tile (decode it whole, with tiling off)"
+        )

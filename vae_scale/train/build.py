@@ -28,8 +28,9 @@ from vae_scale.data.loader import build_train_loader
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
 from vae_scale.eval.equivariance import Transform, TransformedDecode
 from vae_scale.formats.weights import load_init_weights, load_weights, plain_name
+from vae_scale.models.interface import Autoencoder as VAE
+from vae_scale.models.interface import build_model
 from vae_scale.models.posterior import DiagonalGaussian
-from vae_scale.models.sd import VAE
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
@@ -117,7 +118,7 @@ def build_vae(cfg: Config, sharded: bool) -> VAE:
     when fine-tuning or starting a new phase from a run's checkpoint (a checkpoint to resume from overrides
     them later), then checkpointing, channels_last and train.compile (transforms.prepare_model)."""
     torch.manual_seed(cfg.train.seed)
-    vae = VAE(cfg.model)
+    vae = build_model(cfg.model)
     if cfg.model.init_from:
         phase = phase_start(cfg.model.init_from)
         if phase is None:  # a diffusers folder or a .safetensors file

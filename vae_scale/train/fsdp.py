@@ -33,7 +33,8 @@ import torch.nn as nn
 from vae_scale.config import Config, ConfigError
 
 UNIT_CLASSES = ("DownBlock", "UpBlock", "MidBlock")
-"""Module classes that become FSDP units by default (see the module docstring)."""
+"""The SD family's unit classes, what launch/accelerate/fsdp.yaml names (by default the units are the
+model's own blocks, which for the SD family are these)."""
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,8 +50,9 @@ class FSDPPlan:
     enabled: bool = False
     reshard_after_forward: bool = True
     """Free each unit's gathered parameters after its forward (ZeRO-3) or keep them for backward (ZeRO-2)."""
-    unit_classes: tuple[str, ...] = UNIT_CLASSES
-    """Class names of the modules that get their own FSDP unit."""
+    unit_classes: tuple[str, ...] | None = None
+    """Class names of the modules that get their own FSDP unit (the launch's
+    fsdp_transformer_layer_cls_to_wrap), or None for the model's own blocks (its `blocks()`)."""
     offload: bool = False
     """Keep the sharded parameters, gradients and optimizer state in CPU memory (GPU runs only)."""
     source: str = ""
@@ -103,11 +105,11 @@ def fsdp_plan(cfg: Config, cuda: bool) -> FSDPPlan:
         raise ConfigError(f"fsdp_auto_wrap_policy: {policy} is not one of TRANSFORMER_BASED_WRAP | NO_WRAP")
     names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").strip()
     if policy == "NO_WRAP":
-        classes: tuple[str, ...] = ()
+        classes: tuple[str, ...] | None = ()
     elif names:
         classes = tuple(n.strip() for n in names.split(",") if n.strip())
     else:
-        classes = UNIT_CLASSES
+        classes = None
     if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
         raise ConfigError(
             "fsdp_activation_checkpointing: true is not used: set it false and use "
@@ -148,13 +150,23 @@ def fsdp_plan(cfg: Config, cuda: bool) -> FSDPPlan:
     )
 
 
-def fsdp_units(root: nn.Module, classes: Iterable[str] = UNIT_CLASSES) -> list[tuple[str, nn.Module]]:
+def fsdp_units(root: nn.Module, classes: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
     """(name, module) of every FSDP unit below `root`, innermost first.
 
-    A module counts when its class (or, behind activation checkpointing's wrapper, the wrapped module's
-    class) is one of `classes`; the wrapper is what gets sharded, so checkpointing and sharding cut at the
-    same place. Raises ConfigError when a class name matches nothing.
+    classes None: the model's own blocks (`vae.blocks()`, the places activation checkpointing also cuts:
+    for the SD family each encoder and decoder level and both mid blocks). Otherwise a module counts when
+    its class (or, behind activation checkpointing's wrapper, the wrapped module's class) is one of
+    `classes`, the launch's fsdp_transformer_layer_cls_to_wrap; ConfigError when a name matches nothing.
+    The wrapper is what gets sharded, so checkpointing and sharding cut at the same place.
     """
+    if classes is None:
+        vae = root.vae if hasattr(root, "vae") else root
+        prefix = "vae." if vae is not root else ""
+        wanted = {prefix + name for name in vae.blocks()}
+        found = [
+            (n, m) for n, m in root.named_modules() if n in wanted and next(m.parameters(), None) is not None
+        ]
+        return found[::-1]  # named_modules is parents first: reversed, every unit comes before its parents
     classes = tuple(classes)
     found: list[tuple[str, nn.Module]] = []
     seen_classes: set[str] = set()
@@ -168,11 +180,14 @@ def fsdp_units(root: nn.Module, classes: Iterable[str] = UNIT_CLASSES) -> list[t
             seen_classes.add(cls)
     missing = [c for c in classes if c not in seen_classes]
     if missing:
+        own = sorted(
+            {type(getattr(m, "_checkpoint_wrapped_module", m)).__name__ for _, m in fsdp_units(root)}
+        )
         raise ConfigError(
             f"fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which this model does not have "
-            f"(its blocks: {', '.join(UNIT_CLASSES)}, ResnetBlock, Attention)"
+            f"(its blocks: {', '.join(own)})"
         )
-    return found[::-1]  # named_modules is parents first: reversed, every unit comes before its parents
+    return found[::-1]
 
 
 def mixed_precision(compute: str, reduce_dtype: str, root: bool):

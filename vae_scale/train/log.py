@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from vae_scale.config import Config
 from vae_scale.data.loader import build_val_loader
-from vae_scale.eval.metrics import EvaluationInterrupted, Lockstep, evaluate, latent_stats
+from vae_scale.eval.metrics import EvaluationInterrupted, Lockstep, RFIDReference, evaluate, latent_stats
+from vae_scale.eval.rfid import inception_protocol
 from vae_scale.models.posterior import DiagonalGaussian
 from vae_scale.train.ema import EMA
 from vae_scale.train.monitor import LogWindow, Monitor, image_grid, peak_memory
@@ -46,6 +47,7 @@ class TrainLog:
         self.preview: torch.Tensor | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, results)
         self._val = None  # the validation loader, made at the first evaluation
+        self._features: str | None = None  # rfid's feature extractor, as its protocol names it
 
     def add(self, logs: dict[str, torch.Tensor], finite: bool, x: torch.Tensor) -> None:
         """One step's logs into the window; the first step's batch `x` becomes the preview."""
@@ -142,6 +144,17 @@ class TrainLog:
             # Sharded forwards are collectives: a rank out of batches runs padding ones until all are. And
             # a stop request must end the evaluation at the same batch on every rank.
             lockstep = Lockstep(self._agree, (cfg.model.in_channels, r, r) if self.fsdp else None)
+        inputs = {}
+        if "rfid" in cfg.eval.metrics:
+            if self._features is None:
+                self._features = inception_protocol(self.eval_nets["inception"])
+            protocol = {
+                "data": cfg.data.val,
+                "split": "val",
+                "crop": "center",
+                "resize": f"shorter side to {r} px",
+            }
+            inputs["rfid"] = RFIDReference({**protocol, "images": None, "features": self._features})
         try:
             with inference():
                 results = evaluate(
@@ -156,6 +169,8 @@ class TrainLog:
                     seed=cfg.train.seed,
                     lockstep=lockstep,
                     stop=stop,
+                    config=cfg.eval,
+                    inputs=inputs,
                     **self.eval_nets,
                 )
         except EvaluationInterrupted as e:
@@ -170,6 +185,9 @@ class TrainLog:
             self.monitor.spectrum(step, curves)
         self.last_eval = (step, results)
         self.monitor.write(f"eval        step {step}: {headline(results)}")
+        if "rfid" in inputs:
+            inputs["rfid"].protocol["images"] = int(results["samples"])
+            self.monitor.write(f"eval        step {step}: rFID protocol: {inputs['rfid'].describe()}")
         return results
 
     def _agree(self, has_batch: bool, asked: bool) -> tuple[bool, bool]:

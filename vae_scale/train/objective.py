@@ -27,7 +27,7 @@ recon=gaussian is a density on [-1, 1], so its bits_per_dim adds log(127.5) nats
 a 2/255-wide bin is density * 2/255 (an upper bound on -log-likelihood only for uniformly dequantised data).
 
     crit = VAELoss(cfg.loss, image_channels=3)
-    last = LastLayer(vae.decoder.conv_out)                 # records the decoder's last input every forward
+    last = LastLayer(*vae.last_layer())                   # records the decoder's last input every forward
     loss, logs = crit.autoencoder_loss(x, x_hat, posterior, kl, step, last_layer=last)
     d_loss, d_logs = crit.discriminator_loss(x, x_hat.detach(), step)   # when crit.discriminator is not None
 """
@@ -77,11 +77,14 @@ class LastLayer:
     Enough for d(loss)/d(weight) from d(loss)/d(output) (`weight_grad`), which is what LDM's adaptive weight
     needs, without autograd through the weight itself: under FSDP the weight is a shard that the forward
     never touched, and under any wrapper a partial backward would run the wrapper's hooks. Attach it once;
-    it records the input of every forward (detached) through a pre-forward hook.
+    it records the input of every forward (detached) through a pre-forward hook. shuffle: the pixel-shuffle
+    factor between the convolution's output and the image (1: the output is the image), from the model's
+    `last_layer()`.
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, shuffle: int = 1):
         self.conv = conv
+        self.shuffle = shuffle
         self.input: torch.Tensor | None = None
         self._hook = conv.register_forward_pre_hook(self._record)
 
@@ -93,6 +96,8 @@ class LastLayer:
         if self.input is None:
             raise RuntimeError("LastLayer: the convolution has not run a forward since it was attached")
         c = self.conv
+        if self.shuffle > 1:  # d(loss)/d(conv output) from d(loss)/d(image) = pixel_shuffle(conv output)
+            grad_output = F.pixel_unshuffle(grad_output, self.shuffle)
         return torch.nn.grad.conv2d_weight(
             self.input.float(), c.weight.shape, grad_output.float(), c.stride, c.padding, c.dilation, c.groups
         )

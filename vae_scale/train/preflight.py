@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from vae_scale.config import Config, ConfigError, DataConfig
-from vae_scale.models.sd import VAE
+from vae_scale.models.interface import Autoencoder as VAE
+from vae_scale.models.interface import build_model
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _meta_vae(cfg: Config, checkpointing: bool) -> VAE:
     from vae_scale.train.wrapping import apply_activation_checkpointing
 
     with torch.device("meta"):
-        vae = VAE(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
+        vae = build_model(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
     return apply_activation_checkpointing(vae) if checkpointing else vae
 
 

@@ -118,7 +118,8 @@ class Trainer:
         model.to(self.device)
         # The adversarial weight reads the decoder's last layer's input, recorded at every forward.
         self.disc = self.criterion.discriminator
-        self.last_layer = LastLayer(vae.decoder.conv_out) if self.disc is not None else None
+        spec = vae.last_layer()
+        self.last_layer = LastLayer(*spec) if self.disc is not None and spec is not None else None
         self.ae, strategy = parallelize(model, cfg, self.plan, acc)
         self.opt = build_optimizer(model, cfg, self.device)
         self.disc_ddp, self.disc_opt = build_discriminator(self.disc, cfg, acc)

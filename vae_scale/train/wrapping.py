@@ -10,21 +10,18 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from vae_scale.models.sd import VAE
 
-
-def checkpointed_blocks(vae: VAE) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute-or-index) of every block that activation checkpointing wraps: each encoder and
-    decoder level and both mid blocks."""
-    places: list[tuple[nn.Module, str]] = []
-    for coder in (vae.encoder, vae.decoder):
-        places.append((coder, "mid_block"))
-        blocks = coder.down_blocks if hasattr(coder, "down_blocks") else coder.up_blocks
-        places += [(blocks, str(i)) for i in range(len(blocks))]
+def checkpointed_blocks(vae: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute-or-index) of every block that activation checkpointing wraps: the model's
+    `blocks()` (for the SD family each encoder and decoder level and both mid blocks)."""
+    places = []
+    for name in vae.blocks():
+        parent, _, attr = name.rpartition(".")
+        places.append((vae.get_submodule(parent), attr))
     return places
 
 
-def apply_activation_checkpointing(vae: VAE) -> VAE:
+def apply_activation_checkpointing(vae: nn.Module) -> nn.Module:
     """Recompute each level's activations in backward (non-reentrant checkpointing), in place.
 
     State-dict names are unchanged (the wrapper's prefix is stripped by its own hooks).
@@ -39,7 +36,7 @@ def apply_activation_checkpointing(vae: VAE) -> VAE:
     return vae
 
 
-def apply_channels_last(vae: VAE) -> VAE:
+def apply_channels_last(vae: nn.Module) -> nn.Module:
     """Store conv weights channels_last so convolutions run NHWC; feed inputs with to_channels_last."""
     return vae.to(memory_format=torch.channels_last)
 
@@ -49,7 +46,7 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def prepare_model(vae: VAE, sharded: bool = False, compile: bool = False) -> VAE:
+def prepare_model(vae: nn.Module, sharded: bool = False, compile: bool = False) -> nn.Module:
     """Apply what the config asks for, in this order: activation checkpointing (wraps the levels), then
     channels_last (the weights' memory format), then torch.compile of the encoder and the decoder (which
     traces the two above).
@@ -63,6 +60,6 @@ def prepare_model(vae: VAE, sharded: bool = False, compile: bool = False) -> VAE
     if vae.config.channels_last and not sharded:
         apply_channels_last(vae)
     if compile:
-        vae.encoder.compile()
-        vae.decoder.compile()
+        for unit in vae.compile_units():
+            unit.compile()
     return vae
