@@ -4,7 +4,8 @@ vae-scale's step is the trainer's own: a `Trainer` built from the run config of 
 batch, precision, the variant's toggles) times `Trainer.train_step`, the method a run calls (grad_accum 1):
 autocast forward (encode, reparameterised sample + KL, decode), VAELoss (L1 + KL, and with the discriminator
 its generator term and LDM's adaptive weight), backward, the discriminator's own step when it is on,
-gradient clipping, the ranks' agreement on finite values (one host sync), AdamW (fused on CUDA), zero_grad.
+gradient clipping, the ranks' agreement on finite values (one host sync), AdamW (fused wherever torch has it),
+zero_grad.
 diffusers' AutoencoderKL runs in a loop of its own with the same loss, optimizer, clipping and sync, from
 the same weights, batch and precision; only the model differs. Every variant of a setting lives in one
 process and is timed in alternation (A B C, C B A, ...), on inputs rotated between steps, after it has
@@ -72,6 +73,7 @@ from benchmarks.harness import (
 from vae_scale.config import Config, load_config
 from vae_scale.formats.weights import plain_name
 from vae_scale.models.sd import VAE
+from vae_scale.train.build import adamw_fused
 from vae_scale.train.objective import LastLayer, VAELoss
 from vae_scale.train.trainer import Trainer
 from vae_scale.train.wrapping import to_channels_last
@@ -384,7 +386,7 @@ class DiffusersStep(Step):
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(device)
         if self.criterion.discriminator is not None:
             self.criterion.discriminator.load_state_dict(init["disc"])
-        fused = {"fused": True} if device.type == "cuda" else {}
+        fused = adamw_fused(device)  # as the trainer's build_optimizer: fused wherever torch has it
         o = cfg.optim
         params = [p for p in self.ae.parameters() if p.requires_grad] + self.criterion.vae_parameters()
         self.opt = torch.optim.AdamW(

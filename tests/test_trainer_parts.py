@@ -90,18 +90,24 @@ def test_an_overflowing_fp16_step_is_skipped_and_halves_the_loss_scale(tmp_path)
 @pytest.mark.numerics
 @pytest.mark.compiles
 def test_compiled_steps_give_the_eager_losses(tmp_path):
+    """train.compile compiles the encoder, the decoder and the objective, the discriminator's adaptive weight
+    included, with no graph break: step 0 before disc_start, steps 1-2 adversarial."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    disc = ["loss.disc_weight=0.5", "loss.disc_start=1", "loss.disc_layers=2", "loss.disc_channels=16"]
     losses = {}
     for compiled in (False, True):
-        trainer = Trainer(tiny_cfg(tmp_path / str(compiled), f"train.compile={str(compiled).lower()}"))
+        cfg = tiny_cfg(tmp_path / str(compiled), f"train.compile={str(compiled).lower()}", *disc)
+        trainer = Trainer(cfg)
         try:
             losses[compiled] = [trainer.train_step()[0]["loss"].item() for _ in range(3)]
         finally:
             trainer.close()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder were compiled
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 3  # the encoder, the decoder and the objective
     # Inductor fuses and reorders float sums: the first loss, a mean over ~10^4 values after ~20 layers,
     # moves by ~1e-6 relative (fp32's 1.2e-7 times the depth), ten times below 1e-5, while a graph that
     # drops or reorders an op moves it by over 1e-2. The later losses follow weights stepped with

@@ -34,7 +34,7 @@ from vae_scale.models.posterior import DiagonalGaussian
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
-from vae_scale.train.wrapping import prepare_model
+from vae_scale.train.wrapping import compile_per_unit, prepare_model
 
 
 class Autoencoder(nn.Module):
@@ -166,11 +166,16 @@ def data_parallel(module: nn.Module, acc: Accelerator, reduce_dtype: str) -> str
 
 def parallelize(model: Autoencoder, cfg: Config, plan: FSDPPlan, acc: Accelerator) -> tuple[nn.Module, str]:
     """The model as the steps run it -- FSDP2 shards (plan.enabled) or Accelerate's DDP / single-process
-    model -- and the start-up line that says which. cfg: the resolved config."""
+    model -- and the start-up line that says which. cfg: the resolved config.
+
+    Under FSDP, train.compile compiles each unit before it is sharded (wrapping.compile_per_unit); without
+    FSDP build_vae has compiled the model's compile_units already.
+    """
     if plan.enabled:
         ensure_process_group(acc)
         units = fsdp_units(model, plan.unit_classes)
         t = cfg.train
+        compiled = compile_per_unit(model.vae, [u for _, u in units]) if t.compile else []
         ae = shard(
             model,
             plan,
@@ -180,7 +185,14 @@ def parallelize(model: Autoencoder, cfg: Config, plan: FSDPPlan, acc: Accelerato
             t.reduce_dtype,
             forward_methods=("encode", "decode"),
         )
-        return ae, describe(plan, units, t.mixed_precision, t.reduce_dtype)
+        line = describe(plan, units, t.mixed_precision, t.reduce_dtype)
+        if compiled:
+            line += (
+                f"; compiled per unit ({len(compiled)} units; the root's layers eager)"
+                if units
+                else "; compiled: the model's compile units (no FSDP unit inside them)"
+            )
+        return ae, line
     ae = acc.prepare_model(model)
     return ae, data_parallel(ae, acc, cfg.train.reduce_dtype)
 
@@ -195,7 +207,7 @@ def replicate(module: nn.Module, acc: Accelerator) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
 
 
-def _fused(device: torch.device) -> dict[str, bool]:
+def adamw_fused(device: torch.device) -> dict[str, bool]:
     """fused=True where torch has a fused AdamW for the device (CUDA, CPU, XPU, MPS...; float32/16/64, bf16).
 
     One kernel per step instead of a loop over the parameters; its step counts stay on the device, where the
@@ -207,7 +219,7 @@ def _fused(device: torch.device) -> dict[str, bool]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters, fused where torch offers it (_fused). Built after
+    """AdamW over the model's trainable parameters, fused where torch offers it (adamw_fused). Built after
     sharding, so that under FSDP it holds the shards (DTensors)."""
     o = cfg.optim
     return torch.optim.AdamW(
@@ -215,7 +227,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         lr=o.lr,
         betas=tuple(o.betas),
         weight_decay=o.weight_decay,
-        **_fused(device),
+        **adamw_fused(device),
     )
 
 
@@ -236,7 +248,7 @@ def build_discriminator(
         lr=cfg.loss.disc_lr or cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
-        **_fused(acc.device),
+        **adamw_fused(acc.device),
     )
     return ddp, opt
 

@@ -74,7 +74,7 @@ from vae_scale.train.startup import (
     resume_plan,
 )
 from vae_scale.train.summary import summary
-from vae_scale.train.wrapping import to_channels_last
+from vae_scale.train.wrapping import compiled_objective, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class Trainer:
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(self.device)
+        self.autoencoder_loss = self.criterion.autoencoder_loss
+        if cfg.train.compile:
+            self.autoencoder_loss = compiled_objective(self.autoencoder_loss)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior)
         model.to(self.device)
@@ -313,7 +316,7 @@ class Trainer:
         """
         with self.acc.autocast():
             x_hat, posterior, kl, transformed = self.ae(x, transforms, eps=eps)
-            loss, logs = self.criterion.autoencoder_loss(
+            loss, logs = self.autoencoder_loss(
                 x, x_hat, posterior, kl, self.step, last_layer=self.last_layer, transformed=transformed
             )
         return x_hat, posterior, loss, logs
