@@ -49,7 +49,7 @@ class TrainLog:
         self._val = None  # the validation loader, made at the first evaluation
         self._features: str | None = None  # rfid's feature extractor, as its protocol names it
 
-    def add(self, logs: dict[str, torch.Tensor], finite: bool, x: torch.Tensor) -> None:
+    def add(self, logs: dict[str, torch.Tensor | float], finite: bool, x: torch.Tensor) -> None:
         """One step's logs into the window; the first step's batch `x` becomes the preview."""
         if self.preview is None:
             self.preview = x[:PREVIEW_IMAGES].detach().clone()
