@@ -26,6 +26,7 @@ from benchmarks.harness import CorrectnessError
 from vae_scale.config import Config, load_config
 from vae_scale.formats.weights import plain_name
 from vae_scale.models.sd import VAE
+from vae_scale.train.build import adamw_fused
 from vae_scale.train.objective import LastLayer, VAELoss
 from vae_scale.train.trainer import Trainer
 from vae_scale.train.wrapping import to_channels_last
@@ -332,7 +333,7 @@ class DiffusersStep(Step):
         self.criterion = VAELoss(cfg.loss, image_channels=cfg.model.in_channels).to(device)
         if self.criterion.discriminator is not None:
             self.criterion.discriminator.load_state_dict(init["disc"])
-        fused = {"fused": True} if device.type == "cuda" else {}
+        fused = adamw_fused(device)  # as the trainer's build_optimizer: fused wherever torch has it
         o = cfg.optim
         params = [p for p in self.ae.parameters() if p.requires_grad] + self.criterion.vae_parameters()
         self.opt = torch.optim.AdamW(

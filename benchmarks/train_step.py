@@ -4,7 +4,8 @@ vae-scale's step is the trainer's own: a `Trainer` built from the run config of 
 batch, precision, the variant's toggles) times `Trainer.train_step`, the method a run calls (grad_accum 1):
 autocast forward (encode, reparameterised sample + KL, decode), VAELoss (L1 + KL, and with the discriminator
 its generator term and LDM's adaptive weight), backward, the discriminator's own step when it is on,
-gradient clipping, the ranks' agreement on finite values (one host sync), AdamW (fused on CUDA), zero_grad.
+gradient clipping, the ranks' agreement on finite values (one host sync), AdamW (fused wherever
+torch has it), zero_grad.
 diffusers' AutoencoderKL runs in a loop of its own with the same loss, optimizer, clipping and sync, from
 the same weights, batch and precision; only the model differs. Every variant of a setting lives in one
 process and is timed in alternation (A B C, C B A, ...), on inputs rotated between steps, after it has

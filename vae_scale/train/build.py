@@ -39,7 +39,7 @@ from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
 from vae_scale.train.trainable import freeze
-from vae_scale.train.wrapping import prepare_model
+from vae_scale.train.wrapping import compile_per_unit, prepare_model
 
 
 class Autoencoder(nn.Module):
@@ -226,10 +226,15 @@ def parallelize(
     model: Autoencoder, t: TrainConfig, plan: FSDPPlan, acc: Accelerator
 ) -> tuple[nn.Module, str]:
     """The model as the steps run it -- FSDP2 shards (plan.enabled) or Accelerate's DDP / single-process
-    model -- and the start-up line that says which. t: the resolved config's train section."""
+    model -- and the start-up line that says which. t: the resolved config's train section.
+
+    Under FSDP, train.compile compiles each unit before it is sharded (wrapping.compile_per_unit); without
+    FSDP build_vae has compiled the model's compile_units already.
+    """
     if plan.enabled:
         ensure_process_group(acc)
         units = fsdp_units(model, plan.unit_classes)
+        compiled = compile_per_unit(model.vae, [u for _, u in units]) if t.compile else []
         ae = shard(
             model,
             plan,
@@ -239,7 +244,14 @@ def parallelize(
             t.reduce_dtype,
             forward_methods=("encode", "decode"),
         )
-        return ae, describe(plan, units, t.mixed_precision, t.reduce_dtype)
+        line = describe(plan, units, t.mixed_precision, t.reduce_dtype)
+        if compiled:
+            line += (
+                f"; compiled per unit ({len(compiled)} units; the root's layers eager)"
+                if units
+                else "; compiled: the model's compile units (no FSDP unit inside them)"
+            )
+        return ae, line
     ae = acc.prepare_model(model)
     return ae, data_parallel(ae, acc, t.reduce_dtype)
 
@@ -254,19 +266,26 @@ def replicate(module: nn.Module, acc: Accelerator) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=True)
 
 
-def _fused(device: torch.device) -> dict[str, bool]:
-    return {"fused": True} if device.type == "cuda" else {}
+def adamw_fused(device: torch.device) -> dict[str, bool]:
+    """fused=True where torch has a fused AdamW for the device (CUDA, CPU, XPU, MPS...; float32/16/64, bf16).
+
+    One kernel per step instead of a loop over the parameters; its step counts stay on the device, where the
+    for-loop AdamW reads each with `.item()`. The state dicts are the same, so a run resumes either way.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {}
 
 
 def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters (fused on CUDA). Built after sharding, so that under FSDP
-    it holds the shards (DTensors)."""
+    """AdamW over the model's trainable parameters, fused where torch offers it (adamw_fused). Built after
+    sharding, so that under FSDP it holds the shards (DTensors)."""
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=o.lr,
         betas=tuple(o.betas),
         weight_decay=o.weight_decay,
-        **_fused(device),
+        **adamw_fused(device),
     )
 
 
@@ -287,7 +306,7 @@ def build_discriminator(
         lr=cfg.loss.disc_lr or cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
-        **_fused(acc.device),
+        **adamw_fused(acc.device),
     )
     return ddp, opt
 

@@ -138,8 +138,6 @@ def fsdp_plan(cfg: Config, cuda: bool) -> FSDPPlan:
         ]
     else:
         notes = []
-    if cfg.train.compile:
-        raise ConfigError("train.compile=true is not supported with FSDP: train without compile, or with DDP")
     return FSDPPlan(
         enabled=True,
         reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),

@@ -58,7 +58,7 @@ class TrainLog:
         self._val = None  # the validation loader, made at the first evaluation
         self._features: str | None = None  # rfid's feature extractor, as its protocol names it
 
-    def add(self, logs: dict[str, torch.Tensor], finite: bool, x: torch.Tensor) -> None:
+    def add(self, logs: dict[str, torch.Tensor | float], finite: bool, x: torch.Tensor) -> None:
         """One step's logs into the window; the first step's batch `x` becomes the preview."""
         if self.preview is None:
             self.preview = x[:PREVIEW_IMAGES].detach().clone()
@@ -81,12 +81,32 @@ class TrainLog:
         if window.ran == 0:
             return {}
         seconds = max(time.time() - window.start, 1e-9)
-        values = window.means(lambda t: acc.reduce(t, reduction="mean"), self.device)
-        if posterior is not None:
-            values.update({k: float(v) for k, v in latent_stats(posterior).items()})
-        counters = torch.tensor([float(v) for v in loader.counters().values()], device=self.device)
-        counters = acc.reduce(counters, reduction="sum").tolist() if len(counters) else []
-        values.update({f"data/{k}": v for k, v in zip(loader.counters(), counters)})
+        # Everything that crosses ranks or comes off the device goes in one vector: one gather, one sync.
+        keys, means = window.device_means()
+        stats = latent_stats(posterior) if posterior is not None else {}
+        counters = loader.counters()
+        peak_key, peak = peak_memory(self.device)
+        # float64: sample counts pass float32's 2^24 within a long run.
+        host = torch.tensor([*(float(v) for v in counters.values()), peak], dtype=torch.float64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # copied without the host waiting
+        parts = [means.double()] if means is not None else []
+        if stats:
+            parts.append(torch.stack([v.double() for v in stats.values()]))
+        parts.append(host.to(self.device, non_blocking=True))
+        ranks = acc.gather(torch.cat(parts)).view(acc.num_processes, -1)
+        n_means, n_stats = len(keys), len(stats)
+        split = torch.cat(
+            [
+                ranks[:, :n_means].mean(0),  # averaged over ranks
+                ranks[acc.process_index, n_means : n_means + n_stats],  # this rank's latest batch
+                ranks[:, n_means + n_stats : -1].sum(0),  # counted over ranks
+                ranks[:, -1:].amax(0),  # the largest rank's peak memory
+            ]
+        ).tolist()  # the row's one device-to-host sync
+        names = [*keys, *stats, *(f"data/{k}" for k in counters), peak_key]
+        values = dict(zip(names, split))
+        values.update(window.host_means())
         images = window.ran * cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
         values.update(
             {
@@ -97,8 +117,6 @@ class TrainLog:
                 "data_wait_fraction": window.data_wait / seconds,
             }
         )
-        key, peak = peak_memory(self.device)
-        values[key] = float(acc.gather(torch.tensor([peak], device=self.device)).max())  # the largest rank's
         window.reset()
         self.monitor.scalars(step, values)
         self.monitor.progress(step, loss=values.get("loss", float("nan")), img_s=values["images_per_s"])

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,29 +63,35 @@ class LogWindow:
 
     def reset(self) -> None:
         """Empty, starting now."""
-        self.totals: dict[str, torch.Tensor] = {}
+        self.totals: dict[str, torch.Tensor] = {}  # on the device
+        self.host_totals: dict[str, float] = {}  # numbers the host already has (the learning rate)
         self.finite = self.ran = 0
         self.data_wait = 0.0  # seconds the steps waited for their batches
         self.start = time.time()
 
-    def add(self, logs: dict[str, torch.Tensor], finite: bool) -> None:
-        """One step's logs (summed on the device: no host sync); `finite`: whether the step was applied."""
+    def add(self, logs: dict[str, torch.Tensor | float], finite: bool) -> None:
+        """One step's logs, tensors summed on the device and numbers on the host (no transfer either way);
+        `finite`: whether the step was applied."""
         self.ran += 1
         if finite:
             self.finite += 1
             for k, v in logs.items():
-                self.totals[k] = self.totals.get(k, 0) + v
+                if isinstance(v, torch.Tensor):
+                    self.totals[k] = self.totals.get(k, 0) + v
+                else:
+                    self.host_totals[k] = self.host_totals.get(k, 0.0) + float(v)
 
-    def means(self, reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
-        """The logs averaged over the finite steps, then by `reduce` over ranks (which skip the same steps,
-        so every rank has the same keys); {} when no step was finite."""
+    def device_means(self) -> tuple[list[str], torch.Tensor | None]:
+        """(names, a (len(names),) float32 tensor on the device) of the tensor logs averaged over the finite
+        steps; ([], None) when no step was finite."""
         keys = sorted(self.totals)
         if not keys or not self.finite:
-            return {}
-        mean = torch.stack(
-            [torch.as_tensor(self.totals[k], device=device).float() / self.finite for k in keys]
-        )
-        return dict(zip(keys, reduce(mean).tolist()))
+            return [], None
+        return keys, torch.stack([self.totals[k].float() for k in keys]) / self.finite
+
+    def host_means(self) -> dict[str, float]:
+        """The number logs averaged over the finite steps (the same on every rank); {} when none was."""
+        return {k: v / self.finite for k, v in self.host_totals.items()} if self.finite else {}
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:

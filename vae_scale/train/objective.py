@@ -109,6 +109,12 @@ class LastLayer:
         self._hook.remove()
 
 
+def _filled(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 tensor of `value` on like's device: a fill (the number is a kernel argument), not a
+    tensor copied from the host, which on a GPU would wait for the copy."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
 def _whole(p: torch.Tensor) -> torch.Tensor:
     """The full value of a parameter: gathered when it is an FSDP shard (a collective), else itself."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -252,6 +258,41 @@ class VAELoss(nn.Module):
             logs["perceptual"] = perceptual.detach()
         return rec_loss, nll_loss, rec.mean()
 
+    def _reconstruction_grad(
+        self, x: torch.Tensor, x_rec: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(d rec_loss / d x_rec, (rec_loss, nll_loss, rec_mean, {"perceptual": ...} or {})); x_rec detached.
+
+        torch.func rather than torch.autograd.grad, which torch.compile cannot trace: the objective compiles
+        into one graph. rec_loss keeps its gradient w.r.t. the learned likelihood scale (an ordinary autograd
+        input of the transformed function); the gradient returned is detached, as autograd.grad's is (it is
+        a function of that scale too, which must not be differentiated).
+        """
+
+        def reconstruction(t: torch.Tensor):
+            terms: dict[str, torch.Tensor] = {}
+            rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, t, terms)
+            return rec_loss, (rec_loss, nll_loss, rec_mean, terms)
+
+        grad, aux = torch.func.grad(reconstruction, has_aux=True)(x_rec)
+        return grad.detach(), aux
+
+    def _generator_grad(self, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d g_loss / d x_rec, g_loss) at a detached x_rec, through self.discriminator (in its current mode,
+        so BatchNorm's running statistics update as in a plain forward).
+
+        The discriminator runs with its parameters detached (the generator term trains no discriminator
+        weight) and its buffers passed in: a torch.func transform updates buffers only when they are inputs.
+        """
+        disc = self.discriminator
+        params = {k: v.detach() for k, v in disc.named_parameters()}
+
+        def generator(t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.generator_loss(torch.func.functional_call(disc, (params, buffers), (t.contiguous(),)))
+
+        grad, g_loss = torch.func.grad_and_value(generator)(x_rec, dict(disc.named_buffers()))
+        return grad.detach(), g_loss
+
     def generator_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
         """Generator term from reconstructions' patch logits: -mean (hinge) | mean softplus(-l) (non-sat.)."""
         logits_fake = logits_fake.float()
@@ -273,7 +314,7 @@ class VAELoss(nn.Module):
         loss.disc_weight without a last layer.
         """
         if last_layer is None:
-            return torch.tensor(self.cfg.disc_weight, device=g_grad.device)
+            return _filled(self.cfg.disc_weight, g_grad)
         rec_w, g_w = last_layer.weight_grad(rec_grad), last_layer.weight_grad(g_grad)
         weight = rec_w.norm() / (g_w.norm() + 1e-4)
         return weight.clamp(0.0, LDM_D_WEIGHT_MAX / pixels).detach() * self.cfg.disc_weight
@@ -337,9 +378,13 @@ class VAELoss(nn.Module):
         P = x[0].numel()
         logs: dict[str, torch.Tensor] = {}
         adversarial = self.discriminator is not None and self.disc_active(step)
-        leaf = adversarial and torch.is_grad_enabled() and x_hat.requires_grad
-        x_rec = x_hat.detach().float().requires_grad_() if leaf else x_hat
-        rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, x_rec, logs)
+        split = adversarial and torch.is_grad_enabled() and x_hat.requires_grad
+        if split:
+            x_rec = x_hat.detach().float()
+            rec_grad, (rec_loss, nll_loss, rec_mean, perceptual) = self._reconstruction_grad(x, x_rec)
+            logs |= perceptual
+        else:
+            rec_loss, nll_loss, rec_mean = self._reconstruction_loss(x, x_hat, logs)
 
         kl_mean = kl.float().mean()
         if self.cfg.free_bits > 0:
@@ -354,23 +399,21 @@ class VAELoss(nn.Module):
 
         if self.discriminator is not None:
             factor = self.disc_factor(step)
-            if leaf:
-                g_loss = self.generator_loss(self.discriminator(x_rec.contiguous()))
-                (rec_grad,) = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)
-                (g_grad,) = torch.autograd.grad(g_loss, x_rec)
+            if split:
+                g_grad, g_loss = self._generator_grad(x_rec)
                 d_weight = self.adaptive_weight(rec_grad, g_grad, last_layer, P)
                 push = (x_hat.float() * (rec_grad + d_weight * factor * g_grad)).sum()
                 loss = loss + (push - push.detach()) + (d_weight * factor * g_loss).detach()
             elif adversarial:  # no gradients wanted (validation): the value only
                 g_loss = self.generator_loss(self.discriminator(x_hat.contiguous()))
-                d_weight = torch.tensor(self.cfg.disc_weight, device=x.device)
+                d_weight = _filled(self.cfg.disc_weight, x)
                 loss = loss + d_weight * factor * g_loss
             else:  # before disc_start: no discriminator forward at all
                 g_loss = d_weight = torch.zeros((), device=x.device)
             logs |= {
                 "g_loss": g_loss.detach(),
                 "d_weight": d_weight.detach(),
-                "disc_factor": torch.tensor(factor, device=x.device),
+                "disc_factor": _filled(factor, x),
             }
         if self.cfg.se_weight > 0 or self.cfg.eq_weight > 0 or transformed:
             loss = loss + self.transformed_loss(x, transformed, logs)
@@ -385,7 +428,7 @@ class VAELoss(nn.Module):
             "rec": rec_mean.detach(),
             "nll": nll_loss.detach(),
             "kl": kl_mean.detach(),
-            "kl_weight": torch.tensor(w_kl, device=x.device),
+            "kl_weight": _filled(w_kl, x),
         }
         if self.cfg.recon in ("gaussian", "logistic"):
             nats = nll_loss + kl_mean / P

@@ -72,7 +72,7 @@ from vae_scale.train.signals import StopFlag
 from vae_scale.train.startup import prepare_run_dir, resume_plan
 from vae_scale.train.summary import summary
 from vae_scale.train.trainable import describe as describe_trainable
-from vae_scale.train.wrapping import to_channels_last
+from vae_scale.train.wrapping import compiled_objective, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class Trainer:
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
         self.criterion = VAELoss(cfg.loss, cfg.model.in_channels, lpips_files=weights.lpips).to(self.device)
         align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
+        self.autoencoder_loss = self.criterion.autoencoder_loss
+        if cfg.train.compile:
+            self.autoencoder_loss = compiled_objective(self.autoencoder_loss)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior, align)
         model.to(self.device)
@@ -326,7 +329,7 @@ class Trainer:
         """
         with self.acc.autocast():
             x_hat, posterior, kl, transformed, aligned = self.ae(x, transforms, eps=eps)
-            loss, logs = self.criterion.autoencoder_loss(
+            loss, logs = self.autoencoder_loss(
                 x,
                 x_hat,
                 posterior,
@@ -340,8 +343,12 @@ class Trainer:
 
     def train_step(
         self, stop: StopFlag | None = None, over_budget: bool = False
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        """Accumulate, agree across ranks, step. Returns (detached logs, whether to stop).
+    ) -> tuple[dict[str, torch.Tensor | float], bool]:
+        """Accumulate, agree across ranks, step. Returns (logs, whether to stop): detached device tensors,
+        and the learning rate as a number.
+
+        One device-to-host sync (the agreement) and no blocking host-to-device copy
+        (tests/test_step_syncs.py).
 
         `stop` is read at the agreement, so a signal that arrives before it stops the run after this step;
         over_budget: this rank is past train.time_budget_s. Every rank calls it together.
@@ -380,22 +387,20 @@ class Trainer:
         if disc_on:
             finite = finite * torch.isfinite(self._clip(self.disc_opt))
         # The one host sync of the step: every rank learns whether any rank saw a non-finite value or a
-        # stop request, so they all skip or stop together.
+        # stop request, so they all skip or stop together. The host's two flags go in as fills (kernel
+        # arguments), not as tensors copied from the host.
+        asked = stop is not None and stop.requested
         flags = torch.stack(
-            [
-                1 - finite,
-                torch.tensor(float(stop is not None and stop.requested), device=self.device),
-                torch.tensor(float(over_budget), device=self.device),
-            ]
-        ).float()
-        nonfinite, stop, budget = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            [1 - finite, finite.new_full((), float(asked)), finite.new_full((), float(over_budget))]
+        )
+        nonfinite, stop, budget = (acc.reduce(flags.float(), reduction="sum") > 0).tolist()
 
         lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
         for group in self.opt.param_groups:
             group["lr"] = lr
         scaler = acc.scaler
         if nonfinite:  # every rank skips; fp16 lowers its loss scale as the GradScaler would
-            if scaler is not None:
+            if scaler is not None:  # reads the scale: one sync more, on a skipped step only
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             self.skipped += 1
             self.consecutive_skips += 1
@@ -405,8 +410,11 @@ class Trainer:
                 for group in self.disc_opt.param_groups:
                     group["lr"] = (cfg.loss.disc_lr or cfg.optim.lr) * self.lr_scale
                 optimizers.append(self.disc_opt)
+            # Not scaler.step: every gradient is known finite on every rank (they were unscaled before the
+            # norm that the agreement read), and scaler.step would read its own inf flags again, a sync
+            # per optimizer. update() still grows the scale after growth_interval such steps.
             for opt in optimizers:
-                scaler.step(opt) if scaler is not None else opt.step()
+                opt.step()
             if scaler is not None:
                 scaler.update()
             self.consecutive_skips = 0
@@ -418,8 +426,8 @@ class Trainer:
         self.step += 1
         self.samples_seen += cfg.data.batch_size * accum * acc.num_processes
         sums["grad_norm"] = grad_norm
-        sums["lr"] = torch.tensor(lr)
-        return sums, bool(stop or budget)
+        logs: dict[str, torch.Tensor | float] = {**sums, "lr": lr}  # a host number: no copy to the device
+        return logs, bool(stop or budget)
 
     # -- rollback --------------------------------------------------------------------------------------
 

@@ -1,14 +1,21 @@
 """Transforms applied to a single-device model from outside: activation checkpointing, memory format,
-compilation. prepare_model applies them in their one order; FSDP shards the result (vae_scale/train/fsdp.py).
+compilation. prepare_model applies them in their one order; FSDP shards the result (vae_scale/train/fsdp.py),
+compiling each of its units first (compile_per_unit); train.compile compiles the objective too
+(compiled_objective).
 
 The model code never knows about these (see vae_scale/models/sd.py); the trainer and the tests apply them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+T = TypeVar("T")
 
 
 def checkpointed_blocks(vae: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -46,20 +53,46 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def compile_modules(modules: list[nn.Module]) -> None:
+    """torch.compile each module in place (`Module.compile`: state-dict names unchanged), each its own
+    graphs, tracing whatever wraps its inside (activation checkpointing)."""
+    for module in modules:
+        module.compile()
+
+
 def prepare_model(vae: nn.Module, sharded: bool = False, compile: bool = False) -> nn.Module:
     """Apply what the config asks for, in this order: activation checkpointing (wraps the levels), then
-    channels_last (the weights' memory format), then torch.compile of the encoder and the decoder (which
-    traces the two above).
+    channels_last (the weights' memory format), then torch.compile of the model's `compile_units()` (for the
+    SD family the encoder and the decoder; each traces the two above).
 
     sharded: the model is about to be sharded with FSDP, which shards contiguous weights only, so
-    channels_last then applies to the activations alone (convolutions still run NHWC when their input is).
-    compile: train.compile (refused with FSDP before this is reached).
+    channels_last then applies to the activations alone (convolutions still run NHWC when their input is);
+    and train.compile is then applied per FSDP unit by the sharding step (compile_per_unit), not here: a
+    compiled encoder would hold its units' FSDP hooks inside its graphs.
     """
     if vae.config.gradient_checkpointing:
         apply_activation_checkpointing(vae)
     if vae.config.channels_last and not sharded:
         apply_channels_last(vae)
-    if compile:
-        for unit in vae.compile_units():
-            unit.compile()
+    if compile and not sharded:
+        compile_modules(vae.compile_units())
     return vae
+
+
+def compiled_objective(loss: Callable[..., T]) -> Callable[..., T]:
+    """train.compile's objective (VAELoss.autoencoder_loss): compiled whole, the adaptive adversarial
+    weight included (it takes its gradients by torch.func, which compiles), so the loss's many small ops
+    fuse into a few kernels. The step number is an input: dynamo recompiles when it first changes (then
+    treats it as dynamic) and where the schedules change branch (disc_start, the end of the KL warm-up)."""
+    return torch.compile(loss)
+
+
+def compile_per_unit(vae: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """train.compile under FSDP2, as torchtitan compiles a sharded transformer: each FSDP unit (a block)
+    compiled on its own, before it is sharded, so that its all-gather and reduce-scatter hooks run at the
+    unit's boundary, outside its graphs; the thin layers the root holds (conv_in, conv_out, the last norms)
+    run eagerly. Without units (NO_WRAP: only the root is sharded) the model's `compile_units()`, which no
+    FSDP hook cuts. Returns what was compiled."""
+    modules = units or vae.compile_units()
+    compile_modules(modules)
+    return modules
