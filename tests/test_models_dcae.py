@@ -15,15 +15,8 @@ from diffusers import AutoencoderDC
 
 from vae_scale import kernels
 from vae_scale.formats.weights import CONFIG_NAME, DiffusersFormatError
-from vae_scale.models.dcae import (
-    DCAE,
-    PRESETS,
-    DCAEConfig,
-    DeterministicLatent,
-    config_to_diffusers,
-    count_parameters,
-    preset,
-)
+from vae_scale.models.dcae import DCAE, DeterministicLatent, count_parameters
+from vae_scale.models.dcae_config import PRESETS, DCAEConfig, config_to_diffusers, preset
 
 RES, EVIT = "ResBlock", "EfficientViTBlock"
 # Two small f32 configs (6 stages) that between them hold every block, norm, activation, resampling and

@@ -16,18 +16,8 @@ from vae_scale import kernels
 from vae_scale.formats import weights
 from vae_scale.formats.weights import DiffusersFormatError
 from vae_scale.models.sd import DiagonalGaussian
-from vae_scale.models.wan import (
-    PRESETS,
-    QWEN_IMAGE,
-    WAN,
-    CausalConv3d,
-    RMSNorm,
-    WanConfig,
-    WanVAE,
-    config_to_diffusers,
-    count_parameters,
-    preset,
-)
+from vae_scale.models.wan import CausalConv3d, RMSNorm, WanVAE, count_parameters
+from vae_scale.models.wan_config import PRESETS, QWEN_IMAGE, WAN, WanConfig, config_to_diffusers, preset
 
 CLASSES = {WAN: AutoencoderKLWan, QWEN_IMAGE: AutoencoderKLQwenImage}
 

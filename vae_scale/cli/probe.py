@@ -15,8 +15,8 @@ from vae_scale.commands.probe import (
     image_stats,
     probe,
     read_latents,
-    write_report,
 )
+from vae_scale.commands.probe_report import write_report
 from vae_scale.eval.metrics import INCEPTION_FILE, load_inception
 from vae_scale.files import check_output_dir
 
