@@ -168,3 +168,14 @@ def test_every_numeric_key_has_a_range_and_errors_name_it(key, item, capsys):
 def test_values_that_cannot_train_are_refused(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config("demo", [override])
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`vae-scale demo` leaves a run folder called demo/ in the working directory; the demo preset (and a
+    later `vae-scale demo`, which loads it by name) must still resolve to the preset, not to that folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "checkpoints").mkdir(parents=True)
+    cfg = load_config("demo")
+    assert cfg.model.preset == "demo" and cfg.model.block_out_channels == [16, 32, 64, 64]
+    (tmp_path / "mine.yaml").write_text("model:\n  latent_channels: 8\n")
+    assert load_config(str(tmp_path / "mine.yaml")).model.latent_channels == 8

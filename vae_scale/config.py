@@ -605,7 +605,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         "model" in tree
         and not tree["model"].get("preset")
         and name_or_path
-        and not Path(name_or_path).exists()
+        and not Path(name_or_path).is_file()
     ):
         tree["model"]["preset"] = name_or_path
     try:

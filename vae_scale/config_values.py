@@ -78,9 +78,10 @@ def preset_names() -> list[str]:
 
 
 def read_yaml(name_or_path: str) -> dict[str, Any]:
-    """The sections of a preset (by name) or a YAML file (by path)."""
+    """The sections of a preset (by name) or a YAML file (by path). A folder that happens to carry a preset's
+    name (a run folder called `demo` in the working directory) does not hide the preset."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {name_or_path} does not exist")
         text = path.read_text()
