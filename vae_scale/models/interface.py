@@ -163,9 +163,11 @@ def load_checkpoint(path: str | Path, ema: bool = False, **config_overrides) -> 
     # Both files checked against the checkpoint's manifest: DamagedCheckpoint names a damaged one.
     cfg = config_from_dict(yaml.safe_load(read_checkpoint_file(ckpt, "config.yaml"))).model
     state = read_checkpoint_file(ckpt, weights.name)
-    if ema:  # the EMA averages the trainable parameters only (train.trainable): frozen ones are vae's
-        state = {**read_checkpoint_file(ckpt, "vae.safetensors"), **state}
     model = build_model(dataclasses.replace(cfg, **config_overrides))
+    if ema and model.state_dict().keys() - state.keys():
+        # The EMA averages the trainable parameters only (train.trainable): the frozen ones are vae's. A run
+        # that trained everything needs nothing from vae.safetensors (which may be the damaged file).
+        state = {**read_checkpoint_file(ckpt, "vae.safetensors"), **state}
     model.load_state_dict(state)
     return model
 

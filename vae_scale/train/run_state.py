@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vae_scale.config import Config, ConfigError, config_from_dict
 from vae_scale.formats.checkpoint import DamagedCheckpoint, is_complete, newest_intact, read_checkpoint_file
-from vae_scale.formats.weights import check_finite
+from vae_scale.formats.weights import check_finite, plain_name
 from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import local_shard
 
@@ -40,6 +40,12 @@ def _align_weights(model: nn.Module, saved: dict[str, torch.Tensor] | None) -> d
     return saved
 
 
+def _buffers(model: nn.Module, vae: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of the VAE's state dict that are not parameters (buffers)."""
+    params = {plain_name(n) for n, _ in model.named_parameters()}
+    return {k: v for k, v in vae.items() if f"vae.{k}" not in params}
+
+
 def trained_weights(
     model: nn.Module, criterion: nn.Module, disc: nn.Module | None, ema: EMA | None
 ) -> dict[str, dict[str, torch.Tensor] | None]:
@@ -52,9 +58,9 @@ def trained_weights(
     vae = {k[len("vae.") :]: v for k, v in full.items() if k.startswith("vae.")}
     return {
         "vae": vae,
-        # A whole state dict, loadable as the model: the averaged parameters and the model's buffers, which
-        # are not averaged (FLUX.2's latent statistics, BatchNorm running statistics).
-        "ema": {**vae, **ema.state_dict()} if ema is not None else None,
+        # The averaged (trainable) parameters and the model's buffers, which are not averaged (FLUX.2's latent
+        # statistics, BatchNorm running statistics); frozen parameters are vae's only (stored once).
+        "ema": {**_buffers(model, vae), **ema.state_dict()} if ema is not None else None,
         "loss": criterion.likelihood_state() | align,
         "discriminator": disc.state_dict() if disc is not None else None,
     }
