@@ -60,6 +60,54 @@ def plain_name(name: str) -> str:
 # Config mapping
 
 
+def sd_network_fields(
+    d: dict[str, Any], refuse: Callable[[str, str], DiffusersFormatError], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """The ModelConfig fields of the SD network (AutoencoderKL's and AutoencoderKLFlux2's shared encoder and
+    decoder) from a diffusers config dict, whose absent keys take the class's own __init__ defaults
+    (`defaults`: block_out_channels, layers_per_block, latent_channels, sample_size). Refuses, through
+    `refuse(field, why)`, what this network cannot build the same way: other block types, activations or
+    norms, and one quant conv without the other."""
+    chs = list(d.get("block_out_channels", defaults["block_out_channels"]))
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = list(d.get(key, [block] * len(defaults["block_out_channels"])))
+        bad = [t for t in types if t != block]
+        if bad:
+            raise refuse(key, f"has block type {bad[0]!r}; only {block} is built")
+        if len(types) != len(chs):
+            raise refuse(key, f"has {len(types)} entries but block_out_channels has {len(chs)}")
+    if d.get("act_fn", "silu") != "silu":
+        raise refuse("act_fn", f"is {d['act_fn']!r}; only silu is built")
+    if d.get("norm_type", "group") != "group":
+        raise refuse("norm_type", f"is {d['norm_type']!r}; only group is built")
+    quant, post_quant = d.get("use_quant_conv", True), d.get("use_post_quant_conv", True)
+    if quant != post_quant:
+        raise refuse("use_post_quant_conv", f"is {post_quant} while use_quant_conv is {quant}: both or none")
+    sample_size = d.get("sample_size", defaults["sample_size"])
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    return dict(
+        in_channels=d.get("in_channels", 3),
+        out_channels=d.get("out_channels", 3),
+        block_out_channels=chs,
+        layers_per_block=d.get("layers_per_block", defaults["layers_per_block"]),
+        latent_channels=d.get("latent_channels", defaults["latent_channels"]),
+        norm_num_groups=d.get("norm_num_groups", 32),
+        mid_block_attention=d.get("mid_block_add_attention", True),
+        quant_convs=bool(quant),
+        sample_size=int(sample_size),
+    )
+
+
+# diffusers' AutoencoderKL.__init__ defaults for the keys a config.json may leave out.
+_AUTOENCODER_KL_DEFAULTS = {
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "sample_size": 256,
+}
+
+
 def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Map a diffusers AutoencoderKL config dict to a ModelConfig; refuse what we cannot represent."""
 
@@ -72,39 +120,14 @@ def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> Mod
     cls = d.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise refuse("_class_name", f"is {cls!r}")
-    chs = list(d.get("block_out_channels", [64]))
-    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(d.get(key, [block]))
-        bad = [t for t in types if t != block]
-        if bad:
-            raise refuse(key, f"has unsupported block type {bad[0]!r}")
-        if len(types) != len(chs):
-            raise refuse(key, f"has {len(types)} entries but block_out_channels has {len(chs)}")
-    if d.get("act_fn", "silu") != "silu":
-        raise refuse("act_fn", f"is {d['act_fn']!r}")
-    if d.get("norm_type", "group") != "group":
-        raise refuse("norm_type", f"is {d['norm_type']!r}")
-    quant, post_quant = d.get("use_quant_conv", True), d.get("use_post_quant_conv", True)
-    if quant != post_quant:
-        raise refuse("use_post_quant_conv", f"is {post_quant} while use_quant_conv is {quant}")
-    sample_size = d.get("sample_size", 256)
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
+    network = sd_network_fields(d, refuse, _AUTOENCODER_KL_DEFAULTS)
     try:
         return ModelConfig(
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            block_out_channels=chs,
-            layers_per_block=d.get("layers_per_block", 1),
-            latent_channels=d.get("latent_channels", 4),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            mid_block_attention=d.get("mid_block_add_attention", True),
-            quant_convs=bool(quant),
+            **network,
             scaling_factor=float(d.get("scaling_factor", 0.18215)),
             shift_factor=d.get("shift_factor"),
             latents_mean=d.get("latents_mean"),
             latents_std=d.get("latents_std"),
-            sample_size=int(sample_size),
         )
     except ConfigError as e:
         raise DiffusersFormatError(f"{source}: {e}") from None

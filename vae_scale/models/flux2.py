@@ -225,6 +225,15 @@ _SD_KEYS = (
 _ARCH_KEYS = tuple(f.name for f in dataclasses.fields(Flux2Arch))
 
 
+# diffusers' AutoencoderKLFlux2.__init__ defaults for the keys a config.json may leave out.
+_FLUX2_DEFAULTS = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 32,
+    "sample_size": 1024,
+}
+
+
 def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """A flux2 ModelConfig from an AutoencoderKLFlux2 config.json dict; DiffusersFormatError naming the class
     and the field for what this family cannot build the same way, and for keys it does not know."""
@@ -238,40 +247,13 @@ def config_from_diffusers(d: dict[str, Any], source: str = "config.json") -> Mod
     unknown = sorted(k for k in d if not k.startswith("_") and k not in (*_SD_KEYS, *_ARCH_KEYS, *_IGNORED))
     if unknown:
         raise refuse(unknown[0], "is not a field the flux2 family knows; it may change the architecture")
-    n = len(d.get("block_out_channels", [128, 256, 512, 512]))
-    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(d.get(key, [block] * 4))
-        bad = [t for t in types if t != block]
-        if bad:
-            raise refuse(key, f"has block type {bad[0]!r}; the flux2 family builds {block} only")
-        if len(types) != n:
-            raise refuse(key, f"has {len(types)} entries, block_out_channels {n}")
-    if d.get("act_fn", "silu") != "silu":
-        raise refuse("act_fn", f"is {d['act_fn']!r}; the flux2 family builds silu only")
-    quant, post_quant = d.get("use_quant_conv", True), d.get("use_post_quant_conv", True)
-    if quant != post_quant:
-        raise refuse("use_post_quant_conv", f"is {post_quant} while use_quant_conv is {quant}: both or none")
-    sample_size = d.get("sample_size", 1024)
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
+    network = weights.sd_network_fields(d, refuse, _FLUX2_DEFAULTS)
     arch = {k: d[k] for k in _ARCH_KEYS if k in d}
     for key in ("decoder_block_out_channels", "patch_size"):
         if arch.get(key) is not None:
             arch[key] = list(arch[key])
     try:
-        cfg = ModelConfig(
-            family="flux2",
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            block_out_channels=list(d.get("block_out_channels", [128, 256, 512, 512])),
-            layers_per_block=d.get("layers_per_block", 2),
-            latent_channels=d.get("latent_channels", 32),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            mid_block_attention=d.get("mid_block_add_attention", True),
-            quant_convs=bool(quant),
-            sample_size=int(sample_size),
-            arch=arch,
-        )
+        cfg = ModelConfig(family="flux2", **network, arch=arch)
         Flux2Arch.of(cfg)
     except ConfigError as e:
         raise weights.DiffusersFormatError(f"{source}: {DIFFUSERS_CLASS} config: {e}") from None
