@@ -40,21 +40,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def own_inductor_cache(request):
-    """A test marked `compiles` gets an inductor cache of its own, under its temporary folder.
+def pytest_configure(config):
+    """One inductor cache for this run, shared by its workers and every process they start.
 
-    Inductor's on-disk cache (/tmp/torchinductor_<user> by default) is shared by every process of the
-    machine: a run with other kernel settings (ATEN_CPU_CAPABILITY=avx2, another torch) would otherwise
-    load code compiled by this one. Processes the test starts inherit the folder through the environment.
-    """
-    if "compiles" not in request.keywords:
-        yield
+    Inductor's default on-disk cache (/tmp/torchinductor_<user>) outlives the run and is shared by every
+    process of the machine: a run with other kernel settings (ATEN_CPU_CAPABILITY=avx2, another torch)
+    would load code compiled by this one. A folder of the run's own keeps that out, while the run's
+    compile tests still reuse each other's kernels (the same tiny model's convolutions and norms compile
+    to the same C++): inductor's cache is safe for concurrent processes. Set by the controlling process
+    before xdist starts its workers, which inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-
-    with temporary_cache_dir(str(request.getfixturevalue("tmp_path") / "inductor-cache")):
-        yield
+    folder = config._tmp_path_factory.getbasetemp() / "inductor-cache"
+    folder.mkdir(exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 @pytest.fixture(scope="session")
