@@ -40,6 +40,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has made the run's temporary folder
 def pytest_configure(config):
     """One inductor cache for this run, shared by its workers and every process they start.
 
