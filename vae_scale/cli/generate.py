@@ -1,5 +1,5 @@
 """`vae-scale sample`, `reconstruct` and `encode`: their flags, checked, then the functions of
-vae_scale.commands.generate."""
+vae_scale.commands.generate and vae_scale.commands.reconstruct."""
 
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ from vae_scale.commands.generate import (
     DTYPES,
     LATENT_FORMATS,
     encode_latents,
-    reconstruct_files,
-    reconstruct_shards,
     sample_images,
     write_sample_grid,
 )
+from vae_scale.commands.reconstruct import reconstruct_files, reconstruct_shards
 from vae_scale.data.image_reader import SHAPES
 from vae_scale.files import check_output_dir, check_output_file
 
