@@ -21,7 +21,7 @@ from vae_scale.cli.evaluate import eval_main  # noqa: E402
 from vae_scale.cli.generate import reconstruct_main  # noqa: E402
 from vae_scale.cli.shards import shards_main  # noqa: E402
 from vae_scale.commands.common import InputError  # noqa: E402
-from vae_scale.config import Config  # noqa: E402
+from vae_scale.config import Config, LossConfig  # noqa: E402
 from vae_scale.eval.metrics import (  # noqa: E402
     Lockstep,
     MetricError,
@@ -29,7 +29,9 @@ from vae_scale.eval.metrics import (  # noqa: E402
     evaluate,
     load_eval_nets,
     load_i3d,
+    load_lpips,
     psnr,
+    ssim,
     trilinear_round_trip,
 )
 from vae_scale.eval.rfid import frechet_distance  # noqa: E402
@@ -98,6 +100,24 @@ def test_flicker_fails_a_flickering_reconstruction_that_per_frame_psnr_cannot_te
     assert got["steady"]["flicker"] < 1e-6 and got["steady"]["flicker_psnr"] > 110
     assert got["flickering"]["flicker"] == pytest.approx(a / 2, abs=5e-3)
     assert got["flickering"]["flicker_psnr"] == pytest.approx(10 * math.log10(2 / a**2), abs=0.2)
+
+
+@pytest.mark.numerics
+def test_ssim_and_lpips_of_a_clip_are_the_means_of_its_frames(lpips_dir):
+    x = _clips(2, seed=6)
+    ramp = torch.linspace(0, 2, T).view(1, 1, T, 1, 1)  # an error that grows frame by frame
+    error = 0.1 * ramp * torch.randn(1, 3, T, H, W, generator=torch.Generator().manual_seed(7))
+    net = load_lpips(LossConfig(), str(lpips_dir))
+    got = evaluate(_AddError(error), _batches(x, 1), metrics=["ssim", "lpips"], device="cpu", lpips=net)
+    real = x.transpose(1, 2).reshape(-1, 3, H, W)  # frame t of clip i at i * T + t
+    fake = (x + error).clamp(-1, 1).transpose(1, 2).reshape(-1, 3, H, W)
+    with torch.no_grad():
+        want_lpips = net(fake, real).double().mean()
+    # Guards frames folded in the wrong order (channels mixed with time) or a clip scored as one image:
+    # both change the figures by far more than 1e-3 here. Rounding: float32 VGG features of batches of 5
+    # frames against 10 differ by ~1e-6 relative; SSIM is float64.
+    assert got["ssim"] == pytest.approx(float(ssim(fake, real).mean()), rel=1e-6)
+    assert got["lpips"] == pytest.approx(float(want_lpips), rel=1e-5)
 
 
 @pytest.mark.numerics
