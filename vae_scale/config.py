@@ -446,6 +446,8 @@ class EvalConfig:
         "equivariance",
         "tile_consistency",
         "latent_drift",
+        "flicker",
+        "fvd",
     )
     """The metric names eval.metrics takes: the registered ones (vae_scale/eval/registry.py); config.py sits
     below eval/, so tests/test_metric_registry.py checks that the two lists agree."""
@@ -456,9 +458,11 @@ class EvalConfig:
     """Validation batches per rank per evaluation; 0 is all."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "bpd", "kl", "active_units"])
     """Metrics: psnr ssim bpd kl active_units lpips rfid (weights on disk) spectrum equivariance
-    tile_consistency latent_drift."""
+    tile_consistency latent_drift; for clips also flicker, and fvd (an I3D file on disk)."""
     inception_path: str = ""
     """rfid: TorchScript Inception feature extractor (NVIDIA's inception-2015-12-05.pt); never downloaded."""
+    i3d_path: str = ""
+    """fvd: TorchScript I3D feature extractor (StyleGAN-V's i3d_torchscript.pt); never downloaded."""
     rfid_cache: str = ""
     """rfid: folder of cached reference statistics, a file per protocol; "" is $XDG_CACHE_HOME/vae-scale/rfid,
     "off" never caches."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vae_scale.cli.options import (
+    add_clip_args,
     add_data_args,
     add_model_args,
     add_seed_arg,
@@ -18,7 +19,7 @@ from vae_scale.cli.options import (
     tiling_from_args,
 )
 from vae_scale.commands.common import processes
-from vae_scale.eval.metrics import INCEPTION_FILE, METRICS
+from vae_scale.eval.metrics import I3D_FILE, INCEPTION_FILE, METRICS
 from vae_scale.files import check_writable_file
 
 
@@ -57,6 +58,12 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg-path", default="", help="torchvision's vgg16-397923af.pth, if not beside vgg.pth")
     p.add_argument("--inception-path", default="", help=f"TorchScript Inception for rfid ({INCEPTION_FILE})")
     p.add_argument(
+        "--i3d-path",
+        default="",
+        help=f"TorchScript I3D for fvd on clips ({I3D_FILE}, StyleGAN-V's; default eval.i3d_path); never "
+        "downloaded",
+    )
+    p.add_argument(
         "--rfid-cache",
         help="folder of rfid's cached reference statistics, a file per protocol (default eval.rfid_cache: "
         "$XDG_CACHE_HOME/vae-scale/rfid); off: never cache",
@@ -67,7 +74,7 @@ def eval_parser() -> argparse.ArgumentParser:
         help="tile_consistency's tile in px (default eval.consistency_tile; 0: half the shorter side)",
     )
     add_seed_arg(p)
-    add_data_args(p, split="val")
+    add_clip_args(add_data_args(p, split="val"))
     return p
 
 
@@ -75,7 +82,10 @@ def eval_main(argv: list[str]) -> int:
     """`vae-scale eval --run RUN | --ckpt PATH [--data P] [--metrics ...] [--iw K] [--ema] [--out F]`."""
     from vae_scale.commands.evaluate import eval_heading, evaluate_model, format_table
 
-    args = eval_parser().parse_args(argv)
+    p = eval_parser()
+    args = p.parse_args(argv)
+    if args.frames is not None and (args.frames - 1) % 4:
+        p.error(f"--frames must be 1 + 4k (1, 5, 9, 13, ...), got {args.frames}")
     log_warnings()
     if args.out:  # before the evaluation, not after it
         check_writable_file(args.out, "--out", overwrite=args.overwrite)
@@ -94,6 +104,7 @@ def eval_main(argv: list[str]) -> int:
         lpips_path=args.lpips_path,
         vgg_path=args.vgg_path,
         inception_path=args.inception_path,
+        i3d_path=args.i3d_path,
         rfid_cache=args.rfid_cache,
         consistency_tile=args.consistency_tile,
         procs=procs,
@@ -103,7 +114,7 @@ def eval_main(argv: list[str]) -> int:
     if procs.is_main:
         print(eval_heading(report))
         latent_channels = loaded.config.model.latent_channels
-        protocols = {"rfid": report["rfid_protocol"]} if "rfid_protocol" in report else {}
+        protocols = {m: report[f"{m}_protocol"] for m in ("rfid", "fvd") if f"{m}_protocol" in report}
         print(
             format_table(
                 report["metrics"], report["likelihood"] or "", latent_channels, report["iw"], protocols

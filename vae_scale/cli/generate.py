@@ -1,5 +1,5 @@
 """`vae-scale sample`, `reconstruct` and `encode`: their flags, checked, then the functions of
-vae_scale.commands.generate."""
+vae_scale.commands.generate and vae_scale.commands.reconstruct."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 from vae_scale.cli.options import (
+    SPLITS,
+    add_clip_args,
     add_data_args,
     add_model_args,
     add_seed_arg,
@@ -18,15 +20,15 @@ from vae_scale.cli.options import (
     positive_int,
     tiling_from_args,
 )
-from vae_scale.commands.common import check_resolution, load_model, processes
+from vae_scale.commands.common import DataOptions, InputError, check_resolution, load_model, processes
 from vae_scale.commands.generate import (
     DTYPES,
     LATENT_FORMATS,
     encode_latents,
-    reconstruct_files,
     sample_images,
     write_sample_grid,
 )
+from vae_scale.commands.reconstruct import reconstruct_files, reconstruct_shards
 from vae_scale.data.image_reader import SHAPES
 from vae_scale.files import check_output_dir, check_output_file
 
@@ -60,49 +62,95 @@ def sample_main(argv: list[str]) -> int:
 
 
 def reconstruct_main(argv: list[str]) -> int:
-    """`vae-scale reconstruct --run RUN IMAGES... --out DIR`: side-by-side PNGs (input | reconstruction)."""
+    """`vae-scale reconstruct --run RUN INPUTS... --out DIR`: side-by-side PNGs (input | reconstruction) of
+    images; of videos, or of clip shards (--data), the reconstruction as an .mp4 and a strip PNG (input frames
+    over reconstructed frames)."""
     p = argparse.ArgumentParser(
-        prog="vae-scale reconstruct", description="Write each image beside its reconstruction."
+        prog="vae-scale reconstruct",
+        description="Write each image beside its reconstruction; each video (or clip of --data shards) as "
+        "its reconstruction's .mp4 and a strip of input frames over reconstructed frames.",
     )
     add_model_args(p)
-    p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, help="folder for <name>.png")
+    p.add_argument("images", nargs="*", help="image or video files, or folders of them")
+    p.add_argument("--out", required=True, help="folder for <name>.png (and <name>.mp4 of a clip)")
     p.add_argument(
         "--resolution",
         type=int,
         default=0,
         help="resize the short side to this and center-crop a square (default: whole image, "
-        "cropped to a multiple of the downsampling factor)",
+        "cropped to a multiple of the downsampling factor; with --data: data.resolution)",
     )
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the posterior mean")
     add_seed_arg(p)
     add_tiling_args(p)
+    g = p.add_argument_group("clips (a clip model, e.g. wan)")
+    g.add_argument(
+        "--data",
+        metavar="SHARDS",
+        help="clip shards (as `vae-scale shards --frames` writes) to reconstruct the first --n clips of",
+    )
+    g.add_argument("--split", default="val", choices=SPLITS, help="which shards of a --data folder (val)")
+    g.add_argument("--n", type=positive_int, default=8, help="with --data: how many clips (default 8)")
+    add_clip_args(g)
+    g.add_argument("--fps", type=float, default=8.0, help="frame rate of the written .mp4 (default 8)")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --out, replacing the PNGs of the same names (nothing else is removed)",
+        help="write into a non-empty --out, replacing the files of the same names (nothing else is removed)",
     )
     args = p.parse_args(argv)
+    if bool(args.images) == bool(args.data):
+        p.error("give image or video files (or folders), or --data SHARDS, not both")
+    if args.frames is not None and (args.frames - 1) % 4:
+        p.error(f"--frames must be 1 + 4k (1, 5, 9, 13, ...), got {args.frames}")
+    if args.fps <= 0:
+        p.error(f"--fps must be > 0, got {args.fps}")
     inputs = [Path(i) if Path(i).is_dir() else Path(i).parent for i in args.images]
     check_output_dir(args.out, "--out", args.overwrite, inputs)
     loaded = load_model(args.run, args.ckpt, args.ema)
     vae = loaded.vae
     if args.resolution:
         check_resolution(vae, args.resolution, "--resolution")
+    device = processes().device
+    if args.data:
+        data = DataOptions.from_config(
+            loaded.config.data,
+            args.split,
+            data=args.data,
+            resolution=args.resolution or None,
+            workers=0,
+            frames=args.frames,
+            frame_stride=args.frame_stride,
+        )
+        check_resolution(vae, data.resolution, "--resolution")
+        done = reconstruct_shards(
+            vae, data, args.out, n=args.n, sample=args.sample, seed=args.seed, device=device, fps=args.fps
+        )
+    else:
+        done = reconstruct_files(
+            vae,
+            args.images,
+            args.out,
+            resolution=args.resolution,
+            sample=args.sample,
+            seed=args.seed,
+            tiling=tiling_from_args(args, vae),
+            device=device,
+            frames=args.frames or 0,
+            frame_stride=args.frame_stride or 1,
+            fps=args.fps,
+        )
     scores = []
-    for png, width, height, score in reconstruct_files(
-        vae,
-        args.images,
-        args.out,
-        resolution=args.resolution,
-        sample=args.sample,
-        seed=args.seed,
-        tiling=tiling_from_args(args, vae),
-        device=processes().device,
-    ):
-        scores.append(score)
-        print(f"{png}  {width}x{height}  PSNR {score:.2f} dB")
-    print(f"{len(scores)} images, mean PSNR {sum(scores) / len(scores):.2f} dB")
+    for r in done:
+        scores.append(r.psnr)
+        if r.video is None:
+            print(f"{r.png}  {r.width}x{r.height}  PSNR {r.psnr:.2f} dB")
+        else:
+            shake = f"  flicker {r.flicker:.5f}" if r.flicker is not None else ""
+            print(f"{r.video}  {r.png}  {r.frames} frames {r.width}x{r.height}  PSNR {r.psnr:.2f} dB{shake}")
+    if not scores:
+        raise InputError(f"--data {args.data}: no clips read")
+    print(f"{len(scores)} inputs, mean PSNR {sum(scores) / len(scores):.2f} dB (per frame for clips)")
     return 0
 
 

@@ -157,6 +157,23 @@ def add_data_args(p: argparse.ArgumentParser, split: str | None) -> argparse._Ar
     return g
 
 
+def add_clip_args(g: argparse._ArgumentGroup) -> None:
+    """--frames N and --frame-stride S, for a command that reads clip shards (`eval`, `reconstruct`)."""
+    g.add_argument(
+        "--frames",
+        type=positive_int,
+        metavar="N",
+        help="read the shards as clips of N = 1 + 4k frames, the first N of each video (default: "
+        "data.frames; 1: images)",
+    )
+    g.add_argument(
+        "--frame-stride",
+        type=positive_int,
+        metavar="S",
+        help="a clip takes every S-th stored frame (default: data.frame_stride)",
+    )
+
+
 def data_options(args: argparse.Namespace, cfg: DataConfig, origin=None) -> DataOptions:
     """What the data flags ask for, each flag not given taken from `cfg` (the loaded run's data section,
     read from the file `origin`: a shell command there is refused unless --data gives it)."""
@@ -167,6 +184,8 @@ def data_options(args: argparse.Namespace, cfg: DataConfig, origin=None) -> Data
         resolution=args.resolution,
         batch_size=args.batch_size,
         workers=args.workers,
+        frames=getattr(args, "frames", None),  # the commands that read clips have these (add_clip_args)
+        frame_stride=getattr(args, "frame_stride", None),
         origin=origin,
     )
 

@@ -136,9 +136,9 @@ def iter_batches(
 @dataclass(frozen=True)
 class DataOptions:
     """What a command reads, and how: shards (or `synthetic`), the split of a folder, the center-crop size,
-    images per process per batch, loader workers per process.
+    images per process per batch, loader workers per process; and the frames of a clip (1: images).
 
-    The same five for every command that reads data; `from_config` takes what is not given from a config's
+    The same for every command that reads data; `from_config` takes what is not given from a config's
     data section (the command line passes the loaded run's)."""
 
     data: str
@@ -147,6 +147,10 @@ class DataOptions:
     resolution: int = DataConfig.resolution
     batch_size: int = DataConfig.batch_size
     workers: int = DataConfig.workers
+    frames: int = DataConfig.frames
+    """Frames per clip (data.frames): above 1, the shards are read as clips (`clip_batches`)."""
+    frame_stride: int = DataConfig.frame_stride
+    """Every frame_stride-th stored frame makes a clip (data.frame_stride)."""
     origin: str | None = None
     """The file `data` was read from (a run's config.yaml), None when the user gave it: shards from a file
     that are a shell command (`pipe:`) are refused (DataError) when read, never run."""
@@ -161,6 +165,8 @@ class DataOptions:
         resolution: int | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        frames: int | None = None,
+        frame_stride: int | None = None,
         origin: str | os.PathLike | None = None,
     ) -> DataOptions:
         """`cfg`'s data.<split> (the shards), resolution, batch_size and workers, each unless given.
@@ -177,6 +183,8 @@ class DataOptions:
             resolution=pick(resolution, cfg.resolution),
             batch_size=pick(batch_size, cfg.batch_size),
             workers=pick(workers, cfg.workers),
+            frames=pick(frames, cfg.frames),
+            frame_stride=pick(frame_stride, cfg.frame_stride),
             origin=None if data is not None or origin is None else str(origin),
         )
 
@@ -206,6 +214,38 @@ class DataOptions:
             world=world,
             **reader,
         )
+
+    @property
+    def clips(self) -> bool:
+        """Whether the data is read as clips (frames > 1)."""
+        return self.frames > 1
+
+    def clip_batches(self, *, rank: int = 0, world: int = 1, limit: int = 0) -> Iterator[dict[str, Any]]:
+        """This rank's finite batches of clips ("clips" (n, 3, T, R, R), "count", "keys"): the first `frames`
+        frames at `frame_stride` of each video, center crops of `resolution` (data.clip_loader's val loader:
+        every clip exactly once across ranks). limit > 0 stops this rank after that many clips."""
+        from vae_scale.data.clip_loader import ClipValLoader
+
+        self._refuse_commands()
+        urls = expand_shards(self.data, self.split)
+        cfg = DataConfig(
+            val=self.data,
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            frames=self.frames,
+            frame_stride=self.frame_stride,
+        )
+        taken = 0
+        for batch in ClipValLoader(urls, shard_counts(urls, scan=False), cfg, rank, world):
+            if limit and taken + batch["count"] > limit:
+                keep = limit - taken
+                batch = {**batch, "clips": batch["clips"][:keep], "count": keep, "keys": batch["keys"][:keep]}
+            taken += batch["count"]
+            if batch["count"]:
+                yield batch
+            if limit and taken >= limit:
+                return
 
     def batches(
         self, *, rank: int = 0, world: int = 1, limit: int = 0, seed: int = 0

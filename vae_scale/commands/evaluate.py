@@ -35,10 +35,12 @@ from vae_scale.eval.metrics import (
     RFIDReference,
     check_metrics,
     evaluate,
+    fvd_protocol,
     has_likelihood,
     load_eval_nets,
 )
 from vae_scale.eval.reconstruction import baseline_verdict  # noqa: F401  (callers import it from here)
+from vae_scale.eval.registry import METRICS as REGISTERED
 from vae_scale.eval.registry import TableInfo, by_note_position, by_table_position
 from vae_scale.eval.rfid import default_cache, inception_protocol
 
@@ -119,14 +121,46 @@ def format_table(
     return "\n".join(lines)
 
 
-def run_metrics(cfg, metrics: list[str] | None, lpips_path: str = "", inception_path: str = "") -> list[str]:
+def run_metrics(
+    cfg,
+    metrics: list[str] | None,
+    lpips_path: str = "",
+    inception_path: str = "",
+    *,
+    clips: bool = False,
+    i3d_path: str = "",
+) -> list[str]:
     """The metrics asked for, checked; by default the run's eval.metrics, plus lpips / rfid when their weights
-    are given (here or in the run's config)."""
+    are given (here or in the run's config).
+
+    clips: the data are clips. Metrics asked for that do not apply to them are an InputError naming them; by
+    default those of eval.metrics are left out (logged) and flicker is added, and fvd when an I3D file is
+    given (here or as eval.i3d_path); rfid is not (it is refused for clips)."""
     if metrics:
-        return check_metrics(metrics)
+        chosen = check_metrics(metrics)
+        refused = [m for m in chosen if REGISTERED[m].refuses_clips] if clips else []
+        refused += [m for m in chosen if REGISTERED[m].refuses_images] if not clips else []
+        if refused:
+            kind = "clips" if clips else "images"
+            why = REGISTERED[refused[0]].refuses_clips or REGISTERED[refused[0]].refuses_images
+            raise InputError(
+                f"--metrics {' '.join(refused)}: does not apply to {kind} ({refused[0]}: {why})"
+                + ("" if clips else "; clip shards need --frames N (or the run's data.frames)")
+            )
+        return chosen
     chosen = check_metrics(cfg.eval.metrics)
     if (lpips_path or cfg.loss.lpips_path) and "lpips" not in chosen:
         chosen.append("lpips")
+    if clips:
+        left_out = [m for m in chosen if REGISTERED[m].refuses_clips]
+        if left_out:
+            log.info("left out for clips (image metrics): %s", " ".join(left_out))
+        chosen = [m for m in chosen if m not in left_out]
+        chosen += [m for m in ("flicker",) if m not in chosen]
+        if (i3d_path or cfg.eval.i3d_path) and "fvd" not in chosen:
+            chosen.append("fvd")
+        return chosen
+    chosen = [m for m in chosen if not REGISTERED[m].refuses_images]
     if (inception_path or cfg.eval.inception_path) and "rfid" not in chosen:
         chosen.append("rfid")
     return chosen
@@ -146,6 +180,7 @@ def evaluate_model(
     lpips_path: str = "",
     vgg_path: str = "",
     inception_path: str = "",
+    i3d_path: str = "",
     rfid_cache: str | None = None,
     consistency_tile: int | None = None,
     procs: Processes | None = None,
@@ -160,8 +195,10 @@ def evaluate_model(
     rfid_cache, consistency_tile: eval.rfid_cache and eval.consistency_tile unless given.
     against: a run folder, checkpoint or diffusers folder whose encoder latent_drift compares with (asked
     for by giving it); without it, a run's own eval.metrics' latent_drift compares with its model.init_from.
+    Clips: data.frames > 1 reads the shards as clips (per-frame metrics, flicker, the trilinear baseline with
+    psnr, fvd with an I3D file: i3d_path or eval.i3d_path).
     Returns the report `--out` writes: {"metrics": {...}, "source", "step", "ema", "data", ...}, with
-    "rfid_protocol" (one line) when rfid was measured, "against" when latent_drift was.
+    "rfid_protocol" / "fvd_protocol" (one line) when rfid / fvd was measured, "against" when latent_drift was.
     """
     cfg = loaded.config
     eval_cfg = dataclasses.replace(
@@ -172,17 +209,30 @@ def evaluate_model(
     if not data.data:
         raise InputError(f"--data is needed: {loaded.source} has no data.{data.split}")
     asked = bool(metrics)
-    metrics = run_metrics(cfg, metrics, lpips_path, inception_path)
+    if data.clips and (data.data == SYNTHETIC or shape == "native"):
+        what = (
+            "--data synthetic has images only" if data.data == SYNTHETIC else "--shape native is for images"
+        )
+        raise InputError(f"--frames {data.frames}: {what}; clips are read from clip shards as center crops")
+    metrics = run_metrics(cfg, metrics, lpips_path, inception_path, clips=data.clips, i3d_path=i3d_path)
     metrics, against = drift_reference_path(cfg, metrics, against, asked)
     iw = cfg.eval.iw if iw is None else iw
     nets = load_eval_nets(
-        cfg, metrics, lpips_path=lpips_path, vgg_path=vgg_path, inception_path=inception_path
+        cfg,
+        metrics,
+        lpips_path=lpips_path,
+        vgg_path=vgg_path,
+        inception_path=inception_path,
+        i3d_path=i3d_path,
     )
     criterion = load_criterion(loaded) if "bpd" in metrics or iw else None
 
     procs = procs or processes()
     vae = loaded.vae.to(procs.device)
-    if shape == "native":
+    if data.clips:
+        check_resolution(vae, data.resolution, "--resolution")
+        batches = data.clip_batches(rank=procs.rank, world=procs.world)
+    elif shape == "native":
         if data.data == SYNTHETIC:
             raise InputError("--shape native: --data synthetic has square images only")
         batches = data.images(
@@ -240,7 +290,22 @@ def evaluate_model(
         "iw": iw,
         "seed": seed,
         "world_size": procs.world,
+        "frames": data.frames if data.clips else None,
+        "frame_stride": data.frame_stride if data.clips else None,
         **({"rfid_protocol": reference.describe()} if reference is not None else {}),
+        **(
+            {
+                "fvd_protocol": fvd_protocol(
+                    nets["i3d"],
+                    data=data.data,
+                    frames=data.frames,
+                    stride=data.frame_stride,
+                    clips=int(results["samples"]),
+                )
+            }
+            if "fvd" in metrics
+            else {}
+        ),
         **({"against": inputs["latent_drift"].source} if "latent_drift" in inputs else {}),
     }
 
@@ -331,6 +396,11 @@ def eval_heading(report: dict[str, Any]) -> str:
         + (" EMA" if report["ema"] else "")
         + f" on {report['data']}, {report['world_size']} process(es), "
         + ("native size" if report["shape"] == "native" else f"center crops of {report['resolution']} px")
+        + (
+            f", clips of {report['frames']} frames at stride {report['frame_stride']} (per-frame figures)"
+            if report.get("frames")
+            else ""
+        )
     )
 
 

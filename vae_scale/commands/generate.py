@@ -1,8 +1,7 @@
-"""Images and latents from a trained VAE: `vae-scale sample`, `reconstruct` and `encode` (their flags:
-vae_scale/cli/generate.py).
+"""Images and latents from a trained VAE: `vae-scale sample` and `encode` (their flags:
+vae_scale/cli/generate.py; `reconstruct` is vae_scale/commands/reconstruct.py).
 
     vae-scale sample --run runs/demo --n 64 --temperature 0.8 --out samples.png
-    vae-scale reconstruct --run runs/demo photos/*.jpg --out recon/
     accelerate launch -m vae_scale encode --run runs/sd-ft --data '/data/train-{000..099}.tar' --out latents/
 
 `encode` writes WebDataset shards for training a diffusion model on the latents: per sample `<key>.npy` or
@@ -27,13 +26,11 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vae_scale.commands.common import (
     DataOptions,
@@ -43,10 +40,10 @@ from vae_scale.commands.common import (
     check_resolution,
     processes,
 )
-from vae_scale.data.shard_reader import IMAGE_EXTENSIONS, DataError, expand_shards, shard_counts, to_rgb
+from vae_scale.data.shard_reader import IMAGE_EXTENSIONS, DataError, expand_shards, shard_counts
 from vae_scale.data.shards import ShardWriter
 from vae_scale.data.synthetic import SYNTHETIC
-from vae_scale.eval.metrics import key_noise, psnr
+from vae_scale.eval.metrics import key_noise
 from vae_scale.files import check_output_dir
 from vae_scale.train.monitor import image_grid, save_png
 
@@ -116,86 +113,6 @@ def write_sample_grid(images: torch.Tensor, out: str | Path, nrow: int = 0) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid([images[i : i + nrow] for i in range(0, len(images), nrow)]), out)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# reconstruct
-
-
-def _image_files(items: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix[1:].lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such image file or folder")
-    return files
-
-
-def load_image(path: Path, multiple: int, resolution: int = 0) -> torch.Tensor:
-    """(3, H, W) in [-1, 1]: RGB, the short side resized to `resolution` (when given) and center-cropped
-    to that square, else center-cropped to multiples of `multiple`."""
-    try:
-        img = to_rgb(Image.open(path))
-    except Exception as e:
-        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    w, h = img.size
-    if resolution:
-        s = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-        cw = ch = resolution
-    else:
-        cw, ch = w - w % multiple, h - h % multiple
-        if not cw or not ch:
-            raise InputError(f"{path}: {w}x{h} is smaller than the model's downsampling {multiple}")
-    w, h = img.size
-    x0, y0 = (w - cw) // 2, (h - ch) // 2
-    a = np.asarray(img.crop((x0, y0, x0 + cw, y0 + ch)), dtype=np.float32)
-    return torch.from_numpy(a / 127.5 - 1).permute(2, 0, 1)
-
-
-def reconstruct_files(
-    vae,
-    items: list[str],
-    out: str | Path,
-    *,
-    resolution: int = 0,
-    sample: bool = False,
-    seed: int = 0,
-    tiling: Any = False,
-    device: torch.device | str = "cpu",
-) -> Iterator[tuple[Path, int, int, float]]:
-    """Write each image of `items` (files or folders) beside its reconstruction as out/<name>.png.
-
-    resolution 0 keeps the whole image (cropped to a multiple of the downsampling); sample decodes a
-    posterior sample (seeded by the path) instead of the mean; tiling: a model.Tiling for images larger than
-    a tile, or False. Yields (png, width, height, PSNR dB) per image.
-    """
-    files = _image_files(items)
-    vae.to(device).eval()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    for path in files:
-        x = load_image(path, vae.downsample_factor, resolution)[None].to(device)
-        with torch.no_grad():
-            post = vae.encode(x, tiled=tiling)
-            z = post.mode()
-            if sample:
-                z = post.sample(key_noise([str(path)], tuple(z.shape), seed, 0, 0).to(device))
-            x_hat = vae.decode(z, tiled=tiling).float().clamp(-1, 1)
-        name = path.stem
-        while name in used:
-            name += "_"
-        used.add(name)
-        save_png(image_grid([torch.cat([x, x_hat]).cpu()]), out / f"{name}.png")
-        yield out / f"{name}.png", x.shape[3], x.shape[2], psnr(x_hat, x).item()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -497,9 +414,7 @@ __all__ = [
     "encode_batches",
     "encode_latents",
     "latent_bytes",
-    "load_image",
     "read_latent",
-    "reconstruct_files",
     "sample_images",
     "write_sample_grid",
 ]

@@ -201,6 +201,7 @@ class Equivariance(Metric):
 
     higher_is_better = True
     table_position = 100
+    refuses_clips = "its transforms (scalings, rotations, flips) are defined on an image's latent grid"
 
     def sums(self) -> dict[str, tuple[int, ...]]:
         return {name: () for name in EVAL_TRANSFORMS}

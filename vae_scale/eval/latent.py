@@ -1,8 +1,10 @@
 """The latent metrics: kl and active_units, of the posterior itself.
 
-- kl: KL(q(z|x) || N(0, I)) in nats per image, and per latent channel (`kl_channel/<c>`).
+- kl: KL(q(z|x) || N(0, I)) in nats per image (per clip for clips: summed over its latent frames), and per
+  latent channel (`kl_channel/<c>`).
 - active_units: latent channels whose posterior mean varies across images, Var(E_q[z_c]) > 0.01 (Burda et
-  al.'s A_u; for convolutional latents pooled over positions, which are close to stationary).
+  al.'s A_u; for convolutional latents pooled over positions, which are close to stationary; a clip's
+  latent frames are pooled with its positions).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def active_units(mu_sum: torch.Tensor, mu2_sum: torch.Tensor, count: float) -> t
 def latent_stats(posterior) -> dict[str, torch.Tensor]:
     """KL per latent channel (`kl_channel/<c>`, averaged over the batch) and `active_units` of one batch's
     posterior (a DiagonalGaussian), as the trainer logs them."""
-    mean = posterior.mean.float()
+    mean = posterior.mean.float()  # (B, C, h, w), or (B, C, t, h, w) of clips: frames pooled as positions
     out = {f"kl_channel/{c}": v for c, v in enumerate(posterior.kl_per_channel().mean(0))}
-    count = mean.shape[0] * mean.shape[2] * mean.shape[3]
-    out["active_units"] = active_units(mean.sum((0, 2, 3)), mean.square().sum((0, 2, 3)), count).float()
+    dims = (0, *range(2, mean.ndim))
+    count = mean.numel() // mean.shape[1]
+    out["active_units"] = active_units(mean.sum(dims), mean.square().sum(dims), count).float()
     return out
 
 
@@ -77,10 +80,11 @@ class ActiveUnits(Metric):
         return {"mu": (C,), "mu2": (C,), "positions": ()}
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
-        mean = batch.mean
-        sums["mu"] += mean.double().sum((0, 2, 3))
-        sums["mu2"] += mean.double().square().sum((0, 2, 3))
-        sums["positions"] += batch.n * mean.shape[2] * mean.shape[3]
+        mean = batch.mean  # (n, C, h, w), or (n, C, t, h, w) for clips: latent frames count as positions
+        dims = (0, *range(2, mean.ndim))
+        sums["mu"] += mean.double().sum(dims)
+        sums["mu2"] += mean.double().square().sum(dims)
+        sums["positions"] += mean.numel() // mean.shape[1]
 
     def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
         return {"active_units": float(active_units(total["mu"], total["mu2"], float(total["positions"])))}

@@ -1,14 +1,15 @@
 """Likelihoods of 8-bit images under a decoder's output: the discretised logistic (PixelCNN++) and the
 Gaussian, what the objective's reconstruction term and the bits/dim metric both compute; and that metric.
 
-bpd: the negative ELBO in bits per dimension of the 8-bit images, -(E_q log p(x|z) - KL) / (3HW ln 2), with
-one reparameterised sample per image, under the run's likelihood: loss.recon=logistic (discretised logistic,
-learned log-scale) or gaussian (learned variance; a density on [-1, 1] becomes a bin probability by the bin
-width 2/255). Runs trained with l1/l2 have no likelihood: theirs is a Gaussian whose single variance is the
-maximum-likelihood one on the evaluated images (sigma^2 = MSE of the sampled reconstructions), an optimistic
-bound. `iw=K` adds `bpd_iw`, the importance-weighted bound of Burda et al.: log p(x) >= E log (1/K) sum_k
-p(x|z_k) p(z_k) / q(z_k|x), which tightens with K. The noise of each sample's latents is seeded by its key,
-so bpd does not depend on how samples are dealt to ranks or batches.
+bpd: the negative ELBO in bits per dimension of the 8-bit images, -(E_q log p(x|z) - KL) / (3HW ln 2) (3THW
+for a clip of T frames), with one reparameterised sample per image, under the run's likelihood:
+loss.recon=logistic (discretised logistic, learned log-scale) or gaussian (learned variance; a density on
+[-1, 1] becomes a bin probability by the bin width 2/255). Runs trained with l1/l2 have no likelihood: theirs
+is a Gaussian whose single variance is the maximum-likelihood one on the evaluated images (sigma^2 = MSE of
+the sampled reconstructions), an optimistic bound. `iw=K` adds `bpd_iw`, the importance-weighted bound of
+Burda et al.: log p(x) >= E log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), which tightens with K. The noise of
+each sample's latents is seeded by its key, so bpd does not depend on how samples are dealt to ranks or
+batches.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def log_likelihood(x: torch.Tensor, x_hat: torch.Tensor, criterion) -> torch.Ten
     """
     x, x_hat = x.float(), x_hat.float()
     if criterion.cfg.recon == "logistic":
-        log_scale = criterion.log_scale.detach().float().clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # images (B, C, H, W) or clips (B, C, T, H, W)
+        log_scale = criterion.log_scale.detach().float().clamp(min=LOG_SCALE_MIN).view(shape)
         lp = discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
     elif criterion.cfg.recon == "gaussian":
         lp = -gaussian_nll(x, x_hat, criterion.logvar.detach().float()) - math.log(127.5)
@@ -122,13 +124,13 @@ class BPD(Metric):
             )
 
     def sums(self) -> dict[str, tuple[int, ...]]:
-        return {"kl": (), "positions": (), "sq_err_sample": (), "nll": (), "iw": ()}
+        return {"kl": (), "dims": (), "sq_err_sample": (), "nll": (), "iw": ()}
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
         setup, x, mean, logvar = self.setup, batch.images, batch.mean, batch.logvar
         criterion, iw = setup.criterion, setup.iw
         sums["kl"] += batch.kl_per_channel.sum()
-        sums["positions"] += batch.n * mean.shape[2] * mean.shape[3]
+        sums["dims"] += x.numel()  # 3HW per image, 3THW per clip
         std = torch.exp(0.5 * logvar)
         log_w = []
         for k in range(max(iw, 1)):
@@ -148,9 +150,7 @@ class BPD(Metric):
             sums["iw"] -= log_px.sum()
 
     def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
-        cfg, f = self.setup.vae.config, self.setup.vae.config.downsample_factor
-        # image dimensions in all (n * 3 * H * W), from the latent positions counted (h * w per image)
-        dims_total = float(total["positions"]) * f * f * cfg.in_channels
+        dims_total = float(total["dims"])  # the evaluated values in all: n * 3 * H * W (n * 3 * T * H * W)
         if self.learned:
             nats = (float(total["nll"]) + float(total["kl"])) / dims_total
         else:  # fitted Gaussian: at sigma^2 = MSE the squared-error term is exactly 1/2 per dimension

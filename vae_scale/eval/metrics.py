@@ -13,6 +13,11 @@ Each metric is a class in the module of its concern, registered by name:
 - equivariance: vae_scale/eval/equivariance.py
 - tile_consistency: vae_scale/eval/tile_consistency.py
 - latent_drift (against a reference encoder): vae_scale/eval/drift.py
+- flicker (clips: the error of the frame differences): vae_scale/eval/temporal.py
+- fvd (clips, an I3D file on disk) and its protocol: vae_scale/eval/fvd.py
+
+Clips: a batch may hold "clips" (n, 3, T, H, W) instead of "images"; the per-frame metrics fold the frames
+into the batch and average each clip's frames (registry.Batch), so a clip counts once, whatever its T.
 
 Exactness across processes: every metric is a sum over samples; each rank sums its own slice in float64
 and `reduce` adds the ranks' sums once, at the end. The noise of the sampled latents is seeded by each
@@ -35,23 +40,28 @@ from vae_scale.config import Config, EvalConfig
 from vae_scale.eval import (
     drift,
     equivariance,
+    fvd,
     latent,
     likelihood,
     reconstruction,
     rfid,
     spectrum,
+    temporal,
     tile_consistency,
 )
 from vae_scale.eval.drift import DriftReference
+from vae_scale.eval.fvd import I3D_FILE, I3DFeatures, fvd_protocol, load_i3d
 from vae_scale.eval.latent import ACTIVE_THRESHOLD, active_units, latent_stats
 from vae_scale.eval.likelihood import has_likelihood, key_noise, log_likelihood
 from vae_scale.eval.reconstruction import (
     bicubic_round_trip,
     compression,
+    equal_values_clip_size,
     equal_values_size,
     load_lpips,
     psnr,
     ssim,
+    trilinear_round_trip,
 )
 from vae_scale.eval.registry import METRICS as REGISTERED
 from vae_scale.eval.registry import (
@@ -74,10 +84,12 @@ from vae_scale.eval.rfid import (
 
 __all__ = [  # the pass, and what callers of the pass import with it
     "ACTIVE_THRESHOLD",
+    "I3D_FILE",
     "INCEPTION_FILE",
     "METRICS",
     "DriftReference",
     "EvaluationInterrupted",
+    "I3DFeatures",
     "InceptionFeatures",
     "Lockstep",
     "MetricError",
@@ -86,22 +98,37 @@ __all__ = [  # the pass, and what callers of the pass import with it
     "bicubic_round_trip",
     "check_metrics",
     "compression",
+    "equal_values_clip_size",
     "equal_values_size",
     "evaluate",
     "find_inception",
     "frechet_distance",
+    "fvd_protocol",
     "has_likelihood",
     "key_noise",
     "latent_stats",
     "load_eval_nets",
+    "load_i3d",
     "load_inception",
     "load_lpips",
     "log_likelihood",
     "psnr",
     "ssim",
+    "trilinear_round_trip",
 ]
 
-METRIC_MODULES = (drift, equivariance, latent, likelihood, reconstruction, rfid, spectrum, tile_consistency)
+METRIC_MODULES = (
+    drift,
+    equivariance,
+    fvd,
+    latent,
+    likelihood,
+    reconstruction,
+    rfid,
+    spectrum,
+    temporal,
+    tile_consistency,
+)
 """The modules whose import registers the metrics."""
 
 METRICS: tuple[str, ...] = tuple(metric_names())
@@ -120,12 +147,13 @@ def load_eval_nets(
     lpips_path: str = "",
     vgg_path: str = "",
     inception_path: str = "",
+    i3d_path: str = "",
 ) -> dict[str, nn.Module]:
-    """The networks `evaluate` needs for `metrics` (default cfg.eval.metrics): {"lpips", "inception"}.
+    """The networks `evaluate` needs for `metrics` (default cfg.eval.metrics): {"lpips", "inception", "i3d"}.
 
     Call once at start, so missing weights stop a run before training (MetricError), then pass the dict
-    to every `evaluate(..., **nets)` call. The path arguments override loss.lpips_path, loss.vgg_path and
-    eval.inception_path.
+    to every `evaluate(..., **nets)` call. The path arguments override loss.lpips_path, loss.vgg_path,
+    eval.inception_path and eval.i3d_path.
     """
     metrics = check_metrics(cfg.eval.metrics if metrics is None else metrics)
     nets: dict[str, nn.Module] = {}
@@ -133,6 +161,8 @@ def load_eval_nets(
         nets["lpips"] = load_lpips(cfg.loss, lpips_path, vgg_path)
     if "rfid" in metrics:
         nets["inception"] = load_inception(inception_path or cfg.eval.inception_path)
+    if "fvd" in metrics:
+        nets["i3d"] = load_i3d(i3d_path or cfg.eval.i3d_path)
     return nets
 
 
@@ -192,9 +222,10 @@ class Lockstep:
 
     agree: Callable[[bool, bool], tuple[bool, bool]]
     """(this rank has a batch, this rank was asked to stop) -> (any rank has one, any rank was asked)."""
-    image_shape: tuple[int, int, int] | None = None
-    """(C, H, W) of the padding image of a rank that had no batch at all, for a sharded model; None: no
-    padding forwards (a rank out of batches only takes part in the agreement)."""
+    image_shape: tuple[int, ...] | None = None
+    """(C, H, W) of the padding image, or (C, T, H, W) of the padding clip, of a rank that had no batch at
+    all, for a sharded model; None: no padding forwards (a rank out of batches only takes part in the
+    agreement)."""
 
 
 def _in_step(
@@ -224,11 +255,22 @@ def _in_step(
                 last = batch
                 yield batch, True
             elif lockstep is not None and lockstep.image_shape is not None:
-                yield (last if last is not None else {"images": torch.zeros(1, *lockstep.image_shape)}), False
+                shape = lockstep.image_shape
+                kind = "clips" if len(shape) == 4 else "images"
+                yield (last if last is not None else {kind: torch.zeros(1, *shape)}), False
     finally:
         close = getattr(it, "close", None)  # a loader's workers stop now, not at garbage collection
         if close is not None:
             close()
+
+
+def check_applies(metrics: list[Metric], *, clips: bool) -> None:
+    """MetricError naming the first metric that does not apply to this kind of batch (clips or images)."""
+    for m in metrics:
+        why = m.refuses_clips if clips else m.refuses_images
+        if why:
+            kind = "clips" if clips else "images"
+            raise MetricError(f"metric {m.name} does not apply to {kind}: {why}")
 
 
 @torch.no_grad()
@@ -249,14 +291,18 @@ def evaluate(
     baseline: bool = False,
     lpips: nn.Module | None = None,
     inception: nn.Module | None = None,
+    i3d: nn.Module | None = None,
     config: EvalConfig | None = None,
     inputs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """The registered `metrics` of `vae` over every sample of `batches`, the same on every rank.
 
-    The pass: batches: dicts with "images" (n, 3, H, W) in [-1, 1] and "count" n (optional "keys", which
-    seed the latent noise); at most max_batches of them (0: all). reduce: sums a 1-D float64 tensor across
-    ranks (an all-reduce; identity in one process), called exactly once with every metric's sums stacked.
+    The pass: batches: dicts with "images" (n, 3, H, W) or "clips" (n, 3, T, H, W) in [-1, 1] and "count" n
+    (optional "keys", which seed the latent noise); at most max_batches of them (0: all). A clip's per-frame
+    figures (psnr, ssim, lpips) are means over its frames; a metric that does not apply to clips (rfid,
+    equivariance, tile_consistency) or to images (flicker, fvd) is refused with a MetricError naming it.
+    reduce: sums a 1-D float64 tensor across ranks (an all-reduce; identity in one process), called exactly
+    once with every metric's sums stacked.
     lockstep: ranks that take each batch together (see Lockstep): for a sharded (FSDP) model a rank out of
     batches runs padding batches (the same forwards, counted nowhere) until every rank is done. stop: asked
     before each batch whether a stop was requested; when it was (on any rank, under lockstep),
@@ -267,8 +313,9 @@ def evaluate(
     What metrics read (EvalSetup): seed: of the latent noise. criterion: the run's VAELoss, whose learned
     likelihood scale bpd uses (None or l1/l2: the fitted Gaussian). iw: K importance samples for bpd_iw
     (needs a learned likelihood; adds bpd). baseline: psnr also measures bicubic through a thumbnail that
-    keeps at least the latent's numbers (adds psnr). lpips / inception: the networks of those metrics
-    (load_eval_nets); lpips falls back to criterion.perceptual. config: the eval section (the options of
+    keeps at least the latent's numbers (adds psnr); for clips trilinear through a thumbnail clip, which
+    flicker scores too. lpips / inception / i3d: the networks of lpips, rfid and fvd (load_eval_nets); lpips
+    falls back to criterion.perceptual. config: the eval section (the options of
     tile_consistency). inputs: further inputs by metric name (rfid: an RFIDReference; latent_drift: a
     DriftReference).
 
@@ -280,7 +327,7 @@ def evaluate(
     if baseline and "psnr" not in metrics:
         metrics.append("psnr")
     device = torch.device(device)
-    nets = {k: v for k, v in (("lpips", lpips), ("inception", inception)) if v is not None}
+    nets = {k: v for k, v in (("lpips", lpips), ("inception", inception), ("i3d", i3d)) if v is not None}
     setup = EvalSetup(
         vae,
         device,
@@ -301,10 +348,12 @@ def evaluate(
     seen = 0
     try:
         for batch, real in _in_step(batches, max_batches, lockstep, stop):
-            n = int(batch.get("count", len(batch["images"])))
+            samples = batch["clips"] if "clips" in batch else batch["images"]
+            n = int(batch.get("count", len(samples)))
             if n == 0:
                 continue
-            x = batch["images"][:n].to(device, non_blocking=True).float()
+            x = samples[:n].to(device, non_blocking=True).float()
+            check_applies(chosen, clips=x.ndim == 5)
             keys = list(batch["keys"][:n]) if batch.get("keys") is not None else None
             # a padding batch: the same forwards, into sums that are dropped
             sums = kept if real else _SumVector(chosen, device)

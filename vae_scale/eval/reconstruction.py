@@ -1,6 +1,11 @@
 """The reconstruction metrics: psnr (with the bicubic baseline), mse, ssim and lpips, each of the input
 against its reconstruction from the posterior mean (clamped to [-1, 1]).
 
+Clips are scored frame by frame: psnr, ssim and lpips of a clip are the means of its frames' figures (each
+frame an image), mse the mean over all its values; the run's figures are means over clips. psnr's baseline
+for clips is trilinear down-and-up through a thumbnail clip that keeps at least the latent's numbers
+(`psnr_trilinear`, `trilinear_values`; see trilinear_round_trip).
+
 - psnr: dB per image on the [0, 1] scale (peak 1), averaged over images. With the baseline (`vae-scale eval`
   asks for it with psnr) also the PSNR of bicubic through a thumbnail that keeps at least as many numbers as
   the latent (`psnr_bicubic`), and those numbers per image (`latent_values`, `bicubic_values`,
@@ -22,7 +27,16 @@ import torch.nn.functional as F
 
 from vae_scale.config import LossConfig
 from vae_scale.eval.lpips import LPIPS, LossConfigError, find_lpips_weights
-from vae_scale.eval.registry import Batch, EvalSetup, Metric, MetricError, Sums, TableInfo, register_metric
+from vae_scale.eval.registry import (
+    Batch,
+    EvalSetup,
+    Metric,
+    MetricError,
+    Sums,
+    TableInfo,
+    fold_frames,
+    register_metric,
+)
 
 SSIM_WINDOW = 7
 
@@ -66,35 +80,87 @@ def equal_values_size(values: int, height: int, width: int, channels: int = 3) -
     return height, width
 
 
+def equal_values_clip_size(
+    values: int, frames: int, latent_frames: int, height: int, width: int, channels: int = 3
+) -> tuple[int, int, int]:
+    """The thumbnail clip (T', h, w) of a clip's aspect ratio that keeps at least `values` numbers.
+
+    T' is the latent's own frame count (capped at the clip's): the baseline compresses time as the causal
+    latent does (the first frame alone, then every 4 frames), and space to the smallest thumbnail with
+    channels * T' * h * w >= values (equal_values_size), never fewer numbers than the latent.
+    """
+    t = max(1, min(latent_frames, frames))
+    h, w = equal_values_size(-(-values // t), height, width, channels)
+    return t, h, w
+
+
+def trilinear_round_trip(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Clips (n, C, T, H, W) down to a (T', h, w) thumbnail clip and back up: the clip baseline.
+
+    Down: each frame bilinear with antialiasing to (h, w) (as bicubic_round_trip's thumbnail, so space does
+    not alias), then linear in time to T' frames; together trilinear interpolation, antialiased in space. Up:
+    trilinear to (T, H, W). align_corners False throughout; clamped to [-1, 1].
+    """
+    n, c, t, H, W = x.shape
+    frames = x.float().transpose(1, 2).reshape(n * t, c, H, W)
+    small = F.interpolate(frames, size=size[1:], mode="bilinear", antialias=True, align_corners=False)
+    small = small.reshape(n, t, c, *size[1:]).transpose(1, 2)  # (n, C, T, h, w)
+    small = F.interpolate(small, size=size, mode="trilinear", align_corners=False)  # in time only
+    return F.interpolate(small, size=(t, H, W), mode="trilinear", align_corners=False).clamp(-1, 1)
+
+
+def trilinear_baseline(batch: Batch) -> tuple[torch.Tensor, int]:
+    """(the trilinear round trip of a clip batch, the numbers its thumbnail keeps per clip), computed once
+    per batch for every metric that scores the baseline (psnr, flicker)."""
+
+    def compute() -> tuple[torch.Tensor, int]:
+        x, (t, H, W) = batch.images, batch.images.shape[2:]
+        size = equal_values_clip_size(batch.mean[0].numel(), t, batch.mean.shape[2], H, W, x.shape[1])
+        return trilinear_round_trip(x, size), x.shape[1] * size[0] * size[1] * size[2]
+
+    return batch.shared("trilinear", compute)
+
+
 def compression(values: float, pixel_values: float) -> str:
     """How many times fewer numbers than the pixels: '64x', '2.8x' (one decimal unless near a whole)."""
     ratio = pixel_values / values
     return f"{ratio:.0f}x" if abs(ratio - round(ratio)) < 0.05 else f"{ratio:.1f}x"
 
 
+def baseline_kind(results: dict[str, float]) -> str | None:
+    """Which baseline `results` hold: "bicubic" (images), "trilinear" (clips) or None."""
+    return next((k for k in ("bicubic", "trilinear") if f"psnr_{k}" in results), None)
+
+
 def baseline_verdict(results: dict[str, float]) -> str:
-    """One line: which has the higher PSNR, the VAE or bicubic through a thumbnail of at least its numbers."""
-    vae, bic = results["psnr"], results["psnr_bicubic"]
-    latent, thumb, pixels = results["latent_values"], results["bicubic_values"], results["pixel_values"]
+    """One line: which has the higher PSNR, the VAE or the baseline (bicubic through a thumbnail, trilinear
+    through a thumbnail clip) of at least its numbers."""
+    kind = baseline_kind(results) or "bicubic"
+    unit = "clip" if kind == "trilinear" else "image"
+    vae, base = results["psnr"], results[f"psnr_{kind}"]
+    latent, thumb, pixels = results["latent_values"], results[f"{kind}_values"], results["pixel_values"]
     same = (
-        f"the same {latent:,.0f} numbers per image"
+        f"the same {latent:,.0f} numbers per {unit}"
         if round(thumb) == round(latent)
-        else f"{thumb:,.0f} numbers per image against the latent's {latent:,.0f}"
+        else f"{thumb:,.0f} numbers per {unit} against the latent's {latent:,.0f}"
     )
     # the winner's figure first, as the demo's verdict says it
-    who = f"the VAE beats bicubic ({vae:.2f}" if vae > bic else f"bicubic beats the VAE ({bic:.2f}"
+    who = f"the VAE beats {kind} ({vae:.2f}" if vae > base else f"{kind} beats the VAE ({base:.2f}"
+    what = "a thumbnail" if kind == "bicubic" else "a thumbnail clip"
     return (
-        f"baseline: bicubic down to a thumbnail and back up, keeping {same} "
-        f"({compression(thumb, pixels)} fewer than the pixels): {who} against {min(vae, bic):.2f} dB)"
+        f"baseline: {kind} down to {what} and back up, keeping {same} "
+        f"({compression(thumb, pixels)} fewer than the pixels): {who} against {min(vae, base):.2f} dB)"
     )
 
 
-BASELINE = ("latent_values", "pixel_values", "bicubic_values")
+BASELINE = ("latent_values", "pixel_values")
+"""The numbers per sample the baseline rows show, with `<kind>_values` of the baseline's thumbnail."""
 
 
 @register_metric("psnr")
 class PSNR(Metric):
-    """PSNR (dB) of the reconstruction; with EvalSetup.baseline, bicubic through a thumbnail's too."""
+    """PSNR (dB) of the reconstruction, per frame for clips; with EvalSetup.baseline, the baseline's too:
+    bicubic through a thumbnail (images) or trilinear through a thumbnail clip (clips)."""
 
     higher_is_better = True
     table_position = 10
@@ -103,45 +169,65 @@ class PSNR(Metric):
     def sums(self) -> dict[str, tuple[int, ...]]:
         out = {"psnr": ()}
         if self.setup.baseline:
-            out.update({name: () for name in ("psnr_bicubic", *BASELINE)})
+            for kind in ("bicubic", "trilinear"):  # images and clips: each over its own samples
+                out.update({f"psnr_{kind}": (), f"{kind}_values": (), f"{kind}_samples": ()})
+            out.update({name: () for name in BASELINE})
         return out
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
         x, n = batch.images, batch.n
-        sums["psnr"] += psnr(batch.reconstruction, x).double().sum()
-        if self.setup.baseline:
-            values, (H, W) = batch.mean[0].numel(), x.shape[-2:]
-            size = equal_values_size(values, H, W, x.shape[1])
-            sums["psnr_bicubic"] += psnr(bicubic_round_trip(x, size=size), x).double().sum()
-            sums["latent_values"] += n * values
-            sums["bicubic_values"] += n * x.shape[1] * size[0] * size[1]
-            sums["pixel_values"] += n * x[0].numel()
+        sums["psnr"] += batch.per_sample(psnr(batch.frame_reconstruction, batch.frame_images)).sum()
+        if not self.setup.baseline:
+            return
+        values = batch.mean[0].numel()
+        if batch.is_clip:
+            kind = "trilinear"
+            base, kept = trilinear_baseline(batch)
+            score = batch.per_sample(psnr(fold_frames(base), batch.frame_images))
+        else:
+            kind = "bicubic"
+            size = equal_values_size(values, *x.shape[-2:], x.shape[1])
+            score = psnr(bicubic_round_trip(x, size=size), x).double()
+            kept = x.shape[1] * size[0] * size[1]
+        sums[f"psnr_{kind}"] += score.sum()
+        sums[f"{kind}_values"] += n * kept
+        sums[f"{kind}_samples"] += n
+        sums["latent_values"] += n * values
+        sums["pixel_values"] += n * x[0].numel()
 
     def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
         out = {"psnr": float(total["psnr"]) / samples}
         if self.setup.baseline:
             out.update({k: float(total[k]) / samples for k in BASELINE})
-            out["psnr_bicubic"] = float(total["psnr_bicubic"]) / samples
+            for kind in ("bicubic", "trilinear"):
+                count = float(total[f"{kind}_samples"])
+                if count:
+                    out[f"psnr_{kind}"] = float(total[f"psnr_{kind}"]) / count
+                    out[f"{kind}_values"] = float(total[f"{kind}_values"]) / count
         return out
 
     @classmethod
     def rows(cls, results: dict[str, float], info: TableInfo) -> list[tuple[str, str]]:
         rows = []
-        base = "latent_values" in results and "psnr_bicubic" in results
-        if base:
-            pixels = results["pixel_values"]
-            for name, key in (("latent", "latent_values"), ("bicubic thumbnail", "bicubic_values")):
+        kind = baseline_kind(results) if "latent_values" in results else None
+        thumb = "bicubic thumbnail" if kind == "bicubic" else "trilinear thumbnail clip"
+        if kind is not None:
+            pixels, unit = results["pixel_values"], "clip" if kind == "trilinear" else "image"
+            for name, key in (("latent", "latent_values"), (thumb, f"{kind}_values")):
                 v = results[key]
-                rows.append((f"numbers kept per image: {name}", f"{v:,.0f} ({compression(v, pixels)} fewer)"))
+                rows.append(
+                    (f"numbers kept per {unit}: {name}", f"{v:,.0f} ({compression(v, pixels)} fewer)")
+                )
         if "psnr" in results:
-            rows.append(("PSNR (dB)", f"{results['psnr']:.2f}"))
-            if base:
-                rows.append(("PSNR (dB), bicubic thumbnail", f"{results['psnr_bicubic']:.2f}"))
+            per_frame = ", per frame" if kind == "trilinear" else ""
+            rows.append((f"PSNR (dB){per_frame}", f"{results['psnr']:.2f}"))
+            if kind is not None:
+                rows.append((f"PSNR (dB){per_frame}, {thumb}", f"{results[f'psnr_{kind}']:.2f}"))
         return rows
 
     @classmethod
     def notes(cls, results: dict[str, float], info: TableInfo) -> list[str]:
-        base = "latent_values" in results and "psnr_bicubic" in results
+        base = "latent_values" in results and baseline_kind(results) is not None
         return [baseline_verdict(results)] if base and "psnr" in results else []
 
 
@@ -209,7 +295,7 @@ class SSIM(Metric):
         return {"ssim": ()}
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
-        sums["ssim"] += ssim(batch.reconstruction, batch.images).sum()
+        sums["ssim"] += batch.per_sample(ssim(batch.frame_reconstruction, batch.frame_images)).sum()
 
     def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
         return {"ssim": float(total["ssim"]) / samples}
@@ -257,7 +343,7 @@ class LPIPSMetric(Metric):
         return {"lpips": ()}
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
-        sums["lpips"] += self.net(batch.reconstruction, batch.images).double().sum()
+        sums["lpips"] += batch.per_sample(self.net(batch.frame_reconstruction, batch.frame_images)).sum()
 
     def figures(self, total: dict[str, torch.Tensor], samples: float) -> dict[str, float]:
         return {"lpips": float(total["lpips"]) / samples}

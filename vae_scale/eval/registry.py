@@ -24,6 +24,12 @@ apart, stacks every metric's into one vector and reduces it once across ranks, s
 per-sample terms is exact across processes and batch sizes by construction. A metric's figures are computed
 from the reduced sums alone.
 
+Clips: a batch of clips (n, 3, T, H, W) is one Batch of n samples. A per-frame metric scores
+`batch.frame_reconstruction` against `batch.frame_images` (the frames folded into the batch) and adds
+`batch.per_sample(values)`, each clip's mean over its frames, so a clip counts once whatever its T. A metric
+that has no meaning for clips (or for images) says why in `refuses_clips` (`refuses_images`), and the pass
+refuses such a batch with a MetricError that names it.
+
 Adding a metric: one module (or a section of the module of its concern) with the class, its import in
 vae_scale/eval/metrics.py (which imports every metric module, so the registry is complete wherever the pass
 is), its name in EvalConfig.METRICS (config.py is below eval/ and validates `eval.metrics` against that list;
@@ -84,19 +90,55 @@ class EvalSetup:
 class Batch:
     """One evaluated batch, as every metric reads it; what several metrics share is computed once.
 
-    images: (n, 3, H, W) float32 in [-1, 1] on the pass's device; keys: the samples' keys (seed their latent
-    noise) or None; first: how many real samples this rank evaluated before this batch.
+    images: the samples as the model encodes them, float32 in [-1, 1] on the pass's device: images
+    (n, 3, H, W), or clips (n, 3, T, H, W) (`is_clip`); keys: the samples' keys (seed their latent noise) or
+    None; first: how many real samples this rank evaluated before this batch.
+
+    A per-frame metric reads `frame_images` and `frame_reconstruction` (a clip's frames folded into the batch,
+    (n * T, 3, H, W); the images themselves for an image batch) and averages its per-frame values over each
+    clip's frames with `per_sample`.
     """
 
     def __init__(self, setup: EvalSetup, images: torch.Tensor, keys: list[str] | None, first: int):
         self.setup, self.images, self.keys, self.first = setup, images, keys, first
         vae = setup.vae
         self.posterior = vae.encode(images, tiled=setup.tiled) if setup.tiled else vae.encode(images)
+        self._shared: dict[str, Any] = {}
 
     @property
     def n(self) -> int:
         """Samples in the batch."""
         return self.images.shape[0]
+
+    @property
+    def is_clip(self) -> bool:
+        """Whether the samples are clips (n, 3, T, H, W), of any T (a one-frame clip included)."""
+        return self.images.ndim == 5
+
+    @property
+    def frames(self) -> int:
+        """Frames per sample: T of a clip, 1 for an image."""
+        return self.images.shape[2] if self.is_clip else 1
+
+    @cached_property
+    def frame_images(self) -> torch.Tensor:
+        """The input's frames (n * T, 3, H, W), clip by clip (the images themselves for an image batch)."""
+        return fold_frames(self.images)
+
+    @cached_property
+    def frame_reconstruction(self) -> torch.Tensor:
+        """The reconstruction's frames (n * T, 3, H, W), in the order of frame_images."""
+        return fold_frames(self.reconstruction)
+
+    def per_sample(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """Per-frame values (n * T,) -> each sample's mean over its frames (n,), float64."""
+        return per_frame.double().view(self.n, self.frames).mean(1)
+
+    def shared(self, name: str, compute: Callable[[], Any]) -> Any:
+        """What several metrics use of this batch (e.g. a baseline's reconstruction), computed once."""
+        if name not in self._shared:
+            self._shared[name] = compute()
+        return self._shared[name]
 
     @cached_property
     def mean(self) -> torch.Tensor:
@@ -122,6 +164,14 @@ class Batch:
     def kl_per_channel(self) -> torch.Tensor:
         """KL(q(z|x) || N(0, I)) per sample and latent channel (n, C), float64, nats."""
         return self.posterior.kl_per_channel().double()
+
+
+def fold_frames(x: torch.Tensor) -> torch.Tensor:
+    """Clips (n, C, T, H, W) -> their frames (n * T, C, H, W), clip by clip; images (n, C, H, W) as is."""
+    if x.ndim == 4:
+        return x
+    n, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(n * t, c, h, w)
 
 
 class Sums:
@@ -168,6 +218,10 @@ class Metric:
     """Where its lines below the table go (default: table_position)."""
     always: ClassVar[bool] = False
     """Part of every pass, whatever was asked (mse)."""
+    refuses_clips: ClassVar[str] = ""
+    """Why the metric does not apply to clip batches ("": it does); the pass refuses a clip batch with it."""
+    refuses_images: ClassVar[str] = ""
+    """Why the metric does not apply to image batches ("": it does)."""
 
     def __init__(self, setup: EvalSetup):
         self.setup = setup

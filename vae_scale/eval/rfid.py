@@ -223,6 +223,10 @@ class RFID(Metric):
 
     higher_is_better = False
     table_position = 50
+    refuses_clips = (
+        "its Inception features and cached reference statistics are of images; for clips, fvd (an I3D "
+        "file, --i3d-path / eval.i3d_path) compares the distributions of the clips"
+    )
 
     def __init__(self, setup: EvalSetup):
         super().__init__(setup)

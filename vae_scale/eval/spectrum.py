@@ -15,6 +15,8 @@ numbers that show it, for any (B, C, H, W) batch of latents or images:
 - the radially averaged spectrum: the mean energy per coefficient in BINS equal bins of rho, divided by the
   mean energy per coefficient over all of them: 1 in every bin for white noise, falling for smooth images.
 
+Clips are spectra of their frames: a clip's frames (and its latent's frames) join the pool as images.
+
 Images are pooled, not averaged: the sums of energy over every image come first, the ratios after, so
 `spectrum_sums` returns float64 sums that ranks add up (one all-reduce) and images of any size can join.
 """
@@ -25,7 +27,7 @@ import math
 
 import torch
 
-from vae_scale.eval.registry import Batch, Metric, Sums, TableInfo, indexed, register_metric
+from vae_scale.eval.registry import Batch, Metric, Sums, TableInfo, fold_frames, indexed, register_metric
 
 BINS = 16
 """Radial frequency bins of the averaged spectrum (some stay empty for latents under 16 x 16)."""
@@ -142,7 +144,8 @@ class Spectrum(Metric):
         }
 
     def accumulate(self, batch: Batch, sums: Sums) -> None:
-        for side, t in (("latent", batch.mean), ("rgb", batch.images)):
+        # a clip's frames (and its latent's frames) are pooled as images: the spectra are spatial
+        for side, t in (("latent", fold_frames(batch.mean)), ("rgb", batch.frame_images)):
             parts = spectrum_sums(t)
             sums[f"{side}_energy"] += parts["energy"] if side == "latent" else parts["energy"].sum(0)
             sums[f"{side}_count"] += parts["count"]

@@ -57,6 +57,9 @@ class TileConsistency(Metric):
 
     higher_is_better = True
     table_position = 110
+    refuses_clips = (
+        "tiling is spatial, per image; the video family (wan) refuses tiles, so there is none to measure"
+    )
 
     def __init__(self, setup: EvalSetup):
         super().__init__(setup)
