@@ -112,6 +112,22 @@ def _crop_frames(
     )
 
 
+def center_clip(raw, cfg: DataConfig) -> np.ndarray:
+    """(T, R, R, 3) uint8: a video member's first clip (data.frames at data.frame_stride; its first frame
+    with data.frames = 1), or an image member as a one-frame clip, center-cropped as validation crops.
+
+    Unusable (too_small) or VideoError (too_short, undecodable) for a sample the loader would skip.
+    """
+    r, resize, upscale = cfg.resolution, cfg.resize, cfg.upscale_small
+    if raw.ext not in VIDEO_EXTENSIONS:
+        return _decode(raw, r, None, False, resize, upscale)[None]
+    if cfg.frames > 1:
+        frames = read_clip(raw.data, cfg.frames, cfg.frame_stride, None)
+    else:
+        frames = [read_frame(raw.data, None)]
+    return _crop_frames(frames, r, None, False, resize, upscale)
+
+
 class _Stream(_Lane):
     """One of a lane's two streams (`kind` clips or images): the lane's units through its own seeded
     shuffle buffer, with its own cursor; batches of clips or of one-frame clips."""
@@ -408,14 +424,7 @@ class _ClipValStream(_ValStream):
             yield self._clip_batch(arrays, keys, tally, small, short)
 
     def _decode(self, raw) -> np.ndarray:
-        if raw.ext not in VIDEO_EXTENSIONS:
-            return _decode(raw, self.resolution, None, False, self.resize, self.upscale)[None]
-        frames = (
-            read_clip(raw.data, self.frames, self.stride, None)
-            if self.frames > 1
-            else [read_frame(raw.data, None)]
-        )
-        return _crop_frames(frames, self.resolution, None, False, self.resize, self.upscale)
+        return center_clip(raw, self.cfg)
 
     def _clip_batch(self, arrays, keys, tally: BadTally, small: BadTally, short: BadTally) -> dict[str, Any]:
         r = self.resolution
