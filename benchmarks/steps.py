@@ -57,21 +57,30 @@ TOLERANCES = {
 
 @dataclass(frozen=True)
 class Setting:
-    """What every variant of one comparison shares: model, image size, batch per device, precision."""
+    """What every variant of one comparison shares: model, image size, batch per device, precision, and
+    frames per clip (1: images; > 1: clips (B, 3, T, R, R) of a video family, data.frames)."""
 
     preset: str
     resolution: int
     batch: int
     precision: str = "fp32"  # fp32 | bf16 | fp16: train.mixed_precision no | bf16 | fp16
     overrides: tuple[str, ...] = ()  # model.* overrides on the preset (tests use a tiny model)
+    frames: int = 1
 
     def fields(self) -> dict[str, Any]:
-        return {
+        out = {
             "preset": self.preset + (f" ({', '.join(self.overrides)})" if self.overrides else ""),
             "resolution": self.resolution,
             "batch": self.batch,
             "dtype": self.precision,
         }
+        return out | ({"frames": self.frames} if self.frames > 1 else {})
+
+    def inputs(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        """n random batches in [-1, 1]: images (B, 3, R, R), or clips (B, 3, T, R, R)."""
+        r, b = self.resolution, self.batch
+        clip = (self.frames,) if self.frames > 1 else ()
+        return [torch.rand(b, 3, *clip, r, r, device=device) * 2 - 1 for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,9 @@ def config_for(setting: Setting, variant: Variant) -> Config:
         channels_last=variant.channels_last,
         gradient_checkpointing=variant.checkpointing,
     )
-    cfg.data = replace(cfg.data, resolution=setting.resolution, batch_size=setting.batch)
+    cfg.data = replace(
+        cfg.data, resolution=setting.resolution, batch_size=setting.batch, frames=setting.frames
+    )
     cfg.train = replace(cfg.train, mixed_precision=PRECISIONS[setting.precision], compile=variant.compile)
     cfg.log = replace(cfg.log, wandb="disabled")
     return cfg
@@ -214,7 +225,7 @@ class Batches:
         while True:
             x = self.inputs[self.position % len(self.inputs)]
             self.position += 1
-            yield {"images": x, "keys": []}
+            yield {"clips" if x.ndim == 5 else "images": x, "keys": []}
 
     def counters(self) -> dict[str, int]:
         return {}
@@ -231,14 +242,15 @@ class Batches:
 
 class TrainStep(Step):
     """vae-scale's step: a Trainer built from the run config of this setting and variant, started from the
-    shared initial weights (`init`, through model.init_from and the discriminator's state dict), timing
-    Trainer.train_step -- the method a run calls -- on `inputs` rotated between steps."""
+    shared initial weights (`init`, through model.init_from and the discriminator's state dict; None: the
+    trainer's own seeded initialisation), timing Trainer.train_step -- the method a run calls -- on `inputs`
+    rotated between steps."""
 
     def __init__(
         self,
         setting: Setting,
         variant: Variant,
-        init: dict[str, dict[str, torch.Tensor]],
+        init: dict[str, dict[str, torch.Tensor]] | None,
         inputs: list[torch.Tensor],
         device: torch.device,
     ):
@@ -247,9 +259,10 @@ class TrainStep(Step):
         super().__init__(setting, variant, device)
         self._dir = tempfile.TemporaryDirectory(prefix="train_step-")
         run_dir = Path(self._dir.name)
-        save_file({k: v.contiguous() for k, v in init["vae"].items()}, run_dir / "init.safetensors")
         cfg = config_for(setting, variant)
-        cfg.model = replace(cfg.model, init_from=str(run_dir / "init.safetensors"))
+        if init is not None:
+            save_file({k: v.contiguous() for k, v in init["vae"].items()}, run_dir / "init.safetensors")
+            cfg.model = replace(cfg.model, init_from=str(run_dir / "init.safetensors"))
         cfg.run = replace(cfg.run, dir=str(run_dir / "run"))
         # The trainer's start-up lines and progress bar, once per variant, are not the benchmark's output.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -257,7 +270,7 @@ class TrainStep(Step):
         if self.trainer.device.type != device.type:
             self.trainer.close()
             raise RuntimeError(f"the trainer runs on {self.trainer.device.type}, not {device.type}")
-        if self.trainer.disc is not None:
+        if self.trainer.disc is not None and init is not None:
             self.trainer.disc.load_state_dict(init["disc"])
         self.ae = self.trainer.model  # the Autoencoder: .vae is the model the steps train
 

@@ -31,6 +31,15 @@ variants are timed; on a busy machine the rows are refused unless allow_busy (ha
 Without --preset, the sweep of the mode runs (see `sweep`); the data loader is not in the step (the data
 benchmark measures it).
 
+Clips (`--frames` > 1, a video family's preset such as wan-tiny-video): the trainer's step on clip batches
+(B, 3, T, R, R) is timed on its own (`clip_benchmark`): diffusers has no training step of AutoencoderKLWan to
+compare with (the family's forward is checked bit-identical to diffusers' in tests/test_models_wan.py), so
+the row has no speedup and no check. On a CPU, where torch keeps no allocator statistics, its memory is the
+process's peak resident set (`peak_rss_mb`, the torch runtime included) and the bytes the step holds
+between steps (`state_mb`: weights, gradients' optimizer state, EMA).
+
+    python -m benchmarks.train_step --preset wan-tiny-video --resolution 32 --batch 2 --frames 5
+
 The steps themselves and their correctness check are in benchmarks/steps.py.
 """
 
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +81,7 @@ from benchmarks.steps import (
     Reference,
     Setting,
     Step,
+    TrainStep,
     Variant,
     build_step,
     calibrated,
@@ -286,6 +297,57 @@ def benchmark(
     return rows
 
 
+def clip_benchmark(
+    setting: Setting,
+    device: torch.device,
+    *,
+    repeats: int = REPEATS["cpu"],
+    warmup: int = 1,
+    allow_busy: bool = False,
+) -> list[dict[str, Any]]:
+    """The trainer's step on clips of setting.frames frames, timed alone (see the module docstring): one
+    row with the step time, clips/s, frames/s, the peak (CUDA: allocated; CPU: the process's resident set)
+    and the bytes held between steps."""
+    env = environment(device)
+    fresh_accelerate_state()
+    torch.manual_seed(1)
+    variant = Variant()
+    fields = {**setting.fields(), **variant.fields(device)}
+    step = TrainStep(setting, variant, None, setting.inputs(INPUT_SETS.get(device.type, 2), device), device)
+    errors: dict[str, BaseException] = {}
+    try:
+        with LoadSampler() as sampler:
+            timings = measure_interleaved(
+                {variant.name: step}, device=device, warmup=warmup, repeats=repeats, errors=errors
+            )
+        peak = _peak_mb(step, device)
+        if peak is None:  # ru_maxrss: KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        state_mb = step.state_bytes() / 2**20
+    finally:
+        step.close()
+    if variant.name not in timings:
+        error = _error_text(errors.get(variant.name, RuntimeError("?")))
+        return [error_row(SUBJECT, variant.name, error, env, **fields)]
+    t = timings[variant.name]
+    memory = {"peak_mb": peak} if device.type == "cuda" else {"peak_rss_mb": peak}
+    row = result_row(
+        SUBJECT,
+        variant.name,
+        t,
+        env,
+        **fields,
+        clips_per_s=t.throughput(setting.batch),
+        frames_per_s=t.throughput(setting.batch * setting.frames),
+        **memory,
+        state_mb=state_mb,
+        checked_against="none: no diffusers training step for this family",
+    )
+    rows = stamp_load([row], sampler.summary(), allow_busy)
+    fresh_accelerate_state()
+    return rows
+
+
 def like(v: Variant) -> tuple[bool, bool, bool, bool]:
     """What a diffusers reference must share with a variant to be like for like (the kernels are ours)."""
     return (v.disc, v.compile, v.checkpointing, v.channels_last)
@@ -402,6 +464,11 @@ COLUMNS = [
     "images_per_s", "peak_mb", "mfu_pct", "mfu_note", "x_diffusers_eager", "x_diffusers_eager_95ci",
     "x_diffusers_compiled", "x_diffusers_compiled_95ci", "load_1m", "others_cores", "busy", "error",
 ]  # fmt: skip
+CLIP_COLUMNS = [
+    "preset", "resolution", "frames", "batch", "dtype", "variant", "loss", "median_ms", "p20_ms", "p80_ms",
+    "clips_per_s", "frames_per_s", "peak_mb", "peak_rss_mb", "state_mb", "load_1m", "others_cores", "busy",
+    "error",
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
     p.add_argument(
+        "--frames", type=int, default=1, help="frames per clip: > 1 times the step on clips (a video preset)"
+    )
+    p.add_argument(
         "--repeats", type=int, default=None, help="timed steps per variant (default 10 on a CPU, 20 on a GPU)"
     )
     p.add_argument(
@@ -435,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.device == "cpu":  # the trainer takes its device from accelerate: on a CPU when it is told so
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    if args.preset:
+    if args.preset and args.frames > 1:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        setting = Setting(args.preset, args.resolution, args.batch, args.precision, frames=args.frames)
+        repeats = args.repeats or REPEATS.get(dev.type, REPEATS["cpu"])
+        rows = clip_benchmark(setting, dev, repeats=repeats, allow_busy=args.allow_busy)
+    elif args.preset:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         setting = Setting(args.preset, args.resolution, args.batch, args.precision)
         variants = [v for s, vs, _ in sweep(True, dev, args.compile) for v in vs]
@@ -444,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = run(quick=args.quick, device=args.device, compile=args.compile, allow_busy=args.allow_busy)
     name = f"train_step-{device_slug(rows[0]['device'])}" if rows else "train_step"
-    path = write_results(rows, name, COLUMNS, args.out)
+    path = write_results(rows, name, CLIP_COLUMNS if args.frames > 1 else COLUMNS, args.out)
     print(path.with_suffix(".md").read_text())
     return 1 if any("error" in r for r in rows) else 0
 

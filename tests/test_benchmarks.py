@@ -402,3 +402,15 @@ def test_superlinear_scaling_is_flagged_with_its_load():
     assert scaling.superlinear_note(1.05, load, 2, 1) is None
     note = scaling.superlinear_note(6.01, load, 2, 1)
     assert note.startswith("efficiency 6.01 > 1.05") and "load 6.07" in note and "1.50 of 2 cores" in note
+
+
+def test_train_step_times_the_trainers_step_on_clips():
+    """wan-tiny on clips: the trainer's own step on (B, 3, T, R, R) batches, timed; the row says the frames,
+    the rates per clip and per frame, and the memory."""
+    setting = train_step.Setting("wan-tiny", 16, 1, "fp32", frames=5)
+    rows = train_step.clip_benchmark(setting, torch.device("cpu"), repeats=2, warmup=1, allow_busy=True)
+    (row,) = rows
+    assert "error" not in row, row.get("error")
+    assert row["frames"] == 5 and row["repeats"] == 2 and row["median_ms"] > 0
+    assert row["frames_per_s"] == pytest.approx(5 * row["clips_per_s"])
+    assert row["peak_rss_mb"] > 0 and 0 < row["state_mb"] < row["peak_rss_mb"]

@@ -25,7 +25,7 @@ TINY_PRESETS = {"dcae": "dc-ae-tiny", "wan": "wan-tiny", "flux2": "flux2-tiny"}
 
 FAMILY_PRESETS = {
     "dcae": ["dc-ae-f32c32", "dc-ae-f64c128", "dc-ae-tiny"],
-    "wan": ["wan2.1", "qwen-image", "wan-tiny"],
+    "wan": ["wan2.1", "qwen-image", "wan-tiny", "wan-tiny-video"],
     "sd": ["sd-f8", "f8c16", "f16c32", "xl", "demo"],
     "flux2": ["flux2", "flux2-tiny"],
 }

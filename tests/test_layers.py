@@ -33,6 +33,7 @@ LAYERS = {
     # 6. the trainer, and what builds its parts from the config
     "train.build": 6,
     "train.trainer": 6,
+    "train.recovery": 6,  # the trainer's saving, restoring and rolling back
     # 7. the commands: what each does, as functions a Python user calls
     "commands": 7,
     "__init__": 7,  # the package's convenience imports

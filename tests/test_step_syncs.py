@@ -32,6 +32,7 @@ from support import tiny_config
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vae_scale.config import load_config
 from vae_scale.train.trainer import Trainer
 
 _SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
@@ -133,12 +134,31 @@ CASES = {
         "loss.recon=gaussian",
         "optim.ema_decay=0.9",
     ],
+    "clips": [  # wan-tiny on synthetic clips with the 3D discriminator and EMA
+        "data.frames=5",
+        "data.resolution=16",
+        "data.batch_size=2",
+        "loss.disc_weight=0.5",
+        "loss.disc_start=0",
+        "loss.disc_layers=2",
+        "loss.disc_channels=8",
+        "optim.ema_decay=0.9",
+    ],
 }
+
+
+def _config(run_dir, case: str):
+    """TINY on synthetic images, or wan-tiny on synthetic clips, for two steps."""
+    if case == "clips":
+        run = ["data.train=synthetic", "data.workers=0", "log.wandb=disabled", "log.every=1"]
+        run += ["log.images_every=0", f"run.dir={run_dir}", "train.steps=2"]
+        return load_config("wan-tiny", [*run, *CASES[case]])
+    return tiny_config(run_dir, "synthetic", "train.steps=2", *CASES[case])
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_step_syncs_once_and_copies_nothing_and_a_logged_step_syncs_once_more(tmp_path, case):
-    trainer = Trainer(tiny_config(tmp_path / "run", "synthetic", "train.steps=2", *CASES[case]))
+    trainer = Trainer(_config(tmp_path / "run", case))
     try:
         if case == "everything":  # accelerate keeps a GradScaler for fp16 on GPUs only: a real one here
             trainer.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -155,5 +175,7 @@ def test_a_step_syncs_once_and_copies_nothing_and_a_logged_step_syncs_once_more(
             assert {"kl_channel/0", "lr", "data/samples", "grad_norm"} <= set(row)
             if case == "everything":
                 assert {"d_weight", "d_loss", "logvar"} <= set(row)
+            if case == "clips":
+                assert trainer.last_x.ndim == 5 and {"d_weight", "d_loss"} <= set(row)
     finally:
         trainer.close()

@@ -200,8 +200,8 @@ class DataConfig:
     log_bad_every: int = 1000
     """Log a summary of skipped bad samples every this many (the first one is logged in full)."""
     frames: int = 1
-    """Frames per training clip, 1 + 4k (the causal video VAE's shape); 1 means images (the clip loader
-    then yields one-frame clips)."""
+    """Frames per training clip, 1 + 4k (the causal video VAE's shape); > 1 trains on clips (video families
+    only: wan), with the clip loader and the 3D discriminator; 1 means images."""
     frame_stride: int = 1
     """Clips take every this-many-th frame of the stored video (2 halves the frame rate)."""
     image_fraction: float = 0.0
@@ -255,7 +255,7 @@ class LossConfig:
     disc_loss: str = "hinge"
     """Discriminator loss: hinge | non_saturating (generator softplus(-D); LDM's `vanilla` has -mean D)."""
     disc_layers: int = 3
-    """PatchGAN discriminator depth."""
+    """PatchGAN discriminator depth (the 2D one for images; the 3D one when data.frames > 1)."""
     disc_channels: int = 64
     """PatchGAN discriminator width of its first layer (taming's ndf)."""
     disc_lr: float = 0.0

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,21 +46,19 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from vae_scale.config import DataConfig
-from vae_scale.data.bad_samples import BadLog as _BadLog
-from vae_scale.data.decode import TOO_SMALL
-from vae_scale.data.decode import Unusable as _Bad
-from vae_scale.data.decode import crop as _crop
-from vae_scale.data.decode import decode_sample as _decode
-from vae_scale.data.loader import (
-    _Fatal,
-    _Lane,
-    _plan_lanes,
-    _rank_world,
-    _seed,
-    _shuffle,
-    _TrainStream,
-    _ValStream,
+from vae_scale.data.bad_samples import BadLog
+from vae_scale.data.decode import TOO_SMALL, Unusable, crop, decode_sample
+from vae_scale.data.lanes import (
+    Lane,
+    LaneStop,
+    ResumableLoader,
+    TrainStream,
+    plan_lanes,
+    rank_world,
+    seed_of,
+    shuffled,
 )
+from vae_scale.data.loader import ValStream
 from vae_scale.data.shard_reader import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -73,9 +70,7 @@ from vae_scale.data.shard_reader import (
     shard_counts,
 )
 from vae_scale.data.video import VideoError, clip_span, read_clip, read_frame
-from vae_scale.data.workers import dataloader as _dataloader
-from vae_scale.data.workers import iterate as _iterate
-from vae_scale.data.workers import stop_workers as _stop_workers
+from vae_scale.data.workers import dataloader, iterate
 
 __all__ = ["ClipLoader", "ClipValLoader", "build_clip_loader", "build_clip_val_loader"]
 
@@ -105,14 +100,30 @@ def _crop_frames(
     same for each frame; centered without flip for seed None), resized as the image loader resizes."""
     w, h = frames[0].size
     if min(w, h) < size and not upscale:
-        raise _Bad(TOO_SMALL, f"{w}x{h} is smaller than the {size} px crop", min(w, h))
+        raise Unusable(TOO_SMALL, f"{w}x{h} is smaller than the {size} px crop", min(w, h))
     resize = resize or min(w, h) < size
     return np.stack(
-        [_crop(f, size, None if seed is None else random.Random(seed), flip, resize) for f in frames]
+        [crop(f, size, None if seed is None else random.Random(seed), flip, resize) for f in frames]
     )
 
 
-class _Stream(_Lane):
+def center_clip(raw, cfg: DataConfig) -> np.ndarray:
+    """(T, R, R, 3) uint8: a video member's first clip (data.frames at data.frame_stride; its first frame
+    with data.frames = 1), or an image member as a one-frame clip, center-cropped as validation crops.
+
+    Unusable (too_small) or VideoError (too_short, undecodable) for a sample the loader would skip.
+    """
+    r, resize, upscale = cfg.resolution, cfg.resize, cfg.upscale_small
+    if raw.ext not in VIDEO_EXTENSIONS:
+        return decode_sample(raw, r, None, False, resize, upscale)[None]
+    if cfg.frames > 1:
+        frames = read_clip(raw.data, cfg.frames, cfg.frame_stride, None)
+    else:
+        frames = [read_frame(raw.data, None)]
+    return _crop_frames(frames, r, None, False, resize, upscale)
+
+
+class _Stream(Lane):
     """One of a lane's two streams (`kind` clips or images): the lane's units through its own seeded
     shuffle buffer, with its own cursor; batches of clips or of one-frame clips."""
 
@@ -127,7 +138,7 @@ class _Stream(_Lane):
     def _pass(self) -> Iterator[Any]:
         ds, kind = self.ds, self.kind
         units = list(self.units)
-        random.Random(_seed(ds.seed, kind, "units", self.epoch, ds.rank, self.lane, self.pass_no)).shuffle(
+        random.Random(seed_of(ds.seed, kind, "units", self.epoch, ds.rank, self.lane, self.pass_no)).shuffle(
             units
         )
         tally = self.tally if self.counts_reads else BadTally()
@@ -137,13 +148,14 @@ class _Stream(_Lane):
             for raw in read_unit(u, tally, media=MEDIA)
             if kind == "images" or raw.ext in VIDEO_EXTENSIONS
         )
-        rng = random.Random(_seed(ds.seed, kind, "buffer", self.epoch, ds.rank, self.lane, self.pass_no))
-        return _shuffle(raws, ds.shuffle_buffer, rng)
+        rng = random.Random(seed_of(ds.seed, kind, "buffer", self.epoch, ds.rank, self.lane, self.pass_no))
+        return shuffled(raws, ds.shuffle_buffer, rng)
 
     def _decode(self, raw, seed: int) -> np.ndarray:
         ds = self.ds
         if raw.ext not in VIDEO_EXTENSIONS:  # an image: a one-frame clip
-            return _decode(raw, ds.resolution, random.Random(seed), ds.flip, ds.resize, ds.upscale)[None]
+            rng = random.Random(seed)
+            return decode_sample(raw, ds.resolution, rng, ds.flip, ds.resize, ds.upscale)[None]
         if self.kind == "images":
             frames = [read_frame(raw.data, random.Random(seed))]
         else:
@@ -154,10 +166,10 @@ class _Stream(_Lane):
         ds, arrays, keys = self.ds, [], []
         while len(arrays) < ds.batch_size:
             raw = self._next_raw()
-            seed = _seed(ds.seed, self.kind, "crop", self.epoch, ds.rank, self.lane, self.cursor)
+            seed = seed_of(ds.seed, self.kind, "crop", self.epoch, ds.rank, self.lane, self.cursor)
             try:
                 arrays.append(self._decode(raw, seed))
-            except _Bad as b:
+            except Unusable as b:
                 if b.kind == TOO_SMALL:
                     self.small.add(b.kind, raw.url, raw.key, b.detail)
                     self.largest_small = max(self.largest_small, b.short_side)
@@ -195,11 +207,11 @@ def batch_frames(cfg: DataConfig, seed: int, epoch: int, index: int) -> int:
     """T of batch `index` of `epoch`: data.frames, or 1 for an image batch (seeded; the same on all ranks)."""
     if cfg.frames == 1:
         return 1
-    draw = random.Random(_seed(seed, "batch frames", epoch, index)).random()
+    draw = random.Random(seed_of(seed, "batch frames", epoch, index)).random()
     return 1 if draw < cfg.image_fraction else cfg.frames
 
 
-class _ClipStream(_TrainStream):
+class _ClipStream(TrainStream):
     """The endless per-rank clip batch stream; one copy per DataLoader worker."""
 
     def __init__(self, urls, counts, cfg: DataConfig, rank, world_size, seed, bpe, start: torch.Tensor):
@@ -221,7 +233,7 @@ class _ClipStream(_TrainStream):
             kind = "images" if batch_frames(self.cfg, self.seed, epoch, i) == 1 else "clips"
             try:
                 batch = lane.next_batch(kind)
-            except _Fatal as e:
+            except LaneStop as e:
                 why = ""
                 if kind == "clips":
                     span = clip_span(self.frames, self.stride)
@@ -234,8 +246,8 @@ class _ClipStream(_TrainStream):
             g += n
 
 
-class _ClipBadLog(_BadLog):
-    """_BadLog with videos too short for the clip counted apart, as too_short."""
+class _ClipBadLog(BadLog):
+    """BadLog with videos too short for the clip counted apart, as too_short."""
 
     def add(self, meta: dict[str, Any]) -> None:
         short = meta["short"]
@@ -258,123 +270,40 @@ class _ClipBadLog(_BadLog):
         return {**super().counters(), TOO_SHORT: self.counts[TOO_SHORT]}
 
 
-class ClipLoader:
-    """Endless, deterministic, resumable clip batches for one rank (see the module docstring).
+class ClipLoader(ResumableLoader):
+    """Endless, deterministic, resumable clip batches for one rank (see the module docstring):
+    {"clips": float32 (B, 3, T, R, R) in [-1, 1], "frames": T, "keys": [...]}.
 
-    `epoch` and `batch` are the position: batches of `epoch` consumed so far.
+    `epoch` and `batch` are the position: batches of `epoch` consumed so far. Position, state and close are
+    lanes.ResumableLoader's, which the image loader shares; a lane keeps one cursor per stream (KINDS).
     """
+
+    kind = "clips"
+    streams = len(KINDS)
 
     def __init__(
         self, urls, counts, cfg: DataConfig, rank: int, world_size: int, seed: int, batches_per_epoch: int
     ):
-        self.batches_per_epoch = batches_per_epoch
-        """Batches every rank yields per epoch (the same on every rank)."""
-        self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
-        self.lanes = max(cfg.workers, 1)
-        self.epoch, self.batch = 0, 0
-        self._cursors = [[0] * len(KINDS) for _ in range(self.lanes)]
-        self._start = torch.zeros(1 + self.lanes * len(KINDS), dtype=torch.int64).share_memory_()
+        super().__init__(cfg, rank, world_size, seed, batches_per_epoch)
         self._dataset = _ClipStream(urls, counts, cfg, rank, world_size, seed, batches_per_epoch, self._start)
-        self._loader = _dataloader(self._dataset, cfg.workers, persistent=True, seed=seed)
+        self._loader = dataloader(self._dataset, cfg.workers, persistent=True, seed=seed)
         self._bad = _ClipBadLog(cfg, f"data.train (rank {rank})")
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """From the position on: {"clips": float32 (B, 3, T, R, R) in [-1, 1], "frames": T, "keys": [...]}."""
-        self._start[0] = self.epoch * self.batches_per_epoch + self.batch
-        self._start[1:] = torch.tensor([c for pair in self._cursors for c in pair])
-        for item in _iterate(self._loader):
-            if "_error" in item:
-                raise DataError(f"data.train (rank {self.rank}): {item['_error']}")
-            meta = item.pop("_meta")
-            if (meta["epoch"], meta["index"]) != (self.epoch, self.batch):  # the worker protocol broke
-                raise RuntimeError(
-                    f"data stream out of order: got {meta['epoch'], meta['index']}, "
-                    f"expected {self.epoch, self.batch}"
-                )
-            self._cursors[meta["lane"]] = list(meta["cursor"])
-            self.batch += 1
-            if self.batch == self.batches_per_epoch:
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._cursors = [[0] * len(KINDS) for _ in range(self.lanes)]
-            self._bad.add(meta)
-            self._bad.check(epoch_end=self.batch == 0)
-            yield item
-
-    def counters(self) -> dict[str, int]:
-        """Samples delivered, bad samples skipped by kind ("bad/<kind>"), images smaller than the crop
-        ("too_small") and videos shorter than a clip ("too_short"), up to the consumed batches."""
-        return self._bad.counters()
 
     def _layout(self) -> dict[str, Any]:
         c = self.cfg
-        return {
-            "batches_per_epoch": self.batches_per_epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": c.batch_size,
-            "lanes": self.lanes,
-            "frames": c.frames,
-            "frame_stride": c.frame_stride,
-            "image_fraction": c.image_fraction,
-        }
+        clip = {"frames": c.frames, "frame_stride": c.frame_stride, "image_fraction": c.image_fraction}
+        return {**super()._layout(), **clip}
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's position (small, JSON-able); checkpoint one per rank."""
-        return {
-            "version": 1,
-            "kind": "clips",
-            "epoch": self.epoch,
-            "batch": self.batch,
-            **self._layout(),
-            "cursors": [list(c) for c in self._cursors],
-            "counters": dict(self._bad.counts),
-            "bad_shards": dict(self._bad.shards.most_common(64)),
-        }
-
-    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
-        """Continue from a saved position (before iterating). Takes this rank's state or all ranks' list.
-
-        Exact with the same layout (world size, batch size, workers, clip settings); otherwise the epoch and
-        batch position carry over, but the rest of that epoch's samples differ from an uninterrupted run.
-        """
-        if isinstance(state, (list, tuple)):
-            state = state[self.rank] if self.rank < len(state) else state[0]
-        if state.get("kind") != "clips":
-            raise DataError(
-                "the loader state is an image loader's, not a clip loader's (data.frames changed?)"
-            )
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if all(state.get(k) == v for k, v in self._layout().items()):
-            self._cursors = [[int(c) for c in pair] for pair in state["cursors"]]
-        else:
-            batch = min(
-                batch * self.batches_per_epoch // max(int(state["batches_per_epoch"]), 1),
-                self.batches_per_epoch - 1,
-            )
-            # Lane l has made batches l, l + W, ... below `batch`; assume none of their samples was bad.
-            self._cursors = [[0] * len(KINDS) for _ in range(self.lanes)]
-            for i in range(batch):
-                kind = 0 if batch_frames(self.cfg, self.seed, epoch, i) > 1 else 1
-                self._cursors[i % self.lanes][kind] += self.cfg.batch_size
-            log.warning(
-                "data.train: resuming at epoch %d batch %d with a different layout than the checkpoint's: "
-                "this epoch's remaining samples differ from an uninterrupted run",
-                epoch,
-                batch,
-            )
-        self.epoch, self.batch = epoch, batch
-        self._bad.counts = Counter(state.get("counters", {}))
-        self._bad.shards = Counter(state.get("bad_shards", {}))
-
-    def close(self) -> None:
-        """Stop the worker processes now rather than at garbage collection."""
-        it = getattr(self._loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            _stop_workers(it)
-        self._loader._iterator = None
+    def _replayed_cursors(self, epoch: int, batch: int) -> list[list[int]]:
+        """Lane l made batches l, l + W, ... below `batch`, each from the stream its T says."""
+        cursors = self._zero_cursors()
+        for i in range(batch):
+            kind = 0 if batch_frames(self.cfg, self.seed, epoch, i) > 1 else 1
+            cursors[i % self.lanes][kind] += self.cfg.batch_size
+        return cursors
 
 
-class _ClipValStream(_ValStream):
+class _ClipValStream(ValStream):
     """One pass over this rank's share of the val shards: clips from each video's first frame, center crops;
     a short last batch per lane. With data.frames > 1 image samples are passed over (a batch has one T)."""
 
@@ -385,7 +314,7 @@ class _ClipValStream(_ValStream):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         lane = info.id if info else 0
-        plan = _plan_lanes(self.urls, self.counts, self.world_size * self.lanes, list(range(len(self.urls))))
+        plan = plan_lanes(self.urls, self.counts, self.world_size * self.lanes, list(range(len(self.urls))))
         tally, small, short, arrays, keys = BadTally(), BadTally(), BadTally(), [], []
         for raw in (
             raw for u in plan[self.rank * self.lanes + lane] for raw in read_unit(u, tally, media=MEDIA)
@@ -394,7 +323,7 @@ class _ClipValStream(_ValStream):
                 continue
             try:
                 arrays.append(self._decode(raw))
-            except _Bad as b:
+            except Unusable as b:
                 (small if b.kind == TOO_SMALL else tally).add(b.kind, raw.url, raw.key, b.detail)
                 continue
             except VideoError as v:
@@ -408,14 +337,7 @@ class _ClipValStream(_ValStream):
             yield self._clip_batch(arrays, keys, tally, small, short)
 
     def _decode(self, raw) -> np.ndarray:
-        if raw.ext not in VIDEO_EXTENSIONS:
-            return _decode(raw, self.resolution, None, False, self.resize, self.upscale)[None]
-        frames = (
-            read_clip(raw.data, self.frames, self.stride, None)
-            if self.frames > 1
-            else [read_frame(raw.data, None)]
-        )
-        return _crop_frames(frames, self.resolution, None, False, self.resize, self.upscale)
+        return center_clip(raw, self.cfg)
 
     def _clip_batch(self, arrays, keys, tally: BadTally, small: BadTally, short: BadTally) -> dict[str, Any]:
         r = self.resolution
@@ -434,12 +356,12 @@ class ClipValLoader:
     def __init__(self, urls, counts, cfg: DataConfig, rank: int, world_size: int):
         self.cfg, self.rank = cfg, rank
         self._dataset = _ClipValStream(urls, counts, cfg, rank, world_size)
-        self._loader = _dataloader(self._dataset, cfg.workers, persistent=False, seed=0)
+        self._loader = dataloader(self._dataset, cfg.workers, persistent=False, seed=0)
         self._bad = _ClipBadLog(cfg, f"data.val (rank {rank})")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._bad = _ClipBadLog(self.cfg, f"data.val (rank {self.rank})")
-        for item in _iterate(self._loader):
+        for item in iterate(self._loader):
             self._bad.add(item.pop("_meta"))
             if item["count"]:
                 yield item
@@ -454,7 +376,7 @@ def build_clip_val_loader(
     cfg: DataConfig, rank: int | None = None, world_size: int | None = None
 ) -> ClipValLoader:
     """The clip validation loader of this rank over cfg.val (finite, exact, center crops, first frames)."""
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_world(rank, world_size)
     if not cfg.val:
         raise DataError("data.val is empty: no validation shards")
     urls = expand_shards(cfg.val, "val")
@@ -465,7 +387,7 @@ def build_clip_loader(
     cfg: DataConfig, rank: int | None = None, world_size: int | None = None, seed: int = 0
 ) -> ClipLoader:
     """The clip training loader of this rank over cfg.train; DataError if shards are missing or too few."""
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_world(rank, world_size)
     urls = expand_shards(cfg.train, "train")
     counts = shard_counts(urls, scan=cfg.batches_per_epoch == 0)
     bpe = cfg.batches_per_epoch or int(sum(counts.values())) // (world_size * cfg.batch_size)

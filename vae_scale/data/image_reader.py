@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # The validation reader's dealing and square crop, so square mode reads exactly its samples and pixels.
 from vae_scale.data.decode import Unusable, decode_sample
-from vae_scale.data.loader import _plan_lanes
+from vae_scale.data.lanes import plan_lanes
 from vae_scale.data.shard_reader import BadTally, describe_error, read_unit, to_rgb
 
 SHAPES = ("square", "native", "buckets")
@@ -130,7 +130,7 @@ class _Stream(IterableDataset):
         r = self.r
         info = get_worker_info()
         lane = info.id if info else 0
-        plan = _plan_lanes(r.urls, r.counts, r.world * r.lanes, list(range(len(r.urls))))
+        plan = plan_lanes(r.urls, r.counts, r.world * r.lanes, list(range(len(r.urls))))
         tally = BadTally()
         for unit in plan[r.rank * r.lanes + lane]:
             for raw in read_unit(unit, tally, sidecars=r.sidecars):

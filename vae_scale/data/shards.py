@@ -62,7 +62,8 @@ MAX_LISTED_SKIPS = 1000  # index.json lists this many skipped files in full; the
 TAR_MTIME = 0  # fixed tar metadata: byte-identical shards from the same input
 
 
-def _load_sample(name: str) -> Image.Image:
+def load_sample(name: str) -> Image.Image:
+    """One of scikit-image's sample photographs (SAMPLE_COLOR_IMAGES) by name."""
     import skimage.data
 
     a = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
@@ -145,7 +146,9 @@ def list_sources(src: str) -> tuple[list[Source], int]:
 
 
 @dataclass(frozen=True)
-class _Job:
+class ShardJob:
+    """One source to encode into a shard member: the size (short side; None keeps it), format, quality."""
+
     source: Source
     size: int | None
     fmt: str
@@ -153,13 +156,13 @@ class _Job:
     keep_small: bool = False
 
 
-def _encode(job: _Job) -> dict[str, Any]:
+def encode_job(job: ShardJob) -> dict[str, Any]:
     """Encode one source: {"data", "size", "source_size"} or {"skip": reason, "detail", "source_size"}."""
     src = job.source
     source_size = None
     try:
         if src.path is None:
-            img, raw = _load_sample(src.name.split("/", 1)[1]), None
+            img, raw = load_sample(src.name.split("/", 1)[1]), None
         else:
             with open(src.path, "rb") as f:
                 raw = f.read()
@@ -215,12 +218,12 @@ def _encode(job: _Job) -> dict[str, Any]:
         return {"skip": "undecodable", "detail": describe_error(e), "source_size": source_size}
 
 
-def _encoded(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
+def _encoded(jobs: list[ShardJob], workers: int) -> Iterator[dict[str, Any]]:
     if workers <= 1:
-        yield from map(_encode, jobs)
+        yield from map(encode_job, jobs)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(_encode, jobs, chunksize=4)
+        yield from pool.map(encode_job, jobs, chunksize=4)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ class ShardWriter:
         return dict(self.counts)
 
 
-class _ShardSink:
+class ShardSink:
     """One split's images into `<split>-NNNNNN.tar`, `max_per_shard` per shard, keys numbered in order."""
 
     def __init__(self, out: Path, split: str, max_per_shard: int):
@@ -306,7 +309,8 @@ def _resolution_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def _clear_old_shards(out: Path) -> None:
+def clear_old_shards(out: Path) -> None:
+    """Remove the shards and index.json an earlier write left in `out` (a new write replaces them all)."""
     old = [p for p in out.iterdir() if SHARD_NAME.match(p.name) or p.name == "index.json"]
     for p in old:
         p.unlink()
@@ -347,7 +351,7 @@ def write_shards(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_old_shards(out)
+    clear_old_shards(out)
     skipped: Counter[str] = Counter()
     skipped_files: list[dict[str, str]] = []
     kept_small = captions = linked_captions = 0
@@ -356,8 +360,8 @@ def write_shards(
     written: dict[str, Any] = {}
     bar = tqdm(total=len(sources), unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
     for split in ("train", "val"):
-        jobs = [_Job(sources[i], size, image_format, quality, keep_small) for i in splits[split]]
-        sink = _ShardSink(out, split, max_per_shard)
+        jobs = [ShardJob(sources[i], size, image_format, quality, keep_small) for i in splits[split]]
+        sink = ShardSink(out, split, max_per_shard)
         for job, res in zip(jobs, _encoded(jobs, workers), strict=True):
             bar.update(1)
             if res["source_size"] is not None:

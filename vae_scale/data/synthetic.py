@@ -4,6 +4,10 @@ Sample i of the global batch at step s is a smooth random pattern seeded by (see
 processes with batch B sees exactly the images a 1-process run with batch N*B sees, which is what makes a
 distributed run comparable with a single-process one, and what benchmarks need to take data loading out
 of the measurement. Same interface as the shard loader (batches_per_epoch, state_dict, counters).
+
+With frames > 1 the batches are clips, as the clip loader's: {"clips": (B, 3, T, R, R), "frames": T}, frame t
+of a clip being its pattern moved t pixels right and down (a camera pan, wrapping round), and the batches
+that are images (T = 1) those of the clip loader's seeded schedule (clip_loader.batch_frames).
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from vae_scale.config import DataConfig
+from vae_scale.data.clip_loader import batch_frames
 
 SYNTHETIC = "synthetic"
 
@@ -44,8 +51,11 @@ class SyntheticLoader:
         world_size: int,
         seed: int,
         batches_per_epoch: int = 1000,
+        frames: int = 1,
+        image_fraction: float = 0.0,
     ):
         self.resolution, self.batch_size = resolution, batch_size
+        self.frames, self.image_fraction = frames, image_fraction
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch = batches_per_epoch
         self.position = 0  # batches this rank has delivered
@@ -56,8 +66,17 @@ class SyntheticLoader:
             images = torch.stack(
                 [synthetic_image(self.seed, first + j, self.resolution) for j in range(self.batch_size)]
             )
+            keys = [f"synthetic#{first + j}" for j in range(self.batch_size)]
+            if self.frames == 1:
+                self.position += 1
+                yield {"images": images, "keys": keys}
+                continue
+            epoch, index = divmod(self.position, self.batches_per_epoch)
+            schedule = DataConfig(frames=self.frames, image_fraction=self.image_fraction)
+            t = batch_frames(schedule, self.seed, epoch, index)
+            clips = torch.stack([images.roll((k, k), dims=(2, 3)) for k in range(t)], dim=2)
             self.position += 1
-            yield {"images": images, "keys": [f"synthetic#{first + j}" for j in range(self.batch_size)]}
+            yield {"clips": clips, "frames": t, "keys": keys}
 
     def counters(self) -> dict[str, int]:
         return {"samples": self.position * self.batch_size, "bad": 0}

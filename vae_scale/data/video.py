@@ -59,12 +59,12 @@ from vae_scale.data.shard_reader import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Data
 from vae_scale.data.shards import (
     MAX_LISTED_SKIPS,
     SAMPLE_COLOR_IMAGES,
+    ShardJob,
+    ShardSink,
     Source,
-    _clear_old_shards,
-    _encode,
-    _Job,
-    _load_sample,
-    _ShardSink,
+    clear_old_shards,
+    encode_job,
+    load_sample,
 )
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def _encode_video(job: _ClipJob) -> dict[str, Any]:
 def _motion_clips(job: _ClipJob) -> dict[str, Any]:
     """Camera-motion clips of one sample photograph."""
     name = job.source.name.split("/", 1)[1]
-    img = _load_sample(name).convert("RGB")
+    img = load_sample(name).convert("RGB")
     size = job.size or 64
     rng = random.Random(f"{job.seed}/{name}")
     clips = [
@@ -340,7 +340,7 @@ def _run(job: _ClipJob) -> dict[str, Any]:
         return _encode_video(job)
     if job.kind == "motion":
         return _motion_clips(job)
-    return _encode(_Job(job.source, job.size, "jpg", job.quality))
+    return encode_job(ShardJob(job.source, job.size, "jpg", job.quality))
 
 
 def _results(jobs: list[_ClipJob], workers: int) -> Iterator[dict[str, Any]]:
@@ -412,7 +412,7 @@ def write_clip_shards(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_old_shards(out)
+    clear_old_shards(out)
     skipped: Counter[str] = Counter()
     skipped_files: list[dict[str, str]] = []
     written: dict[str, Any] = {}
@@ -425,7 +425,7 @@ def write_clip_shards(
             )
             for i in splits[split]
         ]
-        sink = _ShardSink(out, split, max_per_shard)
+        sink = ShardSink(out, split, max_per_shard)
         for job, res in zip(jobs, _results(jobs, workers), strict=True):
             bar.update(1)
             if "skip" in res:

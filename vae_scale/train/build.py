@@ -25,6 +25,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 
 from vae_scale.config import Config, DataConfig, OptimConfig, TrainConfig
+from vae_scale.data.clip_loader import build_clip_loader
 from vae_scale.data.loader import build_train_loader
 from vae_scale.data.source import BatchSource
 from vae_scale.data.synthetic import SYNTHETIC, SyntheticLoader
@@ -322,11 +323,21 @@ def build_ema(vae: VAE, optim: OptimConfig) -> EMA | None:
 
 
 def build_loader(data: DataConfig, seed: int, rank: int, world: int) -> BatchSource:
-    """The training batches of this rank: shard loader, or synthetic images for `data.train=synthetic`."""
+    """The training batches of this rank: the image loader, the clip loader when data.frames > 1 (batches
+    of "clips"), or synthetic images (clips) for `data.train=synthetic`."""
     if data.train == SYNTHETIC:
         return SyntheticLoader(
-            data.resolution, data.batch_size, rank, world, seed, data.batches_per_epoch or 1000
+            data.resolution,
+            data.batch_size,
+            rank,
+            world,
+            seed,
+            data.batches_per_epoch or 1000,
+            frames=data.frames,
+            image_fraction=data.image_fraction,
         )
+    if data.frames > 1:
+        return build_clip_loader(data, rank=rank, world_size=world, seed=seed)
     return build_train_loader(data, rank=rank, world_size=world, seed=seed)
 
 

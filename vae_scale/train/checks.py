@@ -6,12 +6,13 @@ is written, with every problem found at once.
     Trainer(findings.cfg, findings.plan, weights=findings.weights)
 
 What it checks: a config that can train (data.train, the resolution against the model's downsampling, the
-places checkpoint.resume and model.init_from name); a checkpoint to resume trained with the same model and a
-new phase that keeps the model's shape (startup.py); the sharding the launch asks for (fsdp.py); validation
-samples when in-loop evaluation is on; usable images in a sample of the data; the W&B login when online;
-the LPIPS, Inception and model.init_from weight files; room on run.dir's disk; a run folder that can be
-written and is not in use by another run. What it finds is handed on, so nothing is looked up twice: the
-FSDP plan, the weight files, and the config with model.init_from pinned to the file or checkpoint found.
+places checkpoint.resume and model.init_from name, clips only for a family that takes them); a checkpoint to
+resume trained with the same model and a new phase that keeps the model's shape (startup.py); the sharding the
+launch asks for (fsdp.py); validation samples when in-loop evaluation is on; usable images in a sample of the
+data; the W&B login when online; the LPIPS, Inception and model.init_from weight files; room on run.dir's
+disk; a run folder that can be written and is not in use by another run. What it finds is handed on, so
+nothing is looked up twice: the FSDP plan, the weight files, and the config with model.init_from pinned to the
+file or checkpoint found.
 
 Each problem is one line naming the key or the place. Locking the run folder (startup.prepare_run_dir) and
 describing the launch (preflight.py) come after, once the Trainer is built.
@@ -35,6 +36,7 @@ from vae_scale.data.shard_reader import DataError
 from vae_scale.data.synthetic import SYNTHETIC
 from vae_scale.files import OutputError, check_writable_dir
 from vae_scale.formats.checkpoint import DamagedCheckpoint, RunLock
+from vae_scale.models.interface import build_model
 from vae_scale.train.alignment import encoder_file_problem
 from vae_scale.train.disk import disk_problem
 from vae_scale.train.fsdp import FSDPPlan, fsdp_plan
@@ -161,6 +163,33 @@ def _config_problems(cfg: Config) -> list[str]:
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         problems.append(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
+    return problems + _clip_problems(cfg)
+
+
+CLIP_LOSS_KEYS = ("se_weight", "eq_weight", "align_weight")
+"""Loss terms written for images (latent transforms of 2-D latents, a ViT's image features): off for clips."""
+
+
+def _clip_problems(cfg: Config) -> list[str]:
+    """data.frames > 1 needs a family whose model takes clips (B, 3, T, H, W), T of its temporal stride,
+    and none of the image-only loss terms."""
+    frames = cfg.data.frames
+    if frames == 1:
+        return []
+    with torch.device("meta"):  # nothing allocated: the shapes only
+        model = build_model(cfg.model)
+    stride = getattr(model, "temporal_downsample_factor", None)
+    if stride is None:
+        return [
+            f"data.frames={frames}: model.family={cfg.model.family} takes images only (clips need a video "
+            "family: wan); set data.frames=1"
+        ]
+    problems = []
+    if (frames - 1) % stride:
+        problems.append(f"data.frames={frames}: the model takes 1 + {stride}k frames")
+    for key in CLIP_LOSS_KEYS:
+        if getattr(cfg.loss, key) > 0:
+            problems.append(f"loss.{key} > 0 is for images; with data.frames={frames} set it to 0")
     return problems
 
 
@@ -252,6 +281,11 @@ def _sample_problems(cfg: Config) -> list[str]:
                 why.append(
                     f"{sample.too_small} smaller than the {cfg.data.resolution} px crop (short sides "
                     f"{lo}-{hi} px): {too_small_remedy(cfg.data.resolution, hi)}"
+                )
+            if sample.too_short:
+                why.append(
+                    f"{sample.too_short} videos shorter than a clip of data.frames={cfg.data.frames} at "
+                    f"data.frame_stride={cfg.data.frame_stride}"
                 )
             if bad:
                 why.append(f"{bad} bad, the first: {sample.first_bad}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from vae_scale.config import Config
+from vae_scale.data.clip_loader import build_clip_val_loader
 from vae_scale.data.loader import build_val_loader
 from vae_scale.data.source import BatchSource
 from vae_scale.eval.metrics import EvaluationInterrupted, Lockstep, RFIDReference, evaluate, latent_stats
@@ -28,6 +29,8 @@ from vae_scale.train.summary import headline
 
 PREVIEW_IMAGES = 8
 """Images of the first training batch that every preview reconstructs."""
+PREVIEW_CLIPS = 2
+"""Clips of the first batch that every preview reconstructs, when it is a batch of clips."""
 
 Inference = Callable[[], AbstractContextManager]
 """The trainer's context for forwards outside training (eval mode, no gradients, resharded after)."""
@@ -123,18 +126,25 @@ class TrainLog:
         return values
 
     def images(self, step: int, model: nn.Module, ema: EMA | None, inference: Inference) -> None:
-        """Reconstructions of the preview batch (and with the EMA weights) and decoded prior samples."""
+        """Reconstructions of the preview batch (and with the EMA weights) and decoded prior samples.
+
+        A clip preview shows its first PREVIEW_CLIPS clips frame by frame: each clip a row, its
+        reconstructions in the rows below it. Prior samples are images (one-frame latents) either way.
+        """
         if self.preview is None:
             return
-        x = self.preview
+        x = self.preview if self.preview.ndim == 4 else self.preview[:PREVIEW_CLIPS]
+        h, w = x.shape[-2:]
         g = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed)
-        z = torch.randn(x.shape[0], *model.latent_shape(x.shape[2], x.shape[3]), generator=g).to(self.device)
+        z = torch.randn(x.shape[0], *model.latent_shape(h, w), generator=g).to(self.device)
         with inference():
             rows = [x, model.decode(model.encode(x).mode())]
             prior = model.decode(z)
         if ema is not None:
             with ema.applied(), inference():
                 rows.append(model.decode(model.encode(x).mode()))
+        if x.ndim == 5:  # (B, C, T, H, W) rows -> one row of T frames per clip and version
+            rows = [r[i].transpose(0, 1) for i in range(x.shape[0]) for r in rows]
         self.monitor.images(step, {"reconstruction": image_grid(rows), "prior_samples": image_grid([prior])})
 
     def evaluate(
@@ -152,13 +162,17 @@ class TrainLog:
         """
         cfg, acc = self.cfg, self.acc
         if self._val is None:
-            self._val = build_val_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
+            build = build_clip_val_loader if cfg.data.frames > 1 else build_val_loader
+            self._val = build(cfg.data, rank=acc.process_index, world_size=acc.num_processes)
         r = cfg.data.resolution
         lockstep = None
         if self.fsdp or acc.num_processes > 1:
             # Sharded forwards are collectives: a rank out of batches runs padding ones until all are. And
             # a stop request must end the evaluation at the same batch on every rank.
-            lockstep = Lockstep(self._agree, (cfg.model.in_channels, r, r) if self.fsdp else None)
+            shape = (cfg.model.in_channels, r, r)
+            if cfg.data.frames > 1:  # a padding batch is a clip of the val loader's frames
+                shape = (cfg.model.in_channels, cfg.data.frames, r, r)
+            lockstep = Lockstep(self._agree, shape if self.fsdp else None)
         inputs = dict(self.inputs)
         if "rfid" in cfg.eval.metrics:
             if self._features is None:

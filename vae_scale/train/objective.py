@@ -14,7 +14,14 @@ the mean over every element), kl_b the KL of its posterior summed over the laten
 w_kl(step) = kl_weight * min(1, step / kl_warmup_steps). LDM adds LPIPS to every pixel's reconstruction term,
 which summed and divided by P is perceptual_weight * lpips_b. LDM then divides that sum by exp(logvar) and
 adds logvar, but its logvar is never given to an optimiser, so it stays at logvar_init (0 in its configs):
-recon=l1 with perceptual_weight=1 is LDM's term exactly. d_weight is LDM's adaptive weight, from the
+recon=l1 with perceptual_weight=1 is LDM's term exactly.
+
+Clips (B, C, T, H, W) take the same objective with P = C*T*H*W: the reconstruction over every frame, KL_b
+summed over the 5-D latent (B, c, t, h, w) as an image's is over its 3-D one (so kl_weight keeps its meaning
+per latent number), LPIPS on every frame (T folded into the batch; the mean over frames is the clip's term,
+no frame left out: a subsample would leave the first frame, which Wan encodes on its own, unweighted half
+the time), and the 3D PatchGAN (discriminator.NLayerDiscriminator3D) on the whole clip. A one-frame clip,
+an image of a mixed batch, goes the same way. d_weight is LDM's adaptive weight, from the
 gradients of the first two terms (LDM's `nll_loss`, divided by P) and of g_loss w.r.t. the decoder's last
 layer, capped where LDM caps it (adaptive_weight). docs/objective.md lists where the `sd-finetune` recipe
 differs from LDM's training and why. The last line holds the diffusability regularisers
@@ -52,7 +59,7 @@ from vae_scale.eval.likelihood import (
 )
 from vae_scale.eval.lpips import LPIPS, LPIPS_MIN_SIZE, LossConfigError, find_lpips_weights
 from vae_scale.train.alignment import Aligned, VFAlignment
-from vae_scale.train.discriminator import NLayerDiscriminator
+from vae_scale.train.discriminator import NLayerDiscriminator, NLayerDiscriminator3D
 
 if TYPE_CHECKING:
     from vae_scale.eval.equivariance import TransformedDecode
@@ -109,6 +116,11 @@ class LastLayer:
         self._hook.remove()
 
 
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Clips (B, C, T, H, W) as B*T images (B*T, C, H, W), clip-major; images unchanged."""
+    return x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x
+
+
 def _filled(value: float, like: torch.Tensor) -> torch.Tensor:
     """A 0-dim float32 tensor of `value` on like's device: a fill (the number is a kernel argument), not a
     tensor copied from the host, which on a GPU would wait for the copy."""
@@ -162,14 +174,20 @@ class VAELoss(nn.Module):
 
     Holds `likelihood` (a LearnedScale for recon=gaussian | logistic, else None), optimised with the VAE
     (vae_parameters()); the frozen LPIPS net (perceptual_weight > 0); and `discriminator`, an
-    NLayerDiscriminator or None when disc_weight == 0, which the trainer optimises on its own. LPIPS weights
-    are non-persistent buffers, so state_dict() holds only the learned scale and the discriminator.
+    NLayerDiscriminator (NLayerDiscriminator3D for clips) or None when disc_weight == 0, which the trainer
+    optimises on its own. LPIPS weights are non-persistent buffers, so state_dict() holds only the learned
+    scale and the discriminator.
     """
 
     def __init__(
-        self, cfg: LossConfig, image_channels: int = 3, lpips_files: tuple[Path, Path] | None = None
+        self,
+        cfg: LossConfig,
+        image_channels: int = 3,
+        lpips_files: tuple[Path, Path] | None = None,
+        clips: bool = False,
     ):
-        """lpips_files: (heads, VGG16) as checks.check_run found them; None: find_lpips_weights."""
+        """lpips_files: (heads, VGG16) as checks.check_run found them; None: find_lpips_weights. clips: the
+        run trains on clips (data.frames > 1): the discriminator is the 3D one."""
         super().__init__()
         self.cfg = cfg
         self.likelihood: LearnedScale | None = None
@@ -184,7 +202,8 @@ class VAELoss(nn.Module):
             self.perceptual = LPIPS.from_files(*(lpips_files or find_lpips_weights(cfg)))
         self.discriminator: nn.Module | None = None
         if cfg.disc_weight > 0:
-            self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)
+            kind = NLayerDiscriminator3D if clips else NLayerDiscriminator
+            self.discriminator = kind(image_channels, cfg.disc_channels, cfg.disc_layers)
         # The VF loss's frozen ViT (align_weight > 0); its projection lives in the trainer's Autoencoder.
         self.alignment = VFAlignment(cfg) if cfg.align_weight > 0 else None
 
@@ -230,16 +249,18 @@ class VAELoss(nn.Module):
     # -- pieces --------------------------------------------------------------------------------------------
 
     def _reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distance, nll) per element, float32 (B, C, H, W); nll in nats for gaussian / logistic."""
+        """(distance, nll) per element, float32 (B, C, H, W) or (B, C, T, H, W); nll in nats for gaussian /
+        logistic."""
         recon = self.cfg.recon
+        ones = (1,) * (x.ndim - 2)  # the scale broadcast over every position of the image or clip
         if recon in ("l1", "logistic"):
             rec = (x - x_hat).abs()
         else:
             rec = (x - x_hat).square()
         if recon == "gaussian":
-            nll = gaussian_nll(x, x_hat, self.logvar.view(1, 1, 1, 1))
+            nll = gaussian_nll(x, x_hat, self.logvar.view(1, 1, *ones))
         elif recon == "logistic":
-            log_scale = self.log_scale.clamp(min=LOG_SCALE_MIN).view(1, -1, 1, 1)
+            log_scale = self.log_scale.clamp(min=LOG_SCALE_MIN).view(1, -1, *ones)
             nll = -discretized_logistic_log_prob(quantize_8bit(x), x_hat, log_scale)
         else:  # l1 / l2: LDM's rec / exp(logvar) + logvar with its untrained logvar at 0
             nll = rec
@@ -253,7 +274,7 @@ class VAELoss(nn.Module):
         nll_loss = nll.mean()  # = mean_b(nll summed over the image) / P
         rec_loss = nll_loss
         if self.perceptual is not None and perceptual:
-            perceptual = self.perceptual(x_hat, x).mean()
+            perceptual = self.perceptual(frames(x_hat), frames(x)).mean()  # every frame of every clip
             rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
             logs["perceptual"] = perceptual.detach()
         return rec_loss, nll_loss, rec.mean()
@@ -360,8 +381,9 @@ class VAELoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss (0-dim, float32) and logs (0-dim detached tensors, no host sync).
 
-        x, x_hat: (B, C, H, W) in [-1, 1]; posterior: has .mean / .logvar (B, c, h, w), read only when
-        free_bits > 0; kl: (B,) KL per image summed over the latent (posterior.sample_kl's); last_layer: the
+        x, x_hat: (B, C, H, W) images or (B, C, T, H, W) clips in [-1, 1]; posterior: has .mean / .logvar
+        (B, c, h, w) or (B, c, t, h, w), read only when free_bits > 0; kl: (B,) KL per image summed over the
+        latent (posterior.sample_kl's); last_layer: the
         decoder's last convolution with the input of this forward, for the adaptive adversarial weight
         (None: loss.disc_weight). Logs: loss, rec, nll (nats per pixel for gaussian/logistic), kl (per
         image), kl_weight, [kl_free_bits], [perceptual], [g_loss, d_weight, disc_factor], [bits_per_dim],

@@ -62,11 +62,12 @@ def _storage_counter(module: torch.nn.Module):
     return pack, saved
 
 
-def saved_activation_bytes(vae: VAE, resolution: int, batch: int = 1) -> tuple[int, int]:
+def saved_activation_bytes(vae: VAE, resolution: int, batch: int = 1, frames: int = 1) -> tuple[int, int]:
     """(total, largest) bytes of the tensors autograd saves for backward in encode -> sample -> decode ->
-    L1 of one batch, measured on the meta device."""
+    L1 of one batch (of clips of `frames` frames when frames > 1), measured on the meta device."""
     pack, saved = _storage_counter(vae)
-    x = torch.zeros(batch, vae.config.in_channels, resolution, resolution, device="meta")
+    clip = (frames,) if frames > 1 else ()
+    x = torch.zeros(batch, vae.config.in_channels, *clip, resolution, resolution, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         post = vae.encode(x)
         z, kl = post.sample_kl(torch.zeros_like(post.mean))
@@ -128,7 +129,7 @@ def estimate_memory(
         ]
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) * 4
         params = params // world_size + 2 * largest
-    per_image, largest = saved_activation_bytes(vae, cfg.data.resolution)
+    per_image, largest = saved_activation_bytes(vae, cfg.data.resolution, frames=cfg.data.frames)
     if checkpointing:
         per_image += _largest_block_bytes(cfg.model, cfg.data.resolution)
         largest = max(largest, saved_activation_bytes(_meta_vae(cfg.model, False), cfg.data.resolution)[1])
@@ -193,20 +194,21 @@ def preflight(
     est = estimate_memory(cfg, world_size, fsdp, disc_params)
     mode = "FSDP full shard" if fsdp else "DDP" if world_size > 1 else "single process"
     ckpt = ", checkpointed" if cfg.model.gradient_checkpointing else ""
+    sample = f"clips of {cfg.data.frames} frames" if cfg.data.frames > 1 else "images"
     accum = (
         "" if cfg.train.grad_accum == 1 else f" ({batches_per_epoch // cfg.train.grad_accum} optimizer steps)"
     )
     lines = [
         f"processes      {world_size} ({mode}) on {device.type}",
         f"batch          {cfg.data.batch_size} per process x {world_size} processes x {cfg.train.grad_accum} "
-        f"accumulation = {global_batch} images per step at {cfg.data.resolution} px",
+        f"accumulation = {global_batch} {sample} per step at {cfg.data.resolution} px",
         f"precision      {cfg.train.mixed_precision} (weights fp32)",
         f"parallel       {strategy or mode}",
         f"kernels        {cfg.model.kernels} -> {kernels_backend}",
         f"parameters     {n_params:,} (VAE){f' + {disc_params:,} (discriminator)' if disc_params else ''}",
         f"memory/process ~{est.total / gib:.2f} GiB estimated: {est.parameters / gib:.2f} GiB parameters "
         f"+ {est.activations / gib:.2f} GiB activations "
-        f"({est.activations_per_image / 2**20:.1f} MiB/image{ckpt})",
+        f"({est.activations_per_image / 2**20:.1f} MiB/{sample.split()[0][:-1]}{ckpt})",
         f"data           {batches_per_epoch} steps per epoch per process{accum}",
         disk_line(cfg, world_size),
     ]

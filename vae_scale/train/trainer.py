@@ -2,8 +2,9 @@
 
     vae-scale train --config sd-f8 data.train='/data/train-{000000..000999}.tar' run.name=sd-ft
 
-Per step: grad_accum micro-batches of encode -> fused sample+KL -> decode -> loss -> backward (and the
-discriminator's step on detached reconstructions once it is active); then the ranks agree in one small
+Per step: grad_accum micro-batches (images, or clips when data.frames > 1) of encode -> fused sample+KL ->
+decode -> loss -> backward (and the discriminator's step on detached reconstructions once it is active);
+then the ranks agree in one small
 all-reduce whether every loss and gradient is finite and whether anyone was asked to stop; then clip,
 optimizer step, EMA. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM/SIGUSR1/SIGINT
 (a stop request during an evaluation ends it before its next batch, on every rank, and the run saves).
@@ -11,7 +12,8 @@ Re-running the same command resumes from the newest intact checkpoint of the run
 
 Before anything is written: the config's ranges, a model config that fits the checkpoint to resume, the
 sharding the launch asks for, the run folder writable and not in use by another run (startup.py). The
-pieces a run is made of are built in build.py; a Trainer puts them together:
+pieces a run is made of are built in build.py; a Trainer puts them together (saving, restoring and rolling
+back are recovery.py's):
 
     trainer = Trainer(cfg)           # built, resumed from the run folder's newest checkpoint if any
     logs, stop = trainer.train_step()
@@ -30,15 +32,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate.utils import set_seed
-from torch.distributed.checkpoint import CheckpointException
 
 from vae_scale import kernels
 from vae_scale.config import Config
 from vae_scale.data.source import BatchSource
 from vae_scale.eval.equivariance import draw_transforms
 from vae_scale.eval.metrics import load_eval_nets
-from vae_scale.files import folder_bytes
-from vae_scale.formats.checkpoint import CheckpointNotWritten, DamagedCheckpoint
 from vae_scale.models.posterior import DiagonalGaussian
 from vae_scale.train.build import (
     Autoencoder,
@@ -61,32 +60,26 @@ from vae_scale.train.log import TrainLog
 from vae_scale.train.monitor import Monitor
 from vae_scale.train.objective import LastLayer, VAELoss
 from vae_scale.train.preflight import preflight
-from vae_scale.train.run_state import (
-    load_phase_start,
-    load_trained_weights,
-    phase_start,
-    trained_weights,
-    weights_fingerprint,
-)
+from vae_scale.train.recovery import Checkpointing, TrainingStopped
+from vae_scale.train.run_state import load_phase_start, phase_start
 from vae_scale.train.signals import StopFlag
 from vae_scale.train.startup import prepare_run_dir, resume_plan
 from vae_scale.train.summary import summary
 from vae_scale.train.trainable import describe as describe_trainable
 from vae_scale.train.wrapping import compiled_objective, to_channels_last
 
+__all__ = ["Trainer", "TrainingStopped", "train"]  # TrainingStopped: recovery.py's, raised through here
+
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite steps with rollback off); the message says why."""
-
-
-class Trainer:
+class Trainer(Checkpointing):
     """Holds the prepared model, optimizers, loader, monitor and counters of one run.
 
     Everything is made in __init__ (and restored there from the checkpoint to resume), so `train_step` runs
     on a new Trainer as it runs inside `fit`. The config it was given is not changed: `self.cfg` is a copy
-    with what the launch decided (see build.resolved_config).
+    with what the launch decided (see build.resolved_config). Saving, restoring and rolling back are
+    recovery.Checkpointing's.
     """
 
     def __init__(
@@ -120,7 +113,8 @@ class Trainer:
 
         # The order below fixes what each seeded draw initialises: keep it, or runs stop being repeatable.
         self.vae = vae = build_vae(cfg, sharded=self.fsdp)
-        self.criterion = VAELoss(cfg.loss, cfg.model.in_channels, lpips_files=weights.lpips).to(self.device)
+        clips = cfg.data.frames > 1  # the 3D discriminator
+        self.criterion = VAELoss(cfg.loss, cfg.model.in_channels, weights.lpips, clips).to(self.device)
         align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
         self.autoencoder_loss = self.criterion.autoencoder_loss
         if cfg.train.compile:
@@ -201,102 +195,14 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.close()
 
-    # -- state -----------------------------------------------------------------------------------------
-
-    def trainer_state(self) -> dict[str, Any]:
-        """The counters a checkpoint keeps (trainer_state.json)."""
-        healthy = self.skipped == self._skipped_at_save  # no skipped step since the last checkpoint
-        return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "lr_scale": self.lr_scale,
-            "skipped": self.skipped,
-            "rollbacks": self.rollbacks,
-            "rollbacks_in_a_row": 0 if healthy else self.rollbacks_in_a_row,
-            "healthy": healthy,
-            "world_size": self.acc.num_processes,
-            "parallel": "fsdp" if self.fsdp else "ddp",
-        }
-
-    def optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
-        """What checkpoints hold optimizer state for: name -> (module of its parameters, optimizer)."""
-        out = {"vae": (self.model, self.opt)}
-        if self.disc_opt is not None:
-            out["discriminator"] = (self.disc, self.disc_opt)
-        return out
-
-    def save(self) -> Path:
-        """Checkpoint the run at this step (every rank: a collective); returns its folder.
-
-        TrainingStopped, on every rank, when it cannot be written (a full disk): its partial files are
-        removed and the previous checkpoint stays the newest.
-        """
-        try:
-            path = self.ckpt.save(
-                self.step,
-                trainer_state=self.trainer_state(),
-                rank_state={
-                    "data": self.loader.state_dict(),
-                    "weights_fingerprint": weights_fingerprint(self.model),
-                },
-                weights=trained_weights(self.model, self.criterion, self.disc, self.ema),
-                optimizers=self.optimizers(),
-                config_yaml=self.cfg.to_yaml(),
-                scaler=self.acc.scaler,
-            )
-        except CheckpointNotWritten as e:
-            raise TrainingStopped(str(e)) from None
-        self.last_saved, self.last_path = self.step, path
-        self._after_save_or_restore(healthy=self.skipped == self._skipped_at_save)
-        if self.acc.is_main_process:
-            size = folder_bytes(path)
-            size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-            self.monitor.write(f"checkpoint  step {self.step} -> {path} ({size})")
-        return path
-
-    def _after_save_or_restore(self, healthy: bool) -> None:
-        """A healthy checkpoint is progress: rollbacks count again from zero."""
-        self._skipped_at_save = self.skipped
-        if healthy:
-            self.rollbacks_in_a_row = 0
-
-    def restore(self, path: Path) -> None:
-        """Weights, optimizers, counters, data position and RNG state from the checkpoint at `path`."""
-        try:
-            state, rank_state, weights = self.ckpt.load(path, self.optimizers(), scaler=self.acc.scaler)
-        except (OSError, ValueError, KeyError, RuntimeError, CheckpointException) as e:  # verified, yet fails
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DamagedCheckpoint(
-                f"{path} cannot be restored ({why}); move it out of checkpoints/ to resume the one before"
-            ) from None
-        main = self.acc.is_main_process
-        load_trained_weights(weights, self.model, self.criterion, self.disc, self.ema, path, main)
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.lr_scale, self.skipped = state["lr_scale"], state["skipped"]
-        self.rollbacks = state.get("rollbacks", 0)
-        self.rollbacks_in_a_row = state.get("rollbacks_in_a_row", 0)
-        if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
-            log.warning(
-                "%s was written by %d processes, this run has %d: weights and optimizer state resharded; "
-                "the data stream restarts from its epoch plan",
-                path.name,
-                state["world_size"],
-                self.acc.num_processes,
-            )
-        if rank_state is not None:
-            self.loader.load_state_dict(rank_state["data"])
-        self.last_saved = self.step
-        self._after_save_or_restore(healthy=False)
-
-    def resume_path(self) -> Path | None:
-        """The intact checkpoint checkpoint.resume leads to (see CheckpointManager.select), or None."""
-        return self.ckpt.select(self.cfg.checkpoint.resume)
-
     # -- one step ----------------------------------------------------------------------------------------
 
-    def _images(self) -> torch.Tensor:
-        """The next micro-batch on the device, in the model's memory format."""
+    def _inputs(self) -> torch.Tensor:
+        """The next micro-batch on the device: images (B, C, H, W) in the model's memory format, or clips
+        (B, C, T, H, W) from the clip loader (T = 1 for a mixed run's image batches)."""
         batch = next(self._it)
+        if "clips" in batch:
+            return batch["clips"].to(self.device, non_blocking=True)
         x = batch["images"].to(self.device, non_blocking=True)
         return to_channels_last(x) if self.cfg.model.channels_last else x
 
@@ -360,7 +266,7 @@ class Trainer:
         finite = torch.ones((), device=self.device)
         for micro in range(accum):
             t0 = time.perf_counter()
-            x = self._images()
+            x = self._inputs()
             self.train_log.window.data_wait += time.perf_counter() - t0
             sync = micro == accum - 1
             # The same draw on every rank (FSDP needs the same forwards) and again after a resume.
@@ -428,59 +334,6 @@ class Trainer:
         sums["grad_norm"] = grad_norm
         logs: dict[str, torch.Tensor | float] = {**sums, "lr": lr}  # a host number: no copy to the device
         return logs, bool(stop or budget)
-
-    # -- rollback --------------------------------------------------------------------------------------
-
-    def rollback(self) -> None:
-        """After too many non-finite steps in a row: back to the newest healthy checkpoint with a lower LR.
-
-        TrainingStopped, naming the step, the LR scale and what to try, when rollback is off, there is no
-        healthy checkpoint, or train.max_rollbacks rollbacks came in a row without a healthy checkpoint
-        in between (rolling back again would only repeat them).
-        """
-        cfg = self.cfg.train
-        stuck = (
-            f"{self.consecutive_skips} non-finite steps in a row (train.max_consecutive_skips="
-            f"{cfg.max_consecutive_skips}) at step {self.step}"
-        )
-        if cfg.rollback_lr_scale == 0:
-            raise TrainingStopped(f"{stuck}, and train.rollback_lr_scale is 0. {self._advice()}")
-        if self.rollbacks_in_a_row >= cfg.max_rollbacks:
-            raise TrainingStopped(
-                f"{stuck} after {self.rollbacks_in_a_row} rollbacks in a row with no healthy checkpoint in "
-                f"between (train.max_rollbacks={cfg.max_rollbacks}); {self._advice()}"
-            )
-        path = self.ckpt.select("auto", healthy_only=True)  # newer (unhealthy) ones are moved aside
-        if path is None:
-            raise TrainingStopped(
-                f"{stuck}, and there is no healthy checkpoint to roll back to. {self._advice()}"
-            )
-        scale = self.lr_scale * cfg.rollback_lr_scale
-        skipped, rollbacks, in_a_row = self.skipped, self.rollbacks + 1, self.rollbacks_in_a_row + 1
-        self.restore(path)
-        self.lr_scale, self.skipped = scale, skipped
-        self.rollbacks, self.rollbacks_in_a_row = rollbacks, in_a_row
-        self._skipped_at_save = skipped
-        self.consecutive_skips = 0
-        self._it = iter(self.loader)
-        self.monitor.write(
-            f"rolled back to {path.name} after repeated non-finite steps; LR scale now {scale:g} "
-            f"(rollback {in_a_row} of at most {cfg.max_rollbacks} in a row)"
-        )
-
-    def _advice(self) -> str:
-        """The LR scale, the LR and what to try, for the message that stops a diverging run."""
-        cfg = self.cfg
-        lr = learning_rate(cfg.optim, cfg.train.steps, self.step, self.lr_scale)
-        tips = [f"a lower optim.lr (now {cfg.optim.lr:g})", "more optim.warmup_steps"]
-        if cfg.optim.grad_clip == 0:
-            tips.append("optim.grad_clip=1 (clipping is off)")
-        if self.acc.mixed_precision == "fp16":
-            tips.append("train.mixed_precision=bf16 instead of fp16")
-        return (
-            f"LR scale {self.lr_scale:g} (LR {lr:g}). Try {', '.join(tips)}, or look for bad data around "
-            f"step {self.step}"
-        )
 
     # -- forwards outside training -----------------------------------------------------------------------
 
