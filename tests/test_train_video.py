@@ -1,6 +1,7 @@
 """Training the Wan family on clips: real clip shards (`vae-scale shards sample-video`), mixed image and clip
 batches, the 3D discriminator and EMA; exact resume, DDP against FSDP on two gloo processes, and the check
-pass's refusals. Evaluation is off here: the metrics pass on clips is tested with it (tests/test_evaluate.py).
+pass's refusals. The sharded run is evaluated on held-out clips; the metrics pass on clips is tested on its
+own in tests/test_eval_video.py.
 """
 
 import json
@@ -25,6 +26,7 @@ from vae_scale.formats.checkpoint import latest_checkpoint
 from vae_scale.models.interface import build_model
 from vae_scale.train.discriminator import NLayerDiscriminator3D
 from vae_scale.train.objective import VAELoss, frames
+from vae_scale.train.report import read_metrics
 from vae_scale.train.trainer import train
 
 pytest.importorskip("av")
@@ -100,7 +102,10 @@ def test_a_clip_run_resumes_onto_the_uninterrupted_run_bit_for_bit(tmp_path, cli
 @pytest.mark.slow
 @pytest.mark.numerics
 def test_clip_training_sharded_is_the_training_of_ddp(tmp_path, clip_shards):
-    args = ["--config", "wan-tiny", *_args(clip_shards, "train.steps=3")]
+    # Evaluated at the end on the 4 held-out clips: the metrics pass takes clip batches from the clip val
+    # loader under both wrappings (FSDP's ranks run it in lockstep).
+    evaluation = [f"data.val={clip_shards}", "eval.every=3", "eval.metrics=[psnr,ssim,flicker]"]
+    args = ["--config", "wan-tiny", *_args(clip_shards, "train.steps=3"), *evaluation]
     run(accelerate_launch("fsdp.yaml", 2, [*args, f"run.dir={tmp_path / 'fsdp'}"]))
     run(accelerate_launch("cpu-2proc.yaml", 2, [*args, f"run.dir={tmp_path / 'ddp'}"]))
     cfg = load_config("wan-tiny", args[2:])
@@ -108,6 +113,15 @@ def test_clip_training_sharded_is_the_training_of_ddp(tmp_path, clip_shards):
     start = build_model(cfg.model).state_dict()
     # The two reduce gradients in a different order: fp32 rounding only (support.SAME_TRAINING says why).
     assert_same_training(checkpoint_file(tmp_path / "fsdp"), checkpoint_file(tmp_path / "ddp"), start, "wan")
+    val = {}
+    for d in ("fsdp", "ddp"):
+        (row,) = [r for r in read_metrics(tmp_path / d) if "val/psnr" in r]
+        val[d] = row
+        assert 0 <= row["val/flicker"] < 1 and 0 < row["val/ssim"] <= 1, d
+    # Same weights up to fp32 reduction order (above), evaluated on the same 4 clips: a clip dropped,
+    # counted twice or evaluated at another T moves PSNR by far more than 1e-3 dB.
+    assert val["fsdp"]["val/psnr"] == pytest.approx(val["ddp"]["val/psnr"], abs=1e-3)
+    assert val["fsdp"]["val/flicker"] == pytest.approx(val["ddp"]["val/flicker"], rel=1e-3)
     for d in ("fsdp", "ddp"):  # each rank kept its own clip position
         ranks = [_rank_state(tmp_path / d, r) for r in (0, 1)]
         assert [s["rank"] for s in ranks] == [0, 1] and all(s["kind"] == "clips" for s in ranks)
@@ -178,3 +192,21 @@ def test_the_clip_objective_is_the_objective_of_its_frames_as_images(tmp_path_fa
         torch.testing.assert_close(logs["perceptual"], image_logs["perceptual"], rtol=1e-6, atol=0)
     (g_clip,) = torch.autograd.grad(loss, x_hat)
     assert g_clip.shape == x.shape and torch.isfinite(g_clip).all()
+
+
+@pytest.mark.parametrize(
+    "frames, metric, kind",
+    [(FRAMES, "rfid", "clips"), (FRAMES, "equivariance", "clips"), (1, "flicker", "images")],
+)
+def test_in_loop_metrics_that_do_not_apply_to_the_val_data_are_refused_before_step_1(
+    tmp_path, capsys, clip_shards, frames, metric, kind
+):
+    """An in-loop metric the validation batches cannot take would stop the run at its first evaluation;
+    the check pass names it before anything starts."""
+    evaluation = [f"data.val={clip_shards}", "eval.every=2", f"eval.metrics=[psnr,{metric}]"]
+    args = [*_args(clip_shards, f"data.frames={frames}", *evaluation), f"run.dir={tmp_path / 'run'}"]
+    assert cli_main(["train", "--config", "wan-tiny", *args]) == 2
+    # One of the problems listed (rfid's missing Inception file, clip shards read as images, are others).
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if f"metric {metric} does not apply" in x]
+    assert f"to {kind}:" in line and f"data.frames={frames}" in line
+    assert not (tmp_path / "run").exists()

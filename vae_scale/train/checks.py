@@ -65,11 +65,18 @@ class WeightFiles:
     """(LPIPS heads, VGG16): for loss.perceptual_weight > 0 and the in-loop lpips metric."""
     inception: Path | None = None
     """The rFID feature extractor: for the in-loop rfid metric."""
+    i3d: Path | None = None
+    """The FVD feature extractor: for the in-loop fvd metric."""
 
     def paths(self) -> dict[str, str]:
         """As metrics.load_eval_nets's path arguments: the files found, so it looks nowhere else."""
         heads, vgg = self.lpips or ("", "")
-        return {"lpips_path": str(heads), "vgg_path": str(vgg), "inception_path": str(self.inception or "")}
+        return {
+            "lpips_path": str(heads),
+            "vgg_path": str(vgg),
+            "inception_path": str(self.inception or ""),
+            "i3d_path": str(self.i3d or ""),
+        }
 
 
 @dataclass
@@ -163,7 +170,7 @@ def _config_problems(cfg: Config) -> list[str]:
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         problems.append(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
-    return problems + _clip_problems(cfg)
+    return problems + _clip_problems(cfg) + _metric_problems(cfg)
 
 
 CLIP_LOSS_KEYS = ("se_weight", "eq_weight", "align_weight")
@@ -310,8 +317,9 @@ def sample_lines(cfg: Config) -> list[str]:
 
 
 def _find_weights(cfg: Config, findings: Findings) -> WeightFiles:
-    """The LPIPS and Inception files the losses and the in-loop metrics need, found (not loaded) on local
+    """The LPIPS, Inception and I3D files the losses and the in-loop metrics need, found (not loaded) on local
     disk; a missing one is recorded as a problem naming the key."""
+    from vae_scale.eval.fvd import find_i3d
     from vae_scale.eval.lpips import LossConfigError, find_lpips_weights
     from vae_scale.eval.metrics import MetricError, find_inception
 
@@ -327,7 +335,28 @@ def _find_weights(cfg: Config, findings: Findings) -> WeightFiles:
             found.inception = find_inception(cfg.eval.inception_path)
         except MetricError as e:
             findings.add(f"eval.metrics has rfid: {e}")
+    if cfg.eval.every and "fvd" in cfg.eval.metrics:
+        try:
+            found.i3d = find_i3d(cfg.eval.i3d_path)
+        except MetricError as e:
+            findings.add(f"eval.metrics has fvd: {e}")
     return found
+
+
+def _metric_problems(cfg: Config) -> list[str]:
+    """In-loop metrics that do not apply to what data.val holds: clips when data.frames > 1 (rfid,
+    equivariance, tile_consistency are for images), images otherwise (flicker, fvd are for clips)."""
+    from vae_scale.eval.metrics import MetricError, check_applies
+    from vae_scale.eval.registry import METRICS, check_metrics
+
+    if not cfg.eval.every:
+        return []
+    try:
+        names = check_metrics(cfg.eval.metrics)
+        check_applies([METRICS[m] for m in names], clips=cfg.data.frames > 1)
+    except MetricError as e:
+        return [f"eval.metrics: {e} (data.frames={cfg.data.frames})"]
+    return []
 
 
 def _wandb_problem(log_cfg: LogConfig) -> str | None:
