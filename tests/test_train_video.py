@@ -105,7 +105,7 @@ def test_clip_training_sharded_is_the_training_of_ddp(tmp_path, clip_shards):
     # Evaluated at the end on the 4 held-out clips: the metrics pass takes clip batches from the clip val
     # loader under both wrappings (FSDP's ranks run it in lockstep).
     evaluation = [f"data.val={clip_shards}", "eval.every=3", "eval.metrics=[psnr,ssim,flicker]"]
-    args = ["--config", "wan-tiny", *_args(clip_shards, "train.steps=3"), *evaluation]
+    args = ["--config", "wan-tiny", *_args(clip_shards, "train.steps=3", "train.grad_accum=2"), *evaluation]
     run(accelerate_launch("fsdp.yaml", 2, [*args, f"run.dir={tmp_path / 'fsdp'}"]))
     run(accelerate_launch("cpu-2proc.yaml", 2, [*args, f"run.dir={tmp_path / 'ddp'}"]))
     cfg = load_config("wan-tiny", args[2:])
