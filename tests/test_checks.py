@@ -54,3 +54,17 @@ def test_what_the_checks_find_is_handed_on(tmp_path):
     home = load_config(None, [*TINY, "data.train=synthetic", "model.init_from=~/no-such-vae"])
     (problem,) = check_run(home, cuda=False).problems
     assert problem == "model.init_from='~/no-such-vae': no such file or folder"
+
+
+def test_a_compile_backend_torch_does_not_have_is_named(tmp_path):
+    base = [*TINY, "data.train=synthetic", f"run.dir={tmp_path / 'r'}", "train.compile=true"]
+    (problem,) = check_run(load_config(None, [*base, "train.compile_backend=inductr"]), cuda=False).problems
+    assert (
+        problem.startswith("train.compile_backend='inductr' is not a torch.compile backend")
+        and "inductor" in problem
+    )
+    for backend in ("inductor", "aot_eager"):  # the default, and the debugging backend the docs name
+        assert (
+            check_run(load_config(None, [*base, f"train.compile_backend={backend}"]), cuda=False).problems
+            == []
+        )

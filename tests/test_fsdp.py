@@ -328,10 +328,14 @@ def test_reduce_dtype_compute_compresses_ddp_gradients(one_rank_group):
 @pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.compiles
-def test_compiled_per_unit_fsdp_gives_the_uncompiled_losses(tmp_path, monkeypatch):
+def test_compiled_per_unit_fsdp_gives_the_uncompiled_losses(tmp_path):
     """train.compile under FSDP2: each unit compiled before it is sharded, the objective compiled whole (it
-    reads the root's learned likelihood scale); two gloo processes take the uncompiled run's steps."""
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pool per rank on 2 cores
+    reads the root's learned likelihood scale); two gloo processes take the uncompiled run's steps.
+
+    With aot_eager: dynamo traces each unit between FSDP's hooks and AOTAutograd builds its forward and
+    backward graphs, which is where sharding and compiling meet (the hooks run outside the graphs); what
+    inductor generates from such graphs is checked against eager in test_trainer_parts'
+    test_compiled_steps_give_the_eager_losses, in one process, at a fraction of two ranks' C++ builds."""
     common = [
         *TINY,
         "data.train=synthetic",
@@ -341,13 +345,19 @@ def test_compiled_per_unit_fsdp_gives_the_uncompiled_losses(tmp_path, monkeypatc
         "checkpoint.every=0",
     ]
     run(accelerate_launch(FSDP, 2, [*common, f"run.dir={tmp_path / 'eager'}"]))
-    compiled_run = [*common, "train.compile=true", f"run.dir={tmp_path / 'compiled'}"]
+    compiled_run = [
+        *common,
+        "train.compile=true",
+        "train.compile_backend=aot_eager",
+        f"run.dir={tmp_path / 'compiled'}",
+    ]
     proc = run(accelerate_launch(FSDP, 2, compiled_run), timeout=900)
-    assert "compiled per unit (6 units; the root's layers eager)" in proc.stdout
+    assert "compiled per unit (6 units; the root's layers eager) by aot_eager" in proc.stdout
     eager = [r["loss"] for r in read_metrics(tmp_path / "eager") if "loss" in r]
     compiled = [r["loss"] for r in read_metrics(tmp_path / "compiled") if "loss" in r]
     assert len(eager) == len(compiled) == 2
-    # As test_trainer_parts' compiled steps: inductor reorders fp32 sums, ~1e-6 relative on the first loss
+    # As test_trainer_parts' compiled steps: the graphs run AOTAutograd's decompositions (group norm, the
+    # losses' reductions as primitive ops), which sum in another order: ~1e-6 relative on the first loss
     # (a mean over ~10^4 values after ~20 layers), and the second step follows weights that Adam moved by
     # gradients differing by that rounding (~1e-6 of a step). A unit traced wrongly, a gradient lost at a
     # unit's boundary or a reduce-scatter skipped moves a loss by over 1e-2 of itself.

@@ -361,6 +361,10 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     compile: bool = False
     """torch.compile the model."""
+    compile_backend: str = "inductor"
+    """train.compile's torch.compile backend: inductor (fused generated kernels) | aot_eager (forward and
+    backward traced as inductor sees them, run by eager kernels: tells a tracing problem from a code
+    generation one) | any backend torch._dynamo.list_backends() names."""
     parallel: str = "auto"
     """auto (FSDP when the launch asks for it, e.g. launch/accelerate/fsdp.yaml, else DDP) | ddp | fsdp."""
     reduce_dtype: str = "fp32"

@@ -160,7 +160,7 @@ def build_vae(cfg: Config, sharded: bool) -> VAE:
     channels_last and train.compile (transforms.prepare_model)."""
     vae = initial_vae(cfg)
     freeze(vae, cfg.train)
-    return prepare_model(vae, sharded=sharded, compile=cfg.train.compile)
+    return prepare_model(vae, sharded=sharded, compile=cfg.train.compile, backend=cfg.train.compile_backend)
 
 
 def build_projection(cfg: Config, criterion: nn.Module) -> LatentProjection | None:
@@ -235,7 +235,7 @@ def parallelize(
     if plan.enabled:
         ensure_process_group(acc)
         units = fsdp_units(model, plan.unit_classes)
-        compiled = compile_per_unit(model.vae, [u for _, u in units]) if t.compile else []
+        compiled = compile_per_unit(model.vae, [u for _, u in units], t.compile_backend) if t.compile else []
         ae = shard(
             model,
             plan,
@@ -252,6 +252,8 @@ def parallelize(
                 if units
                 else "; compiled: the model's compile units (no FSDP unit inside them)"
             )
+            if t.compile_backend != "inductor":
+                line += f" by {t.compile_backend}"
         return ae, line
     ae = acc.prepare_model(model)
     return ae, data_parallel(ae, acc, t.reduce_dtype)

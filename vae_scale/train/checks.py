@@ -168,9 +168,21 @@ def _config_problems(cfg: Config) -> list[str]:
             f"data.resolution={cfg.data.resolution} is not a multiple of the model's downsampling "
             f"factor {factor}"
         )
+    if cfg.train.compile and cfg.train.compile_backend not in _compile_backends(debugging=True):
+        problems.append(
+            f"train.compile_backend={cfg.train.compile_backend!r} is not a torch.compile backend; "
+            f"backends: {' '.join(_compile_backends())} (and debugging ones such as aot_eager)"
+        )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         problems.append(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint or run folder")
     return problems + _clip_problems(cfg) + _metric_problems(cfg)
+
+
+def _compile_backends(debugging: bool = False) -> list[str]:
+    """The backends torch.compile takes here; debugging: those tagged for debugging (aot_eager) too."""
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=() if debugging else ("debug", "experimental"))
 
 
 CLIP_LOSS_KEYS = ("se_weight", "eq_weight", "align_weight")

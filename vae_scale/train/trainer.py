@@ -118,7 +118,7 @@ class Trainer(Checkpointing):
         align = build_projection(cfg, self.criterion)  # before the per-rank seed: the same on every rank
         self.autoencoder_loss = self.criterion.autoencoder_loss
         if cfg.train.compile:
-            self.autoencoder_loss = compiled_objective(self.autoencoder_loss)
+            self.autoencoder_loss = compiled_objective(self.autoencoder_loss, cfg.train.compile_backend)
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)
         self.model = model = Autoencoder(vae, self.criterion.likelihood, cfg.train.sample_posterior, align)
         model.to(self.device)

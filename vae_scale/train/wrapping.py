@@ -53,14 +53,16 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def compile_modules(modules: list[nn.Module]) -> None:
+def compile_modules(modules: list[nn.Module], backend: str = "inductor") -> None:
     """torch.compile each module in place (`Module.compile`: state-dict names unchanged), each its own
     graphs, tracing whatever wraps its inside (activation checkpointing)."""
     for module in modules:
-        module.compile()
+        module.compile(backend=backend)
 
 
-def prepare_model(vae: nn.Module, sharded: bool = False, compile: bool = False) -> nn.Module:
+def prepare_model(
+    vae: nn.Module, sharded: bool = False, compile: bool = False, backend: str = "inductor"
+) -> nn.Module:
     """Apply what the config asks for, in this order: activation checkpointing (wraps the levels), then
     channels_last (the weights' memory format), then torch.compile of the model's `compile_units()` (for the
     SD family the encoder and the decoder; each traces the two above).
@@ -75,24 +77,24 @@ def prepare_model(vae: nn.Module, sharded: bool = False, compile: bool = False) 
     if vae.config.channels_last and not sharded:
         apply_channels_last(vae)
     if compile and not sharded:
-        compile_modules(vae.compile_units())
+        compile_modules(vae.compile_units(), backend)
     return vae
 
 
-def compiled_objective(loss: Callable[..., T]) -> Callable[..., T]:
+def compiled_objective(loss: Callable[..., T], backend: str = "inductor") -> Callable[..., T]:
     """train.compile's objective (VAELoss.autoencoder_loss): compiled whole, the adaptive adversarial
     weight included (it takes its gradients by torch.func, which compiles), so the loss's many small ops
     fuse into a few kernels. The step number is an input: dynamo recompiles when it first changes (then
     treats it as dynamic) and where the schedules change branch (disc_start, the end of the KL warm-up)."""
-    return torch.compile(loss)
+    return torch.compile(loss, backend=backend)
 
 
-def compile_per_unit(vae: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+def compile_per_unit(vae: nn.Module, units: list[nn.Module], backend: str = "inductor") -> list[nn.Module]:
     """train.compile under FSDP2, as torchtitan compiles a sharded transformer: each FSDP unit (a block)
     compiled on its own, before it is sharded, so that its all-gather and reduce-scatter hooks run at the
     unit's boundary, outside its graphs; the thin layers the root holds (conv_in, conv_out, the last norms)
     run eagerly. Without units (NO_WRAP: only the root is sharded) the model's `compile_units()`, which no
     FSDP hook cuts. Returns what was compiled."""
     modules = units or vae.compile_units()
-    compile_modules(modules)
+    compile_modules(modules, backend)
     return modules
