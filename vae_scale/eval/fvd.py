@@ -23,7 +23,6 @@ covariances are singular and the figure is biased upwards.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vae_scale.eval.registry import Batch, EvalSetup, Metric, MetricError, Sums, TableInfo, register_metric
-from vae_scale.eval.rfid import feature_statistics, file_sha256, frechet_distance
+from vae_scale.eval.rfid import (
+    feature_statistics,
+    file_sha256,
+    find_feature_file,
+    frechet_distance,
+    load_torchscript,
+)
 
 I3D_FILE = "i3d_torchscript.pt"
 """The TorchScript I3D of StyleGAN-V / VideoGPT-derived FVD code, looked for in the torch hub cache."""
@@ -80,32 +85,15 @@ class I3DFeatures(nn.Module):
 
 
 def find_i3d(path: str = "") -> Path:
-    """The FVD feature extractor's file: `path` (a file, or a folder holding i3d_torchscript.pt), else the
-    torch hub cache; MetricError naming the flag, the key and where it looked. Never downloads."""
-    candidates = [Path(path).expanduser()] if path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / I3D_FILE)
-    files = [c / I3D_FILE if c.is_dir() else c for c in candidates]
-    found = next((f for f in files if f.is_file()), None)
-    if found is None or (path and found != files[0]):
-        where = f"--i3d-path / eval.i3d_path={path!r} is not a file" if path else "no I3D file given"
-        raise MetricError(
-            f"metric fvd needs a TorchScript I3D feature extractor on local disk (never downloaded): "
-            f"{where}; looked in {', '.join(map(str, files))}. Use the {I3D_FILE} of StyleGAN-V and the "
-            f"VideoGPT-derived FVD code and pass --i3d-path FILE (eval.i3d_path)"
-        )
-    return found
+    """The FVD feature extractor's file (rfid.find_feature_file)."""
+    use = f"the {I3D_FILE} of StyleGAN-V and the VideoGPT-derived FVD code"
+    return find_feature_file(path, I3D_FILE, metric="fvd", network="I3D", option="i3d_path", use=use)
 
 
 def load_i3d(path: str = "") -> I3DFeatures:
     """The FVD feature extractor from `path` (or the torch hub cache), or MetricError; never downloads."""
     found = find_i3d(path)
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but the I3D ships in it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(found), map_location="cpu")
-    except Exception as e:
-        raise MetricError(f"{found} is not a TorchScript module ({type(e).__name__}: {e})") from None
-    return I3DFeatures(module, found)
+    return I3DFeatures(load_torchscript(found), found)
 
 
 def fvd_protocol(i3d: I3DFeatures, *, data: str, frames: int, stride: int, clips: int) -> str:

@@ -65,33 +65,47 @@ class InceptionFeatures(nn.Module):
         return self.net(images, **self.kwargs).double().flatten(1)
 
 
-def find_inception(path: str = "") -> Path:
-    """The rFID feature extractor's file: `path` (a file, or a folder holding it), else the torch hub cache;
-    MetricError naming where it looked. Never downloads."""
+def find_feature_file(path: str, name: str, *, metric: str, network: str, option: str, use: str) -> Path:
+    """A metric's TorchScript feature extractor on local disk: `path` (a file, or a folder holding `name`),
+    else `name` in the torch hub cache; MetricError naming the flag and key (`option`, e.g. "inception_path"),
+    where it looked and which file to use. Never downloads."""
     candidates = [Path(path).expanduser()] if path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
-    files = [c / INCEPTION_FILE if c.is_dir() else c for c in candidates]
+    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / name)
+    files = [c / name if c.is_dir() else c for c in candidates]
     found = next((f for f in files if f.is_file()), None)
     if found is None or (path and found != files[0]):
-        where = f"--inception-path / eval.inception_path={path!r} is not a file" if path else "not found"
+        flag = "--" + option.replace("_", "-")
+        where = f"{flag} / eval.{option}={path!r} is not a file" if path else "none given"
         raise MetricError(
-            f"metric rfid needs a TorchScript Inception feature extractor on local disk (never downloaded): "
-            f"{where}; looked in {', '.join(map(str, files))}. Use NVIDIA's {INCEPTION_FILE} (the one "
-            f"StyleGAN2-ADA, StyleGAN3 and clean-fid use) and pass --inception-path FILE"
+            f"metric {metric} needs a TorchScript {network} feature extractor on local disk (never "
+            f"downloaded): {where}; looked in {', '.join(map(str, files))}. Use {use} and pass {flag} FILE "
+            f"(eval.{option})"
         )
     return found
+
+
+def load_torchscript(found: Path) -> torch.jit.ScriptModule:
+    """A feature extractor's TorchScript module on the CPU, or MetricError naming the file."""
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but the feature networks ship in it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(found), map_location="cpu")
+    except Exception as e:
+        raise MetricError(f"{found} is not a TorchScript module ({type(e).__name__}: {e})") from None
+
+
+def find_inception(path: str = "") -> Path:
+    """The rFID feature extractor's file (find_feature_file)."""
+    use = f"NVIDIA's {INCEPTION_FILE} (the one StyleGAN2-ADA, StyleGAN3 and clean-fid use)"
+    return find_feature_file(
+        path, INCEPTION_FILE, metric="rfid", network="Inception", option="inception_path", use=use
+    )
 
 
 def load_inception(path: str = "") -> InceptionFeatures:
     """The rFID feature extractor from `path` (or the torch hub cache), or MetricError; never downloads."""
     found = find_inception(path)
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but the FID network ships in it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(found), map_location="cpu")
-    except Exception as e:
-        raise MetricError(f"{found} is not a TorchScript module ({type(e).__name__}: {e})") from None
-    return InceptionFeatures(module, found)
+    return InceptionFeatures(load_torchscript(found), found)
 
 
 def file_sha256(path: Path) -> str:
