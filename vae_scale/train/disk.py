@@ -40,26 +40,34 @@ class DiskNeed:
 
 
 def checkpoint_bytes(cfg: Config, world_size: int = 1) -> int:
-    """Estimated bytes of one checkpoint of `cfg`: fp32 weights (and EMA, discriminator), AdamW's two fp32
-    moments per trainable parameter, and the per-tensor and per-process overheads of the formats."""
-    from vae_scale.models.sd import VAE
-    from vae_scale.train.discriminator import NLayerDiscriminator
+    """Estimated bytes of one checkpoint of `cfg`: the model's fp32 weights (every family's, on the meta
+    device), the EMA file (the averaged trainable parameters and the buffers: frozen weights are stored once),
+    the discriminator (3D for clips), AdamW's two fp32 moments per trainable parameter, and the per-tensor
+    and per-process overheads of the formats."""
+    from vae_scale.models.interface import build_model
+    from vae_scale.train.discriminator import NLayerDiscriminator, NLayerDiscriminator3D
+    from vae_scale.train.trainable import freeze
+
+    def file_bytes(tensors) -> int:
+        return sum(t.numel() * 4 + SAFETENSORS_BYTES_PER_TENSOR for t in tensors)
+
+    def moments_bytes(params) -> int:
+        return sum(p.numel() * 8 + DCP_BYTES_PER_TENSOR for p in params if p.requires_grad)
 
     with torch.device("meta"):
-        vae = VAE(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
-    modules = [vae]
-    if cfg.loss.disc_weight > 0:
-        with torch.device("meta"):
-            modules.append(
-                NLayerDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
-            )
+        vae = build_model(dataclasses.replace(cfg.model, gradient_checkpointing=False, kernels="torch"))
+    freeze(vae, cfg.train)
     total = RANK_FILES_BYTES * world_size + 16 * 2**10  # + config.yaml, manifest, trainer state
-    for i, module in enumerate(modules):
-        state = module.state_dict()
-        params = [p for p in module.parameters() if p.requires_grad]
-        copies = 2 if i == 0 and cfg.optim.ema_decay > 0 else 1  # the EMA's weights
-        weights = sum(t.numel() * 4 + SAFETENSORS_BYTES_PER_TENSOR for t in state.values())
-        total += copies * weights + sum(p.numel() * 8 + DCP_BYTES_PER_TENSOR for p in params)
+    total += file_bytes(vae.state_dict().values()) + moments_bytes(vae.parameters())
+    if cfg.optim.ema_decay > 0:
+        params = dict(vae.named_parameters())
+        kept = [t for n, t in vae.state_dict().items() if n not in params or params[n].requires_grad]
+        total += file_bytes(kept)
+    if cfg.loss.disc_weight > 0:
+        kind = NLayerDiscriminator3D if cfg.data.frames > 1 else NLayerDiscriminator
+        with torch.device("meta"):
+            disc = kind(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+        total += file_bytes(disc.state_dict().values()) + moments_bytes(disc.parameters())
     return total
 
 
