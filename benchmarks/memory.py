@@ -239,24 +239,20 @@ H100_GIB = (
 
 def largest_batch(preset: str, resolution: int, precision: str, checkpointing: bool, gib: float) -> int:
     """The largest per-process batch whose estimate (estimate_memory, one process) fits `gib` GiB; 0 when
-    not even one image does. The estimate is linear in the batch, so one estimate finds the candidate and
-    two more confirm it (candidate fits, candidate + 1 does not)."""
+    not even one image does."""
     from vae_scale.config import load_config
-    from vae_scale.train.preflight import estimate_memory
+    from vae_scale.train.preflight import OVERHEAD, estimate_memory
 
-    def total(batch: int) -> int:
-        case = Case(preset, resolution, max(batch, 1), precision, checkpointing)
-        return estimate_memory(load_config(preset, case.config_overrides())).total
-
+    case = Case(preset, resolution, 1, precision, checkpointing)
+    est = estimate_memory(load_config(preset, case.config_overrides()))
     cap = int(gib * 2**30)
-    one = total(1)
-    if one > cap:
+    if est.total_at(1) > cap:
         return 0
-    per_image = max(total(2) - one, 1)
-    batch = 1 + (cap - one) // per_image
-    while batch > 1 and total(batch) > cap:
+    # near the answer, then to it: the largest batch that fits, whose next does not
+    batch = max(1, int(cap / OVERHEAD - est.parameters) // max(est.activations_per_image, 1))
+    while batch > 1 and est.total_at(batch) > cap:
         batch -= 1
-    while total(batch + 1) <= cap:
+    while est.total_at(batch + 1) <= cap:
         batch += 1
     return batch
 

@@ -150,3 +150,13 @@ def test_nothing_is_named_when_everything_is_there(tmp_path, monkeypatch):
     # Without eval, an empty data.val is nobody's problem.
     cfg = load_config("demo", [*run, "eval.every=0", "data.val=", "log.wandb=disabled"])
     assert check_run(cfg).problems == []
+
+
+def test_the_estimate_at_another_batch_is_the_estimate_of_that_batch():
+    # benchmarks/memory.py --plan finds the largest batch that fits from one estimate's total_at.
+    one = estimate_memory(load_config("sd-f8", ["data.batch_size=1", "data.resolution=64"]))
+    for batch in (1, 3, 40):
+        est = estimate_memory(load_config("sd-f8", [f"data.batch_size={batch}", "data.resolution=64"]))
+        assert one.total_at(batch) == est.total
+    # At batch 1, 64 px the gradients outweigh the activations; at 40 the activations do.
+    assert one.activations_per_image < one.gradients < 40 * one.activations_per_image

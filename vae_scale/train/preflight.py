@@ -58,6 +58,10 @@ class MemoryEstimate:
     total: int
     activations_per_image: int
 
+    def total_at(self, batch: int) -> int:
+        """The total at another per-process batch (everything else alike): the estimate's one formula."""
+        return int((self.parameters + max(self.activations_per_image * batch, self.gradients)) * OVERHEAD)
+
 
 def _storage_counter(module: torch.nn.Module):
     """A saved-tensor pack hook that counts each storage once (views share one), parameters excluded."""
@@ -152,9 +156,9 @@ def estimate_memory(
     # launched; the trainer passes the precision the accelerator chose) counts as fp32, the larger.
     if cfg.train.mixed_precision in ("bf16", "fp16"):
         per_image = int(per_image * 0.6)
-    activations = per_image * cfg.data.batch_size
-    total = int((params + max(activations, grads)) * OVERHEAD)
-    return MemoryEstimate(params, grads, activations, total, per_image)
+    est = MemoryEstimate(params, grads, per_image * cfg.data.batch_size, 0, per_image)
+    est.total = est.total_at(cfg.data.batch_size)
+    return est
 
 
 def host_memory_available() -> int | None:
