@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import environment, write_results
+from benchmarks.harness import device_slug, environment, write_results
 
 STEPS = 2
 MMAP_THRESHOLD = 65536  # bytes: every tensor this size or larger is its own mapping (see the docstring)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row(c, measure(c, args.threads), env) for c in map(parse_case, args.case)]
     else:
         rows = run(quick=args.quick, threads=args.threads)
-    name = f"memory-{rows[0]['device'].split()[0].lower()}" if rows else "memory"
+    name = f"memory-{device_slug(rows[0]['device'])}" if rows else "memory"
     path = write_results(rows, name, COLUMNS, args.out)
     print(path.with_suffix(".md").read_text())
     return 1 if any("error" in r for r in rows) else 0
