@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (one device-tool call), most important first, and under
-# 8 minutes on one H100/H200: BUDGET_S (default 450) seconds from the start, each step cut off at its cap
+# 10 minutes on one H100/H200: BUDGET_S (default 570) seconds from the start, each step cut off at its cap
 # (seconds, below) or the time left, whichever comes first, so a slow step shortens the later ones and
 # never the call:
 #   1. nvidia-smi and the versions of python, torch, CUDA and triton
@@ -11,12 +11,21 @@
 #      fused against eager over sizes (kernels.AUTO_MIN_NUMEL is set from it)                        (60)
 #   5. the machine's two ceilings: a 1 GiB device-to-device copy (GB/s, bytes read + written) and
 #      a bf16 8192^3 matmul (TFLOP/s), medians of CUDA-event timings after warm-up                   (20)
+#   5b. the step's changes: one AdamW step over sd-f8, fused against for-each, and the host syncs of one
+#      Trainer.train_step under torch.cuda.set_sync_debug_mode("warn") (one expected; more fails the
+#      step): `python -m benchmarks.step_checks`                                                     (60)
+#   5c. the memory layout: the trainer's step on sd-f8, 256 px, batch 8, bf16, channels_last against
+#      NCHW, eager and compiled (train.compile: model and objective), beside diffusers in each layout,
+#      paired rounds with 95% intervals: model.channels_last=auto takes channels_last on CUDA      (240)
+#   5d. the dry-run's memory estimate against torch.cuda.max_memory_allocated of the trainer's step,
+#      sd-f8 bf16 at 256 px batch 8 and 512 px batch 4, checkpointing off and on
+#      (`python -m benchmarks.memory --case ...`)                                                  (90)
 #   6. the other gpu-marked tests (modules whose imports are missing here are reported, not fatal)
 #   7. the rest of the benchmark suite (`python -m benchmarks.run`, BENCH_ARGS, default --quick
 #      without the kernels, already measured)
 # What it prints is also written under $OUT (default benchmarks/results): env.txt, pytest-gpu-kernels.txt,
-# kernels-*.json/.md, kernels-crossover-*.json/.md, ceilings.json, pytest-gpu-all.txt, bench.log and the
-# suite's <gpu>-<date>.json/.md.
+# kernels-*.json/.md, kernels-crossover-*.json/.md, ceilings.json, step-checks.json, train_step-*.json/.md
+# (the layout), memory-*.json/.md, pytest-gpu-all.txt, bench.log and the suite's <gpu>-<date>.json/.md.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 #   BUDGET_S=1200 BENCH_ARGS="--full" ...        # a longer session: the full suite at the end
@@ -31,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-450}"
+BUDGET_S="${BUDGET_S:-570}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real kernels, not the interpreter
@@ -119,6 +128,24 @@ EOF
   return "${PIPESTATUS[0]}"
 }
 
+step_checks() {
+  "$PY" -m benchmarks.step_checks --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+
+layout() {
+  "$PY" -m benchmarks.train_step --preset sd-f8 --resolution 256 --batch 8 --precision bf16 --compile \
+    --variants "vae-scale channels_last,vae-scale,vae-scale channels_last compile,diffusers channels_last,diffusers" \
+    --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+
+memory() {
+  "$PY" -m benchmarks.memory --case sd-f8,256,8,bf16,false --case sd-f8,256,8,bf16,true \
+    --case sd-f8,512,4,bf16,false --case sd-f8,512,4,bf16,true --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  return "${PIPESTATUS[0]}"
+}
+
 other_tests() {
   "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
     --ignore=tests/test_kernels_gaussian.py --ignore=tests/test_kernels_group_norm.py \
@@ -136,7 +163,7 @@ suite() {
 
 export PY OUT BENCH_ARGS
 export -f kernel_tests kernel_bench posterior_bench group_norm_bench rms_norm_bench crossover ceilings \
-  other_tests suite
+  step_checks layout memory other_tests suite
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -167,6 +194,9 @@ step "3b. kernel benchmark: GroupNorm+SiLU" 30 100 group_norm_bench
 step "3c. kernel benchmark: RMSNorm+act" 30 80 rms_norm_bench
 step "4. AUTO_MIN_NUMEL crossover" 30 60 crossover
 step "5. ceilings" 10 20 ceilings
+step "5b. step: fused AdamW, host syncs" 30 60 step_checks
+step "5c. layout: channels_last against NCHW" 60 240 layout
+step "5d. memory: estimate against measured peak" 30 90 memory
 [ -z "${SKIP_TESTS:-}" ] && step "6. other gpu tests" 30 "$BUDGET_S" other_tests
 step "7. benchmark suite" 60 "$BUDGET_S" suite
 

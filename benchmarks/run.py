@@ -44,7 +44,7 @@ from benchmarks.harness import (
     stamp_load,
 )
 
-SUBJECTS = ("train_step", "kernels", "data", "scaling")
+SUBJECTS = ("train_step", "kernels", "data", "scaling", "memory")
 ENV_KEYS = ("device", "torch", "triton", "vae_scale", "commit", "date")
 SubjectRun = Callable[[bool], list[dict[str, Any]]]
 

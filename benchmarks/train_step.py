@@ -489,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         "--frames", type=int, default=1, help="frames per clip: > 1 times the step on clips (a video preset)"
     )
     p.add_argument(
+        "--variants",
+        default=None,
+        help="with --preset: only these variants, by the name in the table, comma-separated "
+        "(e.g. 'vae-scale,vae-scale channels_last')",
+    )
+    p.add_argument(
         "--repeats", type=int, default=None, help="timed steps per variant (default 10 on a CPU, 20 on a GPU)"
     )
     p.add_argument(
@@ -514,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         setting = Setting(args.preset, args.resolution, args.batch, args.precision)
         variants = [v for s, vs, _ in sweep(True, dev, args.compile) for v in vs]
+        if args.variants:
+            wanted = [n.strip() for n in args.variants.split(",")]
+            unknown = sorted(set(wanted) - {v.name for v in variants})
+            if unknown:
+                p.error(f"--variants: unknown {unknown}; choose from {', '.join(v.name for v in variants)}")
+            variants = [v for v in variants if v.name in wanted]
         repeats = args.repeats or REPEATS.get(dev.type, REPEATS["cpu"])
         rows = benchmark(setting, variants, dev, repeats=repeats, allow_busy=args.allow_busy)
     else:

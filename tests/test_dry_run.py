@@ -11,6 +11,7 @@ from support import TINY, write_photo_like_images
 from vae_scale.cli import main as cli_main
 from vae_scale.data.shards import write_shards
 from vae_scale.train.report import read_metrics
+from vae_scale.train.wrapping import CPU_CHANNELS_LAST
 
 
 def _train(run_dir, *extra):
@@ -21,8 +22,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "new"
     assert cli_main([*_train(run_dir, "train.steps=5"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for line in ("processes", "batch", "precision", "parallel", "parameters", "memory/process", "data"):
+    lines = ("processes", "batch", "precision", "parallel", "layout", "parameters", "memory/process", "data")
+    for line in lines:
         assert re.search(rf"^{line}\s", out, re.M), line
+    # The layout model.channels_last=auto chose on this CPU, and why.
+    layout = "channels_last \\(NHWC\\)" if CPU_CHANNELS_LAST else "NCHW"
+    assert re.search(rf"^layout\s+{layout}: auto: .* on a cpu", out, re.M), out
     assert "dry run: every check passed" in out
     assert not (tmp_path / "runs").exists()
 

@@ -106,8 +106,9 @@ class ModelConfig:
     """Fused-op backend: auto | triton | torch."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
-    channels_last: bool = False
-    """Run convolutions in channels_last memory format."""
+    channels_last: bool | str = "auto"
+    """Memory format of the convolutions: true (channels_last, NHWC) | false (NCHW) | auto: channels_last on
+    CUDA, NCHW on a CPU (measured: docs/performance.md), NCHW for 3D convolutions (model.family=wan)."""
     scaling_factor: float = 0.18215
     """Latent scale a diffusion model applies (written to diffusers' config.json)."""
     shift_factor: float | None = None
@@ -128,6 +129,13 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        if isinstance(self.channels_last, str) and self.channels_last != "auto":
+            raise ConfigError(f"model.channels_last expects true, false or auto, got {self.channels_last!r}")
+        elif self.channels_last is True and self.family == "wan":
+            raise ConfigError(
+                "model.channels_last=true: model.family=wan convolves in 3D (5D weights), which "
+                "channels_last (a 4D format) cannot hold; set model.channels_last=false or auto"
+            )
         check_choice("model.family", self.family, FAMILIES)
         if self.arch and self.family == "sd":
             raise ConfigError(

@@ -108,7 +108,13 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return coerce(key, value, args[0])
+        # The first type that takes the value: model.channels_last (bool | str) reads true, false and auto.
+        for arg in args[:-1]:
+            try:
+                return coerce(key, value, arg)
+            except ConfigError:
+                pass
+        return coerce(key, value, args[-1])
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a mapping (set one entry as {key}.NAME=value), got {value!r}")

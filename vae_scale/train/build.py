@@ -40,7 +40,7 @@ from vae_scale.train.ema import EMA
 from vae_scale.train.fsdp import FSDPPlan, describe, fsdp_units, shard
 from vae_scale.train.run_state import phase_start, read_phase_weights
 from vae_scale.train.trainable import freeze
-from vae_scale.train.wrapping import compile_per_unit, prepare_model
+from vae_scale.train.wrapping import channels_last_choice, compile_per_unit, prepare_model
 
 
 class Autoencoder(nn.Module):
@@ -133,10 +133,12 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
 
 
 def resolved_config(cfg: Config, acc: Accelerator) -> Config:
-    """A copy of cfg with what the launch decided: train.mixed_precision=auto becomes the precision the
-    accelerator really uses (what config.yaml and the checkpoints record). cfg itself is left as given."""
+    """A copy of cfg with what the launch decided (what config.yaml and the checkpoints record):
+    train.mixed_precision=auto becomes the precision the accelerator really uses, model.channels_last=auto
+    the memory format chosen for its device (wrapping.channels_last_choice). cfg itself is left as given."""
     train = dataclasses.replace(cfg.train, mixed_precision=str(acc.mixed_precision))
-    return dataclasses.replace(cfg, train=train)
+    model = dataclasses.replace(cfg.model, channels_last=channels_last_choice(cfg.model, acc.device.type)[0])
+    return dataclasses.replace(cfg, train=train, model=model)
 
 
 def initial_vae(cfg: Config) -> VAE:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from vae_scale.config import Config, ConfigError
+from vae_scale.train.wrapping import channels_last_choice
 
 UNIT_CLASSES = ("DownBlock", "UpBlock", "MidBlock")
 """The SD family's unit classes, what launch/accelerate/fsdp.yaml names (by default the units are the
@@ -132,7 +133,7 @@ def fsdp_plan(cfg: Config, cuda: bool) -> FSDPPlan:
         raise ConfigError(
             "fsdp_offload_params: true needs a GPU (parameters are already in CPU memory): set it false"
         )
-    if cfg.model.channels_last:
+    if channels_last_choice(cfg.model, "cuda" if cuda else "cpu")[0]:
         notes = [
             "channels_last: activations only (FSDP shards contiguous weights; convolutions still run NHWC)"
         ]

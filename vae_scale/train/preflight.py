@@ -1,16 +1,23 @@
 """What a launch will do, said before the first step: scale, batch, precision, kernels, memory.
 
-The memory estimate counts, per process:
-- parameter state: fp32 weights + fp32 gradients + AdamW's two fp32 moments (+ the fp32 EMA copy), for
-  the VAE and the discriminator; divided by the world size under FSDP (full shard), plus one block's
-  unsharded parameters in flight;
+The memory estimate counts, per process, what is held at the step's worst moment:
+- state held through the step: fp32 weights + AdamW's two fp32 moments (+ the fp32 EMA copy), for the VAE
+  and the discriminator; under DDP (several processes, not sharded) also the reducer's gradient buckets, a
+  gradient-sized buffer that lives as long as the model; divided by the world size under FSDP (full
+  shard), plus one block's unsharded parameters in flight and the next one prefetched;
+- the larger of the activations and the gradients: the optimizer sets the gradients to None after each
+  step, so the next forward saves its activations while no gradient exists, and backward frees activations
+  as it makes gradients (the largest, at the decoder's output, are freed first);
 - activations: the bytes autograd saves for backward in one forward + loss, measured by running the model
-  on the meta device at the configured resolution with saved-tensor hooks (nothing is allocated), plus
-  the gradients, recomputed norm values and workspace in flight at the largest activation, times the
-  per-process batch; with activation checkpointing, the block-boundary tensors plus the largest block's
-  recomputed activations; scaled by 0.6 under bf16/fp16 autocast (conv outputs in 16 bits, norms and
-  the loss in fp32);
+  on the meta device at the configured resolution with saved-tensor hooks (nothing is allocated), plus two
+  buffers the size of the largest activation (its gradient and its input's, which coexist in its backward),
+  times the per-process batch; with activation checkpointing, the block-boundary tensors plus the largest
+  block's recomputed activations; scaled by 0.85 under bf16/fp16 autocast (convolutions save 16-bit
+  inputs, GroupNorm and SiLU fp32 ones), which also keeps a 16-bit copy of the weights for backward;
 - a 10% allowance for allocator fragmentation and workspaces.
+
+Against the peak resident memory of the trainer's own step on a CPU (benchmarks/memory.py, table in
+docs/performance.md) the estimate is within 25%: from 1% under to 18% over the measured peak.
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ from vae_scale.train.disk import disk_line
 log = logging.getLogger(__name__)
 
 OVERHEAD = 1.10
-ADAMW_BYTES = 4 + 4 + 8  # weight, gradient, two moments (all fp32)
+STATE_BYTES = 4 + 8  # per parameter through the whole step: fp32 weight, AdamW's two fp32 moments
+GRAD_BYTES = 4  # per parameter: the fp32 gradient
+AUTOCAST_ACTIVATIONS = 0.85  # of fp32's under bf16/fp16 autocast: convolutions save 16-bit inputs, but
+# GroupNorm and SiLU run in fp32 and save fp32 copies beside them (measured on a CPU: 0.83-0.86)
+TRANSIENT_ACTIVATIONS = 2  # buffers the size of the largest activation live in its backward (its gradient
+# and its input's gradient); the CPU peaks measured one to 1.1 of them
 
 
 class WillNotFit(RuntimeError):
@@ -40,12 +52,17 @@ class WillNotFit(RuntimeError):
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per process by kind."""
+    """Bytes per process by kind; total = (state + max(activations, gradients)) x OVERHEAD."""
 
-    parameters: int
+    parameters: int  # what is held through the step: weights, optimizer moments, EMA, DDP's buckets
+    gradients: int
     activations: int
     total: int
     activations_per_image: int
+
+    def total_at(self, batch: int) -> int:
+        """The total at another per-process batch (everything else alike): the estimate's one formula."""
+        return int((self.parameters + max(self.activations_per_image * batch, self.gradients)) * OVERHEAD)
 
 
 def _storage_counter(module: torch.nn.Module):
@@ -85,8 +102,9 @@ def _meta_vae(model: ModelConfig, checkpointing: bool) -> VAE:
     return apply_activation_checkpointing(vae) if checkpointing else vae
 
 
-def _largest_block_bytes(model: ModelConfig, resolution: int) -> int:
-    """Saved bytes of the most expensive checkpointed block (recomputed one at a time in backward)."""
+def _largest_block_bytes(model: ModelConfig, resolution: int, frames: int = 1) -> int:
+    """Saved bytes of the most expensive checkpointed block (recomputed one at a time in backward), on
+    clips of `frames` frames when frames > 1."""
     vae = _meta_vae(model, checkpointing=False)
     from vae_scale.train.wrapping import checkpointed_blocks
 
@@ -97,7 +115,8 @@ def _largest_block_bytes(model: ModelConfig, resolution: int) -> int:
         for i, b in enumerate(blocks)
     ]
     with torch.no_grad():
-        x = torch.zeros(1, model.in_channels, resolution, resolution, device="meta")
+        clip = (frames,) if frames > 1 else ()
+        x = torch.zeros(1, model.in_channels, *clip, resolution, resolution, device="meta")
         vae.decode(vae.encode(x).mode())
     for h in hooks:
         h.remove()
@@ -118,8 +137,12 @@ def estimate_memory(
     checkpointing = cfg.model.gradient_checkpointing
     vae = _meta_vae(cfg.model, checkpointing)
     n_params = sum(p.numel() for p in vae.parameters())
-    per_param = ADAMW_BYTES + (4 if cfg.optim.ema_decay > 0 else 0)
-    params = n_params * per_param + disc_params * ADAMW_BYTES
+    ema = 4 if cfg.optim.ema_decay > 0 else 0
+    params = n_params * (STATE_BYTES + ema) + disc_params * STATE_BYTES
+    grads = (n_params + disc_params) * GRAD_BYTES
+    if cfg.train.mixed_precision in ("bf16", "fp16"):
+        # autocast's 16-bit copies of the weights, kept for backward (FSDP2 gathers 16-bit units instead)
+        params += n_params * 2
     if fsdp and world_size > 1:
         from vae_scale.train.wrapping import checkpointed_blocks
 
@@ -129,18 +152,24 @@ def estimate_memory(
         ]
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) * 4
         params = params // world_size + 2 * largest
+        grads = grads // world_size
+    elif world_size > 1:
+        params += grads  # DDP's buckets: a gradient-sized buffer held for the model's lifetime
     per_image, largest = saved_activation_bytes(vae, cfg.data.resolution, frames=cfg.data.frames)
     if checkpointing:
-        per_image += _largest_block_bytes(cfg.model, cfg.data.resolution)
-        largest = max(largest, saved_activation_bytes(_meta_vae(cfg.model, False), cfg.data.resolution)[1])
-    # In backward, at the largest activation: its gradient, its input's gradient, the GroupNorm+SiLU
-    # backward's recomputed normalised values and SiLU derivative (the fused op saves x, not them) and the
-    # convolution's workspace: about five activation-sized buffers (calibrated against measured CPU peaks).
-    per_image += 5 * largest
-    if cfg.train.mixed_precision != "no":
-        per_image = int(per_image * 0.6)  # conv outputs in 16 bits; norms and the loss stay fp32
-    activations = per_image * cfg.data.batch_size
-    return MemoryEstimate(params, activations, int((params + activations) * OVERHEAD), per_image)
+        per_image += _largest_block_bytes(cfg.model, cfg.data.resolution, cfg.data.frames)
+        unwrapped = _meta_vae(cfg.model, False)
+        largest = max(
+            largest, saved_activation_bytes(unwrapped, cfg.data.resolution, frames=cfg.data.frames)[1]
+        )
+    per_image += TRANSIENT_ACTIVATIONS * largest
+    # An unresolved "auto" (a config not yet launched; the trainer passes the precision the accelerator
+    # chose) counts as fp32, the larger.
+    if cfg.train.mixed_precision in ("bf16", "fp16"):
+        per_image = int(per_image * AUTOCAST_ACTIVATIONS)
+    est = MemoryEstimate(params, grads, per_image * cfg.data.batch_size, 0, per_image)
+    est.total = est.total_at(cfg.data.batch_size)
+    return est
 
 
 def host_memory_available() -> int | None:
@@ -187,6 +216,7 @@ def preflight(
     fsdp: bool,
     disc_params: int = 0,
     strategy: str = "",
+    layout: str = "",
 ) -> list[str]:
     """Lines describing the launch; raises WillNotFit when the estimate exceeds the device memory."""
     gib = 2**30
@@ -198,6 +228,10 @@ def preflight(
     accum = (
         "" if cfg.train.grad_accum == 1 else f" ({batches_per_epoch // cfg.train.grad_accum} optimizer steps)"
     )
+    total = device_memory(device)
+    where = ""
+    if total is not None:
+        where = f" of {total / gib:.1f} GiB" + (" on the device" if device.type == "cuda" else " free")
     lines = [
         f"processes      {world_size} ({mode}) on {device.type}",
         f"batch          {cfg.data.batch_size} per process x {world_size} processes x {cfg.train.grad_accum} "
@@ -205,18 +239,18 @@ def preflight(
         f"precision      {cfg.train.mixed_precision} (weights fp32)",
         f"parallel       {strategy or mode}",
         f"kernels        {cfg.model.kernels} -> {kernels_backend}",
+        f"layout         {layout or ('channels_last (NHWC)' if cfg.model.channels_last else 'NCHW')}",
         f"parameters     {n_params:,} (VAE){f' + {disc_params:,} (discriminator)' if disc_params else ''}",
-        f"memory/process ~{est.total / gib:.2f} GiB estimated: {est.parameters / gib:.2f} GiB parameters "
-        f"+ {est.activations / gib:.2f} GiB activations "
-        f"({est.activations_per_image / 2**20:.1f} MiB/{sample.split()[0][:-1]}{ckpt})",
+        f"memory/process ~{est.total / gib:.2f} GiB estimated{where}: {est.parameters / gib:.2f} GiB weights "
+        f"and optimizer state + the larger of {est.activations / gib:.2f} GiB activations "
+        f"({est.activations_per_image / 2**20:.1f} MiB/{sample.split()[0][:-1]}{ckpt}) and "
+        f"{est.gradients / gib:.2f} GiB gradients",
         f"data           {batches_per_epoch} steps per epoch per process{accum}",
         disk_line(cfg, world_size),
     ]
-    total = device_memory(device)
     if total is not None:
         gb = f"{total / gib:.1f} GiB"
         where = f"the device's {gb}" if device.type == "cuda" else f"the {gb} of host memory free per process"
-        lines[6] += f" of {total / gib:.1f} GiB" + (" on the device" if device.type == "cuda" else " free")
         if est.total > total:
             hints = []
             if not cfg.model.gradient_checkpointing:

@@ -66,7 +66,7 @@ from vae_scale.train.signals import StopFlag
 from vae_scale.train.startup import prepare_run_dir, resume_plan
 from vae_scale.train.summary import summary
 from vae_scale.train.trainable import describe as describe_trainable
-from vae_scale.train.wrapping import compiled_objective, to_channels_last
+from vae_scale.train.wrapping import channels_last_choice, compiled_objective, to_channels_last
 
 __all__ = ["Trainer", "TrainingStopped", "train"]  # TrainingStopped: recovery.py's, raised through here
 
@@ -103,6 +103,8 @@ class Trainer(Checkpointing):
         self.fsdp = self.plan.enabled
         self.run_dir = Path(cfg.run.dir)
         self.acc = acc = build_accelerator(cfg, self.run_dir)
+        channels_last, why = channels_last_choice(cfg.model, acc.device.type)
+        layout = f"{'channels_last (NHWC)' if channels_last else 'NCHW'}: {why}"
         self.cfg = cfg = resolved_config(cfg, acc)
         self.device = acc.device
         set_seed(cfg.train.seed, device_specific=True)  # different noise per rank, repeatable per rank
@@ -146,6 +148,7 @@ class Trainer(Checkpointing):
             fsdp=self.fsdp,
             disc_params=sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
             strategy=strategy,
+            layout=layout,
         )
         if cfg.train.trainable or cfg.train.frozen:
             self.plan_lines.append(describe_trainable(vae, cfg.train))

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
+from vae_scale.config import ModelConfig
+
 T = TypeVar("T")
 
 
@@ -41,6 +43,26 @@ def apply_activation_checkpointing(vae: nn.Module) -> nn.Module:
         else:
             setattr(parent, name, wrapped)
     return vae
+
+
+CPU_CHANNELS_LAST = False
+"""model.channels_last=auto on a CPU: NCHW. The trainer's sd-f8 step measured no faster channels_last there
+(paired over 10 rounds on a 2-core Xeon: channels_last / NCHW time 1.02, 95% interval 0.79-1.11; level on
+an AMD EPYC; docs/performance.md), and NCHW needs no conversion of the input. On CUDA, cuDNN's tensor-core
+convolutions run NHWC and NCHW tensors pay a transpose around each, so auto is channels_last there."""
+
+
+def channels_last_choice(model: ModelConfig, device_type: str) -> tuple[bool, str]:
+    """(whether the convolutions run channels_last, why) for model.channels_last on a `device_type` device:
+    true and false as given, auto by device (CPU_CHANNELS_LAST) and family (3D convolutions: NCHW)."""
+    if not isinstance(model.channels_last, str):
+        return model.channels_last, f"model.channels_last={str(model.channels_last).lower()}"
+    if model.family == "wan":
+        return False, "auto: model.family=wan convolves in 3D, which channels_last (4D) cannot hold"
+    if device_type == "cuda":
+        return True, "auto: channels_last on CUDA (cuDNN's tensor-core convolutions run NHWC)"
+    why = "channels_last" if CPU_CHANNELS_LAST else "NCHW"
+    return CPU_CHANNELS_LAST, f"auto: {why} on a {device_type} (measured: docs/performance.md)"
 
 
 def apply_channels_last(vae: nn.Module) -> nn.Module:
@@ -74,7 +96,8 @@ def prepare_model(
     """
     if vae.config.gradient_checkpointing:
         apply_activation_checkpointing(vae)
-    if vae.config.channels_last and not sharded:
+    device_type = next(vae.parameters()).device.type
+    if channels_last_choice(vae.config, device_type)[0] and not sharded:
         apply_channels_last(vae)
     if compile and not sharded:
         compile_modules(vae.compile_units(), backend)
