@@ -21,7 +21,7 @@ from vae_scale.commands.demo_video import ClipRow, clip_verdict
 from vae_scale.data.shards import SAMPLE_COLOR_IMAGES
 from vae_scale.eval.metrics import equal_values_clip_size, evaluate, psnr, trilinear_round_trip
 from vae_scale.eval.registry import fold_frames
-from vae_scale.eval.temporal import flicker_per_clip
+from vae_scale.eval.temporal import flicker_per_clip, frame_differences
 from vae_scale.models.interface import load_checkpoint
 
 TINY = ["train.steps=3", "data.batch_size=2", "data.workers=0", "log.every=1", "log.images_every=3"]
@@ -121,6 +121,12 @@ def test_video_demo_trains_and_scores_unseen_clips_against_trilinear(tmp_path, c
         assert float(vae_row["flicker"]) == pytest.approx(got["flicker"], abs=FLICKER)
         assert float(vae_row["flicker_psnr"]) == pytest.approx(got["flicker_psnr"], abs=DB)
         assert got["psnr_trilinear"] == pytest.approx(want_psnr, abs=1e-9)  # one baseline, not two
+        # the still clip's line: the held-out clips' own motion (a frame difference of zero everywhere)
+        motion = (frame_differences(clips).double().abs() / 2).mean().item()
+        still = re.search(
+            rf"a clip that does not move \(its first frame held\) scores flicker ({NUMBER}) ", text
+        )
+        assert still and float(still[1]) == pytest.approx(motion, abs=FLICKER)
     finally:
         torch.set_num_threads(threads)
 
