@@ -140,6 +140,6 @@ def test_video_demo_trains_and_scores_unseen_clips_against_trilinear(tmp_path, c
     strips = out / "images" / "heldout"
     assert f"strips      {strips}/" in text and f"report      {out / 'report.html'}" in text
     report = (out / "report.html").read_text()
-    assert "Held-out clips" in report and "trilinear, equal values" in report
+    assert "Held-out clips" in report and "trilinear, equal values" in report and "for scale: " in report
     shown = sorted(p.name for p in strips.iterdir())
     assert len(shown) == demo_video.REPORT_CLIPS and all(f"images/heldout/{n}" in report for n in shown)

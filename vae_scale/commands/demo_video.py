@@ -233,6 +233,11 @@ class VideoDemo:
         clips = torch.cat([b["clips"][: b["count"]] for b in held_out.clip_batches()])  # (n, 3, T, H, W)
         c, t, h, w = clips.shape[1:]
         still = still_flicker(clips)
+        scale = (
+            f"for scale: a clip that does not move (its first frame held) scores flicker {still[0]:.4f} "
+            f"and flicker PSNR {still[1]:.2f} dB against these clips, the size of their own motion; a "
+            "reconstruction that misses the motion scores about that, however good its frames"
+        )
         rows = clip_rows(vae, results, (c, t, h, w))
         pixel_values = c * t * h * w
         text = "\n".join(
@@ -243,9 +248,7 @@ class VideoDemo:
                 "error, lower is better) from the metrics pass of `vae-scale eval`:",
                 format_clip_rows(rows, pixel_values),
                 clip_verdict(rows),
-                f"for scale: a clip that does not move (its first frame held) scores flicker {still[0]:.4f} "
-                f"and flicker PSNR {still[1]:.2f} dB against these clips, the size of their own motion; a "
-                "reconstruction that misses the motion scores about that, however good its frames",
+                scale,
             ]
         )
         out = run_dir / "images" / "heldout"
@@ -260,6 +263,7 @@ class VideoDemo:
         )
         section = (
             f"{html_table(HEAD, row_cells(rows, pixel_values))}<p>{html.escape(clip_verdict(rows))}</p>"
+            f"<p>{html.escape(scale)}</p>"
             "<p>Each strip: the input's frames, the VAE's and trilinear's (top to bottom).</p>"
             f"<table>{cells}</table>"
         )
