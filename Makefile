@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make docs -- each sets up what it needs on a fresh machine.
+# make demo | make demo-video | make test | make bench | make docs -- each sets up what it needs on a fresh machine.
 # A torch that is already importable (system or venv) is respected; otherwise the CPU build
 # torch==2.13.0 is installed (an unpinned torch would pull a multi-GB CUDA build).
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-numerics bench lint docs setup clean
+.PHONY: demo demo-video test test-numerics bench lint docs setup clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-numerics: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vae_scale demo
+
+# The same on clips: wan-tiny-video on camera-motion clips of the photographs, against trilinear.
+demo-video: $(STAMP)
+	$(PY) -m vae_scale demo --video
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info:info_main", "versions, devices, kernel backend, presets"),
     "shards": ("shards:shards_main", "write WebDataset tar shards from a folder of images"),
     "train": ("train:train_main", "train a VAE (same command on CPU, one GPU, or accelerate launch)"),
-    "demo": ("train:demo_main", "shards from sample photos, a short training run, held-out PSNR"),
+    "demo": ("train:demo_main", "sample photos (--video: clips), a short training run, held-out scores"),
     "eval": ("evaluate:eval_main", "PSNR, SSIM, bits/dim, KL, active units (LPIPS, rFID with weights)"),
     "sample": ("generate:sample_main", "decode prior samples into a grid"),
     "reconstruct": ("generate:reconstruct_main", "side-by-side reconstructions of images"),

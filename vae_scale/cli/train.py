@@ -49,12 +49,20 @@ def train_main(argv: list[str]) -> int:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    """`vae-scale demo`'s flags. Its --data is where it writes the sample shards it then trains on."""
+    """`vae-scale demo`'s flags. Its --data is where it writes the sample shards it then trains on; --video
+    runs the same demo on clips (a flag rather than a command: the other commands read clips with a flag
+    too, --frames, and both demos take the same flags)."""
     from vae_scale.commands import demo
 
     guard = demo.DEFAULT_TIME_GUARD_S
     p = argparse.ArgumentParser(prog="vae-scale demo", description=demo.__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument(
+        "--video",
+        action="store_true",
+        help="the video demo: wan-tiny-video on camera-motion clips of the photographs, per-frame PSNR and "
+        "flicker against trilinear down-and-up at equal numbers",
+    )
+    p.add_argument("--out", help="run folder (default runs/demo; runs/demo-video with --video)")
     p.add_argument(
         "--time-guard",
         type=float,
@@ -62,19 +70,22 @@ def demo_parser() -> argparse.ArgumentParser:
         help=f"stop training after this many seconds (default {guard:.0f}): a stall guard",
     )
     p.add_argument(
-        "--data", default="runs/demo-data", help="where the sample shards go (reused when present)"
+        "--data",
+        help="where the sample shards go, reused when present (default runs/demo-data; runs/demo-video-data "
+        "with --video)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
 
 def demo_main(argv: list[str]) -> int:
-    """`vae-scale demo [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
+    """`vae-scale demo [--video] [--time-guard S] [--out DIR] [--data DIR] [key=value ...]`."""
     from vae_scale.commands.demo import run_demo
+    from vae_scale.commands.demo_video import VideoDemo
 
     p = demo_parser()
     args = p.parse_intermixed_args(argv)
     if args.time_guard <= 0:
         p.error(f"--time-guard must be > 0 seconds, got {args.time_guard}")
     log_warnings()
-    return run_demo(args.out, args.data, args.time_guard, args.overrides)
+    return run_demo(args.out, args.data, args.time_guard, args.overrides, VideoDemo() if args.video else None)

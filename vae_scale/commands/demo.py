@@ -9,6 +9,10 @@
    baselines on the same crops, each row with the numbers it keeps per crop; the verdict compares the VAE
    with the bicubic thumbnail that keeps as many numbers as its latent (or the fewest more, never fewer);
 4. adds the table and a few held-out crops (input | VAE | bicubic) to the run's report.html.
+
+`vae-scale demo --video` does the same for clips (vae_scale/commands/demo_video.py): camera-motion clips of
+the same photographs, the `wan-tiny-video` preset, per-frame PSNR and flicker against trilinear. run_demo
+drives both; a Demo says what differs (its preset, its shards, how it scores the held-out data).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vae_scale.config import load_config
+from vae_scale.config import Config, load_config
 from vae_scale.eval.metrics import bicubic_round_trip, compression, equal_values_size, psnr
 
 DEFAULT_TIME_GUARD_S = 7200.0
@@ -146,11 +151,36 @@ def heldout_rows(vae, crops: torch.Tensor, batch: int = 32) -> tuple[list[Row], 
     return rows, shown
 
 
-def format_rows(rows: list[Row], pixel_values: int) -> str:
-    """The rows as a markdown table: what each keeps per crop, how many numbers, how many times fewer than
-    the pixel_values of a crop, and PSNR."""
-    head = ("reconstruction", "keeps per crop", "numbers", "vs pixels", "PSNR")
-    cells = [
+def markdown_table(head: tuple[str, ...], cells: list[tuple[str, ...]], right: tuple[bool, ...]) -> str:
+    """A markdown table of `cells` under `head`, each column padded to its widest cell (right-aligned where
+    `right` says, as numbers are)."""
+    widths = [max(len(t[i]) for t in (head, *cells)) for i in range(len(head))]
+
+    def line(cols: tuple[str, ...]) -> str:
+        return (
+            "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cols, widths, right)) + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(head), rule, *(line(c) for c in cells)])
+
+
+def html_table(head: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    """The same table as HTML for report.html (every cell escaped)."""
+
+    def line(tag: str, cols: tuple[str, ...]) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cols) + "</tr>"
+
+    return f"<table>{line('th', head)}{''.join(line('td', c) for c in cells)}</table>"
+
+
+ROW_HEAD = ("reconstruction", "keeps per crop", "numbers", "vs pixels", "PSNR")
+
+
+def row_cells(rows: list[Row], pixel_values: int) -> list[tuple[str, ...]]:
+    """The table's cells: what each row keeps per crop, how many numbers, how many times fewer than the
+    pixel_values of a crop, and PSNR."""
+    return [
         (
             row.name,
             row.kept,
@@ -160,16 +190,11 @@ def format_rows(rows: list[Row], pixel_values: int) -> str:
         )
         for row in rows
     ]
-    widths = [max(len(t[i]) for t in (head, *cells)) for i in range(len(head))]
-    right = (False, False, True, True, True)
 
-    def line(cols: tuple[str, ...]) -> str:
-        return (
-            "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cols, widths, right)) + " |"
-        )
 
-    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(head), rule, *(line(c) for c in cells)])
+def format_rows(rows: list[Row], pixel_values: int) -> str:
+    """The rows as a markdown table (row_cells' columns)."""
+    return markdown_table(ROW_HEAD, row_cells(rows, pixel_values), (False, False, True, True, True))
 
 
 def verdict(rows: list[Row]) -> str:
@@ -225,61 +250,132 @@ def report_section(run_dir: Path, rows: list[Row], shown: dict[str, torch.Tensor
             )
         body.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-    table = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(t)}</td>"
-            for t in (
-                r.name,
-                r.kept,
-                f"{r.values:,}",
-                f"{compression(r.values, pixel_values)} fewer",
-                f"{r.psnr:.2f} dB",
-            )
-        )
-        + "</tr>"
-        for r in rows
-    )
     return (
-        "<table><tr><th>reconstruction</th><th>keeps per crop</th><th>numbers</th><th>vs pixels</th>"
-        f"<th>PSNR</th></tr>{table}</table><p>{html.escape(verdict(rows))}</p>"
+        f"{html_table(ROW_HEAD, row_cells(rows, pixel_values))}<p>{html.escape(verdict(rows))}</p>"
         f"<table><tr>{head}</tr>{''.join(body)}</table>"
     )
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A demo's figures on its held-out data, for run_demo to print and to put in report.html."""
+
+    text: str
+    """What the console shows after training: what was scored, the table, the verdict."""
+    title: str
+    """report.html's section heading."""
+    section: str
+    """The section's HTML."""
+    shown: tuple[str, Path]
+    """A label and the folder of the held-out examples written (crops, strips)."""
+
+
+class Demo(Protocol):
+    """What differs between the demos (images, clips); run_demo does the rest: shards, training on the demo's
+    threads with the time guard, the weights loaded, the report, the paths printed."""
+
+    preset: str
+    """The preset trained; the demo's `overrides`, then the user's, go over it."""
+    overrides: tuple[str, ...]
+    data_name: str
+    """What its shards hold, as the console says it."""
+    run_dir: str
+    """Default run folder."""
+    data_dir: str
+    """Default folder of its shards."""
+
+    def reuses(self, index: dict[str, Any]) -> bool:
+        """Whether shards with this index.json are the demo's own (else they are written anew)."""
+        ...
+
+    def write_shards(self, data: Path) -> None:
+        """Write the demo's train and val shards into `data`."""
+        ...
+
+    def score(self, vae, cfg: Config, data: Path, run_dir: Path) -> Scored:
+        """The trained `vae` (cfg: the run's config) on the held-out shards of `data`; examples written in
+        run_dir."""
+        ...
+
+
+class ImageDemo:
+    """`vae-scale demo`: the `demo` preset on the colour photographs, held-out PSNR against bicubic."""
+
+    preset = "demo"
+    overrides: tuple[str, ...] = ()
+    data_name = "scikit-image's colour photographs"
+    run_dir = "runs/demo"
+    data_dir = "runs/demo-data"
+
+    def reuses(self, index: dict[str, Any]) -> bool:
+        return index.get("source") == DATA_SOURCE
+
+    def write_shards(self, data: Path) -> None:
+        from vae_scale.data.shards import write_shards
+
+        write_shards(DATA_SOURCE, data, size=SHARD_SIZE, val_fraction=0.25, seed=0, progress=False)
+
+    def score(self, vae, cfg: Config, data: Path, run_dir: Path) -> Scored:
+        crops = heldout_crops(data, EVAL_RESOLUTION)
+        rows, shown = heldout_rows(vae, crops)
+        pixel_values = crops[0].numel()
+        text = "\n".join(
+            [
+                f"held-out PSNR on {len(crops)} crops of {EVAL_RESOLUTION} px from unseen photographs "
+                f"({pixel_values:,} pixel values each; the VAE decodes its posterior mean"
+                f"{weights_used(cfg)}):",
+                format_rows(rows, pixel_values),
+                verdict(rows),
+            ]
+        )
+        section = report_section(run_dir, rows, shown, pixel_values)
+        return Scored(text, "Held-out photographs", section, ("crops", run_dir / "images" / "heldout"))
+
+
+def weights_used(cfg: Config) -> str:
+    """How the demo's weights are named after "the VAE decodes its posterior mean": with the EMA of its
+    weights when the run keeps one (what run_demo loads), else nothing."""
+    decay = cfg.optim.ema_decay
+    return f" with the EMA of its weights, decay {decay:g}" if decay > 0 else ""
+
+
 def run_demo(
-    out: str = "runs/demo",
-    data: str = "runs/demo-data",
+    out: str | None = None,
+    data: str | None = None,
     time_guard: float = DEFAULT_TIME_GUARD_S,
     overrides: list[str] | tuple[str, ...] = (),
+    demo: Demo | None = None,
 ) -> int:
-    """`vae-scale demo`: sample shards into `data` (reused when present), a run in `out` (a fresh one beside
-    it when it holds checkpoints) stopped after `time_guard` seconds at the latest, `overrides` over the
-    preset; returns the exit code. Trains and scores on THREADS torch threads, then sets the caller's back."""
+    """`vae-scale demo` (demo None: ImageDemo) or `vae-scale demo --video` (demo_video.VideoDemo()): sample
+    shards into `data` (reused when present), a run in `out` (a fresh one beside it when it holds
+    checkpoints; both default to the demo's folders) stopped after `time_guard` seconds at the latest,
+    `overrides` over the demo's own; returns the exit code. Trains and scores on THREADS torch threads, then
+    sets the caller's back."""
+    demo = ImageDemo() if demo is None else demo
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return _run_demo(Path(out), Path(data), time_guard, overrides)
+        run_dir, shards = Path(out or demo.run_dir), Path(data or demo.data_dir)
+        return _run_demo(demo, run_dir, shards, time_guard, [*demo.overrides, *overrides])
     finally:  # the caller's own setting back (the demo also runs inside other programs, e.g. the tests)
         torch.set_num_threads(threads)
 
 
-def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str] | tuple[str, ...]) -> int:
+def _run_demo(demo: Demo, run_dir: Path, data: Path, time_guard: float, overrides: list[str]) -> int:
     """run_demo's work, on the current torch threads."""
-    from vae_scale.data.shards import write_shards
     from vae_scale.models.interface import load_checkpoint
     from vae_scale.train.report import write_report
     from vae_scale.train.trainer import train
 
     index = data / "index.json"
-    if not index.is_file() or json.loads(index.read_text()).get("source") != DATA_SOURCE:
-        print(f"writing shards of scikit-image's colour photographs to {data}/")
-        write_shards(DATA_SOURCE, data, size=SHARD_SIZE, val_fraction=0.25, seed=0, progress=False)
+    if not index.is_file() or not demo.reuses(json.loads(index.read_text())):
+        print(f"writing shards of {demo.data_name} to {data}/")
+        demo.write_shards(data)
     if (run_dir / "checkpoints").exists():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = run_dir.with_name(f"{run_dir.name}-{stamp}")  # a demo always starts fresh
     cfg = load_config(
-        "demo",
+        demo.preset,
         [
             f"run.dir={run_dir}",
             f"data.train={data}",
@@ -289,8 +385,8 @@ def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str]
         ],
     )
     print(
-        f"training the demo preset ({cfg.train.steps} steps; torch threads {torch.get_num_threads()}, "
-        f"cores {os.cpu_count()}) into {run_dir}/"
+        f"training the {demo.preset} preset ({cfg.train.steps} steps; torch threads "
+        f"{torch.get_num_threads()}, cores {os.cpu_count()}) into {run_dir}/"
     )
     t0 = time.time()
     summary = train(cfg)
@@ -299,11 +395,8 @@ def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str]
         print(f"stopped by {summary['stopped_by']} after {summary['step']} steps; checkpoint in {run_dir}")
         return 0
 
-    ema = cfg.optim.ema_decay > 0  # the average of the last steps' weights, steadier than the last step's
-    vae = load_checkpoint(run_dir, ema=ema)  # the demo preset, or any family's with model.preset=...
-    crops = heldout_crops(data, EVAL_RESOLUTION)
-    rows, shown = heldout_rows(vae, crops)
-    pixel_values = crops[0].numel()
+    # the EMA: the average of the last steps' weights, steadier than the last step's (weights_used says so)
+    vae = load_checkpoint(run_dir, ema=cfg.optim.ema_decay > 0)  # the preset's family, or model.preset=...'s
     print(f"\ntrained {summary['step']} steps in {wall:.0f} s")
     if summary["step"] < cfg.train.steps:
         why = (
@@ -315,20 +408,17 @@ def _run_demo(run_dir: Path, data: Path, time_guard: float, overrides: list[str]
             f"NOTE: {why} stopped training after {summary['step']} of {cfg.train.steps} steps: "
             "these figures are not the reference run's"
         )
-    print(
-        f"held-out PSNR on {len(crops)} crops of {EVAL_RESOLUTION} px from unseen photographs "
-        f"({pixel_values:,} pixel values each; the VAE decodes its posterior mean"
-        + (f" with the EMA of its weights, decay {cfg.optim.ema_decay:g}):" if ema else "):")
-    )
-    print(format_rows(rows, pixel_values))
-    print(verdict(rows))
-    section = report_section(run_dir, rows, shown, pixel_values)
+    scored = demo.score(vae, cfg, data, run_dir)
+    print(scored.text)
     # the run's own grids are found in its images/ folder
-    report = write_report(run_dir, cfg.to_yaml(), {}, sections=[("Held-out photographs", section)])
-    print(f"\nreport      {report}")
-    print(f"grids       {run_dir / 'images'}/")
+    report = write_report(run_dir, cfg.to_yaml(), {}, sections=[(scored.title, scored.section)])
+    label, shown = scored.shown
+    width = max(len(label), len("checkpoint"))
+    print(f"\n{'report':<{width}}  {report}")
+    print(f"{label:<{width}}  {shown}/")
+    print(f"{'grids':<{width}}  {run_dir / 'images'}/")
     print(
-        f"checkpoint  {run_dir / 'checkpoints' / 'latest'} -> "
+        f"{'checkpoint':<{width}}  {run_dir / 'checkpoints' / 'latest'} -> "
         f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()}"
     )
     return 0
