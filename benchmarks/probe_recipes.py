@@ -19,8 +19,9 @@ OMP_NUM_THREADS=1. A stage whose output is already in --work is not run again (d
 3. `vae-scale eval` of the start and each fine-tune on the held-out crops: PSNR, SSIM, the latent's
    high-frequency share and the equivariance PSNRs (docs/finetune.md's diagnostics).
 4. `vae-scale encode` of the start and each fine-tune: posterior means of the train and held-out crops.
-5. `vae-scale probe`: every latent set under one budget, split over --jobs commands with identical flags and
-   merged into one table (probe.json, probe.md, probe.svg under --work/probe).
+5. `vae-scale probe`: one command per autoencoder, all with the same budget flags (docs/diffusability.md's:
+   1000 steps, batch 64, width 128, depth 4, heads 4, lr 3e-4), merged into one table (probe.json, probe.md,
+   probe.svg under --work/probe).
 
 Writes benchmarks/results/probe_recipes-<device>-<date>.json (every command with its timing, every eval
 metric, the merged probe report, the machine's load) and a markdown table beside it.
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-seeds", type=int, nargs="+", default=[0], help="train.seed of each fine-tune")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning lr, constant (default 5e-4)")
     p.add_argument("--ft-batch", type=int, default=4, help="fine-tuning batch of 64 px crops (default 4)")
-    p.add_argument("--seeds", type=int, default=3, help="probe seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=2, help="probe seeds (default 2)")
     p.add_argument("--probe-steps", type=int, default=1000, help="probe steps (default 1000)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     p.add_argument("--tag", default="", help="appended to the result files' name")
@@ -210,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         out_jobs.append(Job(f"probe-{name}", [*vae_scale, *cmd], out / "probe.json", encoded))
         return out_jobs
 
-    # 2. fine-tunes, each seed's first with the start's measurements between: the first seed's probes run
-    # while the next seed's fine-tunes wait for a free slot
+    # 2. the fine-tunes of each --ft-seeds, each followed by 3-5 for it (the start's after the first seed's
+    # fine-tunes). Jobs start in list order as slots free, so the first seed's probes go before the next
+    # seed's fine-tunes.
     runs = {"start": start}
     for k, seed in enumerate(args.ft_seeds):
         tunes = {}
