@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(report, metrics, labels)
+    table = markdown(report, metrics, labels) + "\n\nPer recipe:\n\n" + recipe_table(report, metrics, labels)
     stem.with_suffix(".md").write_text(
         f"`{shlex.join(command)}`\n\n{env['device']}, torch {env['torch']}, vae-scale {env['commit']}, "
         f"{stamp}; "
@@ -348,6 +348,34 @@ def markdown(report: dict[str, Any], metrics: dict[str, dict], labels: list[str]
             f"{m['ssim']:.3f}",
             f"{m['latent_hf_share']:.3f}",
             *(f"{m[f'equivariance/{f}']:.2f}" for f in FAMILIES),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def recipe_table(report: dict[str, Any], metrics: dict[str, dict], labels: list[str]) -> str:
+    """One row per recipe over its fine-tunes (their seeds): the probe's held-out loss of every (fine-tune,
+    probe seed) run, mean and range, each fine-tune's mean, and each fine-tune's PSNR and latent HF share.
+    The spread between fine-tunes of one recipe is the yardstick for a difference between recipes."""
+    rows = {r["name"]: r for r in report["autoencoders"]}
+    recipes: dict[str, list[str]] = {}
+    for label in labels:
+        if label != "start" and slug(label) in rows:
+            recipes.setdefault(label.split(" (ft seed")[0], []).append(label)
+    head = ["recipe", "fine-tunes x probe seeds", "probe val loss", "min – max", "each fine-tune's mean"]
+    head += ["PSNR (dB), each", "latent HF share, each"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for recipe, members in recipes.items():
+        runs = [run["val_loss"] for x in members for run in rows[slug(x)]["runs"]]
+        means = [rows[slug(x)]["summary"]["val_loss"]["mean"] for x in members]
+        cells = [
+            recipe,
+            f"{len(members)} x {len(runs) // len(members)}",
+            f"{sum(runs) / len(runs):.4f}",
+            f"{min(runs):.4f} – {max(runs):.4f}",
+            ", ".join(f"{v:.4f}" for v in means),
+            ", ".join(f"{metrics[x]['psnr']:.2f}" for x in members),
+            ", ".join(f"{metrics[x]['latent_hf_share']:.3f}" for x in members),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
