@@ -2,12 +2,13 @@
 
     make demo                                                  # runs/demo and runs/demo-data, the start
     python -m benchmarks.probe_recipes                         # docs/diffusability.md's table (~1 h, 2 cores)
-    python -m benchmarks.probe_recipes --ft-steps 50 --probe-steps 100 --seeds 1 --work /tmp/pr  # quick
+    python -m benchmarks.probe_recipes --ft-steps 50 --probe-steps 100 --seeds 1 --work /tmp/pr --out /tmp/pr
 
-From one trained VAE (--start, `make demo`'s), with the same data, seed, batch and steps, three fine-tunes:
-the demo's objective unchanged (baseline), with scale equivariance (the `diffusable-finetune` recipe's keys)
-and with EQ-VAE (the key its docs give, the recipe's transforms). VA-VAE's alignment term is not among them:
-it needs a pretrained DINOv2 file, and one with random weights would align the latent with noise.
+From one trained VAE (--start, `make demo`'s), with the same data, seed, batch and steps, three fine-tunes,
+each once per --ft-seeds: the demo's objective unchanged (baseline), with scale equivariance (the
+`diffusable-finetune` recipe's keys) and with EQ-VAE (the key its docs give, the recipe's transforms).
+VA-VAE's alignment term is not among them: it needs a pretrained DINOv2 file, and one with random weights
+would align the latent with noise.
 
 Every stage is a vae-scale command, printed, logged under --work/logs and timed (wall and CPU time of the
 command and its children, the load average before and after); at most --jobs run at once, each with
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/probe-recipes", help="folder for crops, runs, latents, probe")
     p.add_argument("--jobs", type=int, default=2, help="commands at once, one thread each (default 2)")
     p.add_argument("--ft-steps", type=int, default=400, help="steps of each fine-tune (default 400)")
-    p.add_argument("--ft-seeds", type=int, nargs="+", default=[0], help="train.seed of each fine-tune")
+    p.add_argument(
+        "--ft-seeds", type=int, nargs="+", default=[0, 1], help="train.seed of each fine-tune (default 0 1)"
+    )
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning lr, constant (default 5e-4)")
     p.add_argument("--ft-batch", type=int, default=4, help="fine-tuning batch of 64 px crops (default 4)")
     p.add_argument("--seeds", type=int, default=2, help="probe seeds (default 2)")
