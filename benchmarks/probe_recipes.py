@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": round(sum(t["cpu_s"] for t in timed), 1),
         "load_1m_max": max(loads, default=None),
         "load_1m_mean": round(sum(loads) / len(loads), 2) if loads else None,
-        "this_call": {
+        "this_call": None  # --report-only ran nothing
+        if args.report_only
+        else {
             "wall_s": round(wall, 1),
             "cpu_s": round(
                 cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system, 1
