@@ -1,7 +1,7 @@
 """The latent diffusion probe on fine-tunes with and without the diffusability terms, on the demo photographs.
 
     make demo                                                  # runs/demo and runs/demo-data, the start
-    python -m benchmarks.probe_recipes                         # docs/diffusability.md's table (~1 h, 2 cores)
+    python -m benchmarks.probe_recipes                         # docs/diffusability.md's table (80 min)
     python -m benchmarks.probe_recipes --ft-steps 50 --probe-steps 100 --seeds 1 --work /tmp/pr --out /tmp/pr
 
 From one trained VAE (--start, `make demo`'s), with the same data, seed, batch and steps, three fine-tunes,
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="commands at once, one thread each (default 2)")
     p.add_argument("--ft-steps", type=int, default=400, help="steps of each fine-tune (default 400)")
     p.add_argument(
-        "--ft-seeds", type=int, nargs="+", default=[0, 1], help="train.seed of each fine-tune (default 0 1)"
+        "--ft-seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each fine-tune (0 1 2)"
     )
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning lr, constant (default 5e-4)")
     p.add_argument("--ft-batch", type=int, default=4, help="fine-tuning batch of 64 px crops (default 4)")
